@@ -1,0 +1,29 @@
+"""maxnucl: outgoing-connection heterogeneity in LLM feed-forward layers (JAX/Flax, Gin)."""
+
+import pathlib
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+  lines = (HERE / "requirements.txt").read_text().splitlines()
+  return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setuptools.setup(
+    name="maxnucl",
+    version="0.1.0",
+    description="NUCL fine-tuning, FFN analysis and structured FFN pruning for Gemma-2 and "
+                "PaLM-style decoders in JAX/Flax",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["maxnucl", "maxnucl.*"]),
+    install_requires=_requirements(),
+    extras_require={
+        # torch (CPU build) and transformers are the reference implementation in tests only.
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0"],
+    },
+)
