@@ -85,10 +85,21 @@ def apply(cfg: ModelConfig, params: dict, tokens, segment_ids=None, positions=No
   `dropout_rng` is given and cfg.dropout_rate > 0.
   """
   tokens, segment_ids, positions = _inputs(tokens, segment_ids, positions)
-  deterministic = dropout_rng is None or cfg.dropout_rate == 0.0
-  rngs = None if deterministic else {"dropout": dropout_rng}
-  return Decoder(cfg, deterministic=deterministic).apply(
-      {"params": params}, tokens, segment_ids, positions, rngs=rngs)
+  if dropout_rng is None or cfg.dropout_rate == 0.0:
+    return _apply(cfg, params, tokens, segment_ids, positions)
+  return _apply_dropout(cfg, params, tokens, segment_ids, positions, dropout_rng)
+
+
+# Jitted with the (hashable) config static; inside an outer jit these are simply inlined.
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(cfg, params, tokens, segment_ids, positions):
+  return Decoder(cfg, deterministic=True).apply({"params": params}, tokens, segment_ids, positions)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_dropout(cfg, params, tokens, segment_ids, positions, dropout_rng):
+  return Decoder(cfg, deterministic=False).apply(
+      {"params": params}, tokens, segment_ids, positions, rngs={"dropout": dropout_rng})
 
 
 def apply_with_ffn(cfg: ModelConfig, params: dict, tokens, segment_ids=None, positions=None, *,
@@ -100,6 +111,11 @@ def apply_with_ffn(cfg: ModelConfig, params: dict, tokens, segment_ids=None, pos
   a multiplier of ones is a * dL/da (the loss proxy of the SCAR paper).
   """
   tokens, segment_ids, positions = _inputs(tokens, segment_ids, positions)
+  return _apply_with_ffn(cfg, params, tokens, segment_ids, positions, ffn_inner_scale)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_with_ffn(cfg, params, tokens, segment_ids, positions, ffn_inner_scale):
   logits, state = Decoder(cfg).apply({"params": params}, tokens, segment_ids, positions,
                                      ffn_inner_scale, mutable=["intermediates"])
   inner = {name: layer["mlp"]["inner"][0]
