@@ -134,7 +134,7 @@ def test_one_hot_rows_are_minimal():
   np.testing.assert_allclose(losses.nucl_rows(w, "ent"), np.zeros(n), atol=1e-7)
   np.testing.assert_allclose(losses.nucl_rows(w, "gini"), np.zeros(n), atol=1e-7)
   np.testing.assert_allclose(losses.nucl_rows(w, "mstd"),
-                             -np.sqrt(((1 - 1 / n) ** 2 + (n - 1) / n**2) / n) * np.ones(n),
+                             -np.sqrt(n - 1) / n * np.ones(n),
                              rtol=1e-6)
 
 
@@ -336,6 +336,19 @@ def test_total_loss_is_nll_plus_alpha_times_terms_with_raw_metrics():
               + 0.5 * metrics["nucl_gini"])
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   assert metrics["loss"] is total and total.dtype == jnp.float32
+
+
+def test_total_loss_under_jit_equals_eager():
+  cfg, params, batch, logits_fn = model_and_batch()
+
+  def loss(p, batch):
+    return losses.total_loss(p, logits_fn(p), batch, cfg, terms={"nucl_mstd": 10.0},
+                             z_loss_weight=1e-4)
+
+  eager_total, eager_metrics = loss(params, batch)
+  jit_total, jit_metrics = jax.jit(loss)(params, batch)
+  np.testing.assert_allclose(jit_total, eager_total, rtol=1e-5)
+  assert set(jit_metrics) == set(eager_metrics)
 
 
 def test_alpha_zero_gives_exactly_the_plain_nll_gradients():
