@@ -9,7 +9,8 @@ Normalisation over the masked tokens of a batch:
     then grows with the number of tokens per batch, and so does the alpha that keeps the same
     balance: alpha_sum ~= alpha_mean * tokens_per_batch.  The paper's range 1e-2 .. 1e4 "depending
     on the model size and batch size" spans both effects.
-A batch without masked tokens has NLL 0 under either normalisation.
+`loss_mask` acts as a per-token weight (0/1 in the usual case).  A batch without masked tokens
+has NLL 0 under either normalisation.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def reduce_tokens(per_token: Array, mask: Array, normalization: str = "mean") ->
   total = jnp.sum(per_token * mask)
   if normalization == "sum":
     return total
-  return total / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask)
+  return total / jnp.where(count > 0, count, 1.0)
 
 
 def token_log_z(logits: Array) -> Array:

@@ -15,6 +15,8 @@ NUCL for a model (Eq. 6) is the sum of the per-row values over the rows of the c
 every chosen layer.
 
 Numerics (the guards Listing 1 lacks; all computed in float32 whatever the parameter dtype):
+  * |W_ij| has the gradient sign(W_ij), so an exact zero weight gets gradient 0 (the symmetric
+    subgradient of |.| at 0; `jnp.abs` would give 1).
   * A row is first divided by its largest magnitude (r is scale invariant), so rows of 1e30 or
     1e-30 neither overflow nor underflow.  The divisor carries no gradient: r does not depend on
     it, so the gradient is the exact gradient of Eq. 2.
@@ -38,6 +40,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import functools
+import numbers
+
 import gin
 import jax
 import jax.numpy as jnp
@@ -55,7 +60,10 @@ ZERO_ROW_MAX_ABS = 1e-36  # rows whose magnitudes are all <= this count as zero 
 
 def _scaled_abs(w: Array) -> tuple[Array, Array]:
   """|W| [m, n] divided per row by its max (zero rows -> all ones), and the zero-row mask [m]."""
-  a = jnp.abs(w.astype(jnp.float32))
+  w = w.astype(jnp.float32)
+  # |w| with d|w|/dw = sign(w), i.e. 0 at w = 0 (jnp.abs uses 1 there, which would push an exact
+  # zero off zero in the direction that raises every variant).
+  a = w * jax.lax.stop_gradient(jnp.sign(w))
   row_max = jax.lax.stop_gradient(jnp.max(a, axis=1, keepdims=True))
   zero_row = row_max <= ZERO_ROW_MAX_ABS
   s = a / jnp.where(zero_row, 1.0, row_max)
@@ -97,6 +105,13 @@ def nucl_rows(w: Array, variant: str) -> Array:
   if w.ndim != 2:
     raise ValueError(f"nucl_rows expects a matrix [m, n] (rows = inner neurons), got shape "
                      f"{w.shape}")
+  return _nucl_rows(w, variant)
+
+
+@functools.partial(jax.jit, static_argnames="variant")
+def _nucl_rows(w: Array, variant: str) -> Array:
+  # Compiled once per shape, dtype and variant: eager callers (analysis, pruning) pay one
+  # dispatch, and inside a jitted train step it inlines.
   s, _ = _scaled_abs(w)
   return VARIANTS[variant](s)
 
@@ -109,6 +124,9 @@ def _mlp(layer: Params, name: str) -> Optional[Array]:
 
 
 def _attn_out(layer: Params) -> Array:
+  if "o" not in layer.get("attn", {}):
+    raise KeyError(f"NUCL target 'attn_out' needs a layer's ['attn']['o'] [N, H, d]; the layer "
+                   f"has keys {sorted(layer)}")
   o = layer["attn"]["o"]  # [N, H, d]
   return o.reshape(o.shape[0] * o.shape[1], o.shape[2])  # rows = the N*H attention inner dims
 
@@ -128,11 +146,12 @@ def layer_names(cfg: ModelConfig, layers: Optional[Sequence[int]] = None) -> lis
   """Names of the chosen layers ("layers_{i}"); None = all `cfg.num_layers` layers."""
   if layers is None:
     return [f"layers_{i}" for i in range(cfg.num_layers)]
-  bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < cfg.num_layers]
+  bad = [i for i in layers
+         if not isinstance(i, numbers.Integral) or not 0 <= i < cfg.num_layers]
   if bad:
     raise ValueError(f"NUCL layers {list(layers)}: index {bad[0]!r} is not a layer of model "
                      f"{cfg.name!r} (expected integers in [0, {cfg.num_layers}))")
-  return [f"layers_{i}" for i in layers]
+  return [f"layers_{int(i)}" for i in layers]
 
 
 def target_matrices(params: Params, cfg: ModelConfig, target: str = "ffn_out",
@@ -154,7 +173,8 @@ def target_matrices(params: Params, cfg: ModelConfig, target: str = "ffn_out",
   return out
 
 
-@gin.configurable(module="maxnucl.losses")
+# The variant is chosen by the loss term's name ('nucl_mstd', ...), so gin may not bind it.
+@gin.configurable(module="maxnucl.losses", denylist=["params", "cfg", "variant"])
 def nucl(params: Params, cfg: ModelConfig, variant: str = "mstd", target: str = "ffn_out",
          layers: Optional[Sequence[int]] = None) -> Array:
   """NUCL of a model (the sum in Eq. 6, without alpha): float32 scalar.

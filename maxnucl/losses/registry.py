@@ -55,7 +55,7 @@ def nucl_mstd(params, logits, batch, cfg):
   return nucl(params, cfg, variant="mstd")
 
 
-@gin.configurable(module="maxnucl.losses")
+@gin.configurable(module="maxnucl.losses", denylist=["params", "logits", "batch", "cfg"])
 def total_loss(params: Any, logits: Array, batch: dict[str, Any], cfg: ModelConfig,
                terms: Optional[Mapping[str, float]] = None, normalization: str = "mean",
                z_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
