@@ -415,6 +415,15 @@ def test_gin_snippet_switches_on_nucl_with_variant_alpha_and_target(variant):
                              rtol=1e-6)
 
 
+def test_gin_rejects_binding_the_variant_which_the_term_name_picks():
+  gin.clear_config()
+  try:
+    with pytest.raises(ValueError, match="variant"):
+      gin.parse_config("nucl.variant = 'gini'")
+  finally:
+    gin.clear_config()
+
+
 # ---- outgoing entropy (Fig. 2) and dtypes -------------------------------------------------------
 
 

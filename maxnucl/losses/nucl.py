@@ -25,8 +25,7 @@ Numerics (the guards Listing 1 lacks; all computed in float32 whatever the param
     gini = 1 - 1/n, mstd = 0, with zero gradient.  The threshold is far below any trained
     weight; it keeps the gradient (which scales like 1 / max|W_i|) finite in float32.
   * ent: 0 log 0 = 0 through a safe `where`, so rows with exact zeros (one-hot rows) have finite
-    gradients.  Exact zeros get a zero gradient (the true derivative of -r log r at r = 0 is
-    +inf).
+    gradients.
   * mstd: computed as Eq. 5 is written, mean_j (r_j - 1/n)^2, not in the paper's Eq. 9 form
     (sum_j r_j^2 - 1/n) / n.  Both are equal in exact arithmetic, but Eq. 9 subtracts two nearly
     equal numbers: in float32 it rounds to 0 or below 0 for near-uniform rows (Listing 1 then
@@ -38,10 +37,9 @@ Numerics (the guards Listing 1 lacks; all computed in float32 whatever the param
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
-
 import functools
 import numbers
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax
@@ -58,8 +56,8 @@ ZERO_ROW_MAX_ABS = 1e-36  # rows whose magnitudes are all <= this count as zero 
 # ---- per-row values ------------------------------------------------------------------------------
 
 
-def _scaled_abs(w: Array) -> tuple[Array, Array]:
-  """|W| [m, n] divided per row by its max (zero rows -> all ones), and the zero-row mask [m]."""
+def _scaled_abs(w: Array) -> Array:
+  """|W| [m, n] in float32 divided per row by its max; a zero row becomes all ones (uniform)."""
   w = w.astype(jnp.float32)
   # |w| with d|w|/dw = sign(w), i.e. 0 at w = 0 (jnp.abs uses 1 there, which would push an exact
   # zero off zero in the direction that raises every variant).
@@ -68,7 +66,7 @@ def _scaled_abs(w: Array) -> tuple[Array, Array]:
   zero_row = row_max <= ZERO_ROW_MAX_ABS
   s = a / jnp.where(zero_row, 1.0, row_max)
   # A zero row becomes a row of ones, i.e. the uniform distribution, with no gradient to W.
-  return jnp.where(zero_row, 1.0, s), zero_row[:, 0]
+  return jnp.where(zero_row, 1.0, s)
 
 
 def _ent(s: Array) -> Array:
@@ -112,8 +110,7 @@ def nucl_rows(w: Array, variant: str) -> Array:
 def _nucl_rows(w: Array, variant: str) -> Array:
   # Compiled once per shape, dtype and variant: eager callers (analysis, pruning) pay one
   # dispatch, and inside a jitted train step it inlines.
-  s, _ = _scaled_abs(w)
-  return VARIANTS[variant](s)
+  return VARIANTS[variant](_scaled_abs(w))
 
 
 # ---- which matrices: targets (the paper's Table 3) -----------------------------------------------
