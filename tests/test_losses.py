@@ -390,6 +390,10 @@ def test_unknown_term_is_named_and_a_registered_term_is_used():
     return jnp.sum(jnp.square(params["embedder"]["embedding"]))
 
   try:
+    with pytest.raises(ValueError, match="'test_embedding_l2' is taken"):
+      losses.register_term("test_embedding_l2")(_l2)
+    with pytest.raises(ValueError, match="'loss' is taken"):
+      losses.register_term("loss")(_l2)
     total, metrics = losses.total_loss(params, logits_fn(params), batch, cfg,
                                        terms={"test_embedding_l2": 2.0})
     np.testing.assert_allclose(total, metrics["nll"] + 2.0 * metrics["test_embedding_l2"],

@@ -25,12 +25,14 @@ Array = jax.Array
 LossTerm = Callable[[Any, Array, dict, ModelConfig], Array]
 
 LOSS_TERMS: dict[str, LossTerm] = {}
+RESERVED_METRICS = ("nll", "z_loss", "loss")  # metric names total_loss writes itself
 
 
 def register_term(name: str) -> Callable[[LossTerm], LossTerm]:
   def register(fn: LossTerm) -> LossTerm:
-    if name in LOSS_TERMS:
-      raise ValueError(f"loss term {name!r} is already registered")
+    if name in LOSS_TERMS or name in RESERVED_METRICS:
+      raise ValueError(f"loss term name {name!r} is taken (registered terms: "
+                       f"{sorted(LOSS_TERMS)}; reserved metrics: {RESERVED_METRICS})")
     LOSS_TERMS[name] = fn
     return fn
   return register
