@@ -1,0 +1,99 @@
+"""Named loss terms and the combiner `total = NLL + sum_k alpha_k * term_k` (paper Eq. 6).
+
+A loss term is a function `term(params, logits, batch, cfg) -> float32 scalar`; a new term is one
+function registered with `@register_term("name")`.  `total_loss` takes the terms to add as a
+mapping name -> alpha, typically bound in gin:
+
+    total_loss.terms = {'nucl_mstd': 100.0}
+    nucl.target = 'ffn_out'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+
+# Functions, not modules: the package namespace maps `nll` / `nucl` to these functions.
+from maxnucl.losses.nll import nll, z_loss
+from maxnucl.losses.nucl import nucl
+from maxnucl.models.config import ModelConfig
+
+Array = jax.Array
+LossTerm = Callable[[Any, Array, dict, ModelConfig], Array]
+
+LOSS_TERMS: dict[str, LossTerm] = {}
+RESERVED_METRICS = ("nll", "z_loss", "loss")  # metric names total_loss writes itself
+
+
+def register_term(name: str) -> Callable[[LossTerm], LossTerm]:
+  def register(fn: LossTerm) -> LossTerm:
+    if name in LOSS_TERMS or name in RESERVED_METRICS:
+      raise ValueError(f"loss term name {name!r} is taken (registered terms: "
+                       f"{sorted(LOSS_TERMS)}; reserved metrics: {RESERVED_METRICS})")
+    LOSS_TERMS[name] = fn
+    return fn
+  return register
+
+
+# The NUCL variant is the term's name; target and layers come from the gin-configurable `nucl`.
+@register_term("nucl_ent")
+def nucl_ent(params, logits, batch, cfg):
+  del logits, batch
+  return nucl(params, cfg, variant="ent")
+
+
+@register_term("nucl_gini")
+def nucl_gini(params, logits, batch, cfg):
+  del logits, batch
+  return nucl(params, cfg, variant="gini")
+
+
+@register_term("nucl_mstd")
+def nucl_mstd(params, logits, batch, cfg):
+  del logits, batch
+  return nucl(params, cfg, variant="mstd")
+
+
+@gin.configurable(module="maxnucl.losses", denylist=["params", "logits", "batch", "cfg"])
+def total_loss(params: Any, logits: Array, batch: dict[str, Any], cfg: ModelConfig,
+               terms: Optional[Mapping[str, float]] = None, normalization: str = "mean",
+               z_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """`NLL + z_loss_weight * z_loss + sum_k alpha_k * term_k` and its metrics.
+
+  Args:
+    params: the model's params tree.
+    logits: [B, L, V] model outputs.
+    batch: dict with "targets" int32 [B, L] and "loss_mask" float32 [B, L].
+    cfg: the model's `ModelConfig`.
+    terms: registered term name -> alpha (None = plain NLL).  A term whose alpha is the Python
+      number 0 is still reported in the metrics but carries no gradient, so the gradients equal
+      the plain NLL's exactly.
+    normalization: "mean" (per masked token) or "sum" over tokens, for the NLL and the z-loss;
+      NUCL terms are always sums over rows and layers (see docs/losses.md for alpha).
+    z_loss_weight: weight of PaLM's log(Z)^2 (1e-4 in PaLM); 0 = off.
+
+  Returns:
+    (total float32 scalar, metrics) with metrics "nll", each term's raw (un-weighted) value under
+    its name, "z_loss" when z_loss_weight != 0, and "loss" = total.
+  """
+  terms = dict(terms or {})
+  unknown = sorted(set(terms) - set(LOSS_TERMS))
+  if unknown:
+    raise KeyError(f"loss terms {unknown} not registered; registered terms: {sorted(LOSS_TERMS)}")
+  metrics = {"nll": nll(logits, batch, normalization)}
+  total = metrics["nll"]
+  if z_loss_weight:
+    metrics["z_loss"] = z_loss(logits, batch, normalization)
+    total = total + z_loss_weight * metrics["z_loss"]
+  for name, alpha in terms.items():
+    value = LOSS_TERMS[name](params, logits, batch, cfg).astype(jnp.float32)
+    if isinstance(alpha, (int, float)) and alpha == 0:
+      metrics[name] = jax.lax.stop_gradient(value)
+      continue
+    metrics[name] = value
+    total = total + alpha * value
+  metrics["loss"] = total
+  return total, metrics
