@@ -1,0 +1,1 @@
+"""Building blocks: normalisation, embeddings + RoPE, attention, gated FFN."""

@@ -1,0 +1,127 @@
+"""The decoder stack: Gemma-2 and PaLM-style blocks over shared building blocks.
+
+Parameter tree (plain nested dicts; this *is* the checkpoint format):
+  embedder/embedding                     [vocab, d]
+  layers_{i}/attn/{q [d,N,H], k [d,K,H], v [d,K,H], o [N,H,d]}
+  layers_{i}/mlp/{gate U [d,m_i], up V [d,m_i], out W [m_i,d]}   absent when m_i = 0
+  Gemma-2: layers_{i}/{pre_attention_norm, post_attention_norm, pre_ffw_norm, post_ffw_norm}/scale
+  PaLM:    layers_{i}/pre_norm/scale
+  final_norm/scale                       [d]
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxnucl import sharding
+from maxnucl.layers.attentions import Attention
+from maxnucl.layers.embeddings import Embedder
+from maxnucl.layers.linears import GatedMLP
+from maxnucl.layers.normalizations import RMSNorm
+from maxnucl.models.config import ModelConfig
+
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class _Block(nn.Module):
+  """Shared construction of one layer's attention and FFN."""
+  cfg: ModelConfig
+  layer_index: int
+  deterministic: bool = True
+
+  def norm(self, name: str, offset_scale: bool = True):
+    return RMSNorm(eps=self.cfg.norm_eps, offset_scale=offset_scale,
+                   param_dtype=_dtype(self.cfg.param_dtype), name=name)
+
+  def attention(self):
+    cfg = self.cfg
+    return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                     head_dim=cfg.head_dim, scale=cfg.attn_scale,
+                     softcap=cfg.attn_logit_softcap, window=cfg.layer_windows[self.layer_index],
+                     rope_theta=cfg.rope_theta, dtype=_dtype(cfg.dtype),
+                     param_dtype=_dtype(cfg.param_dtype), name="attn")
+
+  @property
+  def ffn_width(self) -> int:
+    return self.cfg.layer_ffn_widths[self.layer_index]
+
+  def mlp(self):
+    cfg = self.cfg
+    return GatedMLP(width=self.ffn_width, activation=cfg.activation, dtype=_dtype(cfg.dtype),
+                    param_dtype=_dtype(cfg.param_dtype), name="mlp")
+
+  def dropout(self, x):
+    return nn.Dropout(rate=self.cfg.dropout_rate)(x, deterministic=self.deterministic)
+
+
+class Gemma2Block(_Block):
+  """h = x + post_attn_norm(attn(pre_attn_norm(x))); y = h + post_ffw_norm(ffn(pre_ffw_norm(h)))."""
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, inner_scale=None):
+    h = self.norm("pre_attention_norm")(x)
+    h = self.attention()(h, positions, segment_ids)
+    x = x + self.dropout(self.norm("post_attention_norm")(h))
+    if self.ffn_width:  # a layer of width 0 has no FFN branch (and no FFN norms)
+      h = self.norm("pre_ffw_norm")(x)
+      h = self.mlp()(h, inner_scale)
+      x = x + self.dropout(self.norm("post_ffw_norm")(h))
+    return sharding.constrain(x, RESIDUAL_AXES)
+
+
+class PalmBlock(_Block):
+  """Parallel block: y = x + attn(norm(x)) + ffn(norm(x)), one shared pre-norm."""
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, inner_scale=None):
+    h = self.norm("pre_norm", offset_scale=False)(x)
+    y = x + self.dropout(self.attention()(h, positions, segment_ids))
+    if self.ffn_width:
+      y = y + self.dropout(self.mlp()(h, inner_scale))
+    return sharding.constrain(y, RESIDUAL_AXES)
+
+
+BLOCKS = {"gemma2": Gemma2Block, "palm": PalmBlock}
+
+
+class Decoder(nn.Module):
+  """Token ids -> float32 logits [B, T, vocab]."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids, positions,
+               ffn_inner_scale: Optional[dict] = None):
+    cfg = self.cfg
+    gemma = cfg.family == "gemma2"
+    embedder = Embedder(vocab_size=cfg.vocab_size, d_model=cfg.d_model,
+                        input_scale="sqrt_d" if gemma else "none", dtype=_dtype(cfg.dtype),
+                        param_dtype=_dtype(cfg.param_dtype), name="embedder")
+    x = sharding.constrain(embedder.encode(tokens), RESIDUAL_AXES)
+    block_cls = BLOCKS[cfg.family]
+    if cfg.remat_policy != "none":
+      block_cls = nn.remat(block_cls, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+    for i in range(cfg.num_layers):
+      name = f"layers_{i}"
+      scale = None if ffn_inner_scale is None else ffn_inner_scale.get(name)
+      x = block_cls(cfg, i, self.deterministic, name=name)(x, positions, segment_ids, scale)
+    x = RMSNorm(eps=cfg.norm_eps, offset_scale=gemma, param_dtype=_dtype(cfg.param_dtype),
+                name="final_norm")(x)
+    logits = embedder.decode(x)
+    if not gemma:
+      logits = logits / jnp.sqrt(jnp.float32(cfg.d_model))  # PaLM: shared embedding, 1/sqrt(d)
+    if cfg.final_logit_softcap is not None:
+      cap = cfg.final_logit_softcap
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
