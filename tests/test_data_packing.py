@@ -130,3 +130,9 @@ def test_packed_loss_equals_unpacked(model_factory):
   (packed_sum, packed_count), (unpacked_sum, unpacked_count) = losses
   assert packed_count == unpacked_count
   np.testing.assert_allclose(packed_sum / packed_count, unpacked_sum / unpacked_count, rtol=1e-5)
+
+
+def test_short_examples_are_not_truncated():
+  tokens, targets, _ = segment([10, 11, 12], [20], seq_len=100, feature_lengths={"inputs": 50})
+  np.testing.assert_array_equal(tokens, [BOS, 10, 11, 12, 20])
+  np.testing.assert_array_equal(targets, [10, 11, 12, 20, EOS])

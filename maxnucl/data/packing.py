@@ -43,13 +43,13 @@ def example_segment(inputs_ids: Sequence[int], targets_ids: Sequence[int], *, se
   if feature_lengths:
     if "inputs" in feature_lengths:
       limit = feature_lengths["inputs"]
-      inputs_ids = inputs_ids[len(inputs_ids) - limit:] if limit > 0 else []
+      inputs_ids = inputs_ids[max(0, len(inputs_ids) - limit):] if limit > 0 else []
     if "targets" in feature_lengths:
       targets_ids = targets_ids[:feature_lengths["targets"]]
   answer = targets_ids + [eos_id]
   answer_kept = min(len(answer), seq_len)
   inputs_room = seq_len - answer_kept
-  inputs_kept = inputs_ids[len(inputs_ids) - inputs_room:] if inputs_room > 0 else []
+  inputs_kept = inputs_ids[max(0, len(inputs_ids) - inputs_room):] if inputs_room > 0 else []
   sequence = np.asarray([bos_id] + inputs_kept + answer[:answer_kept], dtype=np.int32)
   roles = np.asarray([_BOS] + [_INPUTS] * len(inputs_kept) + [_TARGETS] * answer_kept,
                      dtype=np.int32)
