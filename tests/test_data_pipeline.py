@@ -231,3 +231,16 @@ def test_train_sentencepiece_tool_writes_a_gemma_compatible_model(tmp_path):
   assert tokenizer.decode(tokenizer.encode("Ada has 3 coins.")) == "Ada has 3 coins."
   batch = next(make_iterator(vocab=str(tmp_path / "sp.model")))
   assert batch["tokens"].max() < tokenizer.vocab_size
+
+
+@pytest.mark.parametrize("gin_file, source", [
+    ("synthetic.gin", "synthetic_arithmetic"), ("gsm8k.gin", "gsm8k"), ("mbpp.gin", "mbpp"),
+    ("superglue.gin", "super_glue_v102_proportional")])
+def test_gin_snippets_select_the_source(gin_file, source):
+  gin.parse_config_files_and_bindings([str(REPO / "gin" / "data" / gin_file)],
+                                      ["DATA_SEQ_LEN = 512", "DATA_BATCH_SIZE = 2",
+                                       "create_data_iterator.mixture_size = 20"])
+  iterator = pipeline.create_data_iterator(process_index=0, process_count=1)
+  assert iterator.metadata["source"] == source
+  assert next(iterator)["tokens"].shape == (2, 512)
+  assert gin.query_parameter("EVAL_MIXTURE_OR_TASK_NAME/macro.value") in catalog.TASKS
