@@ -189,3 +189,20 @@ def test_unknown_split_and_unknown_name_list_what_exists():
     catalog.get_task("gsm8k").examples("validation")
   with pytest.raises(KeyError, match="super_glue_v102_proportional"):
     catalog.get_task_or_mixture("glue")
+
+
+def test_prepared_tfds_builder_is_used_when_no_local_file_exists(tmp_path, monkeypatch):
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: name == "super_glue/cb")
+  read = []
+
+  def fake_read_tfds(name, split):  # TFDS's feature schema: label is a class index
+    read.append((name, split))
+    return [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}]
+
+  monkeypatch.setattr(sources, "read_tfds", fake_read_tfds)
+  assert catalog.get_task("super_glue_cb_v102").examples("train") == [
+      {"inputs": "cb hypothesis: h premise: p", "targets": "neutral"}]
+  assert read == [("super_glue/cb", "train")]
+  with pytest.raises(sources.DatasetNotFoundError, match="TFDS builder 'super_glue/rte'"):
+    catalog.get_task("super_glue_rte_v102").examples("train")

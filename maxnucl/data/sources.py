@@ -128,14 +128,18 @@ def _tfds_builder_prepared(name: str) -> bool:
     return False
 
 
-def _hide_accelerators_from_tensorflow():
+def hide_accelerators_from_tensorflow():
+  """Keeps TensorFlow (tf.data, seqio, TFDS) off GPUs/TPUs so it never takes JAX's memory."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory from JAX
-  try:
-    tf.config.set_visible_devices([], "TPU")
-  except (RuntimeError, ValueError):
-    pass
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):
+      # Devices were already initialised (or the kind is unknown): then they must be hidden.
+      if tf.config.get_visible_devices(kind):
+        raise RuntimeError(f"TensorFlow already initialised with visible {kind}s; import "
+                           "maxnucl.data.tasks before any other TensorFlow use") from None
 
 
 def _decode(value):
@@ -152,7 +156,7 @@ def _decode(value):
 
 def read_tfds(name: str, split: str) -> list[Record]:
   """Records of a prepared TFDS builder as Python values (bytes decoded to str)."""
-  _hide_accelerators_from_tensorflow()
+  hide_accelerators_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   dataset = tfds.load(name, split=split, data_dir=tfds_data_dir(), download=False,

@@ -18,14 +18,18 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+from maxnucl.data import sources
+
+sources.hide_accelerators_from_tensorflow()  # before seqio touches TensorFlow
+
+# pylint: disable=wrong-import-position
 import seqio
 import tensorflow as tf
 
 from maxnucl.data import catalog
 from maxnucl.data import formats
 from maxnucl.data import vocabularies
-
-tf.config.set_visible_devices([], "GPU")  # TF must never allocate accelerator memory
+# pylint: enable=wrong-import-position
 
 
 # ---- metrics (on postprocessed strings) ----------------------------------------------------------

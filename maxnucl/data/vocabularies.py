@@ -100,6 +100,9 @@ def get_tokenizer(vocab: str) -> Tokenizer:
 
 def get_seqio_vocabulary(vocab: str):
   """The seqio vocabulary with the same ids as `get_tokenizer(vocab)` (imports TensorFlow)."""
+  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
+
+  sources.hide_accelerators_from_tensorflow()
   import seqio  # pylint: disable=import-outside-toplevel
 
   if vocab == BYTE_VOCAB_NAME:
