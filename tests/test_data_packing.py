@@ -136,3 +136,23 @@ def test_short_examples_are_not_truncated():
   tokens, targets, _ = segment([10, 11, 12], [20], seq_len=100, feature_lengths={"inputs": 50})
   np.testing.assert_array_equal(tokens, [BOS, 10, 11, 12, 20])
   np.testing.assert_array_equal(targets, [10, 11, 12, 20, EOS])
+
+
+def test_synthetic_problems_fit_a_128_token_byte_row_untruncated():
+  tokenizer = vocabularies.ByteTokenizer()
+  for i in range(3000):
+    problem = synthetic.format_arithmetic_problem(synthetic.arithmetic_problem(0, "train", i))
+    length = 1 + len(tokenizer.encode(problem["inputs"] + problem["targets"]))
+    assert length <= 128, problem
+
+
+def test_synthetic_solutions_are_correct_arithmetic_ending_in_the_answer():
+  for i in range(500):
+    answer = synthetic.arithmetic_problem(1, "test", i)["answer"]
+    *steps, final = answer.split("\n")
+    for step in steps:
+      expression, result = step.split(" = ")
+      assert eval(expression) == int(result), answer  # pylint: disable=eval-used
+    assert final == f"#### {steps[-1].split(' = ')[1]}"
+  assert synthetic.arithmetic_problem(0, "train", 7) == synthetic.arithmetic_problem(0, "train", 7)
+  assert synthetic.arithmetic_problem(0, "train", 7) != synthetic.arithmetic_problem(1, "train", 7)

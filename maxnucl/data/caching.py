@@ -46,8 +46,9 @@ def write_rows(directory: str | os.PathLike, rows: Mapping[str, np.ndarray],
     name = f"shard-{shard:05d}"
     stop = min(start + rows_per_shard, num_rows)
     for feature in packing.FEATURES:
-      np.save(directory / f"{name}.{feature}.npy",
-              np.ascontiguousarray(rows[feature][start:stop], dtype=packing.FEATURE_DTYPES[feature]))
+      array = np.ascontiguousarray(rows[feature][start:stop],
+                                   dtype=packing.FEATURE_DTYPES[feature])
+      np.save(directory / f"{name}.{feature}.npy", array)
     shards.append({"name": name, "num_rows": stop - start})
   index = {"format": CACHE_FORMAT, **metadata, "num_rows": num_rows, "shards": shards,
            "features": {f: np.dtype(packing.FEATURE_DTYPES[f]).name for f in packing.FEATURES}}

@@ -25,7 +25,8 @@ def cache_main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description="Cache a task/mixture's packed rows as numpy "
                                    "shards for the TF-free pipeline.")
   parser.add_argument("--source", required=True, help="task or mixture name")
-  parser.add_argument("--split", action="append", help="split(s); default: all of the source's")
+  parser.add_argument("--split", action="append",
+                      help="split(s); default: every split of a task, 'train' of a mixture")
   parser.add_argument("--cache_dir", required=True)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--no_pack", action="store_true")
@@ -46,7 +47,9 @@ def cache_main(argv: Optional[Sequence[str]] = None) -> int:
   if args.data_dir:
     bindings.append(f"data_roots.data_dir = {json.dumps(args.data_dir)}")
   gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
-  for split in args.split or catalog.splits_of(args.source):
+  default_splits = (("train",) if args.source in catalog.MIXTURES
+                    else catalog.splits_of(args.source))
+  for split in args.split or default_splits:
     index = pipeline.cache_task(
         args.source, split, args.cache_dir, seq_len=args.seq_len, pack=not args.no_pack,
         loss_on_inputs=args.loss_on_inputs, seed=args.seed, shuffle=not args.no_shuffle,

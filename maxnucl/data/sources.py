@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 
@@ -251,8 +251,8 @@ def read_super_glue(config: str, split: str) -> list[Record]:
   directory, files = SUPER_GLUE_FILES[config]
   filename = files[split]
   path = find_dataset_file(f"super_glue/{config}",
-                           [f"super_glue/{directory}/{filename}", f"SuperGLUE/{directory}/{filename}",
-                            f"{directory}/{filename}"],
+                           [f"super_glue/{directory}/{filename}",
+                            f"SuperGLUE/{directory}/{filename}", f"{directory}/{filename}"],
                            tfds_name=f"super_glue/{config}")
   if path is None:
     return read_tfds(f"super_glue/{config}", split)

@@ -1,8 +1,9 @@
 """Synthetic arithmetic word problems: pure Python, deterministic from (seed, split, index).
 
-Every answer is a short worked solution (one line per operation) ending in "#### <number>", the GSM8K answer format, so
-the same metric and prompt handling apply.  This is the trainer's built-in data source: it needs
-no files, no TensorFlow and no network.
+Every answer is a short worked solution (one line per operation) ending in "#### <number>", the
+GSM8K answer format, so the same metric applies.  Examples are short (under 112 bytes with the
+prompt) so that a 128-token byte-vocabulary row holds at least one.  This is the trainer's
+built-in data source: it needs no files, no TensorFlow and no network.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def arithmetic_problem(seed: int, split: str, index: int) -> dict[str, str]:
 
 
 def format_arithmetic_problem(problem: dict[str, str]) -> dict[str, str]:
-  """{"inputs": "Q: <question>\\nA: ", "targets": <answer>}; short, so rows of 128 bytes hold one."""
+  """{"inputs": "Q: <question>\\nA: ", "targets": <the worked solution>}."""
   return {"inputs": f"Q: {problem['question']}\nA: ", "targets": problem["answer"]}
 
 

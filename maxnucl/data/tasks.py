@@ -15,7 +15,7 @@ usual seqio decoder-only convention.  TensorFlow is kept off accelerators.
 
 from __future__ import annotations
 
-import itertools
+import zlib
 from typing import Optional
 
 from maxnucl.data import sources
@@ -95,7 +95,8 @@ def tokenized_examples_via_seqio(source: str, split: str, *, vocab: str, seed: i
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  suffix = "" if vocab == vocabularies.BYTE_VOCAB_NAME else f"_vocab{abs(hash(vocab)) % 10**8}"
+  suffix = ("" if vocab == vocabularies.BYTE_VOCAB_NAME
+            else f"_vocab{zlib.crc32(vocab.encode()):08x}")
   if suffix and source + suffix not in seqio.TaskRegistry.names() | seqio.MixtureRegistry.names():
     register_seqio_tasks(vocab, suffix)
   provider = seqio.get_mixture_or_task(source + suffix)
