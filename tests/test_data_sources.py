@@ -206,3 +206,16 @@ def test_prepared_tfds_builder_is_used_when_no_local_file_exists(tmp_path, monke
   assert read == [("super_glue/cb", "train")]
   with pytest.raises(sources.DatasetNotFoundError, match="TFDS builder 'super_glue/rte'"):
     catalog.get_task("super_glue_rte_v102").examples("train")
+
+
+def test_empty_file_or_empty_split_is_an_error_not_an_empty_dataset(tmp_path, monkeypatch):
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  (tmp_path / "gsm8k").mkdir()
+  (tmp_path / "gsm8k" / "test.jsonl").write_text("\n")
+  with pytest.raises(sources.MalformedRecordError, match=r"test.jsonl: the file holds no records"):
+    catalog.get_task("gsm8k").examples("test")
+  (tmp_path / "mbpp").mkdir()
+  (tmp_path / "mbpp" / "mbpp.jsonl").write_text(
+      (FIXTURES / "mbpp" / "mbpp.jsonl").read_text().splitlines()[0] + "\n")  # task 1 only
+  with pytest.raises(ValueError, match=r"Task 'mbpp' split 'train' has no examples"):
+    catalog.get_task("mbpp").examples("train")

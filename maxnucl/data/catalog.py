@@ -42,7 +42,10 @@ class TextTask:
   def examples(self, split: str) -> list[Example]:
     if split not in self.splits:
       raise ValueError(f"Task '{self.name}' has no split '{split}'; splits: {list(self.splits)}")
-    return self.examples_fn(split)
+    examples = self.examples_fn(split)
+    if not examples:
+      raise ValueError(f"Task '{self.name}' split '{split}' has no examples (check its files)")
+    return examples
 
 
 @dataclasses.dataclass(frozen=True)

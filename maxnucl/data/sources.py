@@ -108,6 +108,8 @@ def read_jsonl(path: pathlib.Path, required_fields: Sequence[str] = ()) -> list[
                                    f"expected fields {list(required_fields)}")
       record["_location"] = f"{path}:{line_number}"
       records.append(record)
+  if not records:
+    raise MalformedRecordError(f"{path}: the file holds no records")
   return records
 
 
