@@ -1,0 +1,137 @@
+"""Tokenizers for the TF-free pipeline, SentencePiece training, and matching seqio vocabularies.
+
+All tokenizers follow Gemma's special ids: pad 0, eos 1, bos 2.
+
+* Byte vocabulary (demos, tests, the synthetic task): ids identical to `seqio.ByteVocabulary`
+  (pad 0, eos 1, unk 2, byte b -> b + 3; vocab_size 259).  BOS: we use id 2 (ByteVocabulary's
+  unk, which never occurs in byte-encoded text) as the beginning-of-sequence token, so that BOS is
+  2 as in Gemma.
+* SentencePiece vocabulary (a model file such as Gemma's tokenizer.model): ids come from the
+  model; `train_sentencepiece` writes models with pad 0, eos 1, bos 2, unk 3 like Gemma's.
+
+`get_tokenizer` (numpy / sentencepiece only) is what the TF-free pipeline uses;
+`get_seqio_vocabulary` builds the equivalent `seqio.Vocabulary` (imports TensorFlow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+
+BYTE_VOCAB_NAME = "byte"
+_BYTE_OFFSET = 3  # seqio.ByteVocabulary: pad, eos, unk come first
+BYTE_VOCAB_SIZE = _BYTE_OFFSET + 256
+
+
+class Tokenizer(Protocol):
+  """What the pipeline needs from a vocabulary."""
+
+  vocab_size: int
+  pad_id: int
+  eos_id: int
+  bos_id: int
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes offset by 3; ids identical to `seqio.ByteVocabulary()`; bos = 2 (its unk)."""
+
+  vocab_size: int = BYTE_VOCAB_SIZE
+  pad_id: int = PAD_ID
+  eos_id: int = EOS_ID
+  bos_id: int = BOS_ID
+
+  def encode(self, text: str) -> list[int]:
+    return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+            + _BYTE_OFFSET).tolist()
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[(ids >= _BYTE_OFFSET) & (ids < BYTE_VOCAB_SIZE)]  # drop specials, like seqio
+    return (ids - _BYTE_OFFSET).astype(np.uint8).tobytes().decode("utf-8", errors="ignore")
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model file (e.g. Gemma's tokenizer.model) via the `sentencepiece` library."""
+
+  def __init__(self, model_file: str | os.PathLike):
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+
+    self.model_file = str(model_file)
+    if not pathlib.Path(self.model_file).is_file():
+      raise FileNotFoundError(f"SentencePiece model file not found: {self.model_file}")
+    self._processor = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
+    self.vocab_size = self._processor.get_piece_size()
+    self.pad_id = self._processor.pad_id()
+    self.eos_id = self._processor.eos_id()
+    self.bos_id = self._processor.bos_id()
+    for name in ("pad_id", "eos_id", "bos_id"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"SentencePiece model {self.model_file} defines no {name[:-3]} token "
+                         f"(train it with pad_id=0, eos_id=1, bos_id=2 as Gemma's)")
+
+  def encode(self, text: str) -> list[int]:
+    return self._processor.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._processor.decode([int(i) for i in ids])
+
+
+def get_tokenizer(vocab: str) -> Tokenizer:
+  """'byte' -> ByteTokenizer; anything else is the path of a SentencePiece model file."""
+  if vocab == BYTE_VOCAB_NAME:
+    return ByteTokenizer()
+  return SentencePieceTokenizer(vocab)
+
+
+def get_seqio_vocabulary(vocab: str):
+  """The seqio vocabulary with the same ids as `get_tokenizer(vocab)` (imports TensorFlow)."""
+  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
+
+  sources.hide_accelerators_from_tensorflow()
+  import seqio  # pylint: disable=import-outside-toplevel
+
+  if vocab == BYTE_VOCAB_NAME:
+    return seqio.ByteVocabulary()
+  return seqio.SentencePieceVocabulary(vocab)
+
+
+def train_sentencepiece(text_files: Iterable[str | os.PathLike], model_prefix: str | os.PathLike,
+                        *, vocab_size: int = 384, model_type: str = "bpe",
+                        character_coverage: float = 1.0, byte_fallback: bool = True,
+                        max_sentence_length: int = 16384) -> pathlib.Path:
+  """Trains a SentencePiece model on local text files (one sentence/paragraph per line).
+
+  Special ids match Gemma's tokenizer: pad 0, eos 1, bos 2, unk 3.  Returns the path of the
+  written `<model_prefix>.model` (a `<model_prefix>.vocab` is written beside it).
+  """
+  import sentencepiece  # pylint: disable=import-outside-toplevel
+
+  files = [str(f) for f in text_files]
+  for f in files:
+    if not pathlib.Path(f).is_file():
+      raise FileNotFoundError(f"SentencePiece training text file not found: {f}")
+  if not files:
+    raise ValueError("train_sentencepiece needs at least one text file")
+  model_prefix = pathlib.Path(model_prefix)
+  model_prefix.parent.mkdir(parents=True, exist_ok=True)
+  sentencepiece.SentencePieceTrainer.train(
+      input=",".join(files), model_prefix=str(model_prefix), vocab_size=vocab_size,
+      model_type=model_type, character_coverage=character_coverage,
+      byte_fallback=byte_fallback, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=3,
+      max_sentence_length=max_sentence_length, hard_vocab_limit=False, minloglevel=2)
+  return pathlib.Path(f"{model_prefix}.model")
