@@ -13,6 +13,7 @@ import functools
 from typing import Any, Optional
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,15 @@ from maxnucl.models.config import (PRESETS, ConfigError, ModelConfig, get_config
                                    register_preset)
 from maxnucl.models.decoder import Decoder
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "get_config", "register_preset", "init",
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "get_config", "register_preset", "configured_model", "init",
            "apply", "apply_with_ffn", "abstract_params", "logical_axes", "param_count",
            "positions_from_segments", "ffn_layer_names"]
+
+
+@gin.configurable("model_config")
+def configured_model(preset: str = gin.REQUIRED, **overrides: Any) -> ModelConfig:
+  """The gin entry point: `model_config.preset = "gemma2_2b"`, `model_config.num_layers = 2`."""
+  return get_config(preset, **overrides)
 
 
 def _dummy_tokens():
