@@ -1,0 +1,611 @@
+"""The trainer: fine-tune (or train from scratch) a maxnucl decoder with NLL + registered loss terms.
+
+    python -m maxnucl.train --gin_file=gin/demo_cpu.gin [--gin_file=...] \
+        [--gin_param="train_loop.num_steps = 100" ...] [--workdir=/tmp/run]
+
+Everything experiment-specific comes from gin (see gin/base.gin and docs/training.md): the model
+(`model_config`), the data (`create_data_iterator`), the loss terms (`total_loss.terms`, e.g.
+NUCL-mstd), the optimizer and schedule (`create_optimizer`, `learning_rate_schedule`), the mesh
+and logical axis rules (`create_mesh`, `logical_axis_rules`) and the loop (`train_loop`).
+
+Read top to bottom: `loss_fn` -> `train_step` -> `eval_step` -> `train_loop` -> `main`.  The rest
+is setup: optimizer and schedule, shardings of the train state, checkpointing and metrics.
+
+Workdir layout:
+    DIR/checkpoints/<step>/{params,opt_state,model_config,train_state}   (Orbax, keep-N, async)
+    DIR/metrics.jsonl      one JSON object per logged step
+    DIR/tensorboard/       TensorBoard event files
+    DIR/config.gin         the gin config of the run (operative_config.gin: the values used)
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+  # `python -m maxnucl.train`: run the imported module's main, so gin sees each configurable once
+  # (as maxnucl.train.*) rather than also as __main__.*.
+  import sys
+  from maxnucl import train
+  sys.exit(train.main())
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxnucl import checkpoints
+from maxnucl import flops
+from maxnucl import losses
+from maxnucl import models
+from maxnucl import sharding
+from maxnucl.data import pipeline
+from maxnucl.models.config import ModelConfig
+
+log = logging.getLogger("maxnucl.train")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Item names of a checkpoint step directory; `params` and `model_config` are those of
+# `maxnucl.checkpoints`, so `checkpoints.load(DIR/checkpoints/<step>)` reads a training checkpoint.
+PARAMS, MODEL_CONFIG = checkpoints.PARAMS, checkpoints.MODEL_CONFIG
+OPT_STATE, TRAIN_STATE = "opt_state", "train_state"
+BATCH_AXES = ("activation_batch", "activation_length")
+
+TrainState = dict  # {"params": tree, "opt_state": tree, "step": int32 scalar}
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (non-finite loss, mismatched data and model, ...)."""
+
+
+class NonFiniteLossError(TrainingError):
+  """A step produced a non-finite loss, gradient or parameter; its state was not saved."""
+
+
+# ---- the loss and the steps ---------------------------------------------------------------------
+
+def loss_fn(params: dict, batch: dict, dropout_rng: Optional[jax.Array], cfg: ModelConfig
+            ) -> tuple[jax.Array, dict]:
+  """`total_loss` (NLL + the gin-bound terms, e.g. NUCL-mstd) of one (micro)batch."""
+  logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"],
+                        dropout_rng=dropout_rng)
+  return losses.total_loss(params, logits, batch, cfg)
+
+
+def _microbatches(batch: dict, accumulation_steps: int) -> dict:
+  """[B, L] -> [A, B/A, L] with microbatch k = rows k, k+A, k+2A, ...
+
+  Row r of a batch sharded over devices lives on device r // (B/D); taking every A-th row keeps
+  each microbatch spread evenly over the same devices (no data movement when B/D % A == 0).
+  """
+  def split(x):
+    rows = x.shape[0]
+    return jnp.swapaxes(x.reshape((rows // accumulation_steps, accumulation_steps) + x.shape[1:]),
+                        0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, cfg: ModelConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer step over a global batch, accumulating gradients over microbatches.
+
+  Microbatch gradients are weighted by their share of the batch's loss tokens, so with
+  `total_loss.normalization = 'mean'` the accumulated gradient is that of the whole batch (the NUCL
+  terms do not depend on the batch and get total weight 1).  Dropout uses
+  fold_in(fold_in(rng, step), microbatch): a resumed run draws the same masks.
+  """
+  params, step = state["params"], state["step"]
+  step_rng = jax.random.fold_in(rng, step)
+  use_dropout = cfg.dropout_rate > 0.0
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg), has_aux=True)
+
+  def micro_grads(micro, k):
+    (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(step_rng, k)
+                                  if use_dropout else None)
+    return grads, metrics
+
+  if accumulation_steps == 1:
+    grads, metrics = micro_grads(batch, 0)
+  else:
+    micro = _microbatches(batch, accumulation_steps)
+    tokens = jnp.sum(micro["loss_mask"], axis=(1, 2))
+    weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
+
+    def body(carry, xs):
+      mb, k, w = xs
+      grads, metrics = micro_grads(mb, k)
+      return jax.tree.map(lambda acc, x: acc + w * x, carry, (grads, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(micro_grads, first, 0))
+    (grads, metrics), _ = jax.lax.scan(
+        body, zeros, (micro, jnp.arange(accumulation_steps), weights))
+
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  params = optax.apply_updates(params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                 learning_rate=schedule(step), loss_tokens=jnp.sum(batch["loss_mask"]))
+  return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+
+def eval_step(params: dict, batch: dict, *, cfg: ModelConfig) -> dict:
+  """Summed token NLL and loss-token count of one held-out batch (no dropout)."""
+  logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"])
+  return {"nll_sum": losses.nll(logits, batch, "sum"), "tokens": jnp.sum(batch["loss_mask"])}
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+@gin.configurable(denylist=["workdir", "mesh"])
+def train_loop(workdir: str | os.PathLike, *,
+               num_steps: int = 100,
+               seed: int = 0,
+               accumulation_steps: int = 1,
+               init_checkpoint: Optional[str] = None,
+               log_every: int = 10,
+               eval_every: int = 0,
+               eval_split: str = "test",
+               eval_batches: int = 4,
+               checkpoint_every: int = 100,
+               keep_checkpoints: int = 3,
+               async_checkpointing: bool = True,
+               progress_bar: bool = True,
+               mesh: Optional[Mesh] = None) -> dict:
+  """Train for `num_steps` optimizer steps in `workdir`, resuming its latest checkpoint if any.
+
+  Args:
+    workdir: output directory (checkpoints/, metrics.jsonl, tensorboard/).
+    num_steps: total optimizer steps of the run (a resumed run continues up to it).
+    seed: parameter initialisation and dropout RNG.
+    accumulation_steps: microbatches per step; the data batch size must be divisible by it.
+    init_checkpoint: a maxnucl checkpoint (e.g. a converted Gemma-2) to start from instead of
+      random init; its architecture replaces the gin model's, while dtype, param_dtype,
+      dropout_rate and remat_policy come from gin.  Ignored when resuming.
+    log_every: write metrics every N steps (and at the last step).
+    eval_every: held-out NLL (`eval_loss`) every M steps and at the last step; 0 = never.
+    eval_split, eval_batches: the held-out split of the training source and how many batches.
+    checkpoint_every: save every N steps (and at the last step).
+    keep_checkpoints: how many step directories to keep.
+    async_checkpointing: write checkpoints in the background while training continues.
+    progress_bar: tqdm bar with ETA on stderr.
+    mesh: a device mesh (default: `create_mesh()` from gin); tests pass one explicitly.
+
+  Returns:
+    {"state": final TrainState, "cfg": ModelConfig, "history": list of logged metric dicts,
+     "workdir": path}.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  rules = sharding.logical_axis_rules()
+  cfg = models.configured_model()
+  if init_checkpoint is not None and not pathlib.Path(init_checkpoint).exists():
+    raise FileNotFoundError(f"train_loop.init_checkpoint {init_checkpoint} does not exist")
+
+  train_iter = pipeline.create_data_iterator("train", seed=seed)
+  _check_data(cfg, train_iter, accumulation_steps, mesh)
+  schedule = learning_rate_schedule(num_steps)
+  tx = create_optimizer(schedule)
+  manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
+  (workdir / "config.gin").write_text(gin.config_str())
+
+  with sharding.activate(mesh, rules):
+    resume_step = manager.latest_step()
+    if resume_step is None and init_checkpoint is not None:
+      cfg = _config_from_checkpoint(init_checkpoint, cfg)
+    state_sh = state_shardings(cfg, tx, mesh, rules)
+    if resume_step is not None:
+      state, train_state = _restore(manager, resume_step, cfg, tx, state_sh)
+      train_iter.set_state(train_state["data_iterator"])
+      seed = train_state["seed"]
+      log.info("resumed from %s", _step_dir(manager, resume_step))
+    else:
+      state = _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules)
+    rng = jax.random.PRNGKey(seed)
+
+    batch_sh = _batch_shardings(train_iter, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn = jax.jit(
+        functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
+                          accumulation_steps=accumulation_steps),
+        in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
+        donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg), in_shardings=(state_sh["params"],
+                      batch_sh), out_shardings=replicated)
+    entropy_fn = jax.jit(lambda p: jnp.sum(losses.outgoing_entropy(p, cfg)),
+                         in_shardings=(state_sh["params"],), out_shardings=replicated)
+    t0 = time.perf_counter()
+    step_fn = step_fn.lower(state, _abstract_batch(train_iter, batch_sh), rng).compile()
+    log.info("compiled train_step in %.1fs", time.perf_counter() - t0)
+
+    eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
+    metrics_log = _MetricsLog(workdir, resume_step or 0)
+    step_flops = flops.training_flops_per_step(cfg, train_iter.batch_size,
+                                               train_iter.seq_len)
+    peak = flops.peak_flops_per_device()
+    num_devices = mesh.devices.size
+    if peak is None:
+      log.info("mfu is reported as null: no peak FLOP/s known for device kind %r (bind "
+               "peak_flops_per_device.value to set one)", jax.devices()[0].device_kind)
+    history = []
+    start = int(state["step"])
+    interval_time, interval_steps = 0.0, 0
+    bar = _progress(start, num_steps, progress_bar)
+    try:
+      for step in range(start + 1, num_steps + 1):
+        t_start = time.perf_counter()
+        batch = _device_batch(next(train_iter), batch_sh)
+        new_state, metrics = step_fn(state, batch, rng)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step_time = time.perf_counter() - t_start
+        bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
+        if bad:
+          last = manager.latest_step()
+          raise NonFiniteLossError(
+              f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}, grad_norm="
+              f"{metrics['grad_norm']}, param_norm={metrics['param_norm']}); stopped without "
+              f"saving this step's state; last good checkpoint: "
+              f"{_step_dir(manager, last) if last is not None else 'none'}")
+        state = new_state
+        interval_time, interval_steps = interval_time + step_time, interval_steps + 1
+        bar.update(1)
+        is_last = step == num_steps
+        if step % log_every == 0 or is_last or (eval_every and step % eval_every == 0):
+          # Throughput over the steps since the last log (data loading included; logging,
+          # evaluation and checkpointing excluded).
+          step_time = interval_time / interval_steps
+          interval_time, interval_steps = 0.0, 0
+          tokens_per_s = train_iter.batch_size * train_iter.seq_len / step_time
+          tflops = step_flops / step_time / num_devices / 1e12
+          record = {"step": step, **metrics,
+                    "outgoing_entropy": float(entropy_fn(state["params"])),
+                    "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+                    "tflops_per_device": tflops,
+                    "mfu": tflops * 1e12 / peak if peak else None}
+          if eval_every and (step % eval_every == 0 or is_last):
+            record["eval_loss"] = _evaluate(eval_fn, state["params"], eval_data)
+          metrics_log.write(record)
+          history.append(record)
+          bar.set_postfix(loss=f"{record['loss']:.4f}", nll=f"{record['nll']:.4f}")
+        if step % checkpoint_every == 0 or is_last:
+          _save(manager, step, cfg, state, {"step": step, "seed": seed,
+                                            "data_iterator": train_iter.get_state()})
+        if step == start + 1:
+          (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    finally:
+      bar.close()
+      manager.wait_until_finished()
+      manager.close()
+      metrics_log.close()
+  return {"state": state, "cfg": cfg, "history": history, "workdir": workdir}
+
+
+# ---- optimizer and learning-rate schedule (gin) -------------------------------------------------
+
+@gin.configurable(denylist=["num_steps"])
+def learning_rate_schedule(num_steps: int, *, peak_learning_rate: float = 1e-6,
+                           warmup_steps: int = 100, decay: str = "constant",
+                           final_fraction: float = 0.0) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak_learning_rate` over `warmup_steps`, then `decay`.
+
+  decay: "constant"; "cosine" or "linear" to `final_fraction * peak` at `num_steps`.
+  """
+  decay_steps = max(num_steps - warmup_steps, 1)
+  end = final_fraction * peak_learning_rate
+  decays = {
+      "constant": lambda: optax.constant_schedule(peak_learning_rate),
+      "cosine": lambda: optax.cosine_decay_schedule(peak_learning_rate, decay_steps,
+                                                    alpha=final_fraction),
+      "linear": lambda: optax.linear_schedule(peak_learning_rate, end, decay_steps),
+  }
+  if decay not in decays:
+    raise ValueError(f"learning_rate_schedule.decay = {decay!r}; expected one of {sorted(decays)}")
+  if warmup_steps <= 0:
+    return decays[decay]()
+  warmup = optax.linear_schedule(0.0, peak_learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, decays[decay]()], [warmup_steps])
+
+
+def _adafactor(schedule, *, weight_decay, decay_rate=0.8, multiply_by_parameter_scale=True,
+               clipping_threshold=1.0, momentum=None, factored=True, **unused):
+  return optax.adafactor(schedule, decay_rate=decay_rate,
+                         multiply_by_parameter_scale=multiply_by_parameter_scale,
+                         clipping_threshold=clipping_threshold, momentum=momentum,
+                         factored=factored, weight_decay_rate=weight_decay or None)
+
+
+def _adamw(schedule, *, weight_decay, b1=0.9, b2=0.999, eps=1e-8, **unused):
+  return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adafactor": _adafactor,
+    "adamw": _adamw,
+}
+
+
+@gin.configurable(denylist=["schedule"])
+def create_optimizer(schedule: optax.Schedule, *, name: str = "adafactor",
+                     grad_clip_norm: Optional[float] = 1.0, weight_decay: float = 0.0,
+                     **options: Any) -> optax.GradientTransformation:
+  """Global-norm gradient clipping followed by a registered optimizer.
+
+  name: a key of OPTIMIZERS.  options: that optimizer's own settings, e.g. for adafactor
+  decay_rate, multiply_by_parameter_scale, clipping_threshold, momentum, factored; for adamw
+  b1, b2, eps.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f"create_optimizer.name = {name!r}; expected one of {sorted(OPTIMIZERS)}")
+  known = {"adafactor": {"decay_rate", "multiply_by_parameter_scale", "clipping_threshold",
+                         "momentum", "factored"}, "adamw": {"b1", "b2", "eps"}}[name]
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise ValueError(f"create_optimizer: option(s) {unknown} are not settings of {name!r}; "
+                     f"its settings: {sorted(known)}")
+  chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+  return optax.chain(*chain, OPTIMIZERS[name](schedule, weight_decay=weight_decay, **options))
+
+
+# ---- shardings and state ------------------------------------------------------------------------
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.Rules) -> TrainState:
+  """NamedShardings of the train state: params by their logical axes; optimizer statistics
+  shaped like a param (Adam moments, unfactored Adafactor) share its sharding; the rest
+  (factored Adafactor rows/columns, counts) is replicated."""
+  abstract = models.abstract_params(cfg)
+  param_sh = sharding.tree_shardings(models.logical_axes(cfg), abstract, mesh, rules)
+  opt_abstract = jax.eval_shape(tx.init, abstract)
+  return {"params": param_sh, "opt_state": _like_params(opt_abstract, abstract, param_sh, mesh),
+          "step": NamedSharding(mesh, PartitionSpec())}
+
+
+def _like_params(opt_abstract, abstract_params, param_sh, mesh):
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    by_path[_keys(path)] = (tuple(leaf.shape), None)
+  for path, sh in jax.tree_util.tree_flatten_with_path(param_sh)[0]:
+    by_path[_keys(path)] = (by_path[_keys(path)][0], sh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def choose(path, leaf):
+    keys = _keys(path)
+    for i in range(len(keys)):
+      shape, sh = by_path.get(keys[i:], (None, None))
+      if shape is not None and shape == tuple(leaf.shape):
+        return sh
+    return replicated
+  return jax.tree_util.tree_map_with_path(choose, opt_abstract)
+
+
+def _keys(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules) -> TrainState:
+  if init_checkpoint is not None:
+    _, params = checkpoints.load(init_checkpoint, mesh=mesh, rules=rules, dtype=cfg.param_dtype)
+    params = jax.tree.map(jax.device_put, params, state_sh["params"])
+    log.info("initialised params from %s", init_checkpoint)
+  else:
+    params = models.init(cfg, jax.random.PRNGKey(seed), shardings=state_sh["params"])
+  opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])
+  return {"params": params, "opt_state": opt_state, "step": step}
+
+
+ARCHITECTURE_FROM_GIN = ("dtype", "param_dtype", "dropout_rate", "remat_policy")
+
+
+def _config_from_checkpoint(path: str, gin_cfg: ModelConfig) -> ModelConfig:
+  """The checkpoint's architecture with the gin model's numerics and training settings."""
+  ckpt_cfg = checkpoints.load_config(path)
+  cfg = ckpt_cfg.replace(**{f: getattr(gin_cfg, f) for f in ARCHITECTURE_FROM_GIN})
+  differ = [f.name for f in dataclasses.fields(cfg)
+            if f.name != "name" and getattr(cfg, f.name) != getattr(gin_cfg, f.name)]
+  if differ:
+    log.warning("init_checkpoint %s: its architecture replaces the gin model %r; fields that "
+                "differ: %s", path, gin_cfg.name, differ)
+  return cfg
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def _check_data(cfg, it, accumulation_steps, mesh):
+  if it.vocab_size > cfg.vocab_size:
+    raise TrainingError(f"data vocabulary has {it.vocab_size} ids but model {cfg.name!r} has "
+                        f"vocab_size {cfg.vocab_size}")
+  global_batch = it.batch_size
+  if global_batch % accumulation_steps:
+    raise TrainingError(f"batch size {global_batch} is not divisible by "
+                        f"train_loop.accumulation_steps = {accumulation_steps}")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (global_batch // accumulation_steps) % shards:
+    raise TrainingError(f"microbatch size {global_batch // accumulation_steps} is not divisible "
+                        f"by the {shards} data x fsdp shards of mesh {dict(mesh.shape)}")
+
+
+def _batch_shardings(it, mesh, rules) -> dict:
+  shape = (it.batch_size, it.seq_len)
+  spec = sharding.logical_to_spec(BATCH_AXES, shape, mesh, rules)
+  return {k: NamedSharding(mesh, spec) for k in
+          ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+
+
+def _abstract_batch(it, batch_sh) -> dict:
+  shape = (it.batch_size, it.seq_len)
+  dtypes = {"loss_mask": jnp.float32}
+  return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=sh)
+          for k, sh in batch_sh.items()}
+
+
+def _device_batch(local: dict, batch_sh: dict) -> dict:
+  """This host's rows -> global arrays sharded over ('data', 'fsdp')."""
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local[k]))
+          for k, sh in batch_sh.items()}
+
+
+def _eval_batches(split, num_batches, seed, batch_sh) -> list:
+  it = pipeline.create_data_iterator(split, seed=seed, shuffle=False, repeat=False)
+  out = []
+  for batch in it:
+    if len(out) == num_batches:
+      break
+    out.append(_device_batch(batch, batch_sh))
+  return out
+
+
+def _evaluate(eval_fn, params, eval_data) -> float:
+  totals = [jax.device_get(eval_fn(params, b)) for b in eval_data]
+  tokens = sum(float(t["tokens"]) for t in totals)
+  return sum(float(t["nll_sum"]) for t in totals) / max(tokens, 1.0)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def _checkpoint_manager(workdir, keep, async_checkpointing) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                           enable_async_checkpointing=async_checkpointing),
+      item_names=(PARAMS, OPT_STATE, MODEL_CONFIG, TRAIN_STATE))
+
+
+def _step_dir(manager, step) -> pathlib.Path:
+  return pathlib.Path(manager.directory) / str(step)
+
+
+def _save(manager, step, cfg, state, train_state) -> None:
+  manager.save(step, args=ocp.args.Composite(**{
+      PARAMS: ocp.args.PyTreeSave(state["params"]),
+      OPT_STATE: ocp.args.PyTreeSave(state["opt_state"]),
+      MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
+      TRAIN_STATE: ocp.args.JsonSave(train_state)}))
+
+
+def _restore(manager, step, cfg, tx, state_sh) -> tuple[TrainState, dict]:
+  abstract = {"params": models.abstract_params(cfg)}
+  abstract["opt_state"] = jax.eval_shape(tx.init, abstract["params"])
+
+  def target(name):
+    tree = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract[name], state_sh[name])
+    return ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
+
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      PARAMS: target("params"), OPT_STATE: target("opt_state"),
+      TRAIN_STATE: ocp.args.JsonRestore()}))
+  train_state = restored[TRAIN_STATE]
+  state = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE],
+           "step": jax.device_put(jnp.asarray(train_state["step"], jnp.int32), state_sh["step"])}
+  return state, train_state
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+class _MetricsLog:
+  """DIR/metrics.jsonl and TensorBoard; on resume, lines after the restored step are dropped (they
+  will be written again by the resumed run)."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.path = workdir / "metrics.jsonl"
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    self.file = self.path.open("a")
+    self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, record: dict) -> None:
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self.writer.add_scalar(key, value, record["step"])
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.file.close()
+    self.writer.close()
+
+
+def _progress(start, total, enabled):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
+              dynamic_ncols=True)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+  """Parse gin files (paths relative to the working directory or the repository root) and
+  bindings; raises with the offending file or binding named."""
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  for path in gin_files:
+    if not (pathlib.Path(path).exists() or (REPO_ROOT / path).exists()):
+      raise FileNotFoundError(f"gin file {path} does not exist")
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m maxnucl.train", description=__doc__.split("\n\n")[0],
+      epilog="Example: python -m maxnucl.train --gin_file=gin/demo_cpu.gin --workdir=/tmp/demo. "
+             "See docs/training.md.")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable; later files override earlier ones)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding, e.g. \"train_loop.num_steps = 50\" (repeatable, applied "
+                           "after the files)")
+  parser.add_argument("--workdir", default=None,
+                      help="output directory (default: train_main.workdir in gin)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  if not args.gin_file:
+    parser.error("at least one --gin_file is required (e.g. gin/demo_cpu.gin)")
+  try:
+    parse_gin(args.gin_file, args.gin_param)
+    workdir = args.workdir or train_main()
+    result = train_loop(workdir)
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  except (OSError, ValueError, KeyError, TrainingError, checkpoints.CheckpointError,
+          SyntaxError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  _print_outputs(result)
+  return 0
+
+
+@gin.configurable
+def train_main(workdir: str = "/tmp/maxnucl_train") -> str:
+  """gin holder of the default workdir (the --workdir flag overrides it)."""
+  return workdir
+
+
+def _print_outputs(result: dict) -> None:
+  workdir = result["workdir"]
+  last = result["history"][-1] if result["history"] else {}
+  print(f"\nfinished at step {last.get('step')}: loss {last.get('loss')}, nll {last.get('nll')}"
+        + (f", eval_loss {last['eval_loss']}" if "eval_loss" in last else ""))
+  print(f"checkpoints: {workdir / 'checkpoints'}")
+  print(f"metrics:     {workdir / 'metrics.jsonl'}")
+  print(f"tensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
+
