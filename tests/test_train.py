@@ -1,0 +1,198 @@
+"""Specification of the trainer (maxnucl/train.py): learning, exact resume, sharding invariance,
+gradient accumulation, NUCL alpha = 0, metrics, error exits.  Tiny 2-layer Gemma-2, CPU."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from maxnucl import checkpoints
+from maxnucl import sharding
+from maxnucl import train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BASE_FILES = ["gin/base.gin", "gin/models/gemma2_tiny.gin", "gin/data/synthetic.gin",
+              "gin/optimizers/adamw.gin", "gin/schedules/constant.gin"]
+TINY = [
+    "model_config.num_layers = 2",
+    "DATA_SEQ_LEN = 32",
+    "DATA_BATCH_SIZE = 8",
+    "learning_rate_schedule.peak_learning_rate = 3e-3",
+    "learning_rate_schedule.warmup_steps = 2",
+    "train_loop.progress_bar = False",
+    "train_loop.eval_every = 0",
+    "train_loop.log_every = 1",
+    "train_loop.checkpoint_every = 100",
+]
+TIMING_KEYS = {"step_time_s", "tokens_per_s", "tflops_per_device", "mfu"}
+REQUIRED_KEYS = {"step", "loss", "nll", "nucl_mstd", "outgoing_entropy", "learning_rate",
+                 "grad_norm", "tokens_per_s", "tflops_per_device", "mfu"}
+
+
+def single_device_mesh():
+  return sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def run(workdir, *bindings, mesh=None):
+  """A fresh gin config (base + tiny model + synthetic data + AdamW) and one train_loop call."""
+  gin.clear_config()
+  train.parse_gin(BASE_FILES, TINY + list(bindings))
+  return train.train_loop(workdir, mesh=mesh or single_device_mesh())
+
+
+def losses_of(result):
+  return [r["loss"] for r in result["history"]]
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+          .splitlines()]
+
+
+def assert_trees_close(a, b, atol=0.0):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def nucl_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("nucl_run")
+  result = run(workdir, "total_loss.terms = {'nucl_mstd': 0.01}", "train_loop.num_steps = 30",
+               "train_loop.log_every = 5", "train_loop.eval_every = 15",
+               "train_loop.eval_batches = 2")
+  return result
+
+
+def test_tiny_model_loss_falls_over_30_steps(nucl_run):
+  nll = [r["nll"] for r in nucl_run["history"]]
+  assert len(nll) == 6
+  assert nll[-1] < nll[0] - 1.0, nll
+  evals = [r["eval_loss"] for r in nucl_run["history"] if "eval_loss" in r]
+  assert len(evals) == 2 and evals[1] < evals[0]
+
+
+def test_metrics_jsonl_has_required_keys_and_tensorboard_files_exist(nucl_run):
+  workdir = nucl_run["workdir"]
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+  for record in records:
+    assert REQUIRED_KEYS <= set(record), REQUIRED_KEYS - set(record)
+    assert record["mfu"] is None  # CPU: no peak FLOP/s known
+    assert record["tflops_per_device"] > 0 and record["tokens_per_s"] > 0
+  assert "eval_loss" in records[2] and "eval_loss" in records[5]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "config.gin").exists() and (workdir / "operative_config.gin").exists()
+
+
+def test_training_checkpoint_is_readable_by_checkpoints_load(nucl_run):
+  cfg, params = checkpoints.load(nucl_run["workdir"] / "checkpoints" / "30")
+  assert cfg == nucl_run["cfg"]
+  assert_trees_close(params, nucl_run["state"]["params"])
+
+
+def test_resume_after_kill_continues_the_same_trajectory(tmp_path):
+  # Dropout on, so the resumed run must also restore the RNG stream and the data position.
+  common = ["model_config.dropout_rate = 0.1", "train_loop.checkpoint_every = 4",
+            "train_loop.log_every = 2", "total_loss.terms = {'nucl_mstd': 0.01}"]
+  straight = run(tmp_path / "straight", *common, "train_loop.num_steps = 12")
+  # Interrupted: stops after step 6 and loses the step-6 checkpoint (killed before it was
+  # written), so the restart resumes from step 4 and must rewrite metrics for steps 5-6.
+  run(tmp_path / "killed", *common, "train_loop.num_steps = 6")
+  shutil.rmtree(tmp_path / "killed" / "checkpoints" / "6")
+  resumed = run(tmp_path / "killed", *common, "train_loop.num_steps = 12")
+
+  strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+  expected = strip(read_metrics(tmp_path / "straight"))
+  assert [r["step"] for r in expected] == [2, 4, 6, 8, 10, 12]
+  assert strip(read_metrics(tmp_path / "killed")) == expected
+  assert_trees_close(resumed["state"]["params"], straight["state"]["params"], atol=1e-6)
+  assert_trees_close(resumed["state"]["opt_state"], straight["state"]["opt_state"], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp", "fsdp_tensor"])
+def test_sharded_meshes_give_the_losses_of_one_device(tmp_path, shape):
+  steps = ["train_loop.num_steps = 4", "total_loss.terms = {'nucl_mstd': 0.01}"]
+  one = run(tmp_path / "one", *steps)
+  mesh = sharding.create_mesh(shape)
+  many = run(tmp_path / "many", *steps, mesh=mesh)
+  np.testing.assert_allclose(losses_of(many), losses_of(one), rtol=2e-5)
+  assert_trees_close(many["state"]["params"], one["state"]["params"], atol=1e-5)
+  # Params and optimizer state really are sharded over the mesh.
+  for tree in (many["state"]["params"], many["state"]["opt_state"]):
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(tree))
+
+
+def test_nucl_alpha_zero_equals_a_run_without_the_term(tmp_path):
+  without = run(tmp_path / "without", "train_loop.num_steps = 3", "total_loss.terms = {}")
+  zero = run(tmp_path / "zero", "train_loop.num_steps = 3",
+             "total_loss.terms = {'nucl_mstd': 0.0}")
+  assert [r["nll"] for r in zero["history"]] == [r["nll"] for r in without["history"]]
+  assert "nucl_mstd" in zero["history"][0]
+  assert_trees_close(zero["state"]["params"], without["state"]["params"])
+
+
+def test_gradient_accumulation_2x4_equals_batch_8(tmp_path):
+  whole = run(tmp_path / "whole", "train_loop.num_steps = 3")
+  accumulated = run(tmp_path / "acc", "train_loop.num_steps = 3",
+                    "train_loop.accumulation_steps = 2")
+  np.testing.assert_allclose(losses_of(accumulated), losses_of(whole), rtol=1e-5)
+  assert_trees_close(accumulated["state"]["params"], whole["state"]["params"], atol=2e-5)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                                    capsys):
+  run(tmp_path, "train_loop.num_steps = 4", "train_loop.checkpoint_every = 2")
+  # Restart with an infinite learning rate: the first resumed step (5) makes the params NaN.
+  gin.clear_config()
+  code = train.main(["--workdir", str(tmp_path)] + [f"--gin_file={f}" for f in BASE_FILES]
+                    + [f"--gin_param={b}" for b in TINY + [
+                        "train_loop.num_steps = 8", "train_loop.checkpoint_every = 2",
+                        "create_mesh.shape = (-1, 1, 1)", "create_optimizer.grad_clip_norm = None",
+                        "learning_rate_schedule.warmup_steps = 0",
+                        "learning_rate_schedule.peak_learning_rate = 1e400"]])
+  err = capsys.readouterr().err
+  assert code != 0
+  assert "at step 5" in err and "non-finite" in err, err
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [2, 4]
+  assert str(tmp_path / "checkpoints" / "4") in err
+  assert max(r["step"] for r in read_metrics(tmp_path)) == 4
+
+
+def _cli(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "maxnucl.train", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_gin_file_exits_nonzero_naming_it(tmp_path):
+  bad = tmp_path / "broken.gin"
+  bad.write_text("train_loop.num_steps = = 3\n")
+  proc = _cli(f"--gin_file={bad}", f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert "broken.gin" in proc.stderr, proc.stderr
+  proc = _cli(f"--gin_file={tmp_path / 'absent.gin'}")
+  assert proc.returncode != 0 and "absent.gin" in proc.stderr
+
+
+def test_cli_unknown_binding_exits_nonzero_naming_it(tmp_path):
+  proc = _cli("--gin_file=gin/demo_cpu.gin", "--gin_param=train_loop.num_stepz = 3",
+              f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert "num_stepz" in proc.stderr, proc.stderr
+
+
+def test_cli_missing_init_checkpoint_exits_nonzero_naming_it(tmp_path):
+  missing = tmp_path / "no_such_checkpoint"
+  proc = _cli("--gin_file=gin/demo_cpu.gin", f"--gin_param=train_loop.init_checkpoint = "
+              f"'{missing}'", f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode != 0
+  assert str(missing) in proc.stderr, proc.stderr
