@@ -70,7 +70,10 @@ def logical_axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Rule
 def create_mesh(shape: Sequence[int] = (-1, 1, 1),
                 axis_names: Sequence[str] = MESH_AXES,
                 devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A device mesh over all (or the given) devices; one entry of `shape` may be -1."""
+  """A device mesh over the given (default: all) devices; one entry of `shape` may be -1.
+
+  A shape without -1 that needs fewer devices than given uses the first ones.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != len(axis_names):
@@ -83,9 +86,12 @@ def create_mesh(shape: Sequence[int] = (-1, 1, 1),
     if len(devices) % known:
       raise ValueError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
     shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+  if math.prod(shape) > len(devices):
     raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
                      f"but {len(devices)} are available")
+  # A fully specified smaller mesh (e.g. single_device.gin on a multi-GPU host) uses the first
+  # devices.
+  devices = devices[:math.prod(shape)]
   try:
     device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # non-physical topologies (e.g. a subset of simulated CPU devices)
@@ -130,7 +136,7 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
   previous = getattr(_CONTEXT, "value", None)
   _CONTEXT.value = (mesh, tuple(rules))
   try:
-    with mesh:
+    with jax.set_mesh(mesh):
       yield
   finally:
     _CONTEXT.value = previous
