@@ -138,7 +138,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, cfg: ModelConf
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   params = optax.apply_updates(params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                  learning_rate=schedule(step), loss_tokens=jnp.sum(batch["loss_mask"]))
   return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
@@ -507,9 +507,16 @@ def _restore(manager, step, cfg, tx, state_sh) -> tuple[TrainState, dict]:
                         abstract[name], state_sh[name])
     return ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
 
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      PARAMS: target("params"), OPT_STATE: target("opt_state"),
-      TRAIN_STATE: ocp.args.JsonRestore()}))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: target("params"), OPT_STATE: target("opt_state"),
+        TRAIN_STATE: ocp.args.JsonRestore()}))
+  except ValueError as e:
+    raise TrainingError(
+        f"cannot resume from {_step_dir(manager, step)}: its params or optimizer state do not "
+        f"match the configured model {cfg.name!r} and optimizer (was the model, "
+        f"create_optimizer.* or the gradient clipping changed since it was written? use a new "
+        f"--workdir, or train_loop.init_checkpoint to start from its params): {e}") from e
   train_state = restored[TRAIN_STATE]
   state = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE],
            "step": jax.device_put(jnp.asarray(train_state["step"], jnp.int32), state_sh["step"])}

@@ -117,10 +117,17 @@ def test_resume_after_kill_continues_the_same_trajectory(tmp_path):
   assert_trees_close(resumed["state"]["opt_state"], straight["state"]["opt_state"], atol=1e-6)
 
 
+SHARDING_STEPS = ["train_loop.num_steps = 4", "total_loss.terms = {'nucl_mstd': 0.01}"]
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  return run(tmp_path_factory.mktemp("one_device"), *SHARDING_STEPS)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp", "fsdp_tensor"])
-def test_sharded_meshes_give_the_losses_of_one_device(tmp_path, shape):
-  steps = ["train_loop.num_steps = 4", "total_loss.terms = {'nucl_mstd': 0.01}"]
-  one = run(tmp_path / "one", *steps)
+def test_sharded_meshes_give_the_losses_of_one_device(tmp_path, shape, one_device_run):
+  steps, one = SHARDING_STEPS, one_device_run
   mesh = sharding.create_mesh(shape)
   many = run(tmp_path / "many", *steps, mesh=mesh)
   np.testing.assert_allclose(losses_of(many), losses_of(one), rtol=2e-5)
@@ -155,7 +162,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
   code = train.main(["--workdir", str(tmp_path)] + [f"--gin_file={f}" for f in BASE_FILES]
                     + [f"--gin_param={b}" for b in TINY + [
                         "train_loop.num_steps = 8", "train_loop.checkpoint_every = 2",
-                        "create_mesh.shape = (-1, 1, 1)", "create_optimizer.grad_clip_norm = None",
+                        "create_mesh.shape = (-1, 1, 1)",
                         "learning_rate_schedule.warmup_steps = 0",
                         "learning_rate_schedule.peak_learning_rate = 1e400"]])
   err = capsys.readouterr().err
@@ -196,3 +203,17 @@ def test_cli_missing_init_checkpoint_exits_nonzero_naming_it(tmp_path):
               f"'{missing}'", f"--workdir={tmp_path / 'run'}")
   assert proc.returncode != 0
   assert str(missing) in proc.stderr, proc.stderr
+
+
+def test_resume_with_a_different_optimizer_exits_naming_the_checkpoint(tmp_path, capsys):
+  run(tmp_path, "train_loop.num_steps = 2", "train_loop.checkpoint_every = 2")
+  gin.clear_config()
+  code = train.main(["--workdir", str(tmp_path), "--gin_file=gin/base.gin",
+                     "--gin_file=gin/models/gemma2_tiny.gin", "--gin_file=gin/data/synthetic.gin",
+                     "--gin_file=gin/optimizers/adafactor.gin",
+                     "--gin_file=gin/schedules/constant.gin"]
+                    + [f"--gin_param={b}" for b in TINY + ["train_loop.num_steps = 4",
+                                                           "create_mesh.shape = (1, 1, 1)"]])
+  err = capsys.readouterr().err
+  assert code != 0
+  assert f"cannot resume from {tmp_path / 'checkpoints' / '2'}" in err, err
