@@ -27,6 +27,16 @@ def _tokens(seed, rows=4):
   return np.random.default_rng(seed).integers(3, TINY.vocab_size, size=(rows, SEQ))
 
 
+def random_params(cfg, seed):
+  """Random numpy params of the right shapes (faster than compiling models.init per config)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0]))
+                      .astype(np.float32), models.abstract_params(cfg))
+
+
+_apply = jax.jit(models.apply, static_argnums=0)
+
+
 def synthetic_batches():
   """A synthetic calibration generator (the library accepts any iterable of batch dicts)."""
   for seed in range(4):
@@ -35,10 +45,10 @@ def synthetic_batches():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-  params = models.init(TINY, jax.random.PRNGKey(0))
+  params = random_params(TINY, 0)
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
   checkpoints.save(path, TINY, params)
-  return path, jax.tree.map(np.asarray, params)
+  return path, params
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,7 @@ def calib_npy(tmp_path_factory):
 
 
 def _logits(cfg, params, seed=99):
-  return np.asarray(models.apply(cfg, params, jnp.asarray(_tokens(seed, rows=2))))
+  return np.asarray(_apply(cfg, params, jnp.asarray(_tokens(seed, rows=2))))
 
 
 def _zero_removed(params, report):
@@ -116,7 +126,7 @@ def test_data_free_choice_matches_numpy_reference(tiny_ckpt, tmp_path, method):
 
 def test_entropy_removes_zero_rows_first(tmp_path):
   cfg = TINY.replace(num_layers=2)
-  params = jax.tree.map(np.array, models.init(cfg, jax.random.PRNGKey(1)))
+  params = random_params(cfg, 1)
   params["layers_0"]["mlp"]["out"][[5, 77]] = 0.0
   checkpoints.save(tmp_path / "in", cfg, params)
   report = prune_ffn_neurons(tmp_path / "in", tmp_path / "out", method="entropy", ratio=0.01,
@@ -127,7 +137,7 @@ def test_entropy_removes_zero_rows_first(tmp_path):
 # ---- compensating methods are lossless on constructed redundancy -------------------------------
 
 def _save_constructed(tmp_path, build):
-  params = jax.tree.map(np.array, models.init(TINY, jax.random.PRNGKey(2)))
+  params = random_params(TINY, 2)
   for name in models.ffn_layer_names(TINY):
     build(params[name]["mlp"])
   checkpoints.save(tmp_path / "in", TINY, params)
