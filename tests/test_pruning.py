@@ -357,3 +357,23 @@ def test_cli_rejects_bad_ratio_and_existing_output(tiny_ckpt, tmp_path):
                          capture_output=True, text=True, cwd=REPO, check=False)
   assert again.returncode == 2 and "already exists" in again.stderr
   assert checkpoints.load_config(tmp_path / "out").ffn_widths == (128, 256, 256, 256)
+
+
+# ---- analysis ----------------------------------------------------------------------------------
+
+def test_analyze_ffn_writes_histograms_lp_concentration_and_overlap(tiny_ckpt, tmp_path):
+  from maxnucl.pruning import analysis  # pylint: disable=import-outside-toplevel
+  result = analysis.analyze_ffn(tiny_ckpt[0], tmp_path, methods=["entropy", "random", "lp"],
+                                calibration=synthetic_batches, calibration_examples=8)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "analysis.json", "entropy_histograms.png", "lp_concentration.png", "overlap.png"]
+  for hist in result["entropy"].values():
+    assert sum(hist["counts"]) == 256
+  for conc in result["lp_concentration"].values():
+    assert conc["num_supernodes"] == 3 and 3 / 256 <= conc["share"] <= 1
+  assert result["overlap"]["mean"]["entropy|entropy"] == 1.0
+  sets = result["removal_sets"]
+  assert result["overlap"]["per_layer"]["entropy|random"]["layers_0"] == pytest.approx(
+      len(set(sets["entropy"]["layers_0"]) & set(sets["random"]["layers_0"]))
+      / len(set(sets["entropy"]["layers_0"]) | set(sets["random"]["layers_0"])))
+  assert analysis.jaccard([1, 2, 3], [2, 3, 4]) == 0.5

@@ -89,7 +89,7 @@ def _summary(values: np.ndarray) -> dict:
   return out
 
 
-class _Pruner:
+class LayerPruner:
   """Per-layer scoring and cutting shared by prune_ffn_neurons and the analysis tools."""
 
   def __init__(self, reader: io.CheckpointReader, method: str, *, seed: int = 0,
@@ -216,7 +216,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
         eval_perplexity, num_examples=eval_examples, split="validation", **source_kwargs))
   full_params = None
 
-  pruner = _Pruner(reader, method, seed=seed, method_params=method_params, stats=stats)
+  pruner = LayerPruner(reader, method, seed=seed, method_params=method_params, stats=stats)
   cached: dict[int, np.ndarray] = {}
   if budget == "global":
     counts, cached = pruner.global_counts(selected, ratio)
