@@ -238,7 +238,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     kept = np.setdiff1d(np.arange(widths[i]), removed)
     dtypes = {k: v.dtype for k, v in layer.ffn().items()}
     ffn = surgery.slice_ffn({"gate": layer.gate, "up": layer.up, "out": out}, kept)
-    pruned_ffn[i] = {k: v.astype(dtypes[k]) for k, v in ffn.items()}
+    pruned_ffn[i] = {k: v.astype(dtypes[k], copy=False) for k, v in ffn.items()}
     new_widths[i] = int(kept.size)
     removed_mask = np.zeros(widths[i], bool)
     removed_mask[removed] = True

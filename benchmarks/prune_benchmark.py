@@ -1,0 +1,106 @@
+"""Pruning throughput on a synthetic Gemma-2-9B-shaped checkpoint vs a plain copy of its files.
+
+  python benchmarks/prune_benchmark.py [--layers 4] [--vocab_size 256000] [--method entropy]
+      [--ratio 0.25] [--workdir /tmp/prune_bench] [--json out.json]
+
+The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256) in bfloat16 with
+`--layers` decoder layers (default 4 of 42) and random N(0, 1/fan_in) weights.  Measured:
+  * copy   wall time of shutil.copytree of the input checkpoint (same bytes; warm page cache);
+  * prune  wall time and peak RSS (ru_maxrss) of `tools/prune_checkpoint.py` in a fresh
+           subprocess (includes interpreter + JAX start-up, reading, scoring, writing).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from maxnucl import checkpoints, models  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _dir_bytes(path: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int) -> None:
+  cfg = models.get_config("gemma2_9b", num_layers=layers, vocab_size=vocab_size,
+                          param_dtype="bfloat16", dtype="bfloat16")
+  rng = np.random.default_rng(0)
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+
+  def leaf(x):
+    a = rng.standard_normal(x.shape, dtype=np.float32)
+    a *= 1.0 / np.sqrt(x.shape[0])
+    return a.astype(ml_dtypes.bfloat16)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  params = jax.tree.map(leaf, models.abstract_params(cfg))
+  checkpoints.save(path, cfg, params, overwrite=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--vocab_size", type=int, default=256_000)
+  parser.add_argument("--method", default="entropy")
+  parser.add_argument("--ratio", type=float, default=0.25)
+  parser.add_argument("--workdir", default="/tmp/prune_bench")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  work = pathlib.Path(args.workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  src, copy, out = work / "ckpt_9b_shaped", work / "copy", work / "pruned"
+  if not src.exists():
+    t = time.time()
+    make_checkpoint(src, args.layers, args.vocab_size)
+    print(f"created {src} in {time.time() - t:.1f}s", file=sys.stderr)
+  cfg = checkpoints.load_config(src)
+  if cfg.num_layers != args.layers or cfg.vocab_size != args.vocab_size:
+    raise SystemExit(f"{src} has {cfg.num_layers} layers / vocab {cfg.vocab_size}; delete it "
+                     f"or pass a different --workdir")
+  for p in (copy, out):
+    shutil.rmtree(p, ignore_errors=True)
+
+  t = time.time()
+  shutil.copytree(src, copy)
+  copy_s = time.time() - t
+  shutil.rmtree(copy)
+
+  cmd = [sys.executable, str(REPO / "tools" / "prune_checkpoint.py"), "--input", str(src),
+         "--output", str(out), "--method", args.method, "--ratio", str(args.ratio),
+         "--report", str(work / "report.json")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  t = time.time()
+  subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+  prune_s = time.time() - t
+  peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+  report = json.loads((work / "report.json").read_text())
+
+  d, m = cfg.d_model, cfg.ffn_dim
+  result = {
+      "shape": {"num_layers": cfg.num_layers, "d_model": d, "ffn_dim": m,
+                "vocab_size": cfg.vocab_size, "dtype": "bfloat16"},
+      "method": args.method, "ratio": args.ratio,
+      "input_bytes": _dir_bytes(src), "output_bytes": _dir_bytes(out),
+      "one_layer_ffn_bytes": 3 * d * m * 2,
+      "copy_seconds": round(copy_s, 2), "prune_seconds": round(prune_s, 2),
+      "prune_over_copy": round(prune_s / copy_s, 2), "prune_peak_rss_bytes": peak_rss,
+      "ffn_widths_after": report["ffn_widths_after"], "machine": "2-core x86_64 CPU, 24 GiB",
+  }
+  print(json.dumps(result, indent=1))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  main()
