@@ -81,6 +81,13 @@ def _assert_params_identical(a, b):
     np.testing.assert_array_equal(fa[key], fb[key], err_msg="/".join(key))
 
 
+def _random_params(cfg, seed=0):
+  """Random float32 params of cfg's shapes (no jit: much faster than models.init here)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                      models.abstract_params(cfg))
+
+
 def _run_cli(*args):
   return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
                         text=True, cwd=REPO)
@@ -172,7 +179,7 @@ def test_maxnucl_to_hf_loads_in_transformers_and_round_trips_bit_exactly(convert
 
 def test_non_uniform_ffn_widths_are_refused_for_hf(tmp_path):
   cfg = models.get_config("gemma2_tiny", ffn_widths=(256, 128, 0, 256))
-  checkpoints.save(tmp_path / "pruned", cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  checkpoints.save(tmp_path / "pruned", cfg, _random_params(cfg))
   with pytest.raises(convert.ConversionError, match="per-layer FFN widths.*zero-pad"):
     convert.maxnucl_to_hf(tmp_path / "pruned", tmp_path / "hf")
   assert not (tmp_path / "hf").exists()
@@ -346,7 +353,7 @@ def test_inspect_maxnucl_and_hf_agree(converted, hf_dir):
 
 def test_inspect_counts_zero_rows_of_pruned_layers(tmp_path):
   cfg = models.get_config("gemma2_tiny", ffn_widths=(256, 128, 0, 256))
-  params = jax.tree.map(np.array, models.init(cfg, jax.random.PRNGKey(0)))
+  params = _random_params(cfg)
   params["layers_1"]["mlp"]["out"][:5] = 0.0
   checkpoints.save(tmp_path / "pruned", cfg, params)
   summary = inspect_lib.inspect_checkpoint(tmp_path / "pruned")
