@@ -163,7 +163,8 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
 
   def get_tensor(hf_name):
     path, to_hf = sources[hf_name]
-    return np.ascontiguousarray(to_hf(checkpoints.read_array(ckpt, path), cfg))
+    array = checkpoints.read_array(ckpt, path)
+    return checkpoints.contiguous(to_hf(array, cfg), array.dtype)
 
   with _temporary_output(output, overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
