@@ -20,9 +20,12 @@ Streaming API (one tensor in memory at a time; converters and the pruner use it)
   with StreamingWriter(path, cfg, dtype=..., overwrite=False) as writer:
       writer.write(key_path, array)                        each leaf of the config's tree once,
                                                           in any order
-StreamingWriter writes the layout Orbax itself writes with `use_ocdbt=False` (one zarr v2 array
-directory per leaf, raw little-endian chunks, no compression, plus `_METADATA`), so `load` (and
-Orbax) read it unchanged.  Chunks are blocks of rows, each written as soon as it is produced.
+StreamingWriter writes the layout Orbax itself writes with `use_ocdbt=False`: one zarr v2 array
+per leaf (created and filled by TensorStore's zarr driver, uncompressed, chunked by blocks of
+rows), plus the small Orbax `_METADATA` / `_CHECKPOINT_METADATA` JSON files, so `load` (plain
+Orbax) reads it unchanged.  Each row block is written as soon as it is produced.  The single-array
+readers open such zarr leaves with TensorStore directly (no Orbax tree restore per array); any
+other leaf layout (OCDBT, as `save` and DeepMind's checkpoints use) is read through Orbax.
 Everything goes to a temporary sibling directory that is renamed to `path` only after every
 expected tensor was written with the expected shape and dtype: an interrupted writer leaves
 nothing under `path`.
@@ -42,6 +45,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxnucl import models, sharding
@@ -176,9 +180,9 @@ def iter_arrays(path: str | os.PathLike, dtype: Optional[str] = None
 
 
 def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype) -> np.ndarray:
-  raw = _read_raw_zarr(params_dir / ".".join(key_path), shape)
-  if raw is not None:
-    return raw if raw.dtype == np.dtype(dtype) else raw.astype(dtype)
+  leaf_dir = params_dir / ".".join(key_path)
+  if (leaf_dir / ".zarray").is_file():  # a per-leaf zarr array (use_ocdbt=False): TensorStore
+    return _read_zarr(leaf_dir, shape, np.dtype(dtype))
   item = _unflatten({key_path: jax.ShapeDtypeStruct(shape, np.dtype(dtype))})
   restore_args = _unflatten({key_path: ocp.RestoreArgs(restore_type=np.ndarray,
                                                        dtype=np.dtype(dtype))})
@@ -189,48 +193,26 @@ def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype) -> np.ndarray:
   return np.asarray(restored)
 
 
-def _read_raw_zarr(leaf_dir: pathlib.Path, shape) -> Optional[np.ndarray]:
-  """Fast path for uncompressed zarr v2 leaves chunked by rows (what StreamingWriter writes):
-  the chunk files are read straight into the result.  None for any other layout (then Orbax
-  reads it)."""
+def _zarr_spec(leaf_dir: pathlib.Path) -> dict:
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(leaf_dir)}}
+
+
+def _read_zarr(leaf_dir: pathlib.Path, shape, dtype: np.dtype) -> np.ndarray:
+  """One zarr leaf read by TensorStore straight into a preallocated array (cast on the fly)."""
   try:
-    meta = json.loads((leaf_dir / ".zarray").read_text())
-  except (OSError, json.JSONDecodeError):
-    return None
-  dtypes = {v: NP_DTYPES[k] for k, v in _ZARR_DTYPES.items()}
-  shape = tuple(shape)
-  if (meta.get("compressor") is not None or meta.get("filters") or meta.get("order") != "C"
-      or meta.get("dtype") not in dtypes or tuple(meta.get("shape", ())) != shape
-      or meta.get("dimension_separator", ".") != "." or not shape
-      or tuple(meta["chunks"][1:]) != shape[1:]):
-    return None
-  rows = meta["chunks"][0]
-  out = np.empty(shape, dtypes[meta["dtype"]])
-  flat = out.reshape(shape[0], -1).view(np.uint8)
-  rest = ".0" * (len(shape) - 1)
-  for index, start in enumerate(range(0, shape[0], rows)):
-    chunk = leaf_dir / f"{index}{rest}"
-    target = flat[start:start + rows]
-    try:
-      with open(chunk, "rb") as f:
-        got = f.readinto(memoryview(target.reshape(-1)))
-    except FileNotFoundError:  # a chunk equal to the fill value is not stored
-      return None
-    if got != target.size:
-      raise CheckpointError(f"{chunk}: truncated chunk ({got} of {target.size} bytes)")
+    array = ts.open(_zarr_spec(leaf_dir), open=True, read=True).result()
+    if tuple(array.shape) != tuple(shape):
+      raise CheckpointError(f"{leaf_dir}: zarr array has shape {tuple(array.shape)}, the "
+                            f"checkpoint metadata says {tuple(shape)}")
+    if array.dtype.numpy_dtype != dtype:
+      array = ts.cast(array, ts.dtype(dtype.name))
+    out = np.empty(shape, dtype)
+    ts.array(out, copy=False, write=True).write(array).result()
+  except ValueError as e:  # TensorStore reports missing/truncated chunks as ValueError
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{leaf_dir}: cannot read the array ({e})") from None
   return out
-
-
-def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-  """`array` (any view) as a C-contiguous array of `dtype`.  Same-dtype copies move raw bits
-  (numpy's strided copy is much slower for ml_dtypes' bfloat16 than for uint16)."""
-  array = np.asarray(array)
-  if array.dtype != dtype:
-    return np.ascontiguousarray(array, dtype=dtype)
-  if array.flags.c_contiguous:
-    return array
-  bits = np.dtype(f"u{array.dtype.itemsize}")
-  return np.ascontiguousarray(array.view(bits)).view(dtype)
 
 
 _ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2"}
@@ -291,19 +273,17 @@ class StreamingWriter:
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
     rows = max(1, min(shape[0], _CHUNK_BYTES // max(row_bytes, 1))) if shape else 1
     leaf_dir = self.tmp / PARAMS / ".".join(key_path)
-    leaf_dir.mkdir()
-    (leaf_dir / ".zarray").write_text(json.dumps({
-        "chunks": [rows, *shape[1:]], "compressor": None, "dimension_separator": ".",
-        "dtype": _ZARR_DTYPES[self.dtype.name], "fill_value": None, "filters": None,
-        "order": "C", "shape": list(shape), "zarr_format": 2}))
-    rest = ".0" * (len(shape) - 1)
-    for index, start in enumerate(range(0, shape[0], rows)):
-      block = contiguous(array[start:start + rows], self.dtype)
-      if block.shape[0] < rows:  # zarr v2 chunks are full-size; the tail is padding
-        block = np.concatenate([block, np.zeros((rows - block.shape[0], *shape[1:]),
-                                                self.dtype)])
-      with open(leaf_dir / f"{index}{rest}", "wb") as f:
-        f.write(memoryview(block.view(np.uint8).reshape(-1)))
+    store = ts.open({
+        **_zarr_spec(leaf_dir),
+        "metadata": {"shape": list(shape), "chunks": [rows, *shape[1:]] if shape else [],
+                     "dtype": _ZARR_DTYPES[self.dtype.name], "compressor": None,
+                     "fill_value": None, "order": "C", "dimension_separator": "."},
+        "store_data_equal_to_fill_value": True}, create=True).result()
+    if not shape:
+      store.write(_cast(array, store.dtype)).result()
+    for start in range(0, shape[0] if shape else 0, rows):  # one row block in flight at a time
+      stop = min(start + rows, shape[0])
+      store[start:stop].write(_cast(array[start:stop], store.dtype)).result()
     self.written[key_path] = shape
 
   def commit(self) -> pathlib.Path:
@@ -336,6 +316,12 @@ class StreamingWriter:
 
   def abort(self) -> None:
     shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _cast(block: np.ndarray, dtype: ts.dtype) -> ts.TensorStore:
+  """A (possibly strided) block, converted to `dtype` by TensorStore while it is written (faster
+  than numpy's strided copy for bfloat16; TensorStore refuses implicit narrowing casts)."""
+  return ts.cast(ts.array(np.asarray(block)), dtype)
 
 
 def replace_directory(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:

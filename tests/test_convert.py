@@ -385,3 +385,34 @@ def test_load_restores_each_array_into_its_sharding(converted):
 def _flat_arrays(params):
   return [(tuple(k.key for k in path), leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+# ---- the streamed checkpoint format ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_checkpoint_is_read_by_plain_orbax(tmp_path, dtype):
+  """StreamingWriter's arrays (TensorStore zarr) and hand-written metadata are what Orbax reads."""
+  cfg = models.get_config("gemma2_tiny", ffn_widths=(256, 128, 0, 256))
+  params = _random_params(cfg)
+  with checkpoints.StreamingWriter(tmp_path / "ckpt", cfg, dtype=dtype) as writer:
+    for key, array in reversed(list(_flat(params).items())):  # any order; strided views too
+      writer.write(key, array.T.copy().T if array.ndim == 2 else array)
+  expected = jax.tree.map(lambda x: x.astype(checkpoints.NP_DTYPES[dtype]), params)
+  restored = ocp.PyTreeCheckpointer().restore(tmp_path / "ckpt" / checkpoints.PARAMS)
+  _assert_params_identical(restored, expected)
+  composite = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(tmp_path / "ckpt")
+  assert models.ModelConfig.from_dict(composite["model_config"]) == cfg
+  _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1], expected)
+  for key, array in _flat(expected).items():  # the TensorStore single-array reader, with a cast
+    np.testing.assert_array_equal(checkpoints.read_array(tmp_path / "ckpt", key, "float32"),
+                                  array.astype(np.float32))
+
+
+def test_truncated_chunk_names_the_array(converted, tmp_path):
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(converted[0], ckpt)
+  leaf = ckpt / checkpoints.PARAMS / "layers_2.mlp.out"
+  chunk = leaf / "0.0"
+  chunk.write_bytes(chunk.read_bytes()[:-100])
+  with pytest.raises(checkpoints.CheckpointError, match="layers_2.mlp.out"):
+    checkpoints.read_array(ckpt, ("layers_2", "mlp", "out"))

@@ -163,8 +163,7 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
 
   def get_tensor(hf_name):
     path, to_hf = sources[hf_name]
-    array = checkpoints.read_array(ckpt, path)
-    return checkpoints.contiguous(to_hf(array, cfg), array.dtype)
+    return to_hf(checkpoints.read_array(ckpt, path), cfg)  # a view: hf_io copies it out
 
   with _temporary_output(output, overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))

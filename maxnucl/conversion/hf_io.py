@@ -179,8 +179,17 @@ def write_sharded(directory: str | os.PathLike,
         if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
           raise SafetensorsError(f"{directory / file_name}: tensor {name} is {array.shape} "
                                  f"{array.dtype}, planned {tuple(shape)} {np.dtype(dtype)}")
-        f.write(memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1)))
+        f.write(memoryview(_contiguous(array).view(np.uint8).reshape(-1)))
   if len(shards) > 1:
     (directory / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   return [directory / n for n in names]
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+  """`array` (e.g. a transposed view) in C order.  The copy moves raw bits: numpy's strided copy
+  is several times slower for ml_dtypes' bfloat16 than for uint16."""
+  if array.flags.c_contiguous:
+    return array
+  bits = np.dtype(f"u{array.dtype.itemsize}")
+  return np.ascontiguousarray(array.view(bits)).view(array.dtype)
