@@ -245,6 +245,9 @@ class StreamingWriter:
     self.expected = _leaf_shapes(models.abstract_params(cfg))
     self.written: dict[tuple[str, ...], tuple[int, ...]] = {}
     self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # TensorStore fsyncs every chunk file by default, which stalls the writer on each chunk;
+    # the chunks are made durable once, in `commit`, before the rename instead.
+    self.context = ts.Context({"file_io_sync": False})
     self.tmp.mkdir(parents=True)
     (self.tmp / PARAMS).mkdir()
 
@@ -278,12 +281,17 @@ class StreamingWriter:
         "metadata": {"shape": list(shape), "chunks": [rows, *shape[1:]] if shape else [],
                      "dtype": _ZARR_DTYPES[self.dtype.name], "compressor": None,
                      "fill_value": None, "order": "C", "dimension_separator": "."},
-        "store_data_equal_to_fill_value": True}, create=True).result()
+        "store_data_equal_to_fill_value": True}, create=True, context=self.context).result()
     if not shape:
       store.write(_cast(array, store.dtype)).result()
-    for start in range(0, shape[0] if shape else 0, rows):  # one row block in flight at a time
+    pending: list = []  # two row blocks in flight: one is copied while the other is written
+    for start in range(0, shape[0] if shape else 0, rows):
       stop = min(start + rows, shape[0])
-      store[start:stop].write(_cast(array[start:stop], store.dtype)).result()
+      pending.append(store[start:stop].write(_cast(array[start:stop], store.dtype)))
+      if len(pending) > 1:
+        pending.pop(0).result()
+    for future in pending:
+      future.result()
     self.written[key_path] = shape
 
   def commit(self) -> pathlib.Path:
@@ -311,6 +319,7 @@ class StreamingWriter:
                     "PyTreeCheckpointHandler"},
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
         "commit_timestamp_nsecs": now, "custom_metadata": {}}))
+    _fsync_tree(self.tmp)
     replace_directory(self.tmp, self.path, self.overwrite)
     return self.path
 
@@ -322,6 +331,17 @@ def _cast(block: np.ndarray, dtype: ts.dtype) -> ts.TensorStore:
   """A (possibly strided) block, converted to `dtype` by TensorStore while it is written (faster
   than numpy's strided copy for bfloat16; TensorStore refuses implicit narrowing casts)."""
   return ts.cast(ts.array(np.asarray(block)), dtype)
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+  """Flush every file under `root` (and the directories' entries) to disk."""
+  for directory, _, files in os.walk(root):
+    for name in [*files, "."]:
+      fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
 
 
 def replace_directory(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
