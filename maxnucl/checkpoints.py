@@ -39,7 +39,8 @@ import pathlib
 import shutil
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from concurrent import futures
+from typing import Any, Iterable, Iterator, Optional
 
 import jax
 import ml_dtypes
@@ -179,6 +180,34 @@ def iter_arrays(path: str | os.PathLike, dtype: Optional[str] = None
     yield key_path, _read_leaf(params_dir, key_path, shape, dtype or stored_dtype)
 
 
+def read_arrays(path: str | os.PathLike, key_paths: Iterable[tuple[str, ...]],
+                dtype: Optional[str] = None) -> Iterator[np.ndarray]:
+  """The stored arrays at `key_paths`, in order.  The next array is read in the background while
+  the caller works on the current one: at most two arrays in memory."""
+  params_dir = _existing(path) / PARAMS
+  stored = stored_arrays(path)
+
+  def start(key_path):
+    key_path = tuple(key_path)
+    if key_path not in stored:
+      raise CheckpointError(f"{path}: no stored tensor {'/'.join(key_path)}")
+    shape, stored_dtype = stored[key_path]
+    leaf_dir = params_dir / ".".join(key_path)
+    if (leaf_dir / ".zarray").is_file():
+      return _zarr_read_future(leaf_dir, shape, np.dtype(dtype or stored_dtype))
+    array = _read_leaf(params_dir, key_path, shape, dtype or stored_dtype)
+    return lambda: array
+
+  pending = None
+  for key_path in key_paths:
+    future = start(key_path)
+    if pending is not None:
+      yield pending()
+    pending = future
+  if pending is not None:
+    yield pending()
+
+
 def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype) -> np.ndarray:
   leaf_dir = params_dir / ".".join(key_path)
   if (leaf_dir / ".zarray").is_file():  # a per-leaf zarr array (use_ocdbt=False): TensorStore
@@ -198,21 +227,32 @@ def _zarr_spec(leaf_dir: pathlib.Path) -> dict:
 
 
 def _read_zarr(leaf_dir: pathlib.Path, shape, dtype: np.dtype) -> np.ndarray:
-  """One zarr leaf read by TensorStore straight into a preallocated array (cast on the fly)."""
+  """One zarr leaf read by TensorStore (cast on the fly)."""
+  return _zarr_read_future(leaf_dir, shape, dtype)()
+
+
+def _zarr_read_future(leaf_dir: pathlib.Path, shape, dtype: np.dtype):
+  """Start reading one zarr leaf; returns `result()`, which waits for the array.  TensorStore's
+  own `read()` (not a copy into a preallocated array, which is twice as slow)."""
+  def error(e):
+    return CheckpointError(f"{leaf_dir}: cannot read the array ({e})")
   try:
     array = ts.open(_zarr_spec(leaf_dir), open=True, read=True).result()
-    if tuple(array.shape) != tuple(shape):
-      raise CheckpointError(f"{leaf_dir}: zarr array has shape {tuple(array.shape)}, the "
-                            f"checkpoint metadata says {tuple(shape)}")
-    if array.dtype.numpy_dtype != dtype:
-      array = ts.cast(array, ts.dtype(dtype.name))
-    out = np.empty(shape, dtype)
-    ts.array(out, copy=False, write=True).write(array).result()
-  except ValueError as e:  # TensorStore reports missing/truncated chunks as ValueError
-    if isinstance(e, CheckpointError):
-      raise
-    raise CheckpointError(f"{leaf_dir}: cannot read the array ({e})") from None
-  return out
+  except ValueError as e:
+    raise error(e) from None
+  if tuple(array.shape) != tuple(shape):
+    raise CheckpointError(f"{leaf_dir}: zarr array has shape {tuple(array.shape)}, the "
+                          f"checkpoint metadata says {tuple(shape)}")
+  if array.dtype.numpy_dtype != dtype:
+    array = ts.cast(array, ts.dtype(dtype.name))
+  future = array.read()
+
+  def result() -> np.ndarray:
+    try:
+      return future.result()
+    except ValueError as e:  # TensorStore reports missing/truncated chunks as ValueError
+      raise error(e) from None
+  return result
 
 
 _ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2"}
@@ -248,6 +288,8 @@ class StreamingWriter:
     # TensorStore fsyncs every chunk file by default, which stalls the writer on each chunk;
     # the chunks are made durable once, in `commit`, before the rename instead.
     self.context = ts.Context({"file_io_sync": False})
+    self.syncing = futures.ThreadPoolExecutor(1)  # fsyncs each finished leaf in the background
+    self.synced: list[futures.Future] = []
     self.tmp.mkdir(parents=True)
     (self.tmp / PARAMS).mkdir()
 
@@ -292,6 +334,7 @@ class StreamingWriter:
         pending.pop(0).result()
     for future in pending:
       future.result()
+    self.synced.append(self.syncing.submit(_fsync_tree, leaf_dir))
     self.written[key_path] = shape
 
   def commit(self) -> pathlib.Path:
@@ -319,11 +362,17 @@ class StreamingWriter:
                     "PyTreeCheckpointHandler"},
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
         "commit_timestamp_nsecs": now, "custom_metadata": {}}))
-    _fsync_tree(self.tmp)
+    for synced in self.synced:
+      synced.result()
+    self.syncing.shutdown()
+    _fsync_tree(self.tmp, files=False)
+    for name in ("_METADATA", "_CHECKPOINT_METADATA", f"{MODEL_CONFIG}/metadata"):
+      _fsync_tree(self.tmp / name)
     replace_directory(self.tmp, self.path, self.overwrite)
     return self.path
 
   def abort(self) -> None:
+    self.syncing.shutdown(cancel_futures=True)
     shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -333,10 +382,14 @@ def _cast(block: np.ndarray, dtype: ts.dtype) -> ts.TensorStore:
   return ts.cast(ts.array(np.asarray(block)), dtype)
 
 
-def _fsync_tree(root: pathlib.Path) -> None:
-  """Flush every file under `root` (and the directories' entries) to disk."""
-  for directory, _, files in os.walk(root):
-    for name in [*files, "."]:
+def _fsync_tree(root: pathlib.Path, files: bool = True) -> None:
+  """Flush `root` (a file, or a directory with its entries and, if `files`, every file below)."""
+  if root.is_file():
+    walk = [(str(root.parent), [], [root.name])]
+  else:
+    walk = [(d, [], f if files else []) for d, _, f in os.walk(root)]
+  for directory, _, names in walk:
+    for name in [*names] + (["."] if root.is_dir() else []):
       fd = os.open(os.path.join(directory, name), os.O_RDONLY)
       try:
         os.fsync(fd)

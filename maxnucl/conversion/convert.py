@@ -161,9 +161,13 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
   if unexpected:
     raise ConversionError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} for model {cfg.name!r}")
 
+  # hf_io asks for the tensors in `specs` order; the next one is read while this one is written
+  arrays = zip(sources, checkpoints.read_arrays(ckpt, [path for path, _ in sources.values()]))
+
   def get_tensor(hf_name):
-    path, to_hf = sources[hf_name]
-    return to_hf(checkpoints.read_array(ckpt, path), cfg)  # a view: hf_io copies it out
+    name, array = next(arrays)
+    assert name == hf_name, (name, hf_name)
+    return sources[hf_name][1](array, cfg)  # a view: hf_io copies it out
 
   with _temporary_output(output, overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
