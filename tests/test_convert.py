@@ -416,3 +416,13 @@ def test_truncated_chunk_names_the_array(converted, tmp_path):
   chunk.write_bytes(chunk.read_bytes()[:-100])
   with pytest.raises(checkpoints.CheckpointError, match="layers_2.mlp.out"):
     checkpoints.read_array(ckpt, ("layers_2", "mlp", "out"))
+
+
+def test_hf_axes_is_the_permutation_inside_to_hf():
+  cfg = models.get_config("gemma2_tiny")
+  params = _random_params(cfg)
+  for path, (name, _, to_hf) in hf_gemma2.tensor_map(cfg).items():
+    array = _flat(params)[path]
+    expected = to_hf(array, cfg)
+    np.testing.assert_array_equal(
+        array.transpose(hf_gemma2.hf_axes(path)).reshape(expected.shape), expected, err_msg=name)

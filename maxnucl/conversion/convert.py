@@ -19,7 +19,8 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Callable, Optional
+from concurrent import futures
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -161,13 +162,21 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
   if unexpected:
     raise ConversionError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} for model {cfg.name!r}")
 
-  # hf_io asks for the tensors in `specs` order; the next one is read while this one is written
-  arrays = zip(sources, checkpoints.read_arrays(ckpt, [path for path, _ in sources.values()]))
+  shapes = {name: shape for name, shape, _ in specs}
+
+  def hf_tensor(hf_name):  # = to_hf(array), with the transpose done by TensorStore while reading
+    path, _ = sources[hf_name]
+    return checkpoints.read_array(ckpt, path, axes=hf_gemma2.hf_axes(path)).reshape(
+        shapes[hf_name])
+
+  # hf_io asks for the tensors in `specs` order; the next one is read and transposed in a
+  # background thread while this one is written (at most two tensors in memory)
+  tensors = _prefetched(hf_tensor, [name for name, _, _ in specs])
 
   def get_tensor(hf_name):
-    name, array = next(arrays)
+    name, array = next(tensors)
     assert name == hf_name, (name, hf_name)
-    return sources[hf_name][1](array, cfg)  # a view: hf_io copies it out
+    return array
 
   with _temporary_output(output, overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -270,6 +279,17 @@ def _guard(fn: Callable[[], Any], prefix: str = "") -> Any:
     if isinstance(e, (ConversionError, FileExistsError)):
       raise
     raise ConversionError(f"{prefix}{e}") from e
+
+
+def _prefetched(fn: Callable[[Any], Any], items: list) -> Iterator[tuple[Any, Any]]:
+  """(item, fn(item)) in order, computing fn of the next item in a thread meanwhile."""
+  with futures.ThreadPoolExecutor(1) as pool:
+    pending = pool.submit(fn, items[0]) if items else None
+    for i, item in enumerate(items):
+      result = pending.result()
+      pending = pool.submit(fn, items[i + 1]) if i + 1 < len(items) else None
+      yield item, result
+      del result
 
 
 class _temporary_output:

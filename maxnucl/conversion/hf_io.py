@@ -180,14 +180,14 @@ def write_sharded(directory: str | os.PathLike,
         if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
           raise SafetensorsError(f"{directory / file_name}: tensor {name} is {array.shape} "
                                  f"{array.dtype}, planned {tuple(shape)} {np.dtype(dtype)}")
-        f.write(memoryview(_contiguous(array).view(np.uint8).reshape(-1)))
+        f.write(memoryview(contiguous(array).view(np.uint8).reshape(-1)))
   if len(shards) > 1:
     (directory / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   return [directory / n for n in names]
 
 
-def _contiguous(array: np.ndarray) -> np.ndarray:
+def contiguous(array: np.ndarray) -> np.ndarray:
   """`array` (e.g. a transposed view) in C order.  TensorStore does the strided copy: about twice
   as fast as numpy's for a transpose, and it handles ml_dtypes' bfloat16 natively."""
   if array.flags.c_contiguous:
