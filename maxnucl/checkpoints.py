@@ -12,8 +12,9 @@ host ever holds the whole model.
 Whole-tree API:   save(path, cfg, params), load(path, mesh=, rules=, dtype=), load_config(path),
                   stored_arrays(path)
 Streaming API (one tensor in memory at a time; converters and the pruner use it):
-  read_array(path, key_path, dtype=None) -> np.ndarray     one stored array, e.g.
-                                                          ("layers_3", "mlp", "out")
+  read_array(path, key_path, dtype=None, axes=None)        one stored array (np.ndarray), e.g.
+                                                          ("layers_3", "mlp", "out"); axes:
+                                                          transposed while read
   pytree_arrays(dir), read_pytree_array(dir, key_path)     the same for any Orbax PyTree
                                                           directory (DeepMind checkpoints)
   iter_arrays(path, dtype=None)                            (key_path, array) pairs, one at a time
@@ -23,7 +24,9 @@ Streaming API (one tensor in memory at a time; converters and the pruner use it)
 StreamingWriter writes the layout Orbax itself writes with `use_ocdbt=False`: one zarr v2 array
 per leaf (created and filled by TensorStore's zarr driver, uncompressed, chunked by blocks of
 rows), plus the small Orbax `_METADATA` / `_CHECKPOINT_METADATA` JSON files, so `load` (plain
-Orbax) reads it unchanged.  Each row block is written as soon as it is produced.  The single-array
+Orbax) reads it unchanged.  Each row block is written as soon as it is produced (two blocks in
+flight); chunk files are not fsynced one by one (that stalls the writer) but by a background
+thread as each leaf finishes, and all of them before the final rename.  The single-array
 readers open such zarr leaves with TensorStore directly (no Orbax tree restore per array); any
 other leaf layout (OCDBT, as `save` and DeepMind's checkpoints use) is read through Orbax.
 Everything goes to a temporary sibling directory that is renamed to `path` only after every
