@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' default shard size
 LM_HEAD = "lm_head.weight"
+READ_AHEAD_BYTES = 512 << 20  # maxnucl -> HF: tensors read ahead of the one being written
 
 # Hugging Face configs of Gemma-2 9b written by older converters carry query_pre_attn_scalar =
 # 224; the released model (and transformers' own reference) uses 256 = head_dim.
@@ -169,9 +170,11 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
     return checkpoints.read_array(ckpt, path, axes=hf_gemma2.hf_axes(path)).reshape(
         shapes[hf_name])
 
-  # hf_io asks for the tensors in `specs` order; the next one is read and transposed in a
-  # background thread while this one is written (at most two tensors in memory)
-  tensors = _prefetched(hf_tensor, [name for name, _, _ in specs])
+  # hf_io asks for the tensors in `specs` order; the next ones are read (and transposed) in a
+  # background thread while this one is written
+  tensors = _prefetched(hf_tensor, [name for name, _, _ in specs],
+                        [int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in specs],
+                        READ_AHEAD_BYTES)
 
   def get_tensor(hf_name):
     name, array = next(tensors)
@@ -281,13 +284,22 @@ def _guard(fn: Callable[[], Any], prefix: str = "") -> Any:
     raise ConversionError(f"{prefix}{e}") from e
 
 
-def _prefetched(fn: Callable[[Any], Any], items: list) -> Iterator[tuple[Any, Any]]:
-  """(item, fn(item)) in order, computing fn of the next item in a thread meanwhile."""
+def _prefetched(fn: Callable[[Any], Any], items: list, sizes: list[int],
+                read_ahead_bytes: int) -> Iterator[tuple[Any, Any]]:
+  """(item, fn(item)) in order; a thread computes the next items meanwhile, as many as fit in
+  `read_ahead_bytes` (at least one), so memory stays below the current item + that budget."""
   with futures.ThreadPoolExecutor(1) as pool:
-    pending = pool.submit(fn, items[0]) if items else None
+    pending: list[futures.Future] = []
+    submitted = ahead = 0
     for i, item in enumerate(items):
-      result = pending.result()
-      pending = pool.submit(fn, items[i + 1]) if i + 1 < len(items) else None
+      while submitted < len(items) and (submitted <= i or
+                                        ahead + sizes[submitted] <= read_ahead_bytes):
+        pending.append(pool.submit(fn, items[submitted]))
+        ahead += sizes[submitted] if submitted > i else 0
+        submitted += 1
+      result = pending.pop(0).result()
+      if i + 1 < submitted:
+        ahead -= sizes[i + 1]  # the next item becomes the current one
       yield item, result
       del result
 
