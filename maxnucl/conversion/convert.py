@@ -4,8 +4,9 @@
     maxnucl_to_hf(ckpt, hf_dir, max_shard_bytes=..., overwrite=False)   maxnucl -> safetensors
     gemma_to_maxnucl(dm_dir, ckpt, cfg, dtype=None, overwrite=False)    DeepMind flat Orbax -> maxnucl
 
-Each one holds one tensor in memory at a time (inputs are memory-mapped or read leaf by leaf;
-outputs are written as tensors are produced), checks every expected tensor's presence, shape and
+Each one holds about one tensor in memory at a time (inputs are memory-mapped or read leaf by
+leaf; outputs are written as tensors are produced; maxnucl_to_hf also reads up to
+READ_AHEAD_BYTES of tensors ahead of the one it writes), checks every expected tensor's presence, shape and
 dtype before writing anything, reports unexpected tensors, never modifies its input, and writes
 into a temporary sibling of the output that is renamed into place only when complete.  Errors
 are `ConversionError`s whose message names the tensor and the file.
