@@ -1,27 +1,26 @@
 """Layer-by-layer checkpoint I/O for the pruner (the one place that touches the storage format).
 
-The pruner only ever asks for one layer's FFN at a time (`CheckpointReader.read_ffn`) and hands
-back arrays one at a time (`CheckpointWriter.put`), so the storage backend can be swapped without
-touching the pruning code.  Today's backend:
+Built on the streaming API of `maxnucl.checkpoints`:
 
-  reading  Orbax partial restore (`PyTreeRestore(partial_restore=True)`) of exactly the requested
-           leaves, as numpy arrays: one layer's {gate U, up V, out W}, or everything else.
-  writing  the arrays are collected and written with one `maxnucl.checkpoints.save` at `finish()`
-           (that API takes a whole tree), so the *writer* holds the whole output checkpoint.
+  reading  `checkpoints.read_array`: one stored tensor at a time (TensorStore), e.g. one layer's
+           {gate U, up V, out W} (`CheckpointReader.read_ffn`).  Only calibration and perplexity
+           evaluation read the whole tree (`read_all`).
+  writing  `checkpoints.StreamingWriter`: each array is written as soon as `CheckpointWriter.write`
+           receives it and is not kept.  Everything goes to a temporary sibling directory that is
+           renamed to the output only after every tensor of the (pruned) config was written; on an
+           error nothing appears at the output path, and an existing output is refused unless
+           overwrite=True.
 
-When `maxnucl.checkpoints` gains streaming per-array read/write, only this module changes and the
-pruner's peak memory becomes one layer's FFN (input + pruned copy) plus the largest other array.
+So the pruner's peak memory is one layer's FFN (as stored, its float copies and the pruned slice)
+plus the largest other tensor (the embedding), not the whole checkpoint.  The output keeps the
+input's stored dtype.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Iterable
-
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from maxnucl import checkpoints
 from maxnucl.models.config import ModelConfig
@@ -32,68 +31,69 @@ Key = tuple[str, ...]
 
 
 class CheckpointReader:
-  """Reads a maxnucl checkpoint a few arrays at a time (never the whole tree unless asked)."""
+  """Reads a maxnucl checkpoint one tensor at a time (never the whole tree unless asked)."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path).absolute()
     self.cfg: ModelConfig = checkpoints.load_config(self.path)
     self.stored: dict[Key, tuple[tuple[int, ...], str]] = checkpoints.stored_arrays(self.path)
 
-  def read(self, keys: Iterable[Key]) -> dict[Key, np.ndarray]:
-    """The named leaves as numpy arrays in their stored dtype."""
-    keys = list(keys)
-    missing = [k for k in keys if k not in self.stored]
-    if missing:
+  @property
+  def dtype(self) -> str:
+    """The stored dtype of the checkpoint's tensors (the pruned checkpoint is written in it)."""
+    dtypes = sorted({dtype for _, dtype in self.stored.values()})
+    if len(dtypes) != 1:
       raise checkpoints.CheckpointError(
-          f"{self.path}: tensor {'/'.join(missing[0])} is not stored in this checkpoint")
-    if not keys:
-      return {}
-    item = _unflatten({k: jax.ShapeDtypeStruct(self.stored[k][0], np.dtype(self.stored[k][1]))
-                       for k in keys})
-    restore_args = jax.tree.map(
-        lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), item)
-    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-        self.path, ocp.args.Composite(**{checkpoints.PARAMS: ocp.args.PyTreeRestore(
-            item, restore_args, partial_restore=True)}))[checkpoints.PARAMS]
-    return {k: np.asarray(_get(restored, k)) for k in keys}
+          f"{self.path}: tensors are stored in several dtypes {dtypes}; the pruner writes one "
+          f"dtype (convert the checkpoint to a single dtype first)")
+    return dtypes[0]
+
+  def read(self, key: Key) -> np.ndarray:
+    """One leaf as a numpy array in its stored dtype."""
+    if key not in self.stored:
+      raise checkpoints.CheckpointError(
+          f"{self.path}: tensor {'/'.join(key)} is not stored in this checkpoint")
+    return checkpoints.read_array(self.path, key)
 
   def read_ffn(self, layer: str) -> dict[str, np.ndarray]:
     """One layer's FFN: {"gate": U [d, m], "up": V [d, m], "out": W [m, d]} (stored dtype)."""
-    arrays = self.read([(layer, "mlp", name) for name in FFN_KEYS])
-    return {k[-1]: v for k, v in arrays.items()}
+    return {name: self.read((layer, "mlp", name)) for name in FFN_KEYS}
 
   def non_ffn_keys(self) -> list[Key]:
     return [k for k in self.stored if not (len(k) == 3 and k[1] == "mlp")]
 
   def read_all(self) -> dict:
     """The whole params tree (numpy). Only calibration and perplexity evaluation need this."""
-    return _unflatten(self.read(self.stored))
+    return _unflatten({k: self.read(k) for k in self.stored})
 
 
 class CheckpointWriter:
-  """Collects arrays with `put` and writes a checkpoint at `finish` (see the module docstring)."""
+  """Writes a checkpoint one array at a time (a context manager over StreamingWriter).
 
-  def __init__(self, path: str | os.PathLike, cfg: ModelConfig):
-    self.path = pathlib.Path(path).absolute()
-    self.cfg = cfg
-    self._arrays: dict[Key, Any] = {}
+      with CheckpointWriter(path, cfg, dtype="bfloat16") as writer:
+        writer.write(("layers_0", "mlp", "out"), w)   # written now, not kept
 
-  def put(self, key: Key, array: np.ndarray) -> None:
-    self._arrays[key] = array
+  Leaving the block normally checks that every tensor of `cfg` was written and renames the
+  temporary directory into place; an exception removes it.
+  """
 
-  def finish(self) -> pathlib.Path:
-    params = _unflatten(self._arrays)
-    self._arrays = {}
-    return checkpoints.save(self.path, self.cfg, params)
+  def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str,
+               overwrite: bool = False):
+    self._writer = checkpoints.StreamingWriter(path, cfg, dtype=dtype, overwrite=overwrite)
+    self.path = self._writer.path
+    self.expected: set[Key] = set(self._writer.expected)
+
+  def __enter__(self) -> "CheckpointWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self._writer.__exit__(exc_type, exc, tb)
+
+  def write(self, key: Key, array: np.ndarray) -> None:
+    self._writer.write(key, array)
 
 
-def _get(tree: dict, key: Key):
-  for k in key:
-    tree = tree[k]
-  return tree
-
-
-def _unflatten(flat: dict[Key, Any]) -> dict:
+def _unflatten(flat: dict[Key, np.ndarray]) -> dict:
   tree: dict = {}
   for keys, value in flat.items():
     node = tree
@@ -101,3 +101,4 @@ def _unflatten(flat: dict[Key, Any]) -> dict:
       node = node.setdefault(key, {})
     node[keys[-1]] = value
   return tree
+

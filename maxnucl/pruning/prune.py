@@ -1,15 +1,18 @@
 """`prune_ffn_neurons`: structured FFN neuron pruning that writes a physically smaller checkpoint.
 
-Flow (one layer's FFN in memory at a time on the reading side, see maxnucl.pruning.io):
+Flow (one layer's FFN in memory at a time, see maxnucl.pruning.io):
   1. validate everything (ratio, method, layers, budget, output path) before touching the disk;
-  2. data-aware methods: LayerStats from calibration batches (needs the whole model once);
+  2. data-aware methods: LayerStats from calibration batches (needs the whole model once; so does
+     --eval_perplexity, before and after);
   3. per_layer budget: floor(ratio * m_i) neurons of each selected layer; global budget:
      floor(ratio * sum_i m_i) neurons over all selected layers, ranked jointly (FLAP standardises
      its scores per layer first; compensating methods rank by their initial costs);
-  4. each layer: choose the removal set (score methods: top of the ranking; compensating methods:
-     greedy with compensation), slice U/V columns and W rows, cast back to the stored dtype;
-  5. write into a temporary sibling directory, then rename it to the output (the input is only
-     read); the report JSON lists, per layer, the sorted kept indices of the original neurons.
+  4. the pruned widths are now known: open a streaming writer for the pruned config, copy the
+     non-FFN tensors one at a time, then per layer read {U, V, W}, choose the removal set (score
+     methods: top of the ranking; compensating methods: greedy with compensation), slice U/V
+     columns and W rows and write them at once, in the input's stored dtype;
+  5. the writer works in a temporary sibling directory renamed to the output at the end (the
+     input is only read); the report JSON lists, per layer, the sorted kept original indices.
 A layer pruned to width 0 loses its FFN branch (and Gemma-2's FFN norms), which is exact because
 the branch's output was the zero vector.
 """
@@ -20,7 +23,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import time
 from typing import Any, Optional
 
@@ -29,6 +31,7 @@ import numpy as np
 from maxnucl import models
 from maxnucl.pruning import calibration as calib
 from maxnucl.pruning import io, surgery
+from maxnucl.pruning.io import FFN_KEYS
 from maxnucl.pruning.scores import LayerInputs, get_method
 
 LAYER_GROUPS = ("all", "bottom_half", "top_half", "even", "odd")
@@ -223,35 +226,42 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   else:
     counts = {i: math.floor(ratio * widths[i]) for i in selected}
 
-  new_widths = list(widths)
-  layer_reports = []
-  pruned_ffn: dict[int, dict[str, np.ndarray]] = {}
-  for i in range(cfg.num_layers):
-    entry: dict[str, Any] = {"name": f"layers_{i}", "selected": i in counts,
-                             "width_before": widths[i]}
-    if i not in counts:
-      entry.update(width_after=widths[i], num_removed=0, kept=list(range(widths[i])))
-      layer_reports.append(entry)
-      continue
-    layer = pruner.inputs(i)
-    removed, scores, out = pruner.cut(layer, counts[i], cached.pop(i, None))
-    kept = np.setdiff1d(np.arange(widths[i]), removed)
-    dtypes = {k: v.dtype for k, v in layer.ffn().items()}
-    ffn = surgery.slice_ffn({"gate": layer.gate, "up": layer.up, "out": out}, kept)
-    pruned_ffn[i] = {k: v.astype(dtypes[k], copy=False) for k, v in ffn.items()}
-    new_widths[i] = int(kept.size)
-    removed_mask = np.zeros(widths[i], bool)
-    removed_mask[removed] = True
-    entry.update(width_after=int(kept.size), num_removed=int(removed.size), kept=kept.tolist(),
-                 removed_order=[int(r) for r in removed],
-                 scores={"all": _summary(scores), "removed": _summary(scores[removed_mask]),
-                         "kept": _summary(scores[~removed_mask])})
-    layer_reports.append(entry)
-    del layer, out, ffn
-
+  # The output widths are known before any layer is cut (every method removes exactly counts[i]),
+  # so the writer can check each array against the pruned config as soon as it is produced.
+  new_widths = [w - counts.get(i, 0) for i, w in enumerate(widths)]
   new_cfg = cfg if new_widths == widths else cfg.replace(ffn_widths=tuple(new_widths))
-  expected = {k for k in _flat_keys(models.abstract_params(new_cfg))}
-  _write(reader, new_cfg, pruned_ffn, expected, output_path, overwrite)
+  layer_reports = []
+  with io.CheckpointWriter(output_path, new_cfg, dtype=reader.dtype,
+                           overwrite=overwrite) as writer:
+    # Non-FFN arrays, one at a time (the norms of an FFN branch cut to width 0 are dropped).
+    for key in reader.non_ffn_keys():
+      if key in writer.expected:
+        writer.write(key, reader.read(key))
+    for i in range(cfg.num_layers):
+      name = f"layers_{i}"
+      entry: dict[str, Any] = {"name": name, "selected": i in counts, "width_before": widths[i]}
+      layer_reports.append(entry)
+      if i not in counts:  # unselected layers: copied unchanged, one array at a time
+        entry.update(width_after=widths[i], num_removed=0, kept=list(range(widths[i])))
+        for key in FFN_KEYS:
+          if (name, "mlp", key) in writer.expected:
+            writer.write((name, "mlp", key), reader.read((name, "mlp", key)))
+        continue
+      layer = pruner.inputs(i)
+      removed, scores, out = pruner.cut(layer, counts[i], cached.pop(i, None))
+      kept = np.setdiff1d(np.arange(widths[i]), removed)
+      assert kept.size == new_widths[i], (name, kept.size, new_widths[i])
+      if kept.size:
+        ffn = surgery.slice_ffn({"gate": layer.gate, "up": layer.up, "out": out}, kept)
+        for key in FFN_KEYS:  # cast back to the stored dtype by the writer
+          writer.write((name, "mlp", key), ffn.pop(key))
+      removed_mask = np.zeros(widths[i], bool)
+      removed_mask[removed] = True
+      entry.update(width_after=int(kept.size), num_removed=int(removed.size), kept=kept.tolist(),
+                   removed_order=[int(r) for r in removed],
+                   scores={"all": _summary(scores), "removed": _summary(scores[removed_mask]),
+                           "kept": _summary(scores[~removed_mask])})
+      del layer, out
 
   report["layers"] = layer_reports
   report["num_removed"] = int(sum(e["num_removed"] for e in layer_reports))
@@ -273,45 +283,3 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
 def _method_names() -> list[str]:
   from maxnucl.pruning.scores import METHODS  # pylint: disable=import-outside-toplevel
   return sorted(METHODS)
-
-
-def _flat_keys(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flat_keys(v, prefix + (k,))
-    else:
-      yield prefix + (k,)
-
-
-def _write(reader: io.CheckpointReader, cfg, pruned_ffn: dict[int, dict], expected: set,
-           output_path: pathlib.Path, overwrite: bool) -> None:
-  """Write to a temporary sibling directory, then rename it into place."""
-  tmp = output_path.parent / f".{output_path.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  output_path.parent.mkdir(parents=True, exist_ok=True)
-  try:
-    writer = io.CheckpointWriter(tmp, cfg)
-    # Non-FFN arrays (dropping the norms of an FFN branch that was cut to width 0).  Read in one
-    # call: the writer holds the whole output until finish() anyway (see maxnucl.pruning.io).
-    for key, array in reader.read([k for k in reader.non_ffn_keys() if k in expected]).items():
-      writer.put(key, array)
-    for i, ffn in pruned_ffn.items():
-      if ffn["out"].shape[0] > 0:
-        for name, array in ffn.items():
-          writer.put((f"layers_{i}", "mlp", name), array)
-    for name in sorted({k[0] for k in expected if len(k) == 3 and k[1] == "mlp"}):
-      if int(name.split("_")[1]) not in pruned_ffn:  # unselected layers: copied unchanged
-        for key, array in reader.read_ffn(name).items():
-          writer.put((name, "mlp", key), array)
-    writer.finish()
-    if output_path.exists():  # overwrite=True was checked by the caller
-      old = output_path.parent / f".{output_path.name}.old-{os.getpid()}"
-      output_path.rename(old)
-      tmp.rename(output_path)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(output_path)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
