@@ -377,3 +377,93 @@ def test_analyze_ffn_writes_histograms_lp_concentration_and_overlap(tiny_ckpt, t
       len(set(sets["entropy"]["layers_0"]) & set(sets["random"]["layers_0"]))
       / len(set(sets["entropy"]["layers_0"]) | set(sets["random"]["layers_0"])))
   assert analysis.jaccard([1, 2, 3], [2, 3, 4]) == 0.5
+
+
+# ---- streaming, report, data sources -----------------------------------------------------------
+
+def test_pruner_streams_layer_by_layer_in_the_stored_dtype(tmp_path, monkeypatch):
+  from maxnucl.pruning import io  # pylint: disable=import-outside-toplevel
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(TINY, 4))
+  checkpoints.save(tmp_path / "in", TINY, params)
+  events = []
+  read, write = io.CheckpointReader.read, checkpoints.StreamingWriter.write
+  monkeypatch.setattr(io.CheckpointReader, "read",
+                      lambda self, key: events.append(("read", key)) or read(self, key))
+  monkeypatch.setattr(checkpoints.StreamingWriter, "write",
+                      lambda self, key, a: events.append(("write", key)) or write(self, key, a))
+  monkeypatch.setattr(io.CheckpointReader, "read_all", None)  # data-free: never the whole tree
+  report = prune_ffn_neurons(tmp_path / "in", tmp_path / "out", method="magnitude", ratio=0.25)
+  # Each layer's FFN is written before the next layer's FFN is read.
+  ffn_events = [(kind, key[0]) for kind, key in events if key[1] == "mlp"]
+  for i in range(TINY.num_layers - 1):
+    assert ffn_events.index(("read", f"layers_{i + 1}")) > max(
+        n for n, e in enumerate(ffn_events) if e == ("write", f"layers_{i}"))
+  assert {dtype for _, dtype in checkpoints.stored_arrays(tmp_path / "out").values()} == {
+      "bfloat16"}
+  _, pruned = checkpoints.load(tmp_path / "out")
+  kept = report["layers"][1]["kept"]
+  np.testing.assert_array_equal(np.asarray(pruned["layers_1"]["mlp"]["out"]),
+                                np.asarray(params["layers_1"]["mlp"]["out"])[kept])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params["embedder"]),
+               jax.tree.map(np.asarray, pruned["embedder"]))
+
+
+def test_failure_while_writing_leaves_nothing(tiny_ckpt, tmp_path):
+  @register("test_fails_on_layer_2", remove="lowest")
+  def fails(layer):
+    if layer.index == 2:
+      raise RuntimeError("scoring failed")
+    return np.arange(layer.width, dtype=np.float64)
+
+  try:
+    with pytest.raises(RuntimeError, match="scoring failed"):
+      prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="test_fails_on_layer_2",
+                        ratio=0.25)
+  finally:
+    del METHODS["test_fails_on_layer_2"]
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_report_holds_kept_indices_counts_scores_and_parameters(tiny_ckpt, tmp_path):
+  report = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="random", ratio=0.25,
+                             layers="odd", seed=7, report_path=tmp_path / "r.json")
+  saved = json.loads((tmp_path / "r.json").read_text())
+  assert {k: saved[k] for k in ("method", "ratio", "layers_spec", "budget", "seed")} == {
+      "method": "random", "ratio": 0.25, "layers_spec": "odd", "budget": "per_layer", "seed": 7}
+  assert saved["selected_layers"] == [1, 3] and saved["num_removed"] == 128
+  for layer in saved["layers"]:
+    assert layer["kept"] == sorted(layer["kept"])
+    assert len(layer["kept"]) == layer["width_after"] == 256 - layer["num_removed"]
+    if layer["selected"]:
+      assert layer["scores"]["all"]["count"] == 256 and layer["scores"]["removed"]["count"] == 64
+      assert sorted(layer["removed_order"]) == sorted(set(range(256)) - set(layer["kept"]))
+  again = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out2", method="random", ratio=0.25,
+                            layers="odd", seed=7)
+  other = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out3", method="random", ratio=0.25,
+                            layers="odd", seed=8)
+  assert [e["kept"] for e in again["layers"]] == [e["kept"] for e in report["layers"]]
+  assert [e["kept"] for e in other["layers"]] != [e["kept"] for e in report["layers"]]
+
+
+def test_registered_task_and_cached_shards_are_read_through_the_data_pipeline(tiny_ckpt,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+  import types  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def create_data_iterator(split, **kwargs):
+    calls.append((split, kwargs))
+    return iter([{"tokens": _tokens(s)} for s in range(2)])
+
+  pipeline = types.SimpleNamespace(create_data_iterator=create_data_iterator)
+  monkeypatch.setitem(sys.modules, "maxnucl.data", types.SimpleNamespace(pipeline=pipeline))
+  monkeypatch.setitem(sys.modules, "maxnucl.data.pipeline", pipeline)
+  report = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="wanda_channel", ratio=0.25,
+                             layers="0", calibration="my_task", calibration_examples=8,
+                             eval_perplexity="my_task", eval_examples=4, seq_len=SEQ,
+                             data_cache_dir=tmp_path / "cache")
+  assert [split for split, _ in calls] == ["train", "validation", "validation"]
+  assert all(kw["source"] == "my_task" and kw["cache_dir"] == str(tmp_path / "cache")
+             for _, kw in calls)
+  assert report["calibration"]["tokens"] == 8 * (SEQ - 1)
+  assert report["perplexity"]["before"]["tokens"] == 4 * (SEQ - 1)

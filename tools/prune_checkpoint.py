@@ -3,9 +3,11 @@
   python tools/prune_checkpoint.py --input CKPT --output CKPT2 --method entropy --ratio 0.25 \
       [--layers all|bottom_half|top_half|even|odd|0,3,5] [--budget per_layer|global] [--seed 0] \
       [--report report.json] [--calibration SOURCE --calibration_examples 128] \
-      [--eval_perplexity SOURCE --eval_examples 128] [--method_param key=value ...] [--overwrite]
+      [--eval_perplexity SOURCE --eval_examples 128] [--data_cache_dir DIR] \
+      [--method_param key=value ...] [--overwrite]
 
-SOURCE: a .npy [N, L] / .jsonl token-id file or a registered data-source name (docs/pruning.md).
+SOURCE: a .npy [N, L] / .jsonl token-id file or a registered task name, read from its cached
+shards with --data_cache_dir (docs/pruning.md).
 Methods: see `--help` or maxnucl/pruning/scores.py.
 """
 
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=128,
                       help="sequence length for data-source names and 1-D .npy streams")
+  parser.add_argument("--data_cache_dir", default=None,
+                      help="read a registered task's cached shards from here (calibration and "
+                           "--eval_perplexity task names)")
   parser.add_argument("--method_param", type=_key_value, action="append", default=[],
                       help="override a method parameter, e.g. neighbours=32 (repeatable)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -55,7 +60,8 @@ def main(argv=None) -> int:
         budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
         calibration=args.calibration, calibration_examples=args.calibration_examples,
         eval_perplexity=args.eval_perplexity, eval_examples=args.eval_examples,
-        batch_size=args.batch_size, seq_len=args.seq_len, report_path=args.report,
+        batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
+        report_path=args.report,
         overwrite=args.overwrite)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"prune_checkpoint: error: {e}", file=sys.stderr)

@@ -5,8 +5,10 @@ A calibration SOURCE is one of
     stream cut into rows of `seq_len + 1`;
   * a `.jsonl` file: one sequence per line, either `[id, ...]` or `{"tokens": [id, ...]}`
     (variable length; rows are right-padded with the model's pad id and masked out);
-  * a registered data-source name, resolved lazily through
+  * a registered task / mixture name, resolved lazily through
     `maxnucl.data.pipeline.create_data_iterator(split, source=NAME, batch_size=, seq_len=)`;
+    with `cache_dir` (--data_cache_dir) the pipeline reads only the cached numpy shards
+    `<cache_dir>/<NAME>/<split>/` written by its `cache_task`;
   * (library only) any iterable of batch dicts with at least `tokens` [B, L].
 A sequence s becomes inputs s[:-1] and next-token targets s[1:].  Batch dicts follow the data
 pipeline's convention: `tokens`, `targets`, `loss_mask`, `segment_ids`, `positions` [B, L].
@@ -68,7 +70,8 @@ class CalibrationError(ValueError):
 # ---- sources ---------------------------------------------------------------------------------------
 
 def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_len: int = 128,
-                    pad_id: int = 0, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
+                    pad_id: int = 0, split: str = "train", cache_dir: Optional[str] = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
   """Batches (dicts of numpy [B, L]) from SOURCE (see the module docstring), at most
   `num_examples` rows in total."""
   if num_examples <= 0:
@@ -80,7 +83,7 @@ def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_
     elif path.exists():
       raise CalibrationError(f"calibration file {path}: unknown format (expected .npy or .jsonl)")
     else:
-      batches = _registered_source(str(source), split, batch_size, seq_len)
+      batches = _registered_source(str(source), split, batch_size, seq_len, cache_dir)
   else:
     batches = iter(source() if callable(source) else source)
   remaining = num_examples
@@ -135,7 +138,8 @@ def _file_batches(path: pathlib.Path, batch_size: int, seq_len: int, pad_id: int
            "segment_ids": valid[:, :-1].astype(np.int32)}
 
 
-def _registered_source(name: str, split: str, batch_size: int, seq_len: int):
+def _registered_source(name: str, split: str, batch_size: int, seq_len: int,
+                       cache_dir: Optional[str]):
   try:
     from maxnucl.data import pipeline  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -143,8 +147,9 @@ def _registered_source(name: str, split: str, batch_size: int, seq_len: int):
         f"calibration source {name!r} is not a .npy/.jsonl file and the data pipeline "
         f"(maxnucl.data.pipeline) is not available to resolve it as a data-source name: {e}"
     ) from None
+  cached = {} if cache_dir is None else {"cache_dir": str(cache_dir)}
   return pipeline.create_data_iterator(split, source=name, batch_size=batch_size,
-                                       seq_len=seq_len)
+                                       seq_len=seq_len, **cached)
 
 
 def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:

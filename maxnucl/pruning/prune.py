@@ -165,12 +165,14 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
                       calibration: Any = None, calibration_examples: int = 128,
                       eval_perplexity: Any = None, eval_examples: int = 128,
                       batch_size: int = 8, seq_len: int = 128,
+                      data_cache_dir: Optional[str | os.PathLike] = None,
                       report_path: Optional[str | os.PathLike] = None,
                       overwrite: bool = False) -> dict:
   """Remove a fraction `ratio` of the FFN inner neurons and write a smaller checkpoint.
 
   Returns the report (also written to `report_path` as JSON when given).  `calibration` /
-  `eval_perplexity`: a SOURCE as in maxnucl.pruning.calibration.  Raises PruningError (or
+  `eval_perplexity`: a SOURCE as in maxnucl.pruning.calibration (`data_cache_dir`: where a
+  registered task's cached shards are read from).  Raises PruningError (or
   FileExistsError / FileNotFoundError) before writing anything when a request is invalid.
   """
   start = time.time()
@@ -199,7 +201,8 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   cfg = reader.cfg
   selected = select_layers(cfg, layers)
   widths = list(cfg.layer_ffn_widths)
-  source_kwargs = dict(batch_size=batch_size, seq_len=seq_len, pad_id=cfg.pad_id)
+  source_kwargs = dict(batch_size=batch_size, seq_len=seq_len, pad_id=cfg.pad_id,
+                       cache_dir=data_cache_dir)
 
   full_params = None
   stats = None
