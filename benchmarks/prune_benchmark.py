@@ -5,9 +5,12 @@
 
 The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256) in bfloat16 with
 `--layers` decoder layers (default 4 of 42) and random N(0, 1/fan_in) weights.  Measured:
-  * copy   wall time of shutil.copytree of the input checkpoint (same bytes; warm page cache);
-  * prune  wall time and peak RSS (ru_maxrss) of `tools/prune_checkpoint.py` in a fresh
-           subprocess (includes interpreter + JAX start-up, reading, scoring, writing).
+  * copy      wall time of `cp -r` of the input checkpoint (same bytes; warm page cache; cp does
+              not fsync, the pruner's writer does);
+  * prune     wall time and peak RSS (ru_maxrss) of `tools/prune_checkpoint.py` in a fresh
+              subprocess (includes interpreter + JAX start-up, reading, scoring, writing);
+  * baseline  peak RSS of a subprocess that only imports what the tool imports (so
+              prune - baseline is the memory the pruning itself needs).
 """
 
 import argparse
@@ -72,7 +75,7 @@ def main() -> None:
     shutil.rmtree(p, ignore_errors=True)
 
   t = time.time()
-  shutil.copytree(src, copy)
+  subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
   copy_s = time.time() - t
   shutil.rmtree(copy)
 
@@ -80,6 +83,10 @@ def main() -> None:
          "--output", str(out), "--method", args.method, "--ratio", str(args.ratio),
          "--report", str(work / "report.json")]
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                  "import jax.numpy as jnp; from maxnucl.pruning import prune; jnp.zeros(1)",
+                  str(REPO)], check=True, env=env)
+  baseline_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
   t = time.time()
   subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
   prune_s = time.time() - t
@@ -93,9 +100,14 @@ def main() -> None:
       "method": args.method, "ratio": args.ratio,
       "input_bytes": _dir_bytes(src), "output_bytes": _dir_bytes(out),
       "one_layer_ffn_bytes": 3 * d * m * 2,
+      "largest_other_tensor_bytes": max(
+          int(np.prod(shape)) * 2 for key, (shape, _) in checkpoints.stored_arrays(src).items()
+          if key[1:2] != ("mlp",)),
+      "baseline_peak_rss_bytes": baseline_rss,
       "copy_seconds": round(copy_s, 2), "prune_seconds": round(prune_s, 2),
       "prune_over_copy": round(prune_s / copy_s, 2), "prune_peak_rss_bytes": peak_rss,
-      "ffn_widths_after": report["ffn_widths_after"], "machine": "2-core x86_64 CPU, 24 GiB",
+      "prune_minus_baseline_rss_bytes": peak_rss - baseline_rss,
+      "ffn_widths_after": report["ffn_widths_after"], "machine": "2-core x86_64 CPU, 24 GiB RAM, no accelerator",
   }
   print(json.dumps(result, indent=1))
   if args.json:

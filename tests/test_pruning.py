@@ -406,6 +406,15 @@ def test_pruner_streams_layer_by_layer_in_the_stored_dtype(tmp_path, monkeypatch
                                 np.asarray(params["layers_1"]["mlp"]["out"])[kept])
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params["embedder"]),
                jax.tree.map(np.asarray, pruned["embedder"]))
+  # The output (StreamingWriter's zarr layout) is itself a valid input; unselected tensors are
+  # copied unchanged from either layout.
+  prune_ffn_neurons(tmp_path / "out", tmp_path / "again", method="magnitude", ratio=0.5,
+                    layers="0")
+  cfg, again = checkpoints.load(tmp_path / "again")
+  assert cfg.ffn_widths == (96, 192, 192, 192)
+  for name in ("embedder", "layers_1", "layers_3", "final_norm"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pruned[name]),
+                 jax.tree.map(np.asarray, again[name]))
 
 
 def test_failure_while_writing_leaves_nothing(tiny_ckpt, tmp_path):

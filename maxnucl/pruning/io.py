@@ -3,8 +3,11 @@
 Built on the streaming API of `maxnucl.checkpoints`:
 
   reading  `checkpoints.read_array`: one stored tensor at a time (TensorStore), e.g. one layer's
-           {gate U, up V, out W} (`CheckpointReader.read_ffn`).  Only calibration and perplexity
-           evaluation read the whole tree (`read_all`).
+           {gate U, up V, out W} (`CheckpointReader.read_ffn`).  Tensors copied unchanged (the
+           embedding, norms, attention, unselected layers) are opened lazily (`open_lazy`: a
+           TensorStore view on the zarr leaf or on the OCDBT store Orbax writes) so the writer
+           reads them block by block as it writes.  Only calibration and perplexity evaluation
+           read the whole tree (`read_all`).
   writing  `checkpoints.StreamingWriter`: each array is written as soon as `CheckpointWriter.write`
            receives it and is not kept.  Everything goes to a temporary sibling directory that is
            renamed to the output only after every tensor of the (pruned) config was written; on an
@@ -12,15 +15,17 @@ Built on the streaming API of `maxnucl.checkpoints`:
            overwrite=True.
 
 So the pruner's peak memory is one layer's FFN (as stored, its float copies and the pruned slice)
-plus the largest other tensor (the embedding), not the whole checkpoint.  The output keeps the
+plus a few row blocks of the writer, not the whole checkpoint nor the whole embedding.  The output keeps the
 input's stored dtype.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import numpy as np
+import tensorstore as ts
 
 from maxnucl import checkpoints
 from maxnucl.models.config import ModelConfig
@@ -54,6 +59,34 @@ class CheckpointReader:
       raise checkpoints.CheckpointError(
           f"{self.path}: tensor {'/'.join(key)} is not stored in this checkpoint")
     return checkpoints.read_array(self.path, key)
+
+  def open_lazy(self, key: Key):
+    """A read-only TensorStore view of one leaf (nothing read yet), or, for a leaf layout this
+    module does not know, the array itself (`read`).  Slicing the view and np.asarray on the
+    slice reads only those rows, which is how StreamingWriter.write consumes it."""
+    shape, dtype = self.stored[key] if key in self.stored else (None, None)
+    if shape is None:
+      return self.read(key)  # raises the "not stored" error
+    params_dir = self.path / checkpoints.PARAMS
+    leaf = ".".join(key)
+    if (params_dir / leaf / ".zarray").is_file():  # StreamingWriter / use_ocdbt=False layout
+      spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(params_dir / leaf)}}
+    else:
+      try:
+        meta = json.loads((params_dir / "_METADATA").read_text())
+      except (OSError, ValueError):
+        return self.read(key)
+      if not meta.get("use_ocdbt"):
+        return self.read(key)
+      spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr",
+              "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": leaf}}
+    try:
+      view = ts.open(spec, open=True, read=True).result()
+    except ValueError:
+      return self.read(key)
+    if tuple(view.shape) != tuple(shape) or view.dtype.numpy_dtype.name != dtype:
+      return self.read(key)
+    return view
 
   def read_ffn(self, layer: str) -> dict[str, np.ndarray]:
     """One layer's FFN: {"gate": U [d, m], "up": V [d, m], "out": W [m, d]} (stored dtype)."""

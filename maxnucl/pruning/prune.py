@@ -236,19 +236,20 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   layer_reports = []
   with io.CheckpointWriter(output_path, new_cfg, dtype=reader.dtype,
                            overwrite=overwrite) as writer:
-    # Non-FFN arrays, one at a time (the norms of an FFN branch cut to width 0 are dropped).
+    # Non-FFN arrays, opened lazily and copied block by block (the norms of an FFN branch cut to
+    # width 0 are dropped).
     for key in reader.non_ffn_keys():
       if key in writer.expected:
-        writer.write(key, reader.read(key))
+        writer.write(key, reader.open_lazy(key))
     for i in range(cfg.num_layers):
       name = f"layers_{i}"
       entry: dict[str, Any] = {"name": name, "selected": i in counts, "width_before": widths[i]}
       layer_reports.append(entry)
-      if i not in counts:  # unselected layers: copied unchanged, one array at a time
+      if i not in counts:  # unselected layers: copied unchanged, block by block
         entry.update(width_after=widths[i], num_removed=0, kept=list(range(widths[i])))
         for key in FFN_KEYS:
           if (name, "mlp", key) in writer.expected:
-            writer.write((name, "mlp", key), reader.read((name, "mlp", key)))
+            writer.write((name, "mlp", key), reader.open_lazy((name, "mlp", key)))
         continue
       layer = pruner.inputs(i)
       removed, scores, out = pruner.cut(layer, counts[i], cached.pop(i, None))
