@@ -1,12 +1,12 @@
 """Pruning throughput on a synthetic Gemma-2-9B-shaped checkpoint vs a plain copy of its files.
 
   python benchmarks/prune_benchmark.py [--layers 4] [--vocab_size 256000] [--method entropy]
-      [--ratio 0.25] [--workdir /tmp/prune_bench] [--json out.json]
+      [--ratio 0.25] [--input_layout streaming|orbax] [--workdir /tmp/prune_bench] [--json out.json]
 
 The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256) in bfloat16 with
 `--layers` decoder layers (default 4 of 42) and random N(0, 1/fan_in) weights.  Measured:
-  * copy      wall time of `cp -r` of the input checkpoint (same bytes; warm page cache; cp does
-              not fsync, the pruner's writer does);
+  * copy      wall time of `cp -r` of the input checkpoint (same bytes; warm page cache), with
+              os.sync() before and after, as for the pruner (whose writer fsyncs its output);
   * prune     wall time and peak RSS (ru_maxrss) of `tools/prune_checkpoint.py` in a fresh
               subprocess (includes interpreter + JAX start-up, reading, scoring, writing);
   * baseline  peak RSS of a subprocess that only imports what the tool imports (so
@@ -35,7 +35,7 @@ def _dir_bytes(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int) -> None:
+def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int, layout: str) -> None:
   cfg = models.get_config("gemma2_9b", num_layers=layers, vocab_size=vocab_size,
                           param_dtype="bfloat16", dtype="bfloat16")
   rng = np.random.default_rng(0)
@@ -47,8 +47,14 @@ def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int) -> None:
     return a.astype(ml_dtypes.bfloat16)
 
   import jax  # pylint: disable=import-outside-toplevel
-  params = jax.tree.map(leaf, models.abstract_params(cfg))
-  checkpoints.save(path, cfg, params, overwrite=True)
+  if layout == "orbax":  # checkpoints.save: Orbax OCDBT, one chunk per array
+    checkpoints.save(path, cfg, jax.tree.map(leaf, models.abstract_params(cfg)), overwrite=True)
+    return
+  # "streaming": the converter's layout (StreamingWriter, ~64 MiB row-block chunks)
+  flat = jax.tree_util.tree_flatten_with_path(models.abstract_params(cfg))[0]
+  with checkpoints.StreamingWriter(path, cfg, dtype="bfloat16", overwrite=True) as writer:
+    for keys, x in flat:
+      writer.write(tuple(k.key for k in keys), leaf(x))
 
 
 def main() -> None:
@@ -59,13 +65,16 @@ def main() -> None:
   parser.add_argument("--ratio", type=float, default=0.25)
   parser.add_argument("--workdir", default="/tmp/prune_bench")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--input_layout", choices=("streaming", "orbax"), default="streaming",
+                      help="input written like the converter does (StreamingWriter) or by "
+                           "checkpoints.save (Orbax, one chunk per array)")
   args = parser.parse_args()
   work = pathlib.Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
-  src, copy, out = work / "ckpt_9b_shaped", work / "copy", work / "pruned"
+  src, copy, out = work / f"ckpt_9b_shaped_{args.input_layout}", work / "copy", work / "pruned"
   if not src.exists():
     t = time.time()
-    make_checkpoint(src, args.layers, args.vocab_size)
+    make_checkpoint(src, args.layers, args.vocab_size, args.input_layout)
     print(f"created {src} in {time.time() - t:.1f}s", file=sys.stderr)
   cfg = checkpoints.load_config(src)
   if cfg.num_layers != args.layers or cfg.vocab_size != args.vocab_size:
@@ -74,8 +83,10 @@ def main() -> None:
   for p in (copy, out):
     shutil.rmtree(p, ignore_errors=True)
 
+  os.sync()
   t = time.time()
   subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
+  os.sync()  # timed like the pruner, whose writer fsyncs its output
   copy_s = time.time() - t
   shutil.rmtree(copy)
 
@@ -87,8 +98,10 @@ def main() -> None:
                   "import jax.numpy as jnp; from maxnucl.pruning import prune; jnp.zeros(1)",
                   str(REPO)], check=True, env=env)
   baseline_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+  os.sync()
   t = time.time()
   subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+  os.sync()
   prune_s = time.time() - t
   peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
   report = json.loads((work / "report.json").read_text())
@@ -97,7 +110,7 @@ def main() -> None:
   result = {
       "shape": {"num_layers": cfg.num_layers, "d_model": d, "ffn_dim": m,
                 "vocab_size": cfg.vocab_size, "dtype": "bfloat16"},
-      "method": args.method, "ratio": args.ratio,
+      "method": args.method, "ratio": args.ratio, "input_layout": args.input_layout,
       "input_bytes": _dir_bytes(src), "output_bytes": _dir_bytes(out),
       "one_layer_ffn_bytes": 3 * d * m * 2,
       "largest_other_tensor_bytes": max(

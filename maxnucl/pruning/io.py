@@ -6,8 +6,10 @@ Built on the streaming API of `maxnucl.checkpoints`:
            {gate U, up V, out W} (`CheckpointReader.read_ffn`).  Tensors copied unchanged (the
            embedding, norms, attention, unselected layers) are opened lazily (`open_lazy`: a
            TensorStore view on the zarr leaf or on the OCDBT store Orbax writes) so the writer
-           reads them block by block as it writes.  Only calibration and perplexity evaluation
-           read the whole tree (`read_all`).
+           reads them block by block as it writes, when their stored chunks are small
+           (StreamingWriter's row blocks, e.g. converter outputs).  `checkpoints.save` (Orbax)
+           stores each array as a single chunk; such arrays are read whole.  Only calibration
+           and perplexity evaluation read the whole tree (`read_all`).
   writing  `checkpoints.StreamingWriter`: each array is written as soon as `CheckpointWriter.write`
            receives it and is not kept.  Everything goes to a temporary sibling directory that is
            renamed to the output only after every tensor of the (pruned) config was written; on an
@@ -15,7 +17,8 @@ Built on the streaming API of `maxnucl.checkpoints`:
            overwrite=True.
 
 So the pruner's peak memory is one layer's FFN (as stored, its float copies and the pruned slice)
-plus a few row blocks of the writer, not the whole checkpoint nor the whole embedding.  The output keeps the
+plus a few row blocks of the writer, not the whole checkpoint; for inputs written by Orbax
+(`checkpoints.save`) add the largest single-chunk tensor (the embedding).  The output keeps the
 input's stored dtype.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+
 import numpy as np
 import tensorstore as ts
 
@@ -33,6 +37,10 @@ from maxnucl.models.config import ModelConfig
 FFN_KEYS = ("gate", "up", "out")  # U [d, m], V [d, m], W [m, d]
 
 Key = tuple[str, ...]
+
+# Lazy block-wise copying pays only when the stored chunks are small (StreamingWriter: ~64 MiB
+# row blocks); larger chunks (Orbax's one chunk per array) are read whole instead.
+MAX_LAZY_CHUNK_BYTES = 256 << 20
 
 
 class CheckpointReader:
@@ -85,6 +93,10 @@ class CheckpointReader:
     except ValueError:
       return self.read(key)
     if tuple(view.shape) != tuple(shape) or view.dtype.numpy_dtype.name != dtype:
+      return self.read(key)
+    chunk = view.chunk_layout.read_chunk.shape
+    if chunk is None or np.prod(chunk) * view.dtype.numpy_dtype.itemsize > MAX_LAZY_CHUNK_BYTES:
+      # Orbax stores a single-host array as one chunk: every row block would decode all of it.
       return self.read(key)
     return view
 
