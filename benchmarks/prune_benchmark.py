@@ -1,13 +1,14 @@
 """Pruning throughput on a synthetic Gemma-2-9B-shaped checkpoint vs a plain copy of its files.
 
   python benchmarks/prune_benchmark.py [--layers 4] [--vocab_size 256000] [--method entropy]
-      [--ratio 0.25] [--input_layout streaming|orbax] [--workdir /tmp/prune_bench] [--json out.json]
+      [--ratio 0.25] [--input_layout streaming|orbax] [--workdir /tmp/prune_bench]
+      [--json out.json]
 
 The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256) in bfloat16 with
 `--layers` decoder layers (default 4 of 42) and random N(0, 1/fan_in) weights.  Measured:
   * copy      wall time of `cp -r` of the input checkpoint (same bytes; warm page cache), with
               os.sync() before and after, as for the pruner (whose writer fsyncs its output);
-  * prune     wall time and peak RSS (ru_maxrss) of `tools/prune_checkpoint.py` in a fresh
+  * prune     wall time and peak RSS (VmHWM) of `tools/prune_checkpoint.py` in a fresh
               subprocess (includes interpreter + JAX start-up, reading, scoring, writing);
   * baseline  peak RSS of a subprocess that only imports what the tool imports (so
               prune - baseline is the memory the pruning itself needs).
@@ -17,7 +18,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +33,28 @@ from maxnucl import checkpoints, models  # noqa: E402  pylint: disable=wrong-imp
 
 def _dir_bytes(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+_PEAK = ("import runpy, sys\n"
+         "sys.argv = sys.argv[1:]\n"
+         "try:\n"
+         "  runpy.run_path(sys.argv[0], run_name='__main__') if sys.argv[0] != '-c' else "
+         "exec(sys.argv[1])\n"
+         "except SystemExit as e:\n"
+         "  assert not e.code, e.code\n"
+         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+         "print('PEAK_RSS_KIB', hwm.split()[1], file=sys.stderr)\n")
+
+
+def _measured(argv: list[str], env: dict) -> tuple[float, int]:
+  """(seconds, peak RSS bytes) of `python argv...` in a fresh process.  Peak RSS is VmHWM read
+  by that process itself: a forked child's ru_maxrss would include the parent's memory."""
+  t = time.time()
+  done = subprocess.run([sys.executable, "-c", _PEAK, *argv], check=True, env=env,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                        cwd=REPO)
+  kib = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KIB")]
+  return time.time() - t, int(kib[-1]) * 1024
 
 
 def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int, layout: str) -> None:
@@ -93,17 +115,15 @@ def main() -> None:
   cmd = [sys.executable, str(REPO / "tools" / "prune_checkpoint.py"), "--input", str(src),
          "--output", str(out), "--method", args.method, "--ratio", str(args.ratio),
          "--report", str(work / "report.json")]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                  "import jax.numpy as jnp; from maxnucl.pruning import prune; jnp.zeros(1)",
-                  str(REPO)], check=True, env=env)
-  baseline_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=str(REPO))
+  baseline_rss = _measured(["-c", "import jax.numpy as jnp; from maxnucl.pruning import prune; "
+                             "jnp.zeros(1)"], env)[1]
   os.sync()
   t = time.time()
-  subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+  peak_rss = _measured([*cmd[1:]], env)[1]
   os.sync()
   prune_s = time.time() - t
-  peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
   report = json.loads((work / "report.json").read_text())
 
   d, m = cfg.d_model, cfg.ffn_dim
@@ -120,7 +140,8 @@ def main() -> None:
       "copy_seconds": round(copy_s, 2), "prune_seconds": round(prune_s, 2),
       "prune_over_copy": round(prune_s / copy_s, 2), "prune_peak_rss_bytes": peak_rss,
       "prune_minus_baseline_rss_bytes": peak_rss - baseline_rss,
-      "ffn_widths_after": report["ffn_widths_after"], "machine": "2-core x86_64 CPU, 24 GiB RAM, no accelerator",
+      "ffn_widths_after": report["ffn_widths_after"],
+      "machine": "2-core x86_64 CPU, 24 GiB RAM, no accelerator",
   }
   print(json.dumps(result, indent=1))
   if args.json:
