@@ -8,17 +8,48 @@ A checkpoint describes itself: `cfg, params = load(path)` needs nothing else.  T
 checkpoint steps use the same two items (plus optimizer and data state), so `load` also reads a
 training step directory.  With a mesh, every array is restored directly into its sharding, so no
 host ever holds the whole model.
+
+Whole-tree API:   save(path, cfg, params), load(path, mesh=, rules=, dtype=), load_config(path),
+                  stored_arrays(path)
+Streaming API (one tensor in memory at a time; converters and the pruner use it):
+  read_array(path, key_path, dtype=None, axes=None)        one stored array (np.ndarray), e.g.
+                                                          ("layers_3", "mlp", "out"); axes:
+                                                          transposed while read
+  pytree_arrays(dir), read_pytree_array(dir, key_path)     the same for any Orbax PyTree
+                                                          directory (DeepMind checkpoints)
+  iter_arrays(path, dtype=None)                            (key_path, array) pairs, one at a time
+  with StreamingWriter(path, cfg, dtype=..., overwrite=False) as writer:
+      writer.write(key_path, array)                        each leaf of the config's tree once,
+                                                          in any order
+StreamingWriter writes the layout Orbax itself writes with `use_ocdbt=False`: one zarr v2 array
+per leaf (created and filled by TensorStore's zarr driver, uncompressed, chunked by blocks of
+rows), plus the small Orbax `_METADATA` / `_CHECKPOINT_METADATA` JSON files, so `load` (plain
+Orbax) reads it unchanged.  Each row block is written as soon as it is produced (two blocks in
+flight); chunk files are not fsynced one by one (that stalls the writer) but by a background
+thread as each leaf finishes, and all of them before the final rename.  The single-array
+readers open such zarr leaves with TensorStore directly (no Orbax tree restore per array); any
+other leaf layout (OCDBT, as `save` and DeepMind's checkpoints use) is read through Orbax.
+Everything goes to a temporary sibling directory that is renamed to `path` only after every
+expected tensor was written with the expected shape and dtype: an interrupted writer leaves
+nothing under `path`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-from typing import Any, Optional
+import shutil
+import time
+import uuid
+from concurrent import futures
+from typing import Any, Iterator, Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxnucl import models, sharding
@@ -70,11 +101,29 @@ def stored_arrays(path: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[
   params_dir = _existing(path) / PARAMS
   if not params_dir.is_dir():
     raise CheckpointError(f"{path}: no {PARAMS}/ directory")
-  metadata = ocp.PyTreeCheckpointHandler().metadata(params_dir).tree
+  return pytree_arrays(params_dir)
+
+
+def pytree_arrays(directory: str | os.PathLike
+                  ) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  """Like `stored_arrays`, for any Orbax PyTree directory (e.g. a DeepMind `gemma` checkpoint)."""
+  metadata = ocp.PyTreeCheckpointHandler().metadata(_existing(directory)).tree
   out = {}
   for keys, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]:
     out[tuple(k.key for k in keys)] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
   return out
+
+
+def read_pytree_array(directory: str | os.PathLike, key_path: tuple[str, ...],
+                      dtype: Optional[str] = None,
+                      axes: Optional[tuple[int, ...]] = None) -> np.ndarray:
+  """One array of any Orbax PyTree directory (host numpy), reading nothing else."""
+  key_path = tuple(key_path)
+  stored = pytree_arrays(directory)
+  if key_path not in stored:
+    raise CheckpointError(f"{directory}: no stored tensor {'/'.join(key_path)}")
+  shape, stored_dtype = stored[key_path]
+  return _read_leaf(_existing(directory), key_path, shape, dtype or stored_dtype, axes)
 
 
 def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
@@ -113,6 +162,222 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
   """Raise CheckpointError naming the first tensor whose presence or shape disagrees with cfg."""
   actual = _leaf_shapes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
   _compare(f"params for model {cfg.name!r}", _leaf_shapes(models.abstract_params(cfg)), actual)
+
+
+# ---- streaming access ---------------------------------------------------------------------------
+
+def read_array(path: str | os.PathLike, key_path: tuple[str, ...],
+               dtype: Optional[str] = None, axes: Optional[tuple[int, ...]] = None
+               ) -> np.ndarray:
+  """One stored array (host numpy), without reading any other tensor.
+
+  key_path: the leaf's path in the params tree, e.g. ("layers_0", "mlp", "out").  dtype: cast on
+  read (default: as stored).  axes: return `array.transpose(axes)`, C-contiguous (TensorStore
+  transposes while it reads: one pass over the data instead of two).
+  """
+  return read_pytree_array(_existing(path) / PARAMS, key_path, dtype, axes)
+
+
+def iter_arrays(path: str | os.PathLike, dtype: Optional[str] = None
+                ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """(key_path, array) for every stored array, one array in memory at a time."""
+  params_dir = _existing(path) / PARAMS
+  for key_path, (shape, stored_dtype) in stored_arrays(path).items():
+    yield key_path, _read_leaf(params_dir, key_path, shape, dtype or stored_dtype)
+
+
+def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype, axes=None) -> np.ndarray:
+  leaf_dir = params_dir / ".".join(key_path)
+  if (leaf_dir / ".zarray").is_file():  # a per-leaf zarr array (use_ocdbt=False): TensorStore
+    return _read_zarr(leaf_dir, shape, np.dtype(dtype), axes)
+  item = _unflatten({key_path: jax.ShapeDtypeStruct(shape, np.dtype(dtype))})
+  restore_args = _unflatten({key_path: ocp.RestoreArgs(restore_type=np.ndarray,
+                                                       dtype=np.dtype(dtype))})
+  restored = ocp.PyTreeCheckpointHandler().restore(
+      params_dir, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
+  for key in key_path:
+    restored = restored[key]
+  return np.asarray(restored) if axes is None else np.ascontiguousarray(
+      np.transpose(restored, axes))
+
+
+def _zarr_spec(leaf_dir: pathlib.Path) -> dict:
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(leaf_dir)}}
+
+
+def _read_zarr(leaf_dir: pathlib.Path, shape, dtype: np.dtype, axes=None) -> np.ndarray:
+  """One zarr leaf, read by TensorStore (cast on the fly).  TensorStore's own `read()`: copying
+  into a preallocated array through `ts.array(out).write(...)` is twice as slow."""
+  try:
+    array = ts.open(_zarr_spec(leaf_dir), open=True, read=True).result()
+    if tuple(array.shape) != tuple(shape):
+      raise CheckpointError(f"{leaf_dir}: zarr array has shape {tuple(array.shape)}, the "
+                            f"checkpoint metadata says {tuple(shape)}")
+    if array.dtype.numpy_dtype != dtype:
+      array = ts.cast(array, ts.dtype(dtype.name))
+    if axes is not None:
+      array = array[ts.d[tuple(axes)].transpose[:]]
+    return array.read().result()
+  except ValueError as e:  # TensorStore reports missing/truncated chunks as ValueError
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{leaf_dir}: cannot read the array ({e})") from None
+
+
+_ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2"}
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+              "float16": np.dtype(np.float16)}
+_CHUNK_BYTES = 64 << 20  # rows per chunk file: about this many bytes
+
+
+class StreamingWriter:
+  """Write a checkpoint one tensor at a time (see the module docstring for the layout).
+
+      with StreamingWriter(path, cfg, dtype="bfloat16") as writer:
+        for key_path, array in pairs:        # any order; arrays may be memmaps or views
+          writer.write(key_path, array)      # cast to `dtype`, written in row blocks
+
+  On leaving the `with` block normally the checkpoint is checked (every leaf of
+  `models.abstract_params(cfg)` present) and renamed into place; on an exception the temporary
+  directory is removed and nothing appears under `path`.
+  """
+
+  def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str = "float32",
+               overwrite: bool = False):
+    self.path = pathlib.Path(path).absolute()
+    if self.path.exists() and not overwrite:
+      raise FileExistsError(f"output {self.path} already exists; pass overwrite=True "
+                            f"(--overwrite) to replace it")
+    if dtype not in _ZARR_DTYPES:
+      raise ValueError(f"checkpoint dtype {dtype!r}; expected one of {sorted(_ZARR_DTYPES)}")
+    self.cfg, self.dtype, self.overwrite = cfg, NP_DTYPES[dtype], overwrite
+    self.expected = _leaf_shapes(models.abstract_params(cfg))
+    self.written: dict[tuple[str, ...], tuple[int, ...]] = {}
+    self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # TensorStore fsyncs every chunk file by default, which stalls the writer on each chunk;
+    # the chunks are made durable once, in `commit`, before the rename instead.
+    self.context = ts.Context({"file_io_sync": False})
+    self.syncing = futures.ThreadPoolExecutor(1)  # fsyncs each finished leaf in the background
+    self.synced: list[futures.Future] = []
+    self.tmp.mkdir(parents=True)
+    (self.tmp / PARAMS).mkdir()
+
+  def __enter__(self) -> "StreamingWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.commit()
+    else:
+      self.abort()
+
+  def write(self, key_path: tuple[str, ...], array: np.ndarray) -> None:
+    """Write one leaf; `array` must have the config's shape for `key_path`."""
+    key_path = tuple(key_path)
+    name = "/".join(key_path)
+    if key_path not in self.expected:
+      raise CheckpointError(f"{self.path}: tensor {name} is not in model config "
+                            f"{self.cfg.name!r}")
+    if key_path in self.written:
+      raise CheckpointError(f"{self.path}: tensor {name} written twice")
+    if tuple(array.shape) != self.expected[key_path]:
+      raise CheckpointError(f"{self.path}: tensor {name} has shape {tuple(array.shape)}, "
+                            f"expected {self.expected[key_path]} from the model config")
+    shape = tuple(array.shape)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+    rows = max(1, min(shape[0], _CHUNK_BYTES // max(row_bytes, 1))) if shape else 1
+    leaf_dir = self.tmp / PARAMS / ".".join(key_path)
+    store = ts.open({
+        **_zarr_spec(leaf_dir),
+        "metadata": {"shape": list(shape), "chunks": [rows, *shape[1:]] if shape else [],
+                     "dtype": _ZARR_DTYPES[self.dtype.name], "compressor": None,
+                     "fill_value": None, "order": "C", "dimension_separator": "."},
+        "store_data_equal_to_fill_value": True}, create=True, context=self.context).result()
+    if not shape:
+      store.write(_cast(array, store.dtype)).result()
+    pending: list = []  # two row blocks in flight: one is copied while the other is written
+    for start in range(0, shape[0] if shape else 0, rows):
+      stop = min(start + rows, shape[0])
+      pending.append(store[start:stop].write(_cast(array[start:stop], store.dtype)))
+      if len(pending) > 1:
+        pending.pop(0).result()
+    for future in pending:
+      future.result()
+    self.synced.append(self.syncing.submit(_fsync_tree, leaf_dir))
+    self.written[key_path] = shape
+
+  def commit(self) -> pathlib.Path:
+    missing = [k for k in self.expected if k not in self.written]
+    if missing:
+      self.abort()
+      raise CheckpointError(f"{self.path}: tensor {'/'.join(missing[0])} was never written "
+                            f"({len(missing)} missing, expected shape {self.expected[missing[0]]})")
+    tree_metadata = {
+        str(key_path): {"key_metadata": [{"key": k, "key_type": 2} for k in key_path],
+                        "value_metadata": {"value_type": "np.ndarray",
+                                           "skip_deserialize": False}}
+        for key_path in self.expected}
+    (self.tmp / PARAMS / "_METADATA").write_text(json.dumps({
+        "tree_metadata": tree_metadata, "use_ocdbt": False, "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True, "custom_metadata": None}))
+    (self.tmp / MODEL_CONFIG).mkdir()
+    (self.tmp / MODEL_CONFIG / "metadata").write_text(json.dumps(self.cfg.to_dict()))
+    now = time.time_ns()
+    (self.tmp / "_CHECKPOINT_METADATA").write_text(json.dumps({
+        "item_handlers": {
+            MODEL_CONFIG: "orbax.checkpoint._src.handlers.json_checkpoint_handler."
+                          "JsonCheckpointHandler",
+            PARAMS: "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
+                    "PyTreeCheckpointHandler"},
+        "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
+        "commit_timestamp_nsecs": now, "custom_metadata": {}}))
+    for synced in self.synced:
+      synced.result()
+    self.syncing.shutdown()
+    _fsync_tree(self.tmp, files=False)
+    for name in ("_METADATA", "_CHECKPOINT_METADATA", f"{MODEL_CONFIG}/metadata"):
+      _fsync_tree(self.tmp / name)
+    replace_directory(self.tmp, self.path, self.overwrite)
+    return self.path
+
+  def abort(self) -> None:
+    self.syncing.shutdown(cancel_futures=True)
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _cast(block: np.ndarray, dtype: ts.dtype) -> ts.TensorStore:
+  """A (possibly strided) block, converted to `dtype` by TensorStore while it is written (faster
+  than numpy's strided copy for bfloat16; TensorStore refuses implicit narrowing casts)."""
+  return ts.cast(ts.array(np.asarray(block)), dtype)
+
+
+def _fsync_tree(root: pathlib.Path, files: bool = True) -> None:
+  """Flush `root` (a file, or a directory with its entries and, if `files`, every file below)."""
+  if root.is_file():
+    walk = [(str(root.parent), [], [root.name])]
+  else:
+    walk = [(d, [], f if files else []) for d, _, f in os.walk(root)]
+  for directory, _, names in walk:
+    for name in [*names] + (["."] if root.is_dir() else []):
+      fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+
+def replace_directory(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
+  """Rename the finished `tmp` to `path`, replacing an existing `path` only if `overwrite`."""
+  if path.exists():
+    if not overwrite:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise FileExistsError(f"output {path} already exists; pass --overwrite to replace it")
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    tmp.rename(path)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

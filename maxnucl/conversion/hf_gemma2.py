@@ -46,7 +46,7 @@ def _o_to_maxnucl(w, cfg):  # (d, N*H) -> [N, H, d]
 
 
 def _o_to_hf(w, cfg):  # [N, H, d] -> (d, N*H)
-  return w.reshape(cfg.num_heads * cfg.head_dim, cfg.d_model).T
+  return w.transpose(2, 0, 1).reshape(cfg.d_model, cfg.num_heads * cfg.head_dim)
 
 
 def _transpose(w, cfg):
@@ -63,6 +63,19 @@ _LAYER_NORMS = {
     "pre_ffw_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+
+
+def hf_axes(path: tuple[str, ...]) -> tuple[int, ...]:
+  """The axis permutation inside `to_hf` of leaf `path`: to_hf(w) is
+  w.transpose(hf_axes(path)) followed by a reshape that merges adjacent axes (free in C order),
+  so an exporter can have the transpose done while reading."""
+  if path[-1] in ("q", "k", "v"):  # [d, n, H] -> [n, H, d]
+    return (1, 2, 0)
+  if path[-1] == "o":  # [N, H, d] -> [d, N, H]
+    return (2, 0, 1)
+  if path[-2:-1] == ("mlp",):  # [d, m] -> [m, d], [m, d] -> [d, m]
+    return (1, 0)
+  return (0,) if path[0] == "final_norm" or path[-1] == "scale" else (0, 1)
 
 
 def tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, _Transform, _Transform]]:

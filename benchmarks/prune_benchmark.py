@@ -1,0 +1,152 @@
+"""Pruning throughput on a synthetic Gemma-2-9B-shaped checkpoint vs a plain copy of its files.
+
+  python benchmarks/prune_benchmark.py [--layers 4] [--vocab_size 256000] [--method entropy]
+      [--ratio 0.25] [--input_layout streaming|orbax] [--workdir /tmp/prune_bench]
+      [--json out.json]
+
+The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256) in bfloat16 with
+`--layers` decoder layers (default 4 of 42) and random N(0, 1/fan_in) weights.  Measured:
+  * copy      wall time of `cp -r` of the input checkpoint (same bytes; warm page cache), with
+              os.sync() before and after, as for the pruner (whose writer fsyncs its output);
+  * prune     wall time and peak RSS (VmHWM) of `tools/prune_checkpoint.py` in a fresh
+              subprocess (includes interpreter + JAX start-up, reading, scoring, writing);
+  * baseline  peak RSS of a subprocess that only imports what the tool imports (so
+              prune - baseline is the memory the pruning itself needs).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from maxnucl import checkpoints, models  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _dir_bytes(path: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+_PEAK = ("import runpy, sys\n"
+         "sys.argv = sys.argv[1:]\n"
+         "try:\n"
+         "  runpy.run_path(sys.argv[0], run_name='__main__') if sys.argv[0] != '-c' else "
+         "exec(sys.argv[1])\n"
+         "except SystemExit as e:\n"
+         "  assert not e.code, e.code\n"
+         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+         "print('PEAK_RSS_KIB', hwm.split()[1], file=sys.stderr)\n")
+
+
+def _measured(argv: list[str], env: dict) -> tuple[float, int]:
+  """(seconds, peak RSS bytes) of `python argv...` in a fresh process.  Peak RSS is VmHWM read
+  by that process itself: a forked child's ru_maxrss would include the parent's memory."""
+  t = time.time()
+  done = subprocess.run([sys.executable, "-c", _PEAK, *argv], check=True, env=env,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                        cwd=REPO)
+  kib = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KIB")]
+  return time.time() - t, int(kib[-1]) * 1024
+
+
+def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int, layout: str) -> None:
+  cfg = models.get_config("gemma2_9b", num_layers=layers, vocab_size=vocab_size,
+                          param_dtype="bfloat16", dtype="bfloat16")
+  rng = np.random.default_rng(0)
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+
+  def leaf(x):
+    a = rng.standard_normal(x.shape, dtype=np.float32)
+    a *= 1.0 / np.sqrt(x.shape[0])
+    return a.astype(ml_dtypes.bfloat16)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  if layout == "orbax":  # checkpoints.save: Orbax OCDBT, one chunk per array
+    checkpoints.save(path, cfg, jax.tree.map(leaf, models.abstract_params(cfg)), overwrite=True)
+    return
+  # "streaming": the converter's layout (StreamingWriter, ~64 MiB row-block chunks)
+  flat = jax.tree_util.tree_flatten_with_path(models.abstract_params(cfg))[0]
+  with checkpoints.StreamingWriter(path, cfg, dtype="bfloat16", overwrite=True) as writer:
+    for keys, x in flat:
+      writer.write(tuple(k.key for k in keys), leaf(x))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--vocab_size", type=int, default=256_000)
+  parser.add_argument("--method", default="entropy")
+  parser.add_argument("--ratio", type=float, default=0.25)
+  parser.add_argument("--workdir", default="/tmp/prune_bench")
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--input_layout", choices=("streaming", "orbax"), default="streaming",
+                      help="input written like the converter does (StreamingWriter) or by "
+                           "checkpoints.save (Orbax, one chunk per array)")
+  args = parser.parse_args()
+  work = pathlib.Path(args.workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  src, copy, out = work / f"ckpt_9b_shaped_{args.input_layout}", work / "copy", work / "pruned"
+  if not src.exists():
+    t = time.time()
+    make_checkpoint(src, args.layers, args.vocab_size, args.input_layout)
+    print(f"created {src} in {time.time() - t:.1f}s", file=sys.stderr)
+  cfg = checkpoints.load_config(src)
+  if cfg.num_layers != args.layers or cfg.vocab_size != args.vocab_size:
+    raise SystemExit(f"{src} has {cfg.num_layers} layers / vocab {cfg.vocab_size}; delete it "
+                     f"or pass a different --workdir")
+  for p in (copy, out):
+    shutil.rmtree(p, ignore_errors=True)
+
+  os.sync()
+  t = time.time()
+  subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
+  os.sync()  # timed like the pruner, whose writer fsyncs its output
+  copy_s = time.time() - t
+  shutil.rmtree(copy)
+
+  cmd = [sys.executable, str(REPO / "tools" / "prune_checkpoint.py"), "--input", str(src),
+         "--output", str(out), "--method", args.method, "--ratio", str(args.ratio),
+         "--report", str(work / "report.json")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=str(REPO))
+  baseline_rss = _measured(["-c", "import jax.numpy as jnp; from maxnucl.pruning import prune; "
+                             "jnp.zeros(1)"], env)[1]
+  os.sync()
+  t = time.time()
+  peak_rss = _measured([*cmd[1:]], env)[1]
+  os.sync()
+  prune_s = time.time() - t
+  report = json.loads((work / "report.json").read_text())
+
+  d, m = cfg.d_model, cfg.ffn_dim
+  result = {
+      "shape": {"num_layers": cfg.num_layers, "d_model": d, "ffn_dim": m,
+                "vocab_size": cfg.vocab_size, "dtype": "bfloat16"},
+      "method": args.method, "ratio": args.ratio, "input_layout": args.input_layout,
+      "input_bytes": _dir_bytes(src), "output_bytes": _dir_bytes(out),
+      "one_layer_ffn_bytes": 3 * d * m * 2,
+      "largest_other_tensor_bytes": max(
+          int(np.prod(shape)) * 2 for key, (shape, _) in checkpoints.stored_arrays(src).items()
+          if key[1:2] != ("mlp",)),
+      "baseline_peak_rss_bytes": baseline_rss,
+      "copy_seconds": round(copy_s, 2), "prune_seconds": round(prune_s, 2),
+      "prune_over_copy": round(prune_s / copy_s, 2), "prune_peak_rss_bytes": peak_rss,
+      "prune_minus_baseline_rss_bytes": peak_rss - baseline_rss,
+      "ffn_widths_after": report["ffn_widths_after"],
+      "machine": "2-core x86_64 CPU, 24 GiB RAM, no accelerator",
+  }
+  print(json.dumps(result, indent=1))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  main()

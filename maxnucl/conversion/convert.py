@@ -1,0 +1,323 @@
+"""Checkpoint conversions between Hugging Face, DeepMind `gemma` and maxnucl, streaming.
+
+    hf_to_maxnucl(hf_dir, ckpt, dtype=None, overwrite=False)      safetensors -> maxnucl
+    maxnucl_to_hf(ckpt, hf_dir, max_shard_bytes=..., overwrite=False)   maxnucl -> safetensors
+    gemma_to_maxnucl(dm_dir, ckpt, cfg, dtype=None, overwrite=False)    DeepMind flat Orbax -> maxnucl
+
+Each one holds about one tensor in memory at a time (inputs are memory-mapped or read leaf by
+leaf; outputs are written as tensors are produced; maxnucl_to_hf also reads up to
+READ_AHEAD_BYTES of tensors ahead of the one it writes), checks every expected tensor's presence, shape and
+dtype before writing anything, reports unexpected tensors, never modifies its input, and writes
+into a temporary sibling of the output that is renamed into place only when complete.  Errors
+are `ConversionError`s whose message names the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import uuid
+from concurrent import futures
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from maxnucl import checkpoints, models
+from maxnucl.conversion import deepmind_gemma, hf_gemma2, hf_io
+from maxnucl.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' default shard size
+LM_HEAD = "lm_head.weight"
+READ_AHEAD_BYTES = 512 << 20  # maxnucl -> HF: tensors read ahead of the one being written
+
+# Hugging Face configs of Gemma-2 9b written by older converters carry query_pre_attn_scalar =
+# 224; the released model (and transformers' own reference) uses 256 = head_dim.
+_GEMMA2_9B_SHAPE = {"hidden_size": 3584, "num_attention_heads": 16, "num_key_value_heads": 8,
+                    "head_dim": 256}
+_OLD_9B_SCALAR, _GEMMA2_9B_SCALAR = 224, 256
+
+
+class ConversionError(ValueError):
+  """An input cannot be converted: the message names the tensor/field and the file."""
+
+
+# ---- Hugging Face -> maxnucl ----------------------------------------------------------------------
+
+def read_hf_config(hf_dir: str | os.PathLike, *, keep_query_pre_attn_scalar: bool = False
+                   ) -> tuple[ModelConfig, dict[str, Any]]:
+  """(ModelConfig, the config.json dict) of a Hugging Face Gemma-2 directory.
+
+  A 9b-shaped config (hidden 3584, 16 query / 8 kv heads, head_dim 256; any depth) with
+  query_pre_attn_scalar 224 was written by an older converter: it is corrected to 256 with a
+  warning unless `keep_query_pre_attn_scalar`.
+  """
+  path = pathlib.Path(hf_dir) / "config.json"
+  if not path.exists():
+    raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+  try:
+    hf = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: not valid JSON ({e})") from None
+  if (not keep_query_pre_attn_scalar and hf.get("query_pre_attn_scalar") == _OLD_9B_SCALAR
+      and all(hf.get(k) == v for k, v in _GEMMA2_9B_SHAPE.items())):
+    log.warning("%s: query_pre_attn_scalar is %d for a Gemma-2 9b-shaped model; using %d "
+                "(older converters wrote 224; pass --keep_query_pre_attn_scalar to keep it)",
+                path, _OLD_9B_SCALAR, _GEMMA2_9B_SCALAR)
+    hf = {**hf, "query_pre_attn_scalar": _GEMMA2_9B_SCALAR}
+  try:
+    return hf_gemma2.config_from_hf(hf, name=pathlib.Path(hf_dir).absolute().name), hf
+  except (KeyError, ValueError) as e:
+    raise ConversionError(f"{path}: {e.args[0] if e.args else e}") from None
+
+
+def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
+                  dtype: Optional[str] = None, overwrite: bool = False,
+                  keep_query_pre_attn_scalar: bool = False) -> ModelConfig:
+  """Convert a Hugging Face Gemma-2 directory (config.json + safetensors) to a maxnucl checkpoint.
+
+  dtype: stored dtype of the output ("float32" / "bfloat16"); default: the embedding's dtype.
+  """
+  cfg, _ = read_hf_config(hf_dir, keep_query_pre_attn_scalar=keep_query_pre_attn_scalar)
+  reader = _guard(lambda: hf_io.SafetensorsReader(hf_dir))
+  mapping = hf_gemma2.tensor_map(cfg)
+  expected = {hf_name: _shape_after(to_hf, shape, cfg)
+              for (path, (hf_name, _, to_hf)), shape in zip(
+                  mapping.items(), _maxnucl_shapes(cfg, mapping))}
+  for name, shape in expected.items():
+    if name not in reader:
+      raise ConversionError(f"{hf_dir}: tensor {name} is missing (expected shape {shape}; "
+                            f"files: {sorted({p.name for p, *_ in reader.entries.values()})})")
+    _check_tensor(name, reader.file(name), reader.shape(name), shape, reader.dtype(name))
+  unexpected = sorted(set(reader.names()) - set(expected) - {LM_HEAD})
+  if unexpected:
+    raise ConversionError(
+        f"{reader.file(unexpected[0])}: unexpected tensor(s) {unexpected[:5]}"
+        f"{' ...' if len(unexpected) > 5 else ''}, not part of the Gemma-2 model described by "
+        f"config.json")
+  embedding = mapping[("embedder", "embedding")][0]
+  if LM_HEAD in reader:
+    _check_tied(reader, embedding)
+  dtype = dtype or reader.dtype(embedding).name
+  _check_dtype(dtype)
+  with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer:
+    for path, (hf_name, to_maxnucl, _) in mapping.items():
+      array = to_maxnucl(reader.get(hf_name), cfg)
+      _guard(lambda: writer.write(path, array), f"{reader.file(hf_name)}: tensor {hf_name}: ")
+      del array
+  return cfg
+
+
+def _check_tied(reader: hf_io.SafetensorsReader, embedding: str, rows: int = 8192) -> None:
+  """lm_head.weight, when stored, must equal the embedding (Gemma-2 ties them)."""
+  head, table = reader.get(LM_HEAD), reader.get(embedding)
+  if head.shape != table.shape:
+    raise ConversionError(f"{reader.file(LM_HEAD)}: tensor {LM_HEAD} has shape {head.shape}, "
+                          f"but Gemma-2 ties it to {embedding} {table.shape}")
+  for start in range(0, head.shape[0], rows):  # block by block: both may be large
+    if not np.array_equal(head[start:start + rows], table[start:start + rows]):
+      raise ConversionError(
+          f"{reader.file(LM_HEAD)}: tensor {LM_HEAD} differs from {embedding} (first differing "
+          f"rows from {start}); Gemma-2 ties the output projection to the embedding, so an "
+          f"untied lm_head cannot be represented")
+
+
+# ---- maxnucl -> Hugging Face ----------------------------------------------------------------------
+
+def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  overwrite: bool = False) -> list[pathlib.Path]:
+  """Write a maxnucl Gemma-2 checkpoint as a Hugging Face directory (config.json + safetensors).
+
+  Refuses configs Hugging Face cannot represent (per-layer FFN widths, FFN-less layers).
+  Returns the safetensors files written.
+  """
+  output = pathlib.Path(output).absolute()
+  if output.exists() and not overwrite:
+    raise FileExistsError(f"output {output} already exists; pass --overwrite to replace it")
+  cfg = checkpoints.load_config(ckpt)
+  stored = checkpoints.stored_arrays(ckpt)
+  dtypes = {dtype for _, dtype in stored.values()}
+  if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+    raise ConversionError(f"{ckpt}: stored dtypes {sorted(dtypes)}; expected one of {DTYPES} "
+                          f"for every tensor")
+  (dtype,) = dtypes
+  try:
+    config = hf_gemma2.hf_config(cfg, torch_dtype=dtype)
+  except ValueError as e:
+    raise ConversionError(f"{ckpt}: {e}") from None
+  mapping = hf_gemma2.tensor_map(cfg)
+  specs, sources = [], {}
+  for path, (hf_name, _, to_hf) in mapping.items():
+    if path not in stored:
+      raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} is missing")
+    specs.append((hf_name, _shape_after(to_hf, stored[path][0], cfg), np.dtype(
+        checkpoints.NP_DTYPES[dtype])))
+    sources[hf_name] = (path, to_hf)
+  unexpected = sorted("/".join(k) for k in stored if k not in mapping)
+  if unexpected:
+    raise ConversionError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} for model {cfg.name!r}")
+
+  shapes = {name: shape for name, shape, _ in specs}
+
+  def hf_tensor(hf_name):  # = to_hf(array), with the transpose done by TensorStore while reading
+    path, _ = sources[hf_name]
+    return checkpoints.read_array(ckpt, path, axes=hf_gemma2.hf_axes(path)).reshape(
+        shapes[hf_name])
+
+  # hf_io asks for the tensors in `specs` order; the next ones are read (and transposed) in a
+  # background thread while this one is written
+  tensors = _prefetched(hf_tensor, [name for name, _, _ in specs],
+                        [int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in specs],
+                        READ_AHEAD_BYTES)
+
+  def get_tensor(hf_name):
+    name, array = next(tensors)
+    assert name == hf_name, (name, hf_name)
+    return array
+
+  with _temporary_output(output, overwrite) as tmp:
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    files = hf_io.write_sharded(tmp, specs, get_tensor, max_shard_bytes)
+  return [output / f.name for f in files]
+
+
+# ---- DeepMind gemma -> maxnucl --------------------------------------------------------------------
+
+def gemma_to_maxnucl(dm_dir: str | os.PathLike, output: str | os.PathLike, cfg: ModelConfig, *,
+                     dtype: Optional[str] = None, overwrite: bool = False,
+                     gating_layout: Optional[str] = None) -> ModelConfig:
+  """Convert a DeepMind `gemma` flat Orbax checkpoint to maxnucl, for the model `cfg`.
+
+  cfg: e.g. `models.get_config("gemma2_9b")` (its vocab_size decides how many embedding rows are
+  kept; the rest are padding).  gating_layout: "dm" (2, d, m) or "md" (2, m, d), only consulted
+  when d == m makes the shape ambiguous.  dtype: default as stored.
+  """
+  stored = _guard(lambda: checkpoints.pytree_arrays(dm_dir),
+                  f"{dm_dir}: not a readable Orbax checkpoint: ")
+  layouts = {}
+  for i, m in enumerate(cfg.layer_ffn_widths):
+    key = (f"transformer/layer_{i}/mlp/gating_einsum", "w")
+    if m and key in stored:
+      layouts[i] = _guard(lambda: deepmind_gemma.gating_layout_of(
+          stored[key][0], cfg, i, gating_layout), f"{dm_dir}: ")
+    else:
+      layouts[i] = deepmind_gemma.default_gating_layout(cfg)
+  expected = deepmind_gemma.expected_shapes(cfg, layouts)
+  for key, shape in expected.items():
+    name = "/".join(key)
+    if key not in stored:
+      raise ConversionError(f"{dm_dir}: tensor {name} is missing (expected shape "
+                            f"{tuple(s if s else 'V' for s in shape)})")
+    actual, actual_dtype = stored[key]
+    if shape[0] is None:  # the padded embedding: at least vocab_size rows
+      if len(actual) != 2 or actual[1] != shape[1] or actual[0] < cfg.vocab_size:
+        raise ConversionError(f"{dm_dir}: tensor {name} has shape {actual}, expected "
+                              f"(>= {cfg.vocab_size}, {shape[1]}) for vocab_size "
+                              f"{cfg.vocab_size} (use --vocab_size / the right --size)")
+      continue
+    _check_tensor(name, dm_dir, actual, shape, np.dtype(actual_dtype))
+  unexpected = sorted("/".join(k) for k in stored if k not in expected)
+  if unexpected:
+    raise ConversionError(f"{dm_dir}: unexpected tensor(s) {unexpected[:5]}"
+                          f"{' ...' if len(unexpected) > 5 else ''} for model {cfg.name!r} "
+                          f"({cfg.num_layers} layers)")
+  dtype = dtype or stored[("transformer/embedder", "input_embedding")][1]
+  _check_dtype(dtype)
+  cache: dict[tuple[str, str], np.ndarray] = {}  # kv and gating feed two leaves each
+  with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer:
+    for path, (key, to_maxnucl) in deepmind_gemma.tensor_map(cfg, layouts).items():
+      if key not in cache:
+        cache.clear()
+        cache[key] = checkpoints.read_pytree_array(dm_dir, key)
+      array = to_maxnucl(cache[key], cfg)
+      _guard(lambda: writer.write(path, array), f"{dm_dir}: tensor {'/'.join(key)}: ")
+  return cfg
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def _maxnucl_shapes(cfg: ModelConfig, mapping) -> list[tuple[int, ...]]:
+  abstract = models.abstract_params(cfg)
+  shapes = []
+  for path in mapping:
+    node = abstract
+    for key in path:
+      node = node[key]
+    shapes.append(tuple(node.shape))
+  return shapes
+
+
+def _shape_after(transform: Callable, shape: tuple[int, ...], cfg: ModelConfig
+                 ) -> tuple[int, ...]:
+  """The shape `transform(array of shape, cfg)` has, computed without allocating."""
+  return tuple(jax.eval_shape(lambda x: transform(x, cfg),
+                              jax.ShapeDtypeStruct(shape, np.float32)).shape)
+
+
+def _check_tensor(name: str, file, shape, expected_shape, dtype) -> None:
+  if tuple(shape) != tuple(expected_shape):
+    raise ConversionError(f"{file}: tensor {name} has shape {tuple(shape)}, expected "
+                          f"{tuple(expected_shape)} from the model config")
+  if np.dtype(dtype).name not in ("float32", "bfloat16", "float16", "float64"):
+    raise ConversionError(f"{file}: tensor {name} has dtype {np.dtype(dtype).name}; expected "
+                          f"a floating-point dtype")
+
+
+def _check_dtype(dtype: str) -> None:
+  if dtype not in DTYPES:
+    raise ConversionError(f"output dtype {dtype!r}; expected one of {DTYPES}")
+
+
+def _guard(fn: Callable[[], Any], prefix: str = "") -> Any:
+  """Run fn, turning library errors into ConversionErrors (message prefixed with the source)."""
+  try:
+    return fn()
+  except (hf_io.SafetensorsError, checkpoints.CheckpointError, ValueError, OSError) as e:
+    if isinstance(e, (ConversionError, FileExistsError)):
+      raise
+    raise ConversionError(f"{prefix}{e}") from e
+
+
+def _prefetched(fn: Callable[[Any], Any], items: list, sizes: list[int],
+                read_ahead_bytes: int) -> Iterator[tuple[Any, Any]]:
+  """(item, fn(item)) in order; a thread computes the next items meanwhile, as many as fit in
+  `read_ahead_bytes` (at least one), so memory stays below the current item + that budget."""
+  with futures.ThreadPoolExecutor(1) as pool:
+    pending: list[futures.Future] = []
+    submitted = ahead = 0
+    for i, item in enumerate(items):
+      while submitted < len(items) and (submitted <= i or
+                                        ahead + sizes[submitted] <= read_ahead_bytes):
+        pending.append(pool.submit(fn, items[submitted]))
+        ahead += sizes[submitted] if submitted > i else 0
+        submitted += 1
+      result = pending.pop(0).result()
+      if i + 1 < submitted:
+        ahead -= sizes[i + 1]  # the next item becomes the current one
+      yield item, result
+      del result
+
+
+class _temporary_output:
+  """A temporary sibling directory of `output`, renamed to `output` only on success."""
+
+  def __init__(self, output: pathlib.Path, overwrite: bool):
+    self.output, self.overwrite = output, overwrite
+    self.tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+  def __enter__(self) -> pathlib.Path:
+    self.tmp.mkdir(parents=True)
+    return self.tmp
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return
+    checkpoints.replace_directory(self.tmp, self.output, self.overwrite)

@@ -1,0 +1,197 @@
+"""Hugging Face safetensors directories, read and written one tensor at a time.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` and the raw
+little-endian tensor bytes.  Reading memory-maps one tensor (nothing else is touched); writing
+emits the header from the planned shapes first and then each tensor's bytes as it is produced.
+A directory holds `model.safetensors`, or several shards listed in
+`model.safetensors.index.json` (`{"metadata": {"total_size"}, "weight_map": {name: file}}`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+from typing import Callable, Iterable, Optional
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
+          "F16": np.dtype(np.float16), "F64": np.dtype(np.float64)}
+DTYPE_CODES = {v.name: k for k, v in DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+  """A safetensors file or index is malformed, truncated or lacks a tensor."""
+
+
+class SafetensorsReader:
+  """Tensors of a Hugging Face model directory, by name, without loading any other tensor."""
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = pathlib.Path(directory)
+    index = self.directory / INDEX_FILE
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise SafetensorsError(f"{index}: not a safetensors index ({e})") from None
+      files = sorted(set(weight_map.values()))
+    elif (self.directory / SINGLE_FILE).exists():
+      files, weight_map = [SINGLE_FILE], None
+    else:
+      files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+      weight_map = None
+      if not files:
+        raise SafetensorsError(f"{self.directory}: no *.safetensors files and no {INDEX_FILE}")
+    self.entries: dict[str, tuple[pathlib.Path, str, tuple[int, ...], int, int]] = {}
+    for name in files:
+      path = self.directory / name
+      if not path.exists():
+        raise SafetensorsError(f"{index}: lists shard {name}, which does not exist")
+      for tensor, entry in _read_header(path).items():
+        if weight_map is not None and weight_map.get(tensor) != name:
+          continue  # the index is authoritative for which shard holds a tensor
+        self.entries[tensor] = (path, *entry)
+    if weight_map is not None:
+      absent = sorted(t for t, f in weight_map.items() if t not in self.entries)
+      if absent:
+        raise SafetensorsError(f"{index}: tensor {absent[0]} is listed in file "
+                               f"{weight_map[absent[0]]} but that file does not hold it")
+
+  def names(self) -> list[str]:
+    return list(self.entries)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.entries
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entry(name)[2]
+
+  def dtype(self, name: str) -> np.dtype:
+    return DTYPES[self._entry(name)[1]]
+
+  def file(self, name: str) -> pathlib.Path:
+    return self._entry(name)[0]
+
+  def get(self, name: str) -> np.ndarray:
+    """A read-only memory map of one tensor (pages are read when touched)."""
+    path, code, shape, begin, end = self._entry(name)
+    if begin == end:
+      return np.zeros(shape, DTYPES[code])
+    return np.memmap(path, dtype=DTYPES[code], mode="r", offset=begin, shape=shape)
+
+  def _entry(self, name):
+    if name not in self.entries:
+      raise SafetensorsError(f"{self.directory}: tensor {name} is missing (no safetensors "
+                             f"file there holds it)")
+    return self.entries[name]
+
+
+def _read_header(path: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+  """name -> (dtype code, shape, absolute begin, absolute end); checks the file is complete."""
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    (length,) = struct.unpack("<Q", head)
+    if 8 + length > size:
+      raise SafetensorsError(f"{path}: truncated safetensors file (header of {length} bytes "
+                             f"but the file has {size})")
+    try:
+      header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    code, shape = info.get("dtype"), tuple(info.get("shape", ()))
+    if code not in DTYPES:
+      raise SafetensorsError(f"{path}: tensor {name} has dtype {code}; supported: "
+                             f"{sorted(DTYPES)}")
+    begin, end = info["data_offsets"]
+    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+    if end - begin != expected:
+      raise SafetensorsError(f"{path}: tensor {name} has {end - begin} bytes for shape "
+                             f"{shape} {code} (expected {expected})")
+    if 8 + length + end > size:
+      raise SafetensorsError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
+                             f"{8 + length + end} but the file has {size} bytes")
+    out[name] = (code, shape, 8 + length + begin, 8 + length + end)
+  return out
+
+
+def plan_shards(specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+                max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+  """Split (name, shape, dtype) specs, in order, into shards of at most `max_shard_bytes`
+  (a single larger tensor gets a shard of its own)."""
+  shards: list[list] = [[]]
+  size = 0
+  for spec in specs:
+    nbytes = int(np.prod(spec[1], dtype=np.int64)) * np.dtype(spec[2]).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += nbytes
+  return shards
+
+
+def write_sharded(directory: str | os.PathLike,
+                  specs: list[tuple[str, tuple[int, ...], np.dtype]],
+                  get_tensor: Callable[[str], np.ndarray], max_shard_bytes: int,
+                  metadata: Optional[dict[str, str]] = None) -> list[pathlib.Path]:
+  """Write `specs` (name, shape, dtype) into safetensors shard(s) under `directory`.
+
+  `get_tensor(name)` is called once per tensor, in order, and must return exactly the planned
+  shape and dtype.  One shard -> `model.safetensors`; several -> `model-0000i-of-0000n`
+  files plus `model.safetensors.index.json`.
+  """
+  directory = pathlib.Path(directory)
+  shards = plan_shards(specs, max_shard_bytes)
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  weight_map, total = {}, 0
+  for file_name, shard in zip(names, shards):
+    header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+    for name, shape, dtype in shard:
+      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+      header[name] = {"dtype": DTYPE_CODES[np.dtype(dtype).name], "shape": list(shape),
+                      "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+      weight_map[name] = file_name
+    total += offset
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned
+    with open(directory / file_name, "wb") as f:
+      f.write(struct.pack("<Q", len(encoded)))
+      f.write(encoded)
+      for name, shape, dtype in shard:
+        array = np.asarray(get_tensor(name))
+        if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+          raise SafetensorsError(f"{directory / file_name}: tensor {name} is {array.shape} "
+                                 f"{array.dtype}, planned {tuple(shape)} {np.dtype(dtype)}")
+        f.write(memoryview(contiguous(array).view(np.uint8).reshape(-1)))
+  if len(shards) > 1:
+    (directory / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  return [directory / n for n in names]
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+  """`array` (e.g. a transposed view) in C order.  TensorStore does the strided copy: about twice
+  as fast as numpy's for a transpose, and it handles ml_dtypes' bfloat16 natively."""
+  if array.flags.c_contiguous:
+    return array
+  out = np.empty(array.shape, array.dtype)
+  ts.array(out, copy=False, write=True).write(ts.array(array)).result()
+  return out

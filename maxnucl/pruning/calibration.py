@@ -1,0 +1,243 @@
+"""Calibration data and the per-layer statistics the data-aware methods need.
+
+A calibration SOURCE is one of
+  * a `.npy` file: int array [N, L] of token-id sequences (every position valid), or a 1-D token
+    stream cut into rows of `seq_len + 1`;
+  * a `.jsonl` file: one sequence per line, either `[id, ...]` or `{"tokens": [id, ...]}`
+    (variable length; rows are right-padded with the model's pad id and masked out);
+  * a registered task / mixture name, resolved lazily through
+    `maxnucl.data.pipeline.create_data_iterator(split, source=NAME, batch_size=, seq_len=)`;
+    with `cache_dir` (--data_cache_dir) the pipeline reads only the cached numpy shards
+    `<cache_dir>/<NAME>/<split>/` written by its `cache_task`;
+  * (library only) any iterable of batch dicts with at least `tokens` [B, L].
+A sequence s becomes inputs s[:-1] and next-token targets s[1:].  Batch dicts follow the data
+pipeline's convention: `tokens`, `targets`, `loss_mask`, `segment_ids`, `positions` [B, L].
+
+Statistics are gathered in one forward + backward pass per batch (whole model in memory):
+  x  FFN input (the pre-FFN norm's output)          -> sum_n x_nr^2               [d]
+  a  inner activation act(xU) * (xV)                -> sum_n a_nj, sum_n a_nj^2    [m]
+  a*g with g = dL/da (L = mean next-token NLL of the batch; taken as the gradient with respect to
+       a multiplier of ones on a)                   -> sum_n (a_nj g_nj)^2        [m]
+over the tokens with loss_mask > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxnucl import models
+from maxnucl.models.config import ModelConfig
+from maxnucl.models.decoder import Decoder
+
+FFN_INPUT_MODULES = ("pre_ffw_norm", "pre_norm")  # Gemma-2, PaLM (shared pre-norm)
+
+
+@dataclasses.dataclass
+class LayerStats:
+  count: float  # number of (masked-in) tokens
+  x_sq_sum: np.ndarray  # [d]
+  a_sum: np.ndarray  # [m]
+  a_sq_sum: np.ndarray  # [m]
+  ag_sq_sum: np.ndarray  # [m]
+
+  @property
+  def a_mean(self) -> np.ndarray:
+    return self.a_sum / max(self.count, 1.0)
+
+  @property
+  def a_var(self) -> np.ndarray:
+    return np.maximum(self.a_sq_sum / max(self.count, 1.0) - self.a_mean ** 2, 0.0)
+
+  @property
+  def loss_proxy(self) -> np.ndarray:
+    """LP_j = 1/2 E_tokens[(a_j g_j)^2]."""
+    return 0.5 * self.ag_sq_sum / max(self.count, 1.0)
+
+
+class CalibrationError(ValueError):
+  """A calibration / evaluation source cannot be read."""
+
+
+# ---- sources ---------------------------------------------------------------------------------------
+
+def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_len: int = 128,
+                    pad_id: int = 0, split: str = "train", cache_dir: Optional[str] = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+  """Batches (dicts of numpy [B, L]) from SOURCE (see the module docstring), at most
+  `num_examples` rows in total."""
+  if num_examples <= 0:
+    raise CalibrationError(f"number of examples must be positive, got {num_examples}")
+  if isinstance(source, (str, os.PathLike)):
+    path = pathlib.Path(source)
+    if path.suffix in (".npy", ".jsonl"):
+      batches = _file_batches(path, batch_size, seq_len, pad_id)
+    elif path.exists():
+      raise CalibrationError(f"calibration file {path}: unknown format (expected .npy or .jsonl)")
+    else:
+      batches = _registered_source(str(source), split, batch_size, seq_len, cache_dir)
+  else:
+    batches = iter(source() if callable(source) else source)
+  remaining = num_examples
+  for batch in batches:
+    batch = _complete(batch, pad_id)
+    batch = {k: v[:remaining] for k, v in batch.items()}
+    remaining -= batch["tokens"].shape[0]
+    yield batch
+    if remaining <= 0:
+      return
+
+
+def _file_batches(path: pathlib.Path, batch_size: int, seq_len: int, pad_id: int):
+  if not path.exists():
+    raise CalibrationError(f"calibration file {path} does not exist")
+  if path.suffix == ".npy":
+    data = np.load(path)
+    if not np.issubdtype(data.dtype, np.integer):
+      raise CalibrationError(f"{path}: expected integer token ids, got dtype {data.dtype}")
+    if data.ndim == 1:
+      rows = data.size // (seq_len + 1)
+      data = data[:rows * (seq_len + 1)].reshape(rows, seq_len + 1)
+    if data.ndim != 2 or data.shape[1] < 2:
+      raise CalibrationError(f"{path}: expected an array [N, L >= 2] or a 1-D token stream, got "
+                             f"shape {data.shape}")
+    sequences = list(data)
+  else:
+    sequences = []
+    with open(path) as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          item = json.loads(line)
+          ids = item["tokens"] if isinstance(item, dict) else item
+          seq = np.asarray(ids, np.int64)
+          assert seq.ndim == 1 and seq.size >= 2
+        except Exception as e:  # noqa: BLE001 - re-raised with the location
+          raise CalibrationError(f"{path}:{line_no}: expected a JSON list of >= 2 token ids or "
+                                 f"{{\"tokens\": [...]}} ({e!r})") from None
+        sequences.append(seq)
+  for start in range(0, len(sequences), batch_size):
+    chunk = sequences[start:start + batch_size]
+    length = max(len(s) for s in chunk)
+    full = np.full((len(chunk), length), pad_id, np.int64)
+    valid = np.zeros((len(chunk), length), bool)
+    for r, s in enumerate(chunk):
+      full[r, :len(s)] = s
+      valid[r, :len(s)] = True
+    yield {"tokens": full[:, :-1].astype(np.int32), "targets": full[:, 1:].astype(np.int32),
+           "loss_mask": valid[:, 1:].astype(np.float32),
+           "segment_ids": valid[:, :-1].astype(np.int32)}
+
+
+def _registered_source(name: str, split: str, batch_size: int, seq_len: int,
+                       cache_dir: Optional[str]):
+  try:
+    from maxnucl.data import pipeline  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CalibrationError(
+        f"calibration source {name!r} is not a .npy/.jsonl file and the data pipeline "
+        f"(maxnucl.data.pipeline) is not available to resolve it as a data-source name: {e}"
+    ) from None
+  cached = {} if cache_dir is None else {"cache_dir": str(cache_dir)}
+  return pipeline.create_data_iterator(split, source=name, batch_size=batch_size,
+                                       seq_len=seq_len, **cached)
+
+
+def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:
+  """Fill in targets / loss_mask / segment_ids / positions a minimal batch leaves out."""
+  out = {k: np.asarray(v) for k, v in batch.items()
+         if k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+  if "tokens" not in out:
+    raise CalibrationError(f"a calibration batch must contain 'tokens'; got keys {sorted(batch)}")
+  if "targets" not in out:
+    tokens = out.pop("tokens")
+    out = {k: v[:, :-1] for k, v in out.items()}
+    out["tokens"], out["targets"] = tokens[:, :-1], tokens[:, 1:]
+  if "segment_ids" not in out:
+    out["segment_ids"] = np.ones_like(out["tokens"], np.int32)
+  if "loss_mask" not in out:
+    out["loss_mask"] = ((out["segment_ids"] > 0) & (out["targets"] != pad_id)).astype(np.float32)
+  if "positions" not in out:
+    out["positions"] = np.asarray(models.positions_from_segments(jnp.asarray(out["segment_ids"])))
+  return out
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+def _nll(logits, targets, mask):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_stats(cfg: ModelConfig, params, batch):
+  names = models.ffn_layer_names(cfg)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  shape = batch["tokens"].shape
+  ones = {n: jnp.ones(shape + (cfg.layer_ffn_widths[int(n.split("_")[1])],), jnp.float32)
+          for n in names}
+
+  def capture(module, method_name):
+    return method_name == "__call__" and module.name in FFN_INPUT_MODULES
+
+  def loss_fn(scale):
+    logits, state = Decoder(cfg).apply(
+        {"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], scale,
+        mutable=["intermediates"], capture_intermediates=capture)
+    total, count = _nll(logits, batch["targets"], mask)
+    return total / jnp.maximum(count, 1.0), state["intermediates"]
+
+  grads, inter = jax.grad(loss_fn, has_aux=True)(ones)
+  stats = {}
+  w = mask[..., None]
+  for n in names:
+    layer = inter[n]
+    x = next(layer[k]["__call__"][0] for k in FFN_INPUT_MODULES if k in layer)
+    a = layer["mlp"]["inner"][0].astype(jnp.float32)
+    ag = grads[n]
+    stats[n] = (jnp.sum(x.astype(jnp.float32) ** 2 * w, (0, 1)), jnp.sum(a * w, (0, 1)),
+                jnp.sum(a * a * w, (0, 1)), jnp.sum(ag * ag * w, (0, 1)))
+  return stats, jnp.sum(mask)
+
+
+def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict]
+                  ) -> dict[str, LayerStats]:
+  """Per-FFN-layer LayerStats accumulated over `batches`."""
+  totals: Optional[dict] = None
+  count = 0.0
+  for batch in batches:
+    stats, n = _batch_stats(cfg, params, {k: jnp.asarray(v) for k, v in batch.items()})
+    stats = jax.tree.map(lambda x: np.asarray(x, np.float64), stats)
+    totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
+    count += float(n)
+  if totals is None or count == 0:
+    raise CalibrationError("the calibration source yielded no (unmasked) tokens")
+  return {n: LayerStats(count, *v) for n, v in totals.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_nll(cfg: ModelConfig, params, batch):
+  logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"])
+  return _nll(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32))
+
+
+def perplexity(cfg: ModelConfig, params: dict, batches: Iterable[dict]) -> dict[str, float]:
+  """exp(mean next-token NLL over masked-in tokens)."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    t, n = _batch_nll(cfg, params, {k: jnp.asarray(v) for k, v in batch.items()})
+    total += float(t)
+    count += float(n)
+  if count == 0:
+    raise CalibrationError("the evaluation source yielded no (unmasked) tokens")
+  return {"perplexity": float(np.exp(total / count)), "nll": total / count, "tokens": count}

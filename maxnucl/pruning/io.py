@@ -1,0 +1,149 @@
+"""Layer-by-layer checkpoint I/O for the pruner (the one place that touches the storage format).
+
+Built on the streaming API of `maxnucl.checkpoints`:
+
+  reading  `checkpoints.read_array`: one stored tensor at a time (TensorStore), e.g. one layer's
+           {gate U, up V, out W} (`CheckpointReader.read_ffn`).  Tensors copied unchanged (the
+           embedding, norms, attention, unselected layers) are opened lazily (`open_lazy`: a
+           TensorStore view on the zarr leaf or on the OCDBT store Orbax writes) so the writer
+           reads them block by block as it writes, when their stored chunks are small
+           (StreamingWriter's row blocks, e.g. converter outputs).  `checkpoints.save` (Orbax)
+           stores each array as a single chunk; such arrays are read whole.  Only calibration
+           and perplexity evaluation read the whole tree (`read_all`).
+  writing  `checkpoints.StreamingWriter`: each array is written as soon as `CheckpointWriter.write`
+           receives it and is not kept.  Everything goes to a temporary sibling directory that is
+           renamed to the output only after every tensor of the (pruned) config was written; on an
+           error nothing appears at the output path, and an existing output is refused unless
+           overwrite=True.
+
+So the pruner's peak memory is one layer's FFN (as stored, its float copies and the pruned slice)
+plus a few row blocks of the writer, not the whole checkpoint; for inputs written by Orbax
+(`checkpoints.save`) add the largest single-chunk tensor (the embedding).  The output keeps the
+input's stored dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import tensorstore as ts
+
+from maxnucl import checkpoints
+from maxnucl.models.config import ModelConfig
+
+FFN_KEYS = ("gate", "up", "out")  # U [d, m], V [d, m], W [m, d]
+
+Key = tuple[str, ...]
+
+# Lazy block-wise copying pays only when the stored chunks are small (StreamingWriter: ~64 MiB
+# row blocks); larger chunks (Orbax's one chunk per array) are read whole instead.
+MAX_LAZY_CHUNK_BYTES = 256 << 20
+
+
+class CheckpointReader:
+  """Reads a maxnucl checkpoint one tensor at a time (never the whole tree unless asked)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path).absolute()
+    self.cfg: ModelConfig = checkpoints.load_config(self.path)
+    self.stored: dict[Key, tuple[tuple[int, ...], str]] = checkpoints.stored_arrays(self.path)
+
+  @property
+  def dtype(self) -> str:
+    """The stored dtype of the checkpoint's tensors (the pruned checkpoint is written in it)."""
+    dtypes = sorted({dtype for _, dtype in self.stored.values()})
+    if len(dtypes) != 1:
+      raise checkpoints.CheckpointError(
+          f"{self.path}: tensors are stored in several dtypes {dtypes}; the pruner writes one "
+          f"dtype (convert the checkpoint to a single dtype first)")
+    return dtypes[0]
+
+  def read(self, key: Key) -> np.ndarray:
+    """One leaf as a numpy array in its stored dtype."""
+    if key not in self.stored:
+      raise checkpoints.CheckpointError(
+          f"{self.path}: tensor {'/'.join(key)} is not stored in this checkpoint")
+    return checkpoints.read_array(self.path, key)
+
+  def open_lazy(self, key: Key):
+    """A read-only TensorStore view of one leaf (nothing read yet), or, for a leaf layout this
+    module does not know, the array itself (`read`).  Slicing the view and np.asarray on the
+    slice reads only those rows, which is how StreamingWriter.write consumes it."""
+    shape, dtype = self.stored[key] if key in self.stored else (None, None)
+    if shape is None:
+      return self.read(key)  # raises the "not stored" error
+    params_dir = self.path / checkpoints.PARAMS
+    leaf = ".".join(key)
+    if (params_dir / leaf / ".zarray").is_file():  # StreamingWriter / use_ocdbt=False layout
+      spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(params_dir / leaf)}}
+    else:
+      try:
+        meta = json.loads((params_dir / "_METADATA").read_text())
+      except (OSError, ValueError):
+        return self.read(key)
+      if not meta.get("use_ocdbt"):
+        return self.read(key)
+      spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr",
+              "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": leaf}}
+    try:
+      view = ts.open(spec, open=True, read=True).result()
+    except ValueError:
+      return self.read(key)
+    if tuple(view.shape) != tuple(shape) or view.dtype.numpy_dtype.name != dtype:
+      return self.read(key)
+    chunk = view.chunk_layout.read_chunk.shape
+    if chunk is None or np.prod(chunk) * view.dtype.numpy_dtype.itemsize > MAX_LAZY_CHUNK_BYTES:
+      # Orbax stores a single-host array as one chunk: every row block would decode all of it.
+      return self.read(key)
+    return view
+
+  def read_ffn(self, layer: str) -> dict[str, np.ndarray]:
+    """One layer's FFN: {"gate": U [d, m], "up": V [d, m], "out": W [m, d]} (stored dtype)."""
+    return {name: self.read((layer, "mlp", name)) for name in FFN_KEYS}
+
+  def non_ffn_keys(self) -> list[Key]:
+    return [k for k in self.stored if not (len(k) == 3 and k[1] == "mlp")]
+
+  def read_all(self) -> dict:
+    """The whole params tree (numpy). Only calibration and perplexity evaluation need this."""
+    return _unflatten({k: self.read(k) for k in self.stored})
+
+
+class CheckpointWriter:
+  """Writes a checkpoint one array at a time (a context manager over StreamingWriter).
+
+      with CheckpointWriter(path, cfg, dtype="bfloat16") as writer:
+        writer.write(("layers_0", "mlp", "out"), w)   # written now, not kept
+
+  Leaving the block normally checks that every tensor of `cfg` was written and renames the
+  temporary directory into place; an exception removes it.
+  """
+
+  def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str,
+               overwrite: bool = False):
+    self._writer = checkpoints.StreamingWriter(path, cfg, dtype=dtype, overwrite=overwrite)
+    self.path = self._writer.path
+    self.expected: set[Key] = set(self._writer.expected)
+
+  def __enter__(self) -> "CheckpointWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self._writer.__exit__(exc_type, exc, tb)
+
+  def write(self, key: Key, array: np.ndarray) -> None:
+    self._writer.write(key, array)
+
+
+def _unflatten(flat: dict[Key, np.ndarray]) -> dict:
+  tree: dict = {}
+  for keys, value in flat.items():
+    node = tree
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = value
+  return tree
+

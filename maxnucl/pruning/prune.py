@@ -1,0 +1,289 @@
+"""`prune_ffn_neurons`: structured FFN neuron pruning that writes a physically smaller checkpoint.
+
+Flow (one layer's FFN in memory at a time, see maxnucl.pruning.io):
+  1. validate everything (ratio, method, layers, budget, output path) before touching the disk;
+  2. data-aware methods: LayerStats from calibration batches (needs the whole model once; so does
+     --eval_perplexity, before and after);
+  3. per_layer budget: floor(ratio * m_i) neurons of each selected layer; global budget:
+     floor(ratio * sum_i m_i) neurons over all selected layers, ranked jointly (FLAP standardises
+     its scores per layer first; compensating methods rank by their initial costs);
+  4. the pruned widths are now known: open a streaming writer for the pruned config, copy the
+     non-FFN tensors one at a time, then per layer read {U, V, W}, choose the removal set (score
+     methods: top of the ranking; compensating methods: greedy with compensation), slice U/V
+     columns and W rows and write them at once, in the input's stored dtype;
+  5. the writer works in a temporary sibling directory renamed to the output at the end (the
+     input is only read); the report JSON lists, per layer, the sorted kept original indices.
+A layer pruned to width 0 loses its FFN branch (and Gemma-2's FFN norms), which is exact because
+the branch's output was the zero vector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from maxnucl import models
+from maxnucl.pruning import calibration as calib
+from maxnucl.pruning import io, surgery
+from maxnucl.pruning.io import FFN_KEYS
+from maxnucl.pruning.scores import LayerInputs, get_method
+
+LAYER_GROUPS = ("all", "bottom_half", "top_half", "even", "odd")
+BUDGETS = ("per_layer", "global")
+
+
+class PruningError(ValueError):
+  """Invalid pruning request (message names the argument and what was expected)."""
+
+
+def select_layers(cfg, spec: str) -> list[int]:
+  """Layer indices (with an FFN) selected by `spec`.
+
+  all | bottom_half (i < L//2) | top_half (i >= L//2) | even | odd (0-based indices) |
+  a comma list of indices, e.g. "0,3,5".  Note: with 0-based indices, Gemma-2's even layers use
+  local (sliding-window) attention; the paper's "even layers (after global attention)" counts
+  from 1 and corresponds to `odd` here.
+  """
+  widths = cfg.layer_ffn_widths
+  n = cfg.num_layers
+  spec = str(spec).strip()
+  groups = {"all": range(n), "bottom_half": range(n // 2), "top_half": range(n // 2, n),
+            "even": range(0, n, 2), "odd": range(1, n, 2)}
+  if spec in groups:
+    return [i for i in groups[spec] if widths[i] > 0]
+  try:
+    picked = sorted({int(tok) for tok in spec.split(",") if tok.strip()})
+  except ValueError:
+    raise PruningError(f"--layers {spec!r}: expected one of {LAYER_GROUPS} or a comma list of "
+                       f"layer indices") from None
+  if not picked:
+    raise PruningError(f"--layers {spec!r} selects no layer")
+  for i in picked:
+    if not 0 <= i < n:
+      raise PruningError(f"--layers {spec!r}: layer {i} does not exist (model has {n} layers)")
+    if widths[i] == 0:
+      raise PruningError(f"--layers {spec!r}: layer {i} has no FFN (width 0)")
+  return picked
+
+
+def _parse_method_params(method, overrides: Optional[dict]) -> dict:
+  params = dict(method.defaults)
+  for key, value in (overrides or {}).items():
+    if key not in params:
+      raise PruningError(f"method {method.name!r} has no parameter {key!r}; its parameters: "
+                         f"{sorted(params) or 'none'}")
+    params[key] = type(params[key])(value)
+  return params
+
+
+def _summary(values: np.ndarray) -> dict:
+  values = np.asarray(values, np.float64)
+  finite = values[np.isfinite(values)]
+  out: dict[str, Any] = {"count": int(values.size), "num_infinite": int(values.size - finite.size)}
+  if finite.size:
+    out.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()),
+               median=float(np.median(finite)))
+  return out
+
+
+class LayerPruner:
+  """Per-layer scoring and cutting shared by prune_ffn_neurons and the analysis tools."""
+
+  def __init__(self, reader: io.CheckpointReader, method: str, *, seed: int = 0,
+               method_params: Optional[dict] = None,
+               stats: Optional[dict[str, calib.LayerStats]] = None):
+    self.reader = reader
+    self.method = get_method(method)
+    self.params = _parse_method_params(self.method, method_params)
+    self.seed = seed
+    self.stats = stats
+    if self.method.needs_calibration and stats is None:
+      raise PruningError(f"method {method!r} is data-aware and needs calibration data "
+                         f"(--calibration SOURCE); none was given")
+
+  def inputs(self, index: int, ffn: Optional[dict] = None) -> LayerInputs:
+    name = f"layers_{index}"
+    ffn = self.reader.read_ffn(name) if ffn is None else ffn
+    return LayerInputs(index, name, ffn["gate"], ffn["up"], ffn["out"],
+                       None if self.stats is None else self.stats[name],
+                       np.random.default_rng([self.seed, index]), self.params)
+
+  def scores(self, layer: LayerInputs) -> np.ndarray:
+    if self.method.compensating:
+      return self.method.fn(layer, None).scores
+    return self.method.fn(layer)
+
+  def cut(self, layer: LayerInputs, num_remove: int, scores: Optional[np.ndarray] = None):
+    """(removed indices in removal order, scores [m], W to slice from)."""
+    if self.method.compensating:
+      result = self.method.fn(layer, num_remove)
+      return result.removed, result.scores, result.out
+    scores = self.scores(layer) if scores is None else scores
+    return surgery.top_removals(self.method.priority(scores), num_remove), scores, layer.out
+
+  def global_counts(self, indices: list[int], ratio: float) -> tuple[dict[int, int], dict]:
+    """Neurons to remove per layer under one budget floor(ratio * sum m_i) over `indices`."""
+    priorities, cached = [], {}
+    for i in indices:
+      scores = self.scores(self.inputs(i))
+      if not self.method.compensating:
+        cached[i] = scores
+      p = self.method.priority(scores)
+      if self.method.standardize_for_global:
+        finite = p[np.isfinite(p)]
+        if finite.size:
+          p = (p - finite.mean()) / (finite.std() + 1e-12)
+      priorities.append(p)
+    widths = [p.size for p in priorities]
+    total = math.floor(ratio * sum(widths))
+    flat = np.concatenate(priorities) if priorities else np.zeros(0)
+    chosen = surgery.top_removals(flat, total)
+    owner = np.repeat(np.arange(len(indices)), widths)
+    counts = np.bincount(owner[chosen], minlength=len(indices))
+    return {i: int(c) for i, c in zip(indices, counts)}, cached
+
+
+def _check_ratio(ratio) -> float:
+  try:
+    ratio = float(ratio)
+  except (TypeError, ValueError):
+    raise PruningError(f"--ratio {ratio!r}: expected a number in [0, 1)") from None
+  if not 0.0 <= ratio < 1.0:
+    raise PruningError(f"--ratio {ratio}: expected a fraction of neurons to remove in [0, 1)")
+  return ratio
+
+
+def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
+                      method: str, ratio: float, layers: str = "all", budget: str = "per_layer",
+                      seed: int = 0, method_params: Optional[dict] = None,
+                      calibration: Any = None, calibration_examples: int = 128,
+                      eval_perplexity: Any = None, eval_examples: int = 128,
+                      batch_size: int = 8, seq_len: int = 128,
+                      data_cache_dir: Optional[str | os.PathLike] = None,
+                      report_path: Optional[str | os.PathLike] = None,
+                      overwrite: bool = False) -> dict:
+  """Remove a fraction `ratio` of the FFN inner neurons and write a smaller checkpoint.
+
+  Returns the report (also written to `report_path` as JSON when given).  `calibration` /
+  `eval_perplexity`: a SOURCE as in maxnucl.pruning.calibration (`data_cache_dir`: where a
+  registered task's cached shards are read from).  Raises PruningError (or
+  FileExistsError / FileNotFoundError) before writing anything when a request is invalid.
+  """
+  start = time.time()
+  ratio = _check_ratio(ratio)
+  method_obj = get_method(method) if method in _method_names() else None
+  if method_obj is None:
+    raise PruningError(f"unknown pruning method {method!r}; known methods: {_method_names()}")
+  if budget not in BUDGETS:
+    raise PruningError(f"--budget {budget!r}: expected one of {BUDGETS}")
+  input_path = pathlib.Path(input_path).absolute()
+  output_path = pathlib.Path(output_path).absolute()
+  if not input_path.exists():
+    raise FileNotFoundError(f"input checkpoint {input_path} does not exist")
+  if output_path == input_path:
+    raise PruningError(f"--output {output_path} is the input checkpoint; the input is never "
+                       f"modified, choose another path")
+  if output_path.exists() and not overwrite:
+    raise FileExistsError(f"output {output_path} already exists; pass --overwrite "
+                          f"(overwrite=True) to replace it")
+  _parse_method_params(method_obj, method_params)
+  if method_obj.needs_calibration and calibration is None:
+    raise PruningError(f"method {method!r} is data-aware and needs calibration data "
+                       f"(--calibration SOURCE); none was given")
+
+  reader = io.CheckpointReader(input_path)
+  cfg = reader.cfg
+  selected = select_layers(cfg, layers)
+  widths = list(cfg.layer_ffn_widths)
+  source_kwargs = dict(batch_size=batch_size, seq_len=seq_len, pad_id=cfg.pad_id,
+                       cache_dir=data_cache_dir)
+
+  full_params = None
+  stats = None
+  report: dict[str, Any] = {
+      "input": str(input_path), "output": str(output_path), "method": method,
+      "method_params": _parse_method_params(method_obj, method_params), "ratio": ratio,
+      "layers_spec": layers, "selected_layers": selected, "budget": budget, "seed": seed}
+  if method_obj.needs_calibration or eval_perplexity is not None:
+    full_params = reader.read_all()
+  if method_obj.needs_calibration:
+    stats = calib.collect_stats(cfg, full_params, calib.iterate_batches(
+        calibration, num_examples=calibration_examples, split="train", **source_kwargs))
+    report["calibration"] = {"source": str(calibration), "examples": calibration_examples,
+                             "tokens": next(iter(stats.values())).count}
+  if eval_perplexity is not None:
+    before = calib.perplexity(cfg, full_params, calib.iterate_batches(
+        eval_perplexity, num_examples=eval_examples, split="validation", **source_kwargs))
+  full_params = None
+
+  pruner = LayerPruner(reader, method, seed=seed, method_params=method_params, stats=stats)
+  cached: dict[int, np.ndarray] = {}
+  if budget == "global":
+    counts, cached = pruner.global_counts(selected, ratio)
+  else:
+    counts = {i: math.floor(ratio * widths[i]) for i in selected}
+
+  # The output widths are known before any layer is cut (every method removes exactly counts[i]),
+  # so the writer can check each array against the pruned config as soon as it is produced.
+  new_widths = [w - counts.get(i, 0) for i, w in enumerate(widths)]
+  new_cfg = cfg if new_widths == widths else cfg.replace(ffn_widths=tuple(new_widths))
+  layer_reports = []
+  with io.CheckpointWriter(output_path, new_cfg, dtype=reader.dtype,
+                           overwrite=overwrite) as writer:
+    # Non-FFN arrays, opened lazily and copied block by block (the norms of an FFN branch cut to
+    # width 0 are dropped).
+    for key in reader.non_ffn_keys():
+      if key in writer.expected:
+        writer.write(key, reader.open_lazy(key))
+    for i in range(cfg.num_layers):
+      name = f"layers_{i}"
+      entry: dict[str, Any] = {"name": name, "selected": i in counts, "width_before": widths[i]}
+      layer_reports.append(entry)
+      if i not in counts:  # unselected layers: copied unchanged, block by block
+        entry.update(width_after=widths[i], num_removed=0, kept=list(range(widths[i])))
+        for key in FFN_KEYS:
+          if (name, "mlp", key) in writer.expected:
+            writer.write((name, "mlp", key), reader.open_lazy((name, "mlp", key)))
+        continue
+      layer = pruner.inputs(i)
+      removed, scores, out = pruner.cut(layer, counts[i], cached.pop(i, None))
+      kept = np.setdiff1d(np.arange(widths[i]), removed)
+      assert kept.size == new_widths[i], (name, kept.size, new_widths[i])
+      if kept.size:
+        ffn = surgery.slice_ffn({"gate": layer.gate, "up": layer.up, "out": out}, kept)
+        for key in FFN_KEYS:  # cast back to the stored dtype by the writer
+          writer.write((name, "mlp", key), ffn.pop(key))
+      removed_mask = np.zeros(widths[i], bool)
+      removed_mask[removed] = True
+      entry.update(width_after=int(kept.size), num_removed=int(removed.size), kept=kept.tolist(),
+                   removed_order=[int(r) for r in removed],
+                   scores={"all": _summary(scores), "removed": _summary(scores[removed_mask]),
+                           "kept": _summary(scores[~removed_mask])})
+      del layer, out
+
+  report["layers"] = layer_reports
+  report["num_removed"] = int(sum(e["num_removed"] for e in layer_reports))
+  report["ffn_widths_before"], report["ffn_widths_after"] = widths, new_widths
+  report["param_count_before"] = models.param_count(cfg)
+  report["param_count_after"] = models.param_count(new_cfg)
+  if eval_perplexity is not None:
+    after_reader = io.CheckpointReader(output_path)
+    after = calib.perplexity(new_cfg, after_reader.read_all(), calib.iterate_batches(
+        eval_perplexity, num_examples=eval_examples, split="validation", **source_kwargs))
+    report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_examples,
+                            "before": before, "after": after}
+  report["seconds"] = time.time() - start
+  if report_path is not None:
+    pathlib.Path(report_path).write_text(json.dumps(report, indent=1))
+  return report
+
+
+def _method_names() -> list[str]:
+  from maxnucl.pruning.scores import METHODS  # pylint: disable=import-outside-toplevel
+  return sorted(METHODS)

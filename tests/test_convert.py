@@ -1,0 +1,428 @@
+"""Checkpoint conversion (issue 5): Hugging Face / DeepMind `gemma` <-> maxnucl, streaming.
+
+The reference is a tiny random transformers Gemma-2 (tests/hf_reference.py); every conversion is
+checked against its logits or bit-exactly against another conversion.
+"""
+
+import hashlib
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding
+
+from maxnucl import checkpoints, models, sharding
+from maxnucl.conversion import convert, deepmind_gemma, hf_gemma2, hf_io
+from maxnucl.conversion import inspect as inspect_lib
+from tests.hf_reference import hf_logits, hf_state_numpy, maxnucl_from_hf, tiny_hf_gemma2
+
+REPO = pathlib.Path(__file__).absolute().parents[1]
+TOOL = REPO / "tools" / "convert_checkpoint.py"
+TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 16))  # longer than the window (6)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_model():
+  return tiny_hf_gemma2(seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(hf_model):
+  return hf_logits(hf_model, TOKENS)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_model, tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf") / "tiny_gemma2"
+  hf_model.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dir, tmp_path_factory):
+  """(checkpoint path, input checksums before) of hf_dir converted to maxnucl in float32."""
+  before = _checksums(hf_dir)
+  out = tmp_path_factory.mktemp("ckpt") / "tiny_maxnucl"
+  convert.hf_to_maxnucl(hf_dir, out, dtype="float32")
+  return out, before
+
+
+def _checksums(directory):
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(pathlib.Path(directory).iterdir()) if p.is_file()}
+
+
+def _logits(ckpt):
+  cfg, params = checkpoints.load(ckpt, dtype="float32")
+  return np.asarray(models.apply(cfg, params, TOKENS))
+
+
+def _flat(params):
+  return {tuple(k.key for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _assert_params_identical(a, b):
+  fa, fb = _flat(a), _flat(b)
+  assert fa.keys() == fb.keys()
+  for key in fa:
+    assert fa[key].dtype == fb[key].dtype, key
+    np.testing.assert_array_equal(fa[key], fb[key], err_msg="/".join(key))
+
+
+def _random_params(cfg, seed=0):
+  """Random float32 params of cfg's shapes (no jit: much faster than models.init here)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                      models.abstract_params(cfg))
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
+                        text=True, cwd=REPO)
+
+
+# ---- Hugging Face -> maxnucl ---------------------------------------------------------------------
+
+def test_hf_to_maxnucl_logits_equal_transformers(converted, reference_logits, hf_dir):
+  ckpt, before = converted
+  np.testing.assert_allclose(_logits(ckpt), reference_logits, atol=1e-4, rtol=0)
+  assert _checksums(hf_dir) == before  # the input is never modified
+
+
+def test_streamed_checkpoint_matches_whole_tree_conversion(converted, hf_model):
+  cfg, params = checkpoints.load(converted[0])
+  ref_cfg, ref_params = maxnucl_from_hf(hf_model)
+  assert cfg.replace(name=ref_cfg.name) == ref_cfg
+  _assert_params_identical(params, jax.tree.map(np.float32, ref_params))
+  for key, array in _flat(params).items():  # the one-array reader agrees with the full load
+    np.testing.assert_array_equal(checkpoints.read_array(converted[0], key), array)
+
+
+def test_sharded_safetensors_input_converts_identically(hf_model, converted, tmp_path):
+  hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+  assert (tmp_path / "hf" / hf_io.INDEX_FILE).exists()
+  assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+  convert.hf_to_maxnucl(tmp_path / "hf", tmp_path / "ckpt")
+  _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1],
+                           checkpoints.load(converted[0])[1])
+
+
+def test_bf16_conversion_stores_bf16_rounded_values(hf_dir, converted, tmp_path):
+  convert.hf_to_maxnucl(hf_dir, tmp_path / "bf16", dtype="bfloat16")
+  assert {dtype for _, dtype in checkpoints.stored_arrays(tmp_path / "bf16").values()} == {
+      "bfloat16"}
+  bf16, f32 = _flat(checkpoints.load(tmp_path / "bf16")[1]), _flat(
+      checkpoints.load(converted[0])[1])
+  for key in f32:
+    np.testing.assert_array_equal(bf16[key], f32[key].astype(ml_dtypes.bfloat16))
+
+
+def test_stored_lm_head_must_equal_embedding(hf_dir, tmp_path):
+  state = {k: v.numpy() for k, v in _safetensors_state(hf_dir).items()}
+  ok = dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"]})
+  _write_hf_dir(tmp_path / "tied", hf_dir, ok)
+  convert.hf_to_maxnucl(tmp_path / "tied", tmp_path / "tied_ckpt")  # equal: accepted
+  bad = dict(ok, **{"lm_head.weight": ok["lm_head.weight"] + 1.0})
+  _write_hf_dir(tmp_path / "untied", hf_dir, bad)
+  with pytest.raises(convert.ConversionError, match="lm_head.weight differs"):
+    convert.hf_to_maxnucl(tmp_path / "untied", tmp_path / "untied_ckpt")
+  assert not (tmp_path / "untied_ckpt").exists()
+
+
+def test_9b_shaped_config_with_224_uses_256(tmp_path, caplog):
+  shape = dict(hidden_size=3584, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+               num_hidden_layers=2, intermediate_size=14336, vocab_size=256000,
+               sliding_window=4096)
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps({**shape,
+                                                            "query_pre_attn_scalar": 224}))
+  cfg, _ = convert.read_hf_config(tmp_path / "old")
+  assert cfg.query_pre_attn_scalar == 256 and "224" in caplog.text
+  cfg, _ = convert.read_hf_config(tmp_path / "old", keep_query_pre_attn_scalar=True)
+  assert cfg.query_pre_attn_scalar == 224
+  (tmp_path / "27b").mkdir()  # other shapes keep their value (27b: 144)
+  (tmp_path / "27b" / "config.json").write_text(json.dumps(
+      {**shape, "hidden_size": 4608, "num_attention_heads": 32, "num_key_value_heads": 16,
+       "head_dim": 128, "query_pre_attn_scalar": 144}))
+  assert convert.read_hf_config(tmp_path / "27b")[0].query_pre_attn_scalar == 144
+
+
+# ---- maxnucl -> Hugging Face ---------------------------------------------------------------------
+
+def test_maxnucl_to_hf_loads_in_transformers_and_round_trips_bit_exactly(converted, tmp_path):
+  ckpt = converted[0]
+  before = _checksums(ckpt / checkpoints.PARAMS)
+  files = convert.maxnucl_to_hf(ckpt, tmp_path / "hf", max_shard_bytes=60_000)
+  assert len(files) > 1 and (tmp_path / "hf" / hf_io.INDEX_FILE).exists()  # sharded + index
+  model = transformers.Gemma2ForCausalLM.from_pretrained(
+      tmp_path / "hf", attn_implementation="eager", dtype=torch.float32).eval()
+  np.testing.assert_allclose(hf_logits(model, TOKENS), _logits(ckpt), atol=1e-4, rtol=0)
+  convert.hf_to_maxnucl(tmp_path / "hf", tmp_path / "back")
+  cfg, params = checkpoints.load(ckpt)
+  cfg_back, params_back = checkpoints.load(tmp_path / "back")
+  _assert_params_identical(params_back, params)
+  assert cfg_back.replace(name=cfg.name) == cfg
+  assert _checksums(ckpt / checkpoints.PARAMS) == before
+
+
+def test_non_uniform_ffn_widths_are_refused_for_hf(tmp_path):
+  cfg = models.get_config("gemma2_tiny", ffn_widths=(256, 128, 0, 256))
+  checkpoints.save(tmp_path / "pruned", cfg, _random_params(cfg))
+  with pytest.raises(convert.ConversionError, match="per-layer FFN widths.*zero-pad"):
+    convert.maxnucl_to_hf(tmp_path / "pruned", tmp_path / "hf")
+  assert not (tmp_path / "hf").exists()
+
+
+# ---- DeepMind gemma -> maxnucl -------------------------------------------------------------------
+
+def _deepmind_fixture(hf_model, path, gating_layout, padded_vocab):
+  """A flat DeepMind-layout Orbax checkpoint of the HF model (embedding padded with junk rows)."""
+  cfg, params = maxnucl_from_hf(hf_model)
+  flat = {}
+  pad = np.random.default_rng(1).normal(size=(padded_vocab - cfg.vocab_size, cfg.d_model))
+  flat["transformer/embedder"] = {"input_embedding": np.concatenate(
+      [params["embedder"]["embedding"], pad.astype(np.float32)])}
+  flat["transformer/final_norm"] = {"scale": params["final_norm"]["scale"]}
+  for i in range(cfg.num_layers):
+    p, dm = params[f"layers_{i}"], f"transformer/layer_{i}"
+    flat[f"{dm}/attn/q_einsum"] = {"w": p["attn"]["q"].transpose(1, 0, 2)}
+    flat[f"{dm}/attn/kv_einsum"] = {"w": np.stack([p["attn"]["k"].transpose(1, 0, 2),
+                                                   p["attn"]["v"].transpose(1, 0, 2)])}
+    flat[f"{dm}/attn/attn_vec_einsum"] = {"w": p["attn"]["o"]}
+    gate, up = p["mlp"]["gate"], p["mlp"]["up"]  # [d, m]
+    flat[f"{dm}/mlp/gating_einsum"] = {"w": np.stack([gate, up]) if gating_layout == "dm"
+                                       else np.stack([gate.T, up.T])}
+    flat[f"{dm}/mlp/linear"] = {"w": p["mlp"]["out"]}
+    for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+      flat[f"{dm}/{norm}"] = {"scale": p[norm]["scale"]}
+  ocp.PyTreeCheckpointer().save(path, flat)
+  return cfg
+
+
+@pytest.mark.parametrize("gating_layout", ["dm", "md"])
+def test_deepmind_layout_converts_to_equal_logits(hf_model, reference_logits, converted, tmp_path,
+                                                  gating_layout):
+  cfg = _deepmind_fixture(hf_model, tmp_path / "dm", gating_layout, padded_vocab=136)
+  assert deepmind_gemma.gating_layout_of(
+      checkpoints.pytree_arrays(tmp_path / "dm")[
+          ("transformer/layer_0/mlp/gating_einsum", "w")][0], cfg, 0) == gating_layout
+  convert.gemma_to_maxnucl(tmp_path / "dm", tmp_path / "ckpt", cfg)
+  _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1],
+                           checkpoints.load(converted[0])[1])
+  np.testing.assert_allclose(_logits(tmp_path / "ckpt"), reference_logits, atol=1e-4, rtol=0)
+
+
+def test_gemma_to_maxnucl_cli_with_config_file(hf_model, converted, tmp_path):
+  cfg = _deepmind_fixture(hf_model, tmp_path / "dm", "md", padded_vocab=136)
+  (tmp_path / "cfg.json").write_text(cfg.to_json())
+  result = _run_cli("gemma-to-maxnucl", "--input", tmp_path / "dm", "--output",
+                    tmp_path / "ckpt", "--config", tmp_path / "cfg.json", "--dtype", "bfloat16")
+  assert result.returncode == 0, result.stderr
+  stored = checkpoints.stored_arrays(tmp_path / "ckpt")
+  assert stored[("embedder", "embedding")] == ((128, 48), "bfloat16")
+  wrong = _run_cli("gemma-to-maxnucl", "--input", tmp_path / "dm", "--output", tmp_path / "x",
+                   "--config", tmp_path / "cfg.json", "--vocab_size", 200)
+  assert wrong.returncode == 1 and "input_embedding" in wrong.stderr and "200" in wrong.stderr
+
+
+# ---- safety ----------------------------------------------------------------------------------------
+
+def test_interrupted_conversion_leaves_no_output(hf_dir, tmp_path, monkeypatch):
+  write = checkpoints.StreamingWriter.write
+  calls = []
+
+  def failing_write(self, key_path, array):
+    calls.append(key_path)
+    if len(calls) == 5:
+      raise KeyboardInterrupt("simulated interruption")
+    return write(self, key_path, array)
+
+  monkeypatch.setattr(checkpoints.StreamingWriter, "write", failing_write)
+  with pytest.raises(KeyboardInterrupt):
+    convert.hf_to_maxnucl(hf_dir, tmp_path / "out")
+  assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
+
+
+def test_existing_output_is_refused_without_overwrite(hf_dir, tmp_path):
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "keep.txt").write_text("mine")
+  result = _run_cli("hf-to-maxnucl", "--input", hf_dir, "--output", tmp_path / "out")
+  assert result.returncode == 1 and "already exists" in result.stderr
+  assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+  convert.hf_to_maxnucl(hf_dir, tmp_path / "out", overwrite=True)
+  assert checkpoints.load_config(tmp_path / "out").num_layers == 4
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _safetensors_state(hf_dir):
+  from safetensors.torch import load_file
+  return load_file(str(pathlib.Path(hf_dir) / "model.safetensors"))
+
+
+def _write_hf_dir(path, hf_dir, state):
+  from safetensors.numpy import save_file
+  path.mkdir()
+  shutil.copy(pathlib.Path(hf_dir) / "config.json", path / "config.json")
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+            str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_truncated_safetensors_file_fails_with_one_line_error(hf_dir, tmp_path):
+  broken = tmp_path / "broken"
+  shutil.copytree(hf_dir, broken)
+  data = (broken / "model.safetensors").read_bytes()
+  (broken / "model.safetensors").write_bytes(data[:len(data) - 1000])
+  result = _run_cli("hf-to-maxnucl", "--input", broken, "--output", tmp_path / "out")
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+  assert "model.safetensors" in lines[0] and "truncated" in lines[0]
+  assert "tensor model." in lines[0]  # names the tensor cut off
+  assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_names_tensor(hf_dir, tmp_path):
+  state = {k: v.numpy() for k, v in _safetensors_state(hf_dir).items()}
+  del state["model.layers.2.mlp.up_proj.weight"]
+  _write_hf_dir(tmp_path / "missing", hf_dir, state)
+  result = _run_cli("hf-to-maxnucl", "--input", tmp_path / "missing", "--output",
+                    tmp_path / "out")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "model.layers.2.mlp.up_proj.weight is missing" in result.stderr
+
+
+def test_wrong_shape_names_tensor_and_file(hf_dir, tmp_path):
+  state = {k: v.numpy() for k, v in _safetensors_state(hf_dir).items()}
+  state["model.layers.1.self_attn.o_proj.weight"] = state[
+      "model.layers.1.self_attn.o_proj.weight"][:, :32]
+  _write_hf_dir(tmp_path / "wrong", hf_dir, state)
+  with pytest.raises(convert.ConversionError,
+                     match=r"model.safetensors: tensor model.layers.1.self_attn.o_proj.weight "
+                           r"has shape \(48, 32\), expected \(48, 64\)"):
+    convert.hf_to_maxnucl(tmp_path / "wrong", tmp_path / "out")
+  state["model.layers.1.self_attn.extra.weight"] = np.zeros(3, np.float32)
+  state["model.layers.1.self_attn.o_proj.weight"] = np.zeros((48, 64), np.float32)
+  _write_hf_dir(tmp_path / "extra", hf_dir, state)
+  with pytest.raises(convert.ConversionError, match="unexpected tensor.*self_attn.extra"):
+    convert.hf_to_maxnucl(tmp_path / "extra", tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+# ---- inspect -----------------------------------------------------------------------------------------
+
+def test_outgoing_entropy_definition():
+  w = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, -3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                [1.0, -1.0, 2.0, 0.0]])
+  h = inspect_lib.outgoing_entropy(w)
+  np.testing.assert_allclose(h[:2], [np.log(4), 0.0], atol=1e-6)
+  assert np.isnan(h[2])  # a zero row has no outgoing distribution
+  r = np.array([0.25, 0.25, 0.5])
+  np.testing.assert_allclose(h[3], -(r * np.log(r)).sum(), rtol=1e-6)
+
+
+def test_inspect_maxnucl_and_hf_agree(converted, hf_dir):
+  ckpt = converted[0]
+  ours, theirs = inspect_lib.inspect_checkpoint(ckpt), inspect_lib.inspect_checkpoint(hf_dir)
+  cfg, params = checkpoints.load(ckpt)
+  assert ours["ffn_widths"] == theirs["ffn_widths"] == [96] * 4
+  assert ours["param_counts"]["total"] == ours["param_counts"]["stored_total"]
+  for i, (a, b) in enumerate(zip(ours["outgoing_entropy"], theirs["outgoing_entropy"])):
+    h = inspect_lib.outgoing_entropy(np.asarray(params[f"layers_{i}"]["mlp"]["out"]))
+    for stats in (a, b):
+      np.testing.assert_allclose([stats["mean"], stats["min"], stats["max"]],
+                                 [h.mean(), h.min(), h.max()], rtol=1e-5)
+      assert stats["zero_rows"] == 0
+  result = _run_cli("inspect", ckpt, "--json")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout)["ffn_widths"] == [96] * 4
+  text = _run_cli("inspect", hf_dir)
+  assert "model.layers.3.mlp.down_proj.weight" in text.stdout and "entropy" in text.stdout
+
+
+def test_inspect_counts_zero_rows_of_pruned_layers(tmp_path):
+  cfg = models.get_config("gemma2_tiny", ffn_widths=(256, 128, 0, 256))
+  params = _random_params(cfg)
+  params["layers_1"]["mlp"]["out"][:5] = 0.0
+  checkpoints.save(tmp_path / "pruned", cfg, params)
+  summary = inspect_lib.inspect_checkpoint(tmp_path / "pruned")
+  assert summary["ffn_widths"] == [256, 128, 0, 256]
+  assert [e["layer"] for e in summary["outgoing_entropy"]] == ["layers_0", "layers_1",
+                                                                "layers_3"]
+  assert summary["outgoing_entropy"][1]["zero_rows"] == 5
+
+
+# ---- sharded restore ---------------------------------------------------------------------------
+
+def test_load_restores_each_array_into_its_sharding(converted):
+  assert len(jax.devices()) == 8
+  mesh = sharding.create_mesh((2, 2, 2))
+  rules = sharding.logical_axis_rules()
+  cfg, sharded = checkpoints.load(converted[0], mesh=mesh, rules=rules)
+  _, plain = checkpoints.load(converted[0])
+  axes = models.logical_axes(cfg)
+  for (key, array), (_, reference) in zip(_flat_arrays(sharded), _flat_arrays(plain)):
+    node = axes
+    for k in key:
+      node = node[k]
+    expected = NamedSharding(mesh, sharding.logical_to_spec(node, array.shape, mesh, rules))
+    assert array.sharding == expected, key
+    np.testing.assert_array_equal(np.asarray(array), np.asarray(reference))
+  assert sharded["layers_0"]["mlp"]["out"].sharding.spec != ()  # something is really sharded
+
+
+def _flat_arrays(params):
+  return [(tuple(k.key for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+# ---- the streamed checkpoint format ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_checkpoint_is_read_by_plain_orbax(tmp_path, dtype):
+  """StreamingWriter's arrays (TensorStore zarr) and hand-written metadata are what Orbax reads."""
+  cfg = models.get_config("gemma2_tiny", ffn_widths=(256, 128, 0, 256))
+  params = _random_params(cfg)
+  with checkpoints.StreamingWriter(tmp_path / "ckpt", cfg, dtype=dtype) as writer:
+    for key, array in reversed(list(_flat(params).items())):  # any order; strided views too
+      writer.write(key, array.T.copy().T if array.ndim == 2 else array)
+  expected = jax.tree.map(lambda x: x.astype(checkpoints.NP_DTYPES[dtype]), params)
+  restored = ocp.PyTreeCheckpointer().restore(tmp_path / "ckpt" / checkpoints.PARAMS)
+  _assert_params_identical(restored, expected)
+  composite = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(tmp_path / "ckpt")
+  assert models.ModelConfig.from_dict(composite["model_config"]) == cfg
+  _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1], expected)
+  for key, array in _flat(expected).items():  # the TensorStore single-array reader, with a cast
+    np.testing.assert_array_equal(checkpoints.read_array(tmp_path / "ckpt", key, "float32"),
+                                  array.astype(np.float32))
+
+
+def test_truncated_chunk_names_the_array(converted, tmp_path):
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(converted[0], ckpt)
+  leaf = ckpt / checkpoints.PARAMS / "layers_2.mlp.out"
+  chunk = leaf / "0.0"
+  chunk.write_bytes(chunk.read_bytes()[:-100])
+  with pytest.raises(checkpoints.CheckpointError, match="layers_2.mlp.out"):
+    checkpoints.read_array(ckpt, ("layers_2", "mlp", "out"))
+
+
+def test_hf_axes_is_the_permutation_inside_to_hf():
+  cfg = models.get_config("gemma2_tiny")
+  params = _random_params(cfg)
+  for path, (name, _, to_hf) in hf_gemma2.tensor_map(cfg).items():
+    array = _flat(params)[path]
+    expected = to_hf(array, cfg)
+    np.testing.assert_array_equal(
+        array.transpose(hf_gemma2.hf_axes(path)).reshape(expected.shape), expected, err_msg=name)

@@ -1,0 +1,78 @@
+"""Structured FFN neuron pruning: checkpoint in, physically smaller checkpoint (+ report) out.
+
+  python tools/prune_checkpoint.py --input CKPT --output CKPT2 --method entropy --ratio 0.25 \
+      [--layers all|bottom_half|top_half|even|odd|0,3,5] [--budget per_layer|global] [--seed 0] \
+      [--report report.json] [--calibration SOURCE --calibration_examples 128] \
+      [--eval_perplexity SOURCE --eval_examples 128] [--data_cache_dir DIR] \
+      [--method_param key=value ...] [--overwrite]
+
+SOURCE: a .npy [N, L] / .jsonl token-id file or a registered task name, read from its cached
+shards with --data_cache_dir (docs/pruning.md).
+Methods: see `--help` or maxnucl/pruning/scores.py.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from maxnucl.pruning import prune  # noqa: E402  pylint: disable=wrong-import-position
+from maxnucl.pruning.scores import METHODS  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _key_value(text: str):
+  if "=" not in text:
+    raise argparse.ArgumentTypeError(f"--method_param {text!r}: expected key=value")
+  key, value = text.split("=", 1)
+  return key.strip(), value.strip()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--input", required=True, help="input checkpoint (only read)")
+  parser.add_argument("--output", required=True, help="output checkpoint directory")
+  parser.add_argument("--method", required=True, help=f"one of {sorted(METHODS)}")
+  parser.add_argument("--ratio", required=True, help="fraction of FFN neurons to remove, [0, 1)")
+  parser.add_argument("--layers", default="all",
+                      help="all|bottom_half|top_half|even|odd or a comma list of layer indices")
+  parser.add_argument("--budget", default="per_layer", choices=prune.BUDGETS)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--report", default=None, help="write the JSON report here")
+  parser.add_argument("--calibration", default=None, help="calibration SOURCE (data-aware)")
+  parser.add_argument("--calibration_examples", type=int, default=128)
+  parser.add_argument("--eval_perplexity", default=None, help="held-out SOURCE for perplexity")
+  parser.add_argument("--eval_examples", type=int, default=128)
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--seq_len", type=int, default=128,
+                      help="sequence length for data-source names and 1-D .npy streams")
+  parser.add_argument("--data_cache_dir", default=None,
+                      help="read a registered task's cached shards from here (calibration and "
+                           "--eval_perplexity task names)")
+  parser.add_argument("--method_param", type=_key_value, action="append", default=[],
+                      help="override a method parameter, e.g. neighbours=32 (repeatable)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  args = parser.parse_args(argv)
+  try:
+    report = prune.prune_ffn_neurons(
+        args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
+        budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
+        calibration=args.calibration, calibration_examples=args.calibration_examples,
+        eval_perplexity=args.eval_perplexity, eval_examples=args.eval_examples,
+        batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
+        report_path=args.report,
+        overwrite=args.overwrite)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"prune_checkpoint: error: {e}", file=sys.stderr)
+    return 2
+  summary = {k: report[k] for k in ("output", "method", "ratio", "budget", "num_removed",
+                                    "ffn_widths_before", "ffn_widths_after")}
+  if "perplexity" in report:
+    summary["perplexity"] = {k: report["perplexity"][k]["perplexity"] for k in ("before", "after")}
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
