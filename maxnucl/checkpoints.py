@@ -230,6 +230,18 @@ NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfl
 _CHUNK_BYTES = 64 << 20  # rows per chunk file: about this many bytes
 
 
+def _chunk_rows(num_rows: int, row_bytes: int) -> int:
+  """Rows per chunk: the fewest chunks of at most ~_CHUNK_BYTES, split as evenly as possible.
+
+  zarr v2 stores every chunk at full size, so the last one is padded; near-equal chunks keep the
+  padding below one row per chunk and the file size proportional to the array's (a pruned matrix
+  is smaller on disk too).
+  """
+  per_chunk = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+  num_chunks = -(-num_rows // per_chunk)
+  return max(1, -(-num_rows // num_chunks))
+
+
 class StreamingWriter:
   """Write a checkpoint one tensor at a time (see the module docstring for the layout).
 
@@ -285,7 +297,7 @@ class StreamingWriter:
                             f"expected {self.expected[key_path]} from the model config")
     shape = tuple(array.shape)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
-    rows = max(1, min(shape[0], _CHUNK_BYTES // max(row_bytes, 1))) if shape else 1
+    rows = _chunk_rows(shape[0], row_bytes) if shape else 1
     leaf_dir = self.tmp / PARAMS / ".".join(key_path)
     store = ts.open({
         **_zarr_spec(leaf_dir),

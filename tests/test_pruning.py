@@ -454,25 +454,32 @@ def test_report_holds_kept_indices_counts_scores_and_parameters(tiny_ckpt, tmp_p
   assert [e["kept"] for e in other["layers"]] != [e["kept"] for e in report["layers"]]
 
 
-def test_registered_task_and_cached_shards_are_read_through_the_data_pipeline(tiny_ckpt,
-                                                                             tmp_path,
-                                                                             monkeypatch):
-  import types  # pylint: disable=import-outside-toplevel
-  calls = []
+def test_registered_task_and_its_cached_shards_give_the_same_pruning(tiny_ckpt, tmp_path):
+  """Calibration and held-out perplexity from a registered task (the real data pipeline, its
+  train split and, lacking a validation split, its test split), live and from cached shards."""
+  from maxnucl.data import pipeline  # pylint: disable=import-outside-toplevel
+  common = dict(method="wanda_channel", ratio=0.25, layers="0", calibration="synthetic_arithmetic",
+                calibration_examples=8, eval_perplexity="synthetic_arithmetic", eval_examples=4,
+                seq_len=32, batch_size=4)
+  live = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "live", **common)
+  for split in ("train", "test"):
+    pipeline.cache_task("synthetic_arithmetic", split, tmp_path / "cache", seq_len=32)
+  cached = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "cached", data_cache_dir=tmp_path / "cache",
+                             **common)
+  first = next(pipeline.create_data_iterator("train", source="synthetic_arithmetic",
+                                             batch_size=8, seq_len=32, repeat=False))
+  assert live["calibration"]["tokens"] == int(first["loss_mask"].sum()) > 0
+  assert cached["calibration"] == dict(live["calibration"])
+  assert [e["kept"] for e in cached["layers"]] == [e["kept"] for e in live["layers"]]
+  for report in (live, cached):
+    before, after = report["perplexity"]["before"], report["perplexity"]["after"]
+    assert before["tokens"] > 0 and math.isfinite(before["perplexity"])
+    assert after["perplexity"] != before["perplexity"]
+  assert cached["perplexity"]["before"] == live["perplexity"]["before"]
 
-  def create_data_iterator(split, **kwargs):
-    calls.append((split, kwargs))
-    return iter([{"tokens": _tokens(s)} for s in range(2)])
 
-  pipeline = types.SimpleNamespace(create_data_iterator=create_data_iterator)
-  monkeypatch.setitem(sys.modules, "maxnucl.data", types.SimpleNamespace(pipeline=pipeline))
-  monkeypatch.setitem(sys.modules, "maxnucl.data.pipeline", pipeline)
-  report = prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="wanda_channel", ratio=0.25,
-                             layers="0", calibration="my_task", calibration_examples=8,
-                             eval_perplexity="my_task", eval_examples=4, seq_len=SEQ,
-                             data_cache_dir=tmp_path / "cache")
-  assert [split for split, _ in calls] == ["train", "validation", "validation"]
-  assert all(kw["source"] == "my_task" and kw["cache_dir"] == str(tmp_path / "cache")
-             for _, kw in calls)
-  assert report["calibration"]["tokens"] == 8 * (SEQ - 1)
-  assert report["perplexity"]["before"]["tokens"] == 4 * (SEQ - 1)
+def test_unknown_data_source_is_named_and_nothing_is_written(tiny_ckpt, tmp_path):
+  with pytest.raises(ValueError, match="'no_such_task' is not a .npy/.jsonl file nor a registered"):
+    prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="magnitude", ratio=0.25,
+                      eval_perplexity="no_such_task", eval_examples=4)
+  assert list(tmp_path.iterdir()) == []

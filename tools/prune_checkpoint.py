@@ -50,6 +50,9 @@ def main(argv=None) -> int:
   parser.add_argument("--data_cache_dir", default=None,
                       help="read a registered task's cached shards from here (calibration and "
                            "--eval_perplexity task names)")
+  parser.add_argument("--vocab", default="byte",
+                      help="vocabulary for registered task names: a SentencePiece model (e.g. "
+                           "Gemma's tokenizer.model) or 'byte' (default)")
   parser.add_argument("--method_param", type=_key_value, action="append", default=[],
                       help="override a method parameter, e.g. neighbours=32 (repeatable)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
         calibration=args.calibration, calibration_examples=args.calibration_examples,
         eval_perplexity=args.eval_perplexity, eval_examples=args.eval_examples,
         batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
-        report_path=args.report,
+        data_vocab=args.vocab, report_path=args.report,
         overwrite=args.overwrite)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"prune_checkpoint: error: {e}", file=sys.stderr)

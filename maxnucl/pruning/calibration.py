@@ -69,11 +69,17 @@ class CalibrationError(ValueError):
 
 # ---- sources ---------------------------------------------------------------------------------------
 
+HELD_OUT = None  # `split` for held-out data: the source's "validation" split, else its "test"
+
+
 def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_len: int = 128,
-                    pad_id: int = 0, split: str = "train", cache_dir: Optional[str] = None
+                    pad_id: int = 0, split: Optional[str] = "train",
+                    cache_dir: Optional[str] = None, vocab: str = "byte"
                     ) -> Iterator[dict[str, np.ndarray]]:
   """Batches (dicts of numpy [B, L]) from SOURCE (see the module docstring), at most
-  `num_examples` rows in total."""
+  `num_examples` rows in total.  `split`, `cache_dir` and `vocab` (a SentencePiece model path,
+  e.g. Gemma's tokenizer.model, or "byte") apply to registered task names; `split=HELD_OUT` picks
+  the task's validation split, or its test split if it has none."""
   if num_examples <= 0:
     raise CalibrationError(f"number of examples must be positive, got {num_examples}")
   if isinstance(source, (str, os.PathLike)):
@@ -83,7 +89,7 @@ def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_
     elif path.exists():
       raise CalibrationError(f"calibration file {path}: unknown format (expected .npy or .jsonl)")
     else:
-      batches = _registered_source(str(source), split, batch_size, seq_len, cache_dir)
+      batches = _registered_source(str(source), split, batch_size, seq_len, cache_dir, vocab)
   else:
     batches = iter(source() if callable(source) else source)
   remaining = num_examples
@@ -138,18 +144,29 @@ def _file_batches(path: pathlib.Path, batch_size: int, seq_len: int, pad_id: int
            "segment_ids": valid[:, :-1].astype(np.int32)}
 
 
-def _registered_source(name: str, split: str, batch_size: int, seq_len: int,
-                       cache_dir: Optional[str]):
+def _registered_source(name: str, split: Optional[str], batch_size: int, seq_len: int,
+                       cache_dir: Optional[str], vocab: str):
   try:
-    from maxnucl.data import pipeline  # pylint: disable=import-outside-toplevel
+    from maxnucl.data import catalog, pipeline  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise CalibrationError(
         f"calibration source {name!r} is not a .npy/.jsonl file and the data pipeline "
         f"(maxnucl.data.pipeline) is not available to resolve it as a data-source name: {e}"
     ) from None
+  if split is HELD_OUT:
+    try:
+      splits = catalog.splits_of(name)
+    except (KeyError, ValueError) as e:
+      raise CalibrationError(f"data source {name!r} is not a .npy/.jsonl file nor a registered "
+                             f"task or mixture: {e}") from None
+    held_out = [s for s in ("validation", "test") if s in splits]
+    if not held_out:
+      raise CalibrationError(f"data source {name!r} has no validation or test split for held-out "
+                             f"perplexity; its splits: {list(splits)}")
+    split = held_out[0]
   cached = {} if cache_dir is None else {"cache_dir": str(cache_dir)}
   return pipeline.create_data_iterator(split, source=name, batch_size=batch_size,
-                                       seq_len=seq_len, **cached)
+                                       seq_len=seq_len, vocab=vocab, repeat=False, **cached)
 
 
 def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:

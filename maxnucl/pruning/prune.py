@@ -166,6 +166,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
                       eval_perplexity: Any = None, eval_examples: int = 128,
                       batch_size: int = 8, seq_len: int = 128,
                       data_cache_dir: Optional[str | os.PathLike] = None,
+                      data_vocab: str = "byte",
                       report_path: Optional[str | os.PathLike] = None,
                       overwrite: bool = False) -> dict:
   """Remove a fraction `ratio` of the FFN inner neurons and write a smaller checkpoint.
@@ -202,7 +203,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   selected = select_layers(cfg, layers)
   widths = list(cfg.layer_ffn_widths)
   source_kwargs = dict(batch_size=batch_size, seq_len=seq_len, pad_id=cfg.pad_id,
-                       cache_dir=data_cache_dir)
+                       cache_dir=data_cache_dir, vocab=data_vocab)
 
   full_params = None
   stats = None
@@ -219,7 +220,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
                              "tokens": next(iter(stats.values())).count}
   if eval_perplexity is not None:
     before = calib.perplexity(cfg, full_params, calib.iterate_batches(
-        eval_perplexity, num_examples=eval_examples, split="validation", **source_kwargs))
+        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs))
   full_params = None
 
   pruner = LayerPruner(reader, method, seed=seed, method_params=method_params, stats=stats)
@@ -275,7 +276,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   if eval_perplexity is not None:
     after_reader = io.CheckpointReader(output_path)
     after = calib.perplexity(new_cfg, after_reader.read_all(), calib.iterate_batches(
-        eval_perplexity, num_examples=eval_examples, split="validation", **source_kwargs))
+        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs))
     report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_examples,
                             "before": before, "after": after}
   report["seconds"] = time.time() - start
