@@ -79,10 +79,18 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
                           f"(--overwrite) to replace it")
   check_params(cfg, params)
   _checkpointer().save(
-      path, ocp.args.Composite(**{PARAMS: ocp.args.PyTreeSave(params),
-                                  MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict())}),
+      path, ocp.args.Composite(**{
+          PARAMS: ocp.args.PyTreeSave(params, save_args=save_args(params)),
+          MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict())}),
       force=overwrite)
   return path
+
+
+def save_args(params: dict) -> dict:
+  """Orbax SaveArgs storing every array in chunks of at most ~_CHUNK_BYTES, so that readers that
+  stream (the pruner, `read_array` of one block of rows) never decode a whole large array at once
+  (Orbax's default is one chunk per array on a single host)."""
+  return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

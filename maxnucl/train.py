@@ -492,7 +492,8 @@ def _step_dir(manager, step) -> pathlib.Path:
 
 def _save(manager, step, cfg, state, train_state) -> None:
   manager.save(step, args=ocp.args.Composite(**{
-      PARAMS: ocp.args.PyTreeSave(state["params"]),
+      PARAMS: ocp.args.PyTreeSave(state["params"],
+                                  save_args=checkpoints.save_args(state["params"])),
       OPT_STATE: ocp.args.PyTreeSave(state["opt_state"]),
       MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
       TRAIN_STATE: ocp.args.JsonSave(train_state)}))

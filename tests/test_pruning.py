@@ -483,3 +483,22 @@ def test_unknown_data_source_is_named_and_nothing_is_written(tiny_ckpt, tmp_path
     prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="magnitude", ratio=0.25,
                       eval_perplexity="no_such_task", eval_examples=4)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_save_inputs_are_copied_in_blocks_not_read_whole(tmp_path, monkeypatch):
+  """`checkpoints.save` chunks every array (<= _CHUNK_BYTES), so the pruner copies unchanged
+  tensors through lazy TensorStore views instead of reading them whole."""
+  from maxnucl.pruning import io  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(checkpoints, "_CHUNK_BYTES", 8192)
+  monkeypatch.setattr(io, "MAX_LAZY_CHUNK_BYTES", 8192)
+  params = random_params(TINY, 5)
+  checkpoints.save(tmp_path / "in", TINY, params)
+  whole = []
+  read = io.CheckpointReader.read
+  monkeypatch.setattr(io.CheckpointReader, "read",
+                      lambda self, key: whole.append(key) or read(self, key))
+  prune_ffn_neurons(tmp_path / "in", tmp_path / "out", method="magnitude", ratio=0.25)
+  assert whole and all(key[1] == "mlp" for key in whole), whole  # only the FFNs being pruned
+  _, pruned = checkpoints.load(tmp_path / "out")
+  np.testing.assert_array_equal(np.asarray(pruned["embedder"]["embedding"]),
+                                params["embedder"]["embedding"])

@@ -7,9 +7,10 @@ Built on the streaming API of `maxnucl.checkpoints`:
            embedding, norms, attention, unselected layers) are opened lazily (`open_lazy`: a
            TensorStore view on the zarr leaf or on the OCDBT store Orbax writes) so the writer
            reads them block by block as it writes, when their stored chunks are small
-           (StreamingWriter's row blocks, e.g. converter outputs).  `checkpoints.save` (Orbax)
-           stores each array as a single chunk; such arrays are read whole.  Only calibration
-           and perplexity evaluation read the whole tree (`read_all`).
+           (StreamingWriter's row blocks, e.g. converter outputs; `checkpoints.save` and trainer
+           checkpoints, chunked by Orbax to <= 64 MiB).  A leaf stored as one large chunk (plain
+           Orbax defaults) is read whole.  Only calibration and perplexity evaluation read the
+           whole tree (`read_all`).
   writing  `checkpoints.StreamingWriter`: each array is written as soon as `CheckpointWriter.write`
            receives it and is not kept.  Everything goes to a temporary sibling directory that is
            renamed to the output only after every tensor of the (pruned) config was written; on an
@@ -17,9 +18,9 @@ Built on the streaming API of `maxnucl.checkpoints`:
            overwrite=True.
 
 So the pruner's peak memory is one layer's FFN (as stored, its float copies and the pruned slice)
-plus a few row blocks of the writer, not the whole checkpoint; for inputs written by Orbax
-(`checkpoints.save`) add the largest single-chunk tensor (the embedding).  The output keeps the
-input's stored dtype.
+plus a few row blocks of the writer, not the whole checkpoint (for a checkpoint written with
+Orbax's default single chunk per array, add its largest tensor).  The output keeps the input's
+stored dtype.
 """
 
 from __future__ import annotations
