@@ -155,7 +155,7 @@ def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
     rules = sharding.logical_axis_rules() if rules is None else rules
     shardings = {k: NamedSharding(mesh, sharding.logical_to_spec(axes[k], expected[k], mesh,
                                                                  rules)) for k in expected}
-  target = _unflatten({
+  target = unflatten({
       k: jax.ShapeDtypeStruct(expected[k], np.dtype(dtype or stored[k][1]), sharding=shardings[k])
       for k in expected})
   restore_args = jax.tree.map(
@@ -198,8 +198,8 @@ def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype, axes=None) -> n
   leaf_dir = params_dir / ".".join(key_path)
   if (leaf_dir / ".zarray").is_file():  # a per-leaf zarr array (use_ocdbt=False): TensorStore
     return _read_zarr(leaf_dir, shape, np.dtype(dtype), axes)
-  item = _unflatten({key_path: jax.ShapeDtypeStruct(shape, np.dtype(dtype))})
-  restore_args = _unflatten({key_path: ocp.RestoreArgs(restore_type=np.ndarray,
+  item = unflatten({key_path: jax.ShapeDtypeStruct(shape, np.dtype(dtype))})
+  restore_args = unflatten({key_path: ocp.RestoreArgs(restore_type=np.ndarray,
                                                        dtype=np.dtype(dtype))})
   restored = ocp.PyTreeCheckpointHandler().restore(
       params_dir, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
@@ -430,7 +430,8 @@ def _compare(where, expected: dict, actual: dict) -> None:
                           f"{' ...' if len(unexpected) > 5 else ''} not in the model config")
 
 
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  """{("a", "b"): x} -> {"a": {"b": x}}."""
   tree: dict = {}
   for keys, value in flat.items():
     node = tree

@@ -379,6 +379,19 @@ def test_analyze_ffn_writes_histograms_lp_concentration_and_overlap(tiny_ckpt, t
   assert analysis.jaccard([1, 2, 3], [2, 3, 4]) == 0.5
 
 
+def test_analyze_ffn_reads_a_registered_task_live_or_cached(tiny_ckpt, tmp_path):
+  from maxnucl.data import pipeline  # pylint: disable=import-outside-toplevel
+  from maxnucl.pruning import analysis  # pylint: disable=import-outside-toplevel
+  common = dict(methods=["lp"], calibration="synthetic_arithmetic", calibration_examples=8,
+                seq_len=32, batch_size=4)
+  live = analysis.analyze_ffn(tiny_ckpt[0], tmp_path / "live", **common)
+  pipeline.cache_task("synthetic_arithmetic", "train", tmp_path / "cache", seq_len=32)
+  cached = analysis.analyze_ffn(tiny_ckpt[0], tmp_path / "cached",
+                                data_cache_dir=tmp_path / "cache", **common)
+  assert cached["lp_concentration"] == live["lp_concentration"]
+  assert cached["removal_sets"] == live["removal_sets"]
+
+
 # ---- streaming, report, data sources -----------------------------------------------------------
 
 def test_pruner_streams_layer_by_layer_in_the_stored_dtype(tmp_path, monkeypatch):

@@ -145,8 +145,13 @@ def analyze_ffn(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                 methods: Sequence[str] = ("entropy", "magnitude", "random"),
                 ratio: float = 0.25, layers: str = "all", seed: int = 0,
                 calibration: Any = None, calibration_examples: int = 128,
-                batch_size: int = 8, seq_len: int = 128, bins: int = 50) -> dict:
-  """Write analysis.json and PNG plots to `output_dir`; returns the JSON content."""
+                batch_size: int = 8, seq_len: int = 128, bins: int = 50,
+                data_cache_dir: Optional[str | os.PathLike] = None,
+                data_vocab: str = "byte") -> dict:
+  """Write analysis.json and PNG plots to `output_dir`; returns the JSON content.
+
+  `calibration` is a SOURCE as in maxnucl.pruning.calibration; for a registered task name,
+  `data_vocab` is its tokenizer and `data_cache_dir` where its cached shards are."""
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown pruning method(s) {unknown}; known methods: {sorted(METHODS)}")
@@ -159,7 +164,7 @@ def analyze_ffn(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   if calibration is not None:
     stats = calib.collect_stats(reader.cfg, reader.read_all(), calib.iterate_batches(
         calibration, num_examples=calibration_examples, batch_size=batch_size, seq_len=seq_len,
-        pad_id=reader.cfg.pad_id))
+        pad_id=reader.cfg.pad_id, cache_dir=data_cache_dir, vocab=data_vocab))
   result: dict[str, Any] = {"input": str(reader.path), "layers": indices, "ratio": ratio,
                             "methods": list(methods), "seed": seed,
                             "entropy": entropy_histograms(reader, indices, bins)}

@@ -110,7 +110,7 @@ class CheckpointReader:
 
   def read_all(self) -> dict:
     """The whole params tree (numpy). Only calibration and perplexity evaluation need this."""
-    return _unflatten({k: self.read(k) for k in self.stored})
+    return checkpoints.unflatten({k: self.read(k) for k in self.stored})
 
 
 class CheckpointWriter:
@@ -137,14 +137,3 @@ class CheckpointWriter:
 
   def write(self, key: Key, array: np.ndarray) -> None:
     self._writer.write(key, array)
-
-
-def _unflatten(flat: dict[Key, np.ndarray]) -> dict:
-  tree: dict = {}
-  for keys, value in flat.items():
-    node = tree
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = value
-  return tree
-
