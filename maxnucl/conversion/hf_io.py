@@ -6,6 +6,12 @@ little-endian tensor bytes.  Reading memory-maps one tensor (nothing else is tou
 emits the header from the planned shapes first and then each tensor's bytes as it is produced.
 A directory holds `model.safetensors`, or several shards listed in
 `model.safetensors.index.json` (`{"metadata": {"total_size"}, "weight_map": {name: file}}`).
+
+Why not the `safetensors` package's own API: its writers (`save_file`) take every tensor of a file
+in memory at once (no streaming), and its numpy reader cannot return bfloat16 ("data type
+'bfloat16' not understood", safetensors 0.8.0), which every released Gemma-2 checkpoint uses.  The
+format is the 5-line layout above; tests/test_convert.py reads files written by the `safetensors`
+package and checks the files written here with `safetensors.torch.load_file` and transformers.
 """
 
 from __future__ import annotations
