@@ -17,6 +17,7 @@ Streaming API (one tensor in memory at a time; converters and the pruner use it)
                                                           transposed while read
   pytree_arrays(dir), read_pytree_array(dir, key_path)     the same for any Orbax PyTree
                                                           directory (DeepMind checkpoints)
+  open_array(path, key_path)                               a lazy TensorStore view of one array
   iter_arrays(path, dtype=None)                            (key_path, array) pairs, one at a time
   with StreamingWriter(path, cfg, dtype=..., overwrite=False) as writer:
       writer.write(key_path, array)                        each leaf of the config's tree once,
@@ -211,6 +212,33 @@ def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype, axes=None) -> n
 
 def _zarr_spec(leaf_dir: pathlib.Path) -> dict:
   return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(leaf_dir)}}
+
+
+def open_array(path: str | os.PathLike, key_path: tuple[str, ...]) -> Optional[ts.TensorStore]:
+  """A lazy, read-only TensorStore view of one stored array (nothing read yet; slicing it and
+  `np.asarray` on the slice reads only those elements), or None for a layout this module does not
+  open directly (then use `read_array`).
+
+  Knows the two layouts maxnucl writes: a per-leaf zarr directory (StreamingWriter, Orbax with
+  `use_ocdbt=False`) and Orbax's OCDBT store (`save`, trainer checkpoints).
+  """
+  params_dir = _existing(path) / PARAMS
+  leaf = ".".join(key_path)
+  if (params_dir / leaf / ".zarray").is_file():
+    spec = _zarr_spec(params_dir / leaf)
+  else:
+    try:
+      meta = json.loads((params_dir / "_METADATA").read_text())
+    except (OSError, ValueError):
+      return None
+    if not meta.get("use_ocdbt"):
+      return None
+    spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": leaf}}
+  try:
+    return ts.open(spec, open=True, read=True).result()
+  except ValueError:
+    return None
 
 
 def _read_zarr(leaf_dir: pathlib.Path, shape, dtype: np.dtype, axes=None) -> np.ndarray:

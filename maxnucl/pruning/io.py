@@ -25,12 +25,10 @@ stored dtype.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import numpy as np
-import tensorstore as ts
 
 from maxnucl import checkpoints
 from maxnucl.models.config import ModelConfig
@@ -70,34 +68,20 @@ class CheckpointReader:
     return checkpoints.read_array(self.path, key)
 
   def open_lazy(self, key: Key):
-    """A read-only TensorStore view of one leaf (nothing read yet), or, for a leaf layout this
-    module does not know, the array itself (`read`).  Slicing the view and np.asarray on the
-    slice reads only those rows, which is how StreamingWriter.write consumes it."""
-    shape, dtype = self.stored[key] if key in self.stored else (None, None)
-    if shape is None:
+    """A read-only TensorStore view of one leaf (`checkpoints.open_array`: nothing read yet), or,
+    for a leaf whose layout it cannot open or whose chunks are too large to copy block by block,
+    the array itself (`read`).  Slicing the view and np.asarray on the slice reads only those
+    rows, which is how StreamingWriter.write consumes it."""
+    if key not in self.stored:
       return self.read(key)  # raises the "not stored" error
-    params_dir = self.path / checkpoints.PARAMS
-    leaf = ".".join(key)
-    if (params_dir / leaf / ".zarray").is_file():  # StreamingWriter / use_ocdbt=False layout
-      spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(params_dir / leaf)}}
-    else:
-      try:
-        meta = json.loads((params_dir / "_METADATA").read_text())
-      except (OSError, ValueError):
-        return self.read(key)
-      if not meta.get("use_ocdbt"):
-        return self.read(key)
-      spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr",
-              "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": leaf}}
-    try:
-      view = ts.open(spec, open=True, read=True).result()
-    except ValueError:
-      return self.read(key)
-    if tuple(view.shape) != tuple(shape) or view.dtype.numpy_dtype.name != dtype:
+    shape, dtype = self.stored[key]
+    view = checkpoints.open_array(self.path, key)
+    if view is None or tuple(view.shape) != tuple(shape) or view.dtype.numpy_dtype.name != dtype:
       return self.read(key)
     chunk = view.chunk_layout.read_chunk.shape
     if chunk is None or np.prod(chunk) * view.dtype.numpy_dtype.itemsize > MAX_LAZY_CHUNK_BYTES:
-      # Orbax stores a single-host array as one chunk: every row block would decode all of it.
+      # Orbax's default stores a single-host array as one chunk: every row block would decode
+      # all of it.
       return self.read(key)
     return view
 
