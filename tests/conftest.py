@@ -6,3 +6,22 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # pylint: disable=wrong-import-position
+
+import gin  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+FIXTURE_DATA = pathlib.Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.fixture
+def offline_data(monkeypatch):
+  """Datasets are read from the fixture files in tests/fixtures/data (never from TFDS), with a
+  clean gin config before and after the test.  Yields that directory."""
+  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(FIXTURE_DATA))
+  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
+  gin.clear_config()
+  yield FIXTURE_DATA
+  gin.clear_config()

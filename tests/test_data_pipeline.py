@@ -13,7 +13,6 @@ from maxnucl.data import caching
 from maxnucl.data import catalog
 from maxnucl.data import cli
 from maxnucl.data import pipeline
-from maxnucl.data import sources
 from maxnucl.data import vocabularies
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -23,13 +22,8 @@ SMALL_SYNTHETIC = ["synthetic_arithmetic_settings.num_train_examples = 200",
 
 
 @pytest.fixture(autouse=True)
-def small_data(monkeypatch):
-  monkeypatch.setenv(sources.DATA_DIR_ENV, str(FIXTURES))
-  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
-  gin.clear_config()
+def small_data(offline_data):  # offline_data: tests/conftest.py
   gin.parse_config(SMALL_SYNTHETIC)
-  yield
-  gin.clear_config()
 
 
 def make_iterator(**kwargs):

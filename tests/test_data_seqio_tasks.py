@@ -1,31 +1,20 @@
 """The seqio registrations mirror the TF-free catalog (the one test module importing TF)."""
 
-import pathlib
-
 import gin
 import numpy as np
 import pytest
+import seqio  # a pinned dependency: a broken install fails here rather than skipping
 
-seqio = pytest.importorskip("seqio")
-
-from maxnucl.data import catalog  # pylint: disable=wrong-import-position
-from maxnucl.data import pipeline  # pylint: disable=wrong-import-position
-from maxnucl.data import sources  # pylint: disable=wrong-import-position
-from maxnucl.data import tasks  # pylint: disable=wrong-import-position
-from maxnucl.data import vocabularies  # pylint: disable=wrong-import-position
-
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
+from maxnucl.data import catalog
+from maxnucl.data import pipeline
+from maxnucl.data import tasks
+from maxnucl.data import vocabularies
 
 
 @pytest.fixture(autouse=True)
-def fixture_data_dir(monkeypatch):
-  monkeypatch.setenv(sources.DATA_DIR_ENV, str(FIXTURES))
-  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
-  gin.clear_config()
+def small_data(offline_data):  # offline_data: tests/conftest.py
   gin.parse_config(["synthetic_arithmetic_settings.num_train_examples = 50",
                     "synthetic_arithmetic_settings.num_test_examples = 10"])
-  yield
-  gin.clear_config()
 
 
 def test_importing_tasks_registers_every_task_and_the_mixture():

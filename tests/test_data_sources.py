@@ -13,13 +13,7 @@ from maxnucl.data import sources
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 
 
-@pytest.fixture(autouse=True)
-def fixture_data_dir(monkeypatch):
-  monkeypatch.setenv(sources.DATA_DIR_ENV, str(FIXTURES))
-  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures("offline_data")  # tests/conftest.py
 
 
 EXPECTED_SPLIT_SIZES = {

@@ -4,7 +4,6 @@ end (shrunk to a tiny model, the fixture data files and a byte vocabulary)."""
 
 import itertools
 import json
-import pathlib
 
 import gin
 import jax
@@ -18,8 +17,6 @@ from maxnucl import sharding
 from maxnucl import train
 from maxnucl.data import pipeline
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures" / "data"
 SIZES = ("2b", "9b", "27b")
 TASKS = {"gsm8k": ("gsm8k", "test"), "mbpp": ("mbpp", "validation"),
          "superglue": ("super_glue_v102_proportional", "validation")}
@@ -58,12 +55,11 @@ def test_run_file_binds_the_paper_recipe(size, task):
   assert query("create_mesh.shape") == (1, -1, 1)
 
 
-def test_run_file_fine_tunes_a_checkpoint(tmp_path, monkeypatch):
+def test_run_file_fine_tunes_a_checkpoint(tmp_path, offline_data):
   """gin/gemma2_2b_gsm8k.gin with only the model shrunk, the data pointed at the fixture files and
   the checkpoint at a tiny saved one: the run starts from exactly the checkpoint's params (the
   warm-up's first learning rate is 0, so after step 1 they are unchanged) and its first loss is
   the checkpoint's loss on the first batch."""
-  monkeypatch.setenv("MAXNUCL_DATA_DIR", str(FIXTURES))
   tiny = models.get_config("gemma2_tiny", num_layers=2, ffn_widths=(24, 0))
   params = models.init(tiny, jax.random.PRNGKey(7))
   checkpoints.save(tmp_path / "init", tiny, params)
