@@ -17,7 +17,6 @@ import math
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
-import flax.linen as nn
 import gin
 import jax
 import numpy as np

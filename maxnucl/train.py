@@ -37,7 +37,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax

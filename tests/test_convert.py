@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from maxnucl import checkpoints, models, sharding
 from maxnucl.conversion import convert, deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.conversion import inspect as inspect_lib
-from tests.hf_reference import hf_logits, hf_state_numpy, maxnucl_from_hf, tiny_hf_gemma2
+from tests.hf_reference import hf_logits, maxnucl_from_hf, tiny_hf_gemma2
 
 REPO = pathlib.Path(__file__).absolute().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"

@@ -14,6 +14,7 @@ are `ConversionError`s whose message names the tensor and the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -109,7 +110,7 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
   with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer:
     for path, (hf_name, to_maxnucl, _) in mapping.items():
       array = to_maxnucl(reader.get(hf_name), cfg)
-      _guard(lambda: writer.write(path, array), f"{reader.file(hf_name)}: tensor {hf_name}: ")
+      _guard(functools.partial(writer.write, path, array), f"{reader.file(hf_name)}: tensor {hf_name}: ")
       del array
   return cfg
 
@@ -237,7 +238,7 @@ def gemma_to_maxnucl(dm_dir: str | os.PathLike, output: str | os.PathLike, cfg: 
         cache.clear()
         cache[key] = checkpoints.read_pytree_array(dm_dir, key)
       array = to_maxnucl(cache[key], cfg)
-      _guard(lambda: writer.write(path, array), f"{dm_dir}: tensor {'/'.join(key)}: ")
+      _guard(functools.partial(writer.write, path, array), f"{dm_dir}: tensor {'/'.join(key)}: ")
   return cfg
 
 
