@@ -1,7 +1,9 @@
-"""Grouped-query self-attention with RoPE, logit soft-cap, sliding window and packed segments."""
+"""Grouped-query self-attention with RoPE, logit soft-cap, sliding window and packed segments,
+and the key/value cache that decoding extends one token at a time."""
 
 from typing import Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,81 @@ def dot_product_attention(q, k, v, mask, *, scale: float, softcap: Optional[floa
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
+@flax.struct.dataclass
+class KVCache:
+  """One attention layer's keys and values for decoding.
+
+  k, v       [B, L, K, H] in the compute dtype, RoPE already applied to k;
+  positions  [B, L] int32: the position of the token held in each slot, -1 for an empty slot.
+
+  The token at position p lives in slot p % L.  A global layer's L is at least the longest
+  sequence, so slot = position; a sliding-window layer's L is the window W: a ring buffer whose
+  memory does not grow with the sequence (a slot is overwritten by the token W positions later,
+  exactly when the window stops seeing it).  Masks are computed from `positions`, so rows of one
+  batch may hold sequences of different lengths.
+  """
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+
+  @classmethod
+  def empty(cls, batch: int, length: int, num_kv_heads: int, head_dim: int,
+            dtype) -> "KVCache":
+    shape = (batch, length, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.full((batch, length), -1, jnp.int32))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[1]
+
+
+_CACHE_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+  return KVCache(sharding.constrain(cache.k, _CACHE_AXES), sharding.constrain(cache.v, _CACHE_AXES),
+                 sharding.constrain(cache.positions, _CACHE_AXES[:2]))
+
+
+def fill_cache(cache: KVCache, k, v, lengths) -> KVCache:
+  """The cache after a prompt: k, v [B, T, K, H] of right-padded rows whose first `lengths[b]`
+  tokens (positions 0..lengths[b]-1) are real.  Slot s receives the latest real position p with
+  p % L == s, i.e. the last L tokens of each row when the prompt is longer than the ring."""
+  slots = jnp.arange(cache.length, dtype=jnp.int32)[None, :]  # [1, L]
+  last = lengths[:, None].astype(jnp.int32) - 1  # [B, 1]
+  source = slots + cache.length * jnp.floor_divide(last - slots, cache.length)  # [B, L]
+  filled = slots <= last
+  index = jnp.clip(source, 0, k.shape[1] - 1)[:, :, None, None]
+  return _constrain_cache(KVCache(
+      jnp.take_along_axis(k, index, axis=1).astype(cache.k.dtype),
+      jnp.take_along_axis(v, index, axis=1).astype(cache.v.dtype),
+      jnp.where(filled, source, -1)))
+
+
+def append_to_cache(cache: KVCache, k, v, positions) -> KVCache:
+  """k, v [B, 1, K, H] of the tokens at `positions` [B, 1] written into slot position % L."""
+  slot = positions[:, 0] % cache.length
+
+  def write(buffer, update, s):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, s, axis=0)
+
+  write_rows = jax.vmap(write)
+  return _constrain_cache(KVCache(write_rows(cache.k, k.astype(cache.k.dtype), slot),
+                                  write_rows(cache.v, v.astype(cache.v.dtype), slot),
+                                  write_rows(cache.positions, positions, slot)))
+
+
+def cached_attention_mask(query_positions, key_positions, window: Optional[int]):
+  """[B, 1, 1, T, L] bool from positions: a filled slot, causal, and inside the window."""
+  q = query_positions[:, :, None]
+  j = key_positions[:, None, :]
+  allowed = (j >= 0) & (j <= q)
+  if window is not None:
+    allowed = allowed & (j > q - window)
+  return allowed[:, None, None, :, :]
+
+
 class Attention(nn.Module):
   """Self-attention.  q [d, N, H], k/v [d, K, H], o [N, H, d]; K = 1 is multi-query."""
   num_heads: int
@@ -52,8 +129,16 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
-    """x: [B, T, d]; positions, segment_ids: [B, T] int -> [B, T, d]."""
+  def __call__(self, x, positions, segment_ids, cache: Optional[KVCache] = None,
+               prefill: bool = False):
+    """x: [B, T, d]; positions, segment_ids: [B, T] int -> [B, T, d].
+
+    With a `cache` the call returns (out, new_cache):
+      prefill=True   x is a right-padded prompt batch (segment id 0 on padding, positions
+                     0, 1, ...): attention as without a cache, and the cache is filled from it;
+      prefill=False  x is one new token per row [B, 1] at `positions`: it is written into the
+                     cache, then attends over the cache.
+    """
     d = x.shape[-1]
     n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
     init = fan_in_normal((0,))
@@ -73,9 +158,20 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, self.rope_theta)
     groups = n // kv
     q = q.reshape(*q.shape[:2], kv, groups, h)
-    mask = attention_mask(segment_ids, self.window)
-    out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+    if cache is None or prefill:
+      mask = attention_mask(segment_ids, self.window)
+      out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+      if cache is not None:
+        cache = fill_cache(cache, k, v, jnp.sum(segment_ids != 0, axis=1))
+    else:
+      if x.shape[1] != 1:
+        raise ValueError(f"a decode step takes one token per row, got {x.shape[1]}")
+      cache = append_to_cache(cache, k, v, positions)
+      mask = cached_attention_mask(positions, cache.positions, self.window)
+      out = dot_product_attention(q, cache.k, cache.v, mask, scale=self.scale,
+                                  softcap=self.softcap)
     out = out.reshape(*out.shape[:2], n, h)
     out = sharding.constrain(out, ("activation_batch", "activation_length", "activation_heads",
                                    "activation_kv"))
-    return jnp.einsum("BTNH,NHD->BTD", out, w_o.astype(self.dtype))
+    out = jnp.einsum("BTNH,NHD->BTD", out, w_o.astype(self.dtype))
+    return out if cache is None else (out, cache)

@@ -3,12 +3,12 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maxnucl import sharding
 from maxnucl.layers.initializers import param_with_axes
 
 
 class Embedder(nn.Module):
-  """Input lookup and tied output projection with one `[vocab, d]` table."""
+  """Input lookup with the `[vocab, d]` table that the output projection shares
+  (`maxnucl.models.decoder.output_logits`)."""
   vocab_size: int
   d_model: int
   input_scale: str  # "sqrt_d" (Gemma: x * sqrt(d), sqrt(d) rounded to dtype) or "none" (PaLM)
@@ -30,13 +30,6 @@ class Embedder(nn.Module):
       # Gemma rounds sqrt(d) to the activation dtype first (bf16: sqrt(3584) -> 59.75).
       x = x * jnp.asarray(self.d_model ** 0.5, dtype=self.dtype)
     return x
-
-  def decode(self, x):
-    """[B, T, d] -> float32 logits [B, T, vocab] (tied output embedding)."""
-    logits = jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("activation_batch", "activation_length",
-                                       "activation_vocab"))
 
 
 def apply_rope(x, positions, theta: float):

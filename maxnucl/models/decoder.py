@@ -52,6 +52,12 @@ class _Block(nn.Module):
                      rope_theta=cfg.rope_theta, dtype=_dtype(cfg.dtype),
                      param_dtype=_dtype(cfg.param_dtype), name="attn")
 
+  def attend(self, h, positions, segment_ids, cache, prefill):
+    """(attention output, the layer's updated KV cache or None when decoding is not cached)."""
+    if cache is None:
+      return self.attention()(h, positions, segment_ids), None
+    return self.attention()(h, positions, segment_ids, cache, prefill)
+
   @property
   def ffn_width(self) -> int:
     return self.cfg.layer_ffn_widths[self.layer_index]
@@ -69,40 +75,48 @@ class Gemma2Block(_Block):
   """h = x + post_attn_norm(attn(pre_attn_norm(x))); y = h + post_ffw_norm(ffn(pre_ffw_norm(h)))."""
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, inner_scale=None):
+  def __call__(self, x, positions, segment_ids, inner_scale=None, cache=None, prefill=False):
     h = self.norm("pre_attention_norm")(x)
-    h = self.attention()(h, positions, segment_ids)
+    h, cache = self.attend(h, positions, segment_ids, cache, prefill)
     x = x + self.dropout(self.norm("post_attention_norm")(h))
     if self.ffn_width:  # a layer of width 0 has no FFN branch (and no FFN norms)
       h = self.norm("pre_ffw_norm")(x)
       h = self.mlp()(h, inner_scale)
       x = x + self.dropout(self.norm("post_ffw_norm")(h))
-    return sharding.constrain(x, RESIDUAL_AXES)
+    return sharding.constrain(x, RESIDUAL_AXES), cache
 
 
 class PalmBlock(_Block):
   """Parallel block: y = x + attn(norm(x)) + ffn(norm(x)), one shared pre-norm."""
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, inner_scale=None):
+  def __call__(self, x, positions, segment_ids, inner_scale=None, cache=None, prefill=False):
     h = self.norm("pre_norm", offset_scale=False)(x)
-    y = x + self.dropout(self.attention()(h, positions, segment_ids))
+    attended, cache = self.attend(h, positions, segment_ids, cache, prefill)
+    y = x + self.dropout(attended)
     if self.ffn_width:
       y = y + self.dropout(self.mlp()(h, inner_scale))
-    return sharding.constrain(y, RESIDUAL_AXES)
+    return sharding.constrain(y, RESIDUAL_AXES), cache
 
 
 BLOCKS = {"gemma2": Gemma2Block, "palm": PalmBlock}
 
 
 class Decoder(nn.Module):
-  """Token ids -> float32 logits [B, T, vocab]."""
+  """Token ids -> float32 logits [B, T, vocab].
+
+  With `caches` ({"layers_i": KVCache}) it returns (out, new caches): `prefill=True` fills them
+  from a right-padded prompt batch, `prefill=False` appends one token per row (maxnucl.decoding).
+  `return_hidden=True` returns the final-normed hidden states [B, T, d] instead of logits (turned
+  into logits by `output_logits`, e.g. only where they are needed).
+  """
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, tokens, segment_ids, positions,
-               ffn_inner_scale: Optional[dict] = None):
+               ffn_inner_scale: Optional[dict] = None, *, caches: Optional[dict] = None,
+               prefill: bool = False, return_hidden: bool = False):
     cfg = self.cfg
     gemma = cfg.family == "gemma2"
     embedder = Embedder(vocab_size=cfg.vocab_size, d_model=cfg.d_model,
@@ -110,18 +124,34 @@ class Decoder(nn.Module):
                         param_dtype=_dtype(cfg.param_dtype), name="embedder")
     x = sharding.constrain(embedder.encode(tokens), RESIDUAL_AXES)
     block_cls = BLOCKS[cfg.family]
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and caches is None:  # decoding has no backward pass
       block_cls = nn.remat(block_cls, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+    new_caches = {}
     for i in range(cfg.num_layers):
       name = f"layers_{i}"
-      scale = None if ffn_inner_scale is None else ffn_inner_scale.get(name)
-      x = block_cls(cfg, i, self.deterministic, name=name)(x, positions, segment_ids, scale)
+      block = block_cls(cfg, i, self.deterministic, name=name)
+      if caches is None:
+        scale = None if ffn_inner_scale is None else ffn_inner_scale.get(name)
+        x, _ = block(x, positions, segment_ids, scale)
+      else:
+        x, new_caches[name] = block(x, positions, segment_ids, None, caches[name], prefill)
     x = RMSNorm(eps=cfg.norm_eps, offset_scale=gemma, param_dtype=_dtype(cfg.param_dtype),
                 name="final_norm")(x)
-    logits = embedder.decode(x)
-    if not gemma:
-      logits = logits / jnp.sqrt(jnp.float32(cfg.d_model))  # PaLM: shared embedding, 1/sqrt(d)
-    if cfg.final_logit_softcap is not None:
-      cap = cfg.final_logit_softcap
-      logits = cap * jnp.tanh(logits / cap)
-    return logits
+    out = x if return_hidden else output_logits(cfg, embedder.embedding, x)
+    return out if caches is None else (out, new_caches)
+
+
+def output_logits(cfg: ModelConfig, embedding, x) -> jax.Array:
+  """Final-normed hidden states [..., d] -> float32 logits [..., vocab]: the tied output
+  projection, PaLM's 1/sqrt(d) and the final soft-cap."""
+  logits = jnp.einsum("...D,VD->...V", x, embedding.astype(_dtype(cfg.dtype)),
+                      preferred_element_type=jnp.float32)
+  if x.ndim == 3:
+    logits = sharding.constrain(logits, ("activation_batch", "activation_length",
+                                         "activation_vocab"))
+  if cfg.family != "gemma2":
+    logits = logits / jnp.sqrt(jnp.float32(cfg.d_model))  # PaLM: shared embedding, 1/sqrt(d)
+  if cfg.final_logit_softcap is not None:
+    cap = cfg.final_logit_softcap
+    logits = cap * jnp.tanh(logits / cap)
+  return logits
