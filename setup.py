@@ -12,6 +12,8 @@ def _requirements():
   return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+EVAL = ["lm_eval==0.4.13", "datasets==5.2.0"]
+
 setuptools.setup(
     name="maxnucl",
     version="0.1.0",
@@ -23,7 +25,13 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["maxnucl", "maxnucl.*"]),
     install_requires=_requirements(),
     extras_require={
-        # torch (CPU build) and transformers are the reference implementation in tests only.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0"],
+        # lm-evaluation-harness: the "maxnucl" model for the harness's tasks (maxnucl-lm-eval).
+        "eval": EVAL,
+        # torch (CPU build) and transformers are the reference implementation in tests only; the
+        # tests run the harness too.
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", *EVAL],
     },
+    entry_points={"console_scripts": [
+        "maxnucl-lm-eval = maxnucl.lm_eval_adapter:main",
+    ]},
 )

@@ -10,7 +10,7 @@ training step directory.  With a mesh, every array is restored directly into its
 host ever holds the whole model.
 
 Whole-tree API:   save(path, cfg, params), load(path, mesh=, rules=, dtype=), load_config(path),
-                  stored_arrays(path)
+                  stored_arrays(path), resolve(path) (a training workdir -> its latest step)
 Streaming API (one tensor in memory at a time; converters and the pruner use it):
   read_array(path, key_path, dtype=None, axes=None)        one stored array (np.ndarray), e.g.
                                                           ("layers_3", "mlp", "out"); axes:
@@ -429,6 +429,21 @@ def replace_directory(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) ->
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+def resolve(path: str | os.PathLike) -> pathlib.Path:
+  """The checkpoint directory a user means by `path`: a checkpoint itself, or a training workdir
+  (or its `checkpoints/` directory), meaning its latest step."""
+  path = _existing(path)
+  if (path / MODEL_CONFIG).is_dir():
+    return path
+  for steps_dir in (path / "checkpoints", path):
+    steps = sorted((int(d.name), d) for d in steps_dir.glob("*")
+                   if d.name.isdigit() and (d / MODEL_CONFIG).is_dir())
+    if steps:
+      return steps[-1][1]
+  raise CheckpointError(f"{path} is neither a maxnucl checkpoint (no {MODEL_CONFIG}/ directory) "
+                        f"nor a training workdir (no checkpoints/<step>/{MODEL_CONFIG}/)")
+
 
 def _existing(path) -> pathlib.Path:
   path = pathlib.Path(path).absolute()

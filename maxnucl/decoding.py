@@ -298,6 +298,12 @@ def _stop_string_end(tokens, stop_strings, tokenizer) -> Optional[int]:
   return len(tokens)
 
 
+def cut_at_stop(text: str, stop_strings: Optional[Sequence[str]]) -> str:
+  """`text` up to (not including) the earliest occurrence of any stop string."""
+  cuts = [text.find(s) for s in stop_strings or () if s and s in text]
+  return text[:min(cuts)] if cuts else text
+
+
 def _trim(tokens, stop_ids, stop_strings, tokenizer):
   end = len(tokens)
   for i, token in enumerate(tokens):

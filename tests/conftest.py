@@ -1,4 +1,4 @@
-"""Test-wide setup: 8 simulated CPU devices (mesh tests) and float32 matmuls on CPU."""
+"""Test-wide setup: 8 simulated CPU devices (mesh tests), float32 matmuls on CPU, offline."""
 
 import os
 
@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Nothing is downloaded: Hugging Face datasets/hub (under lm-eval) read local files only.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pathlib  # pylint: disable=wrong-import-position
 

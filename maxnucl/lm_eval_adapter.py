@@ -1,0 +1,190 @@
+"""maxnucl as an lm-evaluation-harness model named "maxnucl": the harness's own tasks (HellaSwag,
+ARC, PIQA, MMLU, TriviaQA, ...) on a maxnucl checkpoint, scored by `maxnucl.decoding`.
+
+    maxnucl-lm-eval --model maxnucl --model_args checkpoint=DIR,vocab=tokenizer.model \\
+        --tasks hellaswag,arc_easy,piqa --batch_size 16
+
+    import lm_eval, maxnucl.lm_eval_adapter   # the import registers "maxnucl"
+    lm_eval.simple_evaluate(model="maxnucl", model_args="checkpoint=DIR,vocab=tokenizer.model",
+                            tasks=["arc_easy"])
+
+`maxnucl-lm-eval` (or `python -m maxnucl.lm_eval_adapter`) is lm-eval's own command line, every
+flag unchanged, with this model registered: lm-eval finds only its built-in models and those that
+an import has registered, so its plain `lm_eval` command cannot know "maxnucl".
+
+model_args (comma-separated key=value):
+  checkpoint     checkpoint directory or training workdir (its latest step)       (required)
+  vocab          'byte' or a SentencePiece model file (Gemma's tokenizer.model)    default byte
+  dtype          float32 | bfloat16: cast params and compute                        default stored
+  max_length     longest scored sequence; longer contexts lose their start         default
+                 (left truncation, as the harness's HF model does)                 max_positions
+  max_gen_toks   default new-token budget of generate_until requests               default 256
+  add_bos_token  put BOS before every context (as the trainer formats examples)    default True
+  mesh_shape     e.g. 1x-1x1 (data x fsdp x tensor) to shard a model that needs it default none
+Requires the `eval` extra: pip install -e ".[eval]".
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from tqdm import tqdm
+
+try:
+  from lm_eval import utils as lm_utils
+  from lm_eval.api.model import TemplateLM
+  from lm_eval.api.registry import register_model
+  from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
+except ImportError as e:  # an optional dependency
+  raise ImportError(f"maxnucl's lm-evaluation-harness model needs lm-eval ({e}): "
+                    f"pip install -e \".[eval]\"") from e
+
+from maxnucl import decoding, sharding
+from maxnucl.generate import load_model, load_tokenizer
+
+# Arguments the harness passes to every model; JAX chooses its own devices.
+_HARNESS_ARGS = ("device", "max_batch_size")
+
+
+@register_model("maxnucl")
+class MaxnuclLM(TemplateLM):
+  """loglikelihood / loglikelihood_rolling / generate_until over `maxnucl.decoding`."""
+
+  def __init__(self, checkpoint: str, vocab: str = "byte", batch_size: int | str = 16,
+               dtype: Optional[str] = None, max_length: Optional[int] = None,
+               max_gen_toks: int = 256, add_bos_token: bool = True,
+               mesh_shape: Optional[str] = None, **harness_args):
+    super().__init__()
+    unknown = sorted(set(harness_args) - set(_HARNESS_ARGS))
+    if unknown:
+      raise ValueError(f"maxnucl model_args: unknown argument(s) {unknown}; known: checkpoint, "
+                       f"vocab, batch_size, dtype, max_length, max_gen_toks, add_bos_token, "
+                       f"mesh_shape")
+    self.mesh = None
+    if mesh_shape:
+      shape = tuple(int(s) for s in str(mesh_shape).split("x"))
+      self.mesh = sharding.create_mesh(shape)
+    self.cfg, self.params = load_model(checkpoint, dtype=dtype, mesh=self.mesh)
+    self.tokenizer = load_tokenizer(self.cfg, vocab)
+    self.checkpoint = checkpoint
+    if str(batch_size).startswith("auto"):
+      raise ValueError("maxnucl model: batch_size 'auto' is not supported; give a number")
+    self.batch_size = int(batch_size)
+    self._max_length = int(max_length or self.cfg.max_positions)
+    if not 1 < self._max_length <= self.cfg.max_positions:
+      raise ValueError(f"maxnucl model: max_length {self._max_length} must be in "
+                       f"(1, {self.cfg.max_positions}] (the model's max_positions)")
+    self.max_gen_toks = int(max_gen_toks)
+    self.add_bos_token = add_bos_token not in (False, "False", "false", "0")
+
+  # ---- tokens ---------------------------------------------------------------------------------
+
+  @property
+  def eot_token_id(self) -> int:
+    return self.tokenizer.eos_id
+
+  @property
+  def prefix_token_id(self) -> int:
+    return self.tokenizer.bos_id
+
+  @property
+  def max_length(self) -> int:
+    return self._max_length
+
+  def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                 **kwargs) -> list[int]:
+    ids = self.tokenizer.encode(string)
+    bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+    return [self.tokenizer.bos_id] + ids if bos and ids[:1] != [self.tokenizer.bos_id] else ids
+
+  def tok_decode(self, tokens) -> str:
+    return self.tokenizer.decode(tokens)
+
+  def get_model_info(self) -> dict:
+    return {"model_name": self.cfg.name, "checkpoint": str(self.checkpoint),
+            "model_num_parameters": sum(int(x.size) for x in __import__("jax").tree.leaves(
+                self.params)), "model_dtype": self.cfg.dtype}
+
+  # ---- scoring --------------------------------------------------------------------------------
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                            **unused) -> list[tuple[float, bool]]:
+    """requests: ((context, continuation), context ids, continuation ids) -> (sum of log p,
+    every continuation token greedy)."""
+    contexts, continuations = [], []
+    for _, context, continuation in requests:
+      # Keep the whole continuation and as much of the context as fits (left truncation).
+      keep = max(self.max_length + 1 - len(continuation), 1)
+      contexts.append(list(context)[-keep:])
+      continuations.append(list(continuation))
+    bar = tqdm(total=len(requests), desc="maxnucl loglikelihood", disable=disable_tqdm)
+    scores = decoding.score_tokens(self.cfg, self.params, contexts, continuations,
+                                   batch_size=self.batch_size, mesh=self.mesh,
+                                   progress=bar.update)
+    bar.close()
+    results = [(s.total, bool(s.greedy.all())) for s in scores]
+    for (key, _, _), result in zip(requests, results):
+      self.cache_hook.add_partial("loglikelihood", key, result)
+    return results
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    """Every token of each document scored once, in the harness's own disjoint windows."""
+    windows, owners = [], []
+    for index, (string,) in enumerate(req.args for req in requests):
+      pairs = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+          token_list=self.tok_encode(string, add_special_tokens=False),
+          prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1))
+      for context, continuation in pairs:
+        windows.append((None, context, continuation))
+        owners.append(index)
+    scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+    totals = [0.0] * len(requests)
+    for owner, (logprob, _) in zip(owners, scores):
+      totals[owner] += logprob
+    for req, total in zip(requests, totals):
+      self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+    return totals
+
+  # ---- generation -----------------------------------------------------------------------------
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    """Greedy (or sampled, with do_sample) continuations cut before the first `until` string;
+    requests with the same settings are batched, longest context first."""
+    results: list[Optional[str]] = [None] * len(requests)
+    order = Collator([(i, req.args) for i, req in enumerate(requests)],
+                     sort_fn=lambda x: -len(self.tok_encode(x[1][0])),
+                     group_fn=lambda x: x[1][1], group_by="gen_kwargs")
+    bar = tqdm(total=len(requests), desc="maxnucl generate_until", disable=disable_tqdm)
+    for batch in order.get_batched(n=self.batch_size):
+      kwargs = normalize_gen_kwargs(batch[0][1][1], self.max_gen_toks)
+      until = handle_stop_sequences(kwargs.pop("until", None), eos=None)
+      max_new = kwargs.pop("max_gen_toks")
+      budget = self.max_length - max_new
+      if budget < 1:
+        raise ValueError(f"max_gen_toks {max_new} leaves no room for a context within "
+                         f"max_length {self.max_length}")
+      prompts = [self.tok_encode(context)[-budget:] for _, (context, _) in batch]
+      outputs = decoding.generate(
+          self.cfg, self.params, prompts, max_new,
+          temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+          top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"), seed=int(kwargs.get("seed", 0)),
+          stop_token_ids=[self.eot_token_id], stop_strings=until or None,
+          tokenizer=self.tokenizer, mesh=self.mesh)
+      for (index, (context, gen_kwargs)), tokens in zip(batch, outputs):
+        text = decoding.cut_at_stop(self.tok_decode(tokens), until)
+        results[index] = text
+        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+      bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def main() -> None:
+  """lm-eval's command line with the "maxnucl" model registered."""
+  from lm_eval.__main__ import cli_evaluate  # pylint: disable=import-outside-toplevel
+  cli_evaluate()
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,167 @@
+"""The lm-evaluation-harness adapter: the harness, offline, on small local tasks (task YAMLs over
+jsonl files written here) gives exactly the native `decoding.score` / `generate` results."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import shutil
+
+import gin
+import lm_eval
+import numpy as np
+import pytest
+from lm_eval.tasks import TaskManager
+
+import maxnucl.lm_eval_adapter  # registers the "maxnucl" model
+from maxnucl import checkpoints, decoding, train
+from maxnucl.data import synthetic, vocabularies
+
+MAX_LENGTH = 96  # model_args max_length: documents of ~250 bytes need several rolling windows
+
+MC_DOCS = [{"question": q, "choices": c, "label": i % len(c)} for i, (q, c) in enumerate([
+    ("On trees?", ["apple", "banana", "cherry pie"]),
+    ("On vines?", ["grape", "melon"]),
+    ("Which fruit grows on the low bushes of the cold north, where summers are short and "
+     "winters are long and dark?", ["blueberry", "raspberry", "kiwi", "fig"]),
+    ("On palms?", ["date", "coconut", "lime"])])]
+# Held-out problems of the task the fixture's model was trained on: its answers have lines.
+GEN_DOCS = [synthetic.arithmetic_problem(0, "test", i) for i in range(4)]
+TEXT_DOCS = [{"text": "Q: Ada has 3 apples, gets 4 more and gives away 2. How many now?\nA: "
+                      "3 + 4 = 7\n7 - 2 = 5\n#### 5\n" * 3},
+             {"text": "Outgoing connections of feed-forward neurons differ in entropy; "
+                      "low-entropy neurons matter most. " * 4}]
+
+
+def _task(directory: pathlib.Path, name: str, docs: list, body: str) -> None:
+  data = directory / f"{name}.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (directory / f"{name}.yaml").write_text(
+      f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+      f"test_split: test\n{body}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """The CPU demo's tiny Gemma-2 trained for 150 steps (byte vocabulary; it writes answers of
+  several lines, so stop strings matter) and three local tasks."""
+  root = tmp_path_factory.mktemp("lm_eval")
+  gin.clear_config()
+  train.parse_gin(["gin/demo_cpu.gin"], [
+      "train_loop.num_steps = 150", "train_loop.checkpoint_every = 150",
+      "train_loop.eval_every = 0", "train_loop.progress_bar = False",
+      "learning_rate_schedule.warmup_steps = 10"])
+  train.train_loop(root / "train")
+  gin.clear_config()
+  shutil.copytree(checkpoints.resolve(root / "train"), root / "ckpt")
+  tasks = root / "tasks"
+  tasks.mkdir()
+  _task(tasks, "maxnucl_test_mc", MC_DOCS,
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n'
+        '  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n')
+  _task(tasks, "maxnucl_test_gen", GEN_DOCS,
+        'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA: "\n'
+        'doc_to_target: "{{answer.split(\'\\n\')[0]}}"\ngeneration_kwargs:\n'
+        '  until: ["\\n"]\n  max_gen_toks: 16\n  do_sample: false\nmetric_list:\n'
+        '  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n')
+  _task(tasks, "maxnucl_test_rolling", TEXT_DOCS,
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n')
+  loaded_cfg, loaded = checkpoints.load(root / "ckpt")
+  return root, loaded_cfg, loaded
+
+
+@pytest.fixture(scope="module")
+def harness(setup):
+  root, _, _ = setup
+  return lm_eval.simple_evaluate(
+      model="maxnucl", model_args=f"checkpoint={root / 'ckpt'},vocab=byte,max_length={MAX_LENGTH}",
+      tasks=["maxnucl_test_mc", "maxnucl_test_gen", "maxnucl_test_rolling"],
+      task_manager=TaskManager(include_path=str(root / "tasks")), log_samples=True,
+      batch_size=3)
+
+
+BYTES = vocabularies.ByteTokenizer()
+
+
+def _ids(text):
+  return BYTES.encode(text)
+
+
+def test_multiple_choice_scores_equal_native_score(setup, harness):
+  _, cfg, params = setup
+  samples = harness["samples"]["maxnucl_test_mc"]
+  assert len(samples) == len(MC_DOCS)
+  correct = []
+  assert len(MC_DOCS[2]["question"]) > MAX_LENGTH  # one context is truncated
+  for sample in samples:
+    doc = MC_DOCS[sample["doc_id"]]
+    continuations = [_ids(" " + choice) for choice in doc["choices"]]
+    # A context that does not fit max_length loses its start (as the harness's HF model does).
+    contexts = [([BYTES.bos_id] + _ids(doc["question"]))[-(MAX_LENGTH + 1 - len(c)):]
+                for c in continuations]
+    native = decoding.score(cfg, params, contexts, continuations)
+    harness_scores = [resp[0][0] for resp in sample["resps"]]
+    np.testing.assert_allclose(harness_scores, native, atol=1e-5)
+    correct.append(int(np.argmax(native)) == doc["label"])
+  assert harness["results"]["maxnucl_test_mc"]["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_generate_until_equals_native_generate(setup, harness):
+  _, cfg, params = setup
+  samples = harness["samples"]["maxnucl_test_gen"]
+  assert len(samples) == len(GEN_DOCS)
+  stopped = 0
+  for sample in samples:
+    doc = GEN_DOCS[sample["doc_id"]]
+    prompt = [BYTES.bos_id] + _ids(f"Q: {doc['question']}\nA: ")
+    assert len(prompt) + 16 <= MAX_LENGTH
+    tokens = decoding.generate(cfg, params, [prompt], 16, stop_token_ids=[BYTES.eos_id])[0]
+    text = BYTES.decode(tokens)
+    native = decoding.cut_at_stop(text, ["\n"])
+    assert sample["filtered_resps"][0] == native
+    stopped += "\n" in text
+  assert stopped >= 2  # the stop string did end generations
+  exact = np.mean([s["filtered_resps"][0] == s["target"] for s in samples])
+  assert harness["results"]["maxnucl_test_gen"]["exact_match,none"] == pytest.approx(exact)
+
+
+def test_rolling_loglikelihood_equals_native_rolling_score(setup, harness):
+  _, cfg, params = setup
+  samples = harness["samples"]["maxnucl_test_rolling"]
+  for sample in samples:
+    text = TEXT_DOCS[sample["doc_id"]]["text"]
+    assert len(_ids(text)) > 2 * MAX_LENGTH  # several windows
+    native = decoding.score_rolling(cfg, params, [_ids(text)], max_length=MAX_LENGTH)[0]
+    assert sample["resps"][0][0] == pytest.approx(native, abs=1e-4)
+  # bits per byte from the harness = -sum(loglik) / (ln 2 * bytes), over all documents.
+  totals = decoding.score_rolling(cfg, params, [_ids(d["text"]) for d in TEXT_DOCS],
+                                  max_length=MAX_LENGTH)
+  expected = -sum(totals) / (math.log(2) * sum(len(d["text"].encode()) for d in TEXT_DOCS))
+  assert harness["results"]["maxnucl_test_rolling"]["bits_per_byte,none"] == pytest.approx(
+      expected, rel=1e-5)
+
+
+def test_command_line_runs_the_harness_with_the_maxnucl_model(setup, harness, tmp_path):
+  root, _, _ = setup
+  script = pathlib.Path(sys.executable).parent / "maxnucl-lm-eval"  # the installed entry point
+  result = subprocess.run(
+      [str(script), "--model", "maxnucl", "--model_args", f"checkpoint={root / 'ckpt'},vocab=byte",
+       "--tasks", "maxnucl_test_mc", "--include_path", str(root / "tasks"), "--batch_size", "2",
+       "--output_path", str(tmp_path)],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = list(tmp_path.rglob("results_*.json"))
+  assert len(written) == 1
+  acc = json.loads(written[0].read_text())["results"]["maxnucl_test_mc"]["acc,none"]
+  assert acc == harness["results"]["maxnucl_test_mc"]["acc,none"]
+
+
+def test_unknown_model_argument_is_named(setup):
+  root, _, _ = setup
+  with pytest.raises(ValueError, match=r"unknown argument\(s\) \['vocabulary'\]"):
+    maxnucl.lm_eval_adapter.MaxnuclLM(checkpoint=str(root / "ckpt"), vocabulary="byte")
