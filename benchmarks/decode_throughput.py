@@ -38,11 +38,15 @@ def hf_model(cfg, params, dtype):
   config = transformers.Gemma2Config(**hf_gemma2.hf_config(cfg))
   config._attn_implementation = "eager"  # the implementation that applies the soft-caps
   model = transformers.Gemma2ForCausalLM(config).eval()
-  state = {k: torch.from_numpy(v) for k, v in hf_gemma2.hf_state_from_params(cfg, params).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in
+           hf_gemma2.hf_state_from_params(cfg, params).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   if unexpected or [m for m in missing if m != "lm_head.weight"]:
     raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
   model.tie_weights()
+  # Exactly the requested number of tokens on both sides, without suppressing EOS (which
+  # min_new_tokens would do, changing the greedy choice): no EOS stopping at all.
+  model.generation_config.eos_token_id = None
   return model.to(getattr(torch, dtype)).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -89,8 +93,8 @@ def time_transformers(model, prompts, new_tokens, repeats):
       best_prefill = min(best_prefill, time.perf_counter() - start)
       start = time.perf_counter()
       out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                           return_dict_in_generate=True, pad_token_id=0)
+                           do_sample=False, use_cache=True, return_dict_in_generate=True,
+                           pad_token_id=0)
       sync()
       best_total = min(best_total, time.perf_counter() - start)
   cache = out.past_key_values
@@ -99,8 +103,9 @@ def time_transformers(model, prompts, new_tokens, repeats):
   if layers is not None:
     cache_bytes["bytes"] = sum(t.numel() * t.element_size() for layer in layers
                                for t in (layer.keys, layer.values) if t is not None)
-  return best_prefill, best_total - best_prefill, out.sequences[:, ids.shape[1]:].cpu().numpy(), \
-      cache_bytes
+  new = out.sequences[:, ids.shape[1]:].cpu().numpy()
+  assert new.shape[1] == new_tokens, new.shape
+  return best_prefill, best_total - best_prefill, new, cache_bytes
 
 
 def first_difference(a, b):
@@ -121,6 +126,8 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
 
   cfg = models.get_config(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+  if cfg.max_positions < args.prompt_len + args.new_tokens:  # e.g. gemma2_tiny (512)
+    cfg = cfg.replace(max_positions=args.prompt_len + args.new_tokens)
   params = models.init(cfg, jax.random.PRNGKey(0))
   reference = None if args.skip_transformers else hf_model(
       cfg, jax.tree.map(lambda x: np.asarray(x, np.float32), params), args.dtype)
@@ -157,6 +164,10 @@ def main(argv=None) -> dict:
       run["speedup_new_tokens"] = (run["maxnucl"]["new_tokens_per_s"]
                                    / run["transformers"]["new_tokens_per_s"])
       run["first_token_difference"] = first_difference(ours, theirs)
+      if "bytes" in hf_cache:
+        print(f"transformers {hf_cache['cache class']} after generate, batch {batch}: "
+              f"{hf_cache['bytes'] / 2**20:.1f} MiB (maxnucl: "
+              f"{decoding.cache_bytes(cfg, batch, total_length)['total'] / 2**20:.1f} MiB)")
       line += (f" | transformers: prefill {run['transformers']['prefill_tokens_per_s']:9.0f} "
                f"tok/s, new {run['transformers']['new_tokens_per_s']:8.1f} tok/s | new-token "
                f"speedup {run['speedup_new_tokens']:.2f}x | same tokens: "

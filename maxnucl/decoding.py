@@ -210,14 +210,16 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]],
              stop_token_ids: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
              rules: Optional[sharding.Rules] = None,
              stop_strings: Optional[Sequence[str]] = None, tokenizer: Any = None,
-             batch_size: Optional[int] = None, check_every: int = 32) -> list[list[int]]:
+             batch_size: Optional[int] = None, check_every: int = 32,
+             progress: Optional[Callable[[int], None]] = None) -> list[list[int]]:
   """The new tokens of each prompt (token-id lists of any lengths, e.g. [BOS] + encode(text)).
 
   Without stops every row gets exactly `max_new_tokens` tokens; a row ends after its first token
   in `stop_token_ids` (included), or, with `stop_strings` and a `tokenizer` (its `decode`), after
   the token that completes the first occurrence of a stop string in its decoded text (checked
   every `check_every` tokens; the loop stops early when all rows are done).  temperature 0 is
-  greedy.  `batch_size` splits many prompts into batches (default: one batch).  With a `mesh`,
+  greedy.  `batch_size` splits many prompts into batches (default: one batch), formed longest
+  first; `progress(n)` is called after each batch with its number of prompts.  With a `mesh`,
   params (placed if they are not yet) and caches are sharded by `rules` (default: the gin rules).
   """
   sampling = Sampling(temperature, top_k, top_p)
@@ -249,6 +251,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]],
                             where, check_every)
       for row, tokens in zip(rows, new):
         results[row] = tokens
+      if progress is not None:
+        progress(len(rows))
   return results
 
 

@@ -78,7 +78,7 @@ def test_cached_logits_equal_full_forward_at_every_step(which, request):
                                     total_length=total)
   for i, window in enumerate(cfg.layer_windows):
     expected = total if window is None else window
-    assert caches[f"layers_{i}"].k.shape[1] == expected  # ring buffer on sliding-window layers
+    assert caches[f"layers_{i}"].k.shape[2] == expected  # ring buffer on sliding-window layers
   positions = lengths.copy()
   for step in range(steps + 1):
     for r in range(3):
@@ -264,7 +264,7 @@ def test_sharded_decoding_and_scoring_equal_single_device(mesh_shape, hf_params)
   spec = caches["layers_1"].k.sharding.spec
   batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
   assert spec[0] == (batch_axes if len(batch_axes) > 1 else batch_axes[0])
-  assert spec[2] == "tensor"
+  assert spec[1] == "tensor"
 
 
 def test_bfloat16_cached_logits_close_to_bfloat16_full_forward(hf_params):

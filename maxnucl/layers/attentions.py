@@ -27,6 +27,13 @@ def attention_mask(segment_ids, window: Optional[int]):
   return (allowed[None] & same_segment)[:, None, None, :, :]
 
 
+def _attention_probs(scores, mask, softcap: Optional[float], dtype):
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)  # soft-cap before the mask, as Gemma-2
+  scores = jnp.where(mask, scores, _MASKED)
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
 def dot_product_attention(q, k, v, mask, *, scale: float, softcap: Optional[float]):
   """Reference attention (XLA); the seam where fused kernels plug in later.
 
@@ -34,18 +41,30 @@ def dot_product_attention(q, k, v, mask, *, scale: float, softcap: Optional[floa
   mask: broadcastable to [B, K, G, T, S].  Returns [B, T, K, G, H] in v's dtype.
   """
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-  if softcap is not None:
-    scores = softcap * jnp.tanh(scores / softcap)  # soft-cap before the mask, as Gemma-2
-  scores = jnp.where(mask, scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  probs = _attention_probs(scores, mask, softcap, v.dtype)
+  # Written [B, K, G, T, H] then transposed: XLA:CPU computes "->BTKGH" directly ~10x slower.
+  return jnp.einsum("BKGTS,BSKH->BKGTH", probs, v).transpose(0, 3, 1, 2, 4)
+
+
+def cached_dot_product_attention(q, cache: "KVCache", mask, *, scale: float,
+                                 softcap: Optional[float]):
+  """The same attention over a cache's heads-major keys and values [B, K, L, H] (a contiguous
+  [L, H] matrix per row and head: no transposed copy of the cache at each decode step).
+
+  q: [B, T, K, G, H]; mask: broadcastable to [B, K, G, T, L].  Returns [B, T, K, G, H].
+  """
+  scores = jnp.einsum("BTKGH,BKLH->BKGTL", q, cache.k,
+                      preferred_element_type=jnp.float32) * scale
+  probs = _attention_probs(scores, mask, softcap, cache.v.dtype)
+  return jnp.einsum("BKGTL,BKLH->BKGTH", probs, cache.v).transpose(0, 3, 1, 2, 4)
 
 
 @flax.struct.dataclass
 class KVCache:
   """One attention layer's keys and values for decoding.
 
-  k, v       [B, L, K, H] in the compute dtype, RoPE already applied to k;
+  k, v       [B, K, L, H] in the compute dtype, RoPE already applied to k (heads-major, so the
+             decode step reads each head's keys as one contiguous matrix);
   positions  [B, L] int32: the position of the token held in each slot, -1 for an empty slot.
 
   The token at position p lives in slot p % L.  A global layer's L is at least the longest
@@ -61,21 +80,21 @@ class KVCache:
   @classmethod
   def empty(cls, batch: int, length: int, num_kv_heads: int, head_dim: int,
             dtype) -> "KVCache":
-    shape = (batch, length, num_kv_heads, head_dim)
+    shape = (batch, num_kv_heads, length, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.full((batch, length), -1, jnp.int32))
 
   @property
   def length(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
 
 
-_CACHE_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
+_CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", "activation_kv")
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
   return KVCache(sharding.constrain(cache.k, _CACHE_AXES), sharding.constrain(cache.v, _CACHE_AXES),
-                 sharding.constrain(cache.positions, _CACHE_AXES[:2]))
+                 sharding.constrain(cache.positions, ("activation_batch", "activation_length")))
 
 
 def fill_cache(cache: KVCache, k, v, lengths) -> KVCache:
@@ -87,23 +106,27 @@ def fill_cache(cache: KVCache, k, v, lengths) -> KVCache:
   source = slots + cache.length * jnp.floor_divide(last - slots, cache.length)  # [B, L]
   filled = slots <= last
   index = jnp.clip(source, 0, k.shape[1] - 1)[:, :, None, None]
-  return _constrain_cache(KVCache(
-      jnp.take_along_axis(k, index, axis=1).astype(cache.k.dtype),
-      jnp.take_along_axis(v, index, axis=1).astype(cache.v.dtype),
-      jnp.where(filled, source, -1)))
+
+  def gather(x, dtype):  # [B, T, K, H] -> [B, K, L, H]
+    return jnp.take_along_axis(x, index, axis=1).astype(dtype).transpose(0, 2, 1, 3)
+
+  return _constrain_cache(KVCache(gather(k, cache.k.dtype), gather(v, cache.v.dtype),
+                                  jnp.where(filled, source, -1)))
 
 
 def append_to_cache(cache: KVCache, k, v, positions) -> KVCache:
   """k, v [B, 1, K, H] of the tokens at `positions` [B, 1] written into slot position % L."""
   slot = positions[:, 0] % cache.length
 
-  def write(buffer, update, s):
-    return jax.lax.dynamic_update_slice_in_dim(buffer, update, s, axis=0)
+  def write(buffer, update, s):  # one row: buffer [K, L, H] or [L], update [K, 1, H] or [1]
+    axis = buffer.ndim - 2 if buffer.ndim > 1 else 0
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, s, axis=axis)
 
   write_rows = jax.vmap(write)
-  return _constrain_cache(KVCache(write_rows(cache.k, k.astype(cache.k.dtype), slot),
-                                  write_rows(cache.v, v.astype(cache.v.dtype), slot),
-                                  write_rows(cache.positions, positions, slot)))
+  return _constrain_cache(KVCache(
+      write_rows(cache.k, k.astype(cache.k.dtype).transpose(0, 2, 1, 3), slot),
+      write_rows(cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3), slot),
+      write_rows(cache.positions, positions, slot)))
 
 
 def cached_attention_mask(query_positions, key_positions, window: Optional[int]):
@@ -168,8 +191,7 @@ class Attention(nn.Module):
         raise ValueError(f"a decode step takes one token per row, got {x.shape[1]}")
       cache = append_to_cache(cache, k, v, positions)
       mask = cached_attention_mask(positions, cache.positions, self.window)
-      out = dot_product_attention(q, cache.k, cache.v, mask, scale=self.scale,
-                                  softcap=self.softcap)
+      out = cached_dot_product_attention(q, cache, mask, scale=self.scale, softcap=self.softcap)
     out = out.reshape(*out.shape[:2], n, h)
     out = sharding.constrain(out, ("activation_batch", "activation_length", "activation_heads",
                                    "activation_kv"))
