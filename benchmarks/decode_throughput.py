@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
       cfg, jax.tree.map(lambda x: np.asarray(x, np.float32), params), args.dtype)
   device = jax.devices()[0]
   report = {"machine": f"{platform.machine()} {device.platform} {device.device_kind}",
-            "cpu_count": __import__("os").cpu_count(), "preset": cfg.name,
+            "cpu_count": os.cpu_count(), "preset": cfg.name,
             "params": models.param_count(cfg)["total"], "dtype": args.dtype,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
   print(f"{cfg.name} ({report['params'] / 1e6:.1f}M params, {args.dtype}) on "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import jax
 from tqdm import tqdm
 
 try:
@@ -103,8 +104,8 @@ class MaxnuclLM(TemplateLM):
 
   def get_model_info(self) -> dict:
     return {"model_name": self.cfg.name, "checkpoint": str(self.checkpoint),
-            "model_num_parameters": sum(int(x.size) for x in __import__("jax").tree.leaves(
-                self.params)), "model_dtype": self.cfg.dtype}
+            "model_num_parameters": sum(int(x.size) for x in jax.tree.leaves(self.params)),
+            "model_dtype": self.cfg.dtype}
 
   # ---- scoring --------------------------------------------------------------------------------
 
