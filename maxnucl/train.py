@@ -53,6 +53,7 @@ from maxnucl import losses
 from maxnucl import models
 from maxnucl import sharding
 from maxnucl.data import pipeline
+from maxnucl.evaluation import perplexity
 from maxnucl.models.config import ModelConfig
 
 log = logging.getLogger("maxnucl.train")
@@ -143,10 +144,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, cfg: ModelConf
   return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
 
-def eval_step(params: dict, batch: dict, *, cfg: ModelConfig) -> dict:
-  """Summed token NLL and loss-token count of one held-out batch (no dropout)."""
-  logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"])
-  return {"nll_sum": losses.nll(logits, batch, "sum"), "tokens": jnp.sum(batch["loss_mask"])}
+def eval_step(params: dict, batch: dict, *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """Summed token NLL and loss-token count of one held-out batch (no dropout): the held-out NLL
+  of `maxnucl.evaluation.perplexity`, shared with the evaluator and the pruner."""
+  sums, counts = perplexity.row_nll(params, batch, cfg=cfg)
+  return jnp.sum(sums), jnp.sum(counts)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -161,6 +163,9 @@ def train_loop(workdir: str | os.PathLike, *,
                eval_every: int = 0,
                eval_split: str = "test",
                eval_batches: int = 4,
+               eval_tasks: Sequence[Any] = (),
+               eval_tasks_every: int = 0,
+               eval_tasks_limit: Optional[int] = 64,
                checkpoint_every: int = 100,
                keep_checkpoints: int = 3,
                async_checkpointing: bool = True,
@@ -179,6 +184,13 @@ def train_loop(workdir: str | os.PathLike, *,
     log_every: write metrics every N steps (and at the last step).
     eval_every: held-out NLL (`eval_loss`) every M steps and at the last step; 0 = never.
     eval_split, eval_batches: the held-out split of the training source and how many batches.
+    eval_tasks: benchmarks run on the current params during training, e.g. `[@gsm8k()]` or
+      `['gsm8k', 'perplexity']` (configured by their gin bindings; maxnucl.evaluate); their
+      metrics are logged as "<name>/<metric>", their predictions written to
+      WORKDIR/eval/<name>/step_<N>/.  Generation uses the training data's vocabulary.
+    eval_tasks_every: run them every N steps and at the last step (0 = with eval_every, or only
+      at the last step when eval_every is 0).
+    eval_tasks_limit: examples per benchmark (None = all).
     checkpoint_every: save every N steps (and at the last step).
     keep_checkpoints: how many step directories to keep.
     async_checkpointing: write checkpoints in the background while training continues.
@@ -234,6 +246,8 @@ def train_loop(workdir: str | os.PathLike, *,
     log.info("compiled train_step in %.1fs", time.perf_counter() - t0)
 
     eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
+    benchmarks = _benchmarks(eval_tasks, train_iter)
+    tasks_every = eval_tasks_every or eval_every
     metrics_log = _MetricsLog(workdir, resume_step or 0)
     step_flops = flops.training_flops_per_step(cfg, train_iter.batch_size,
                                                train_iter.seq_len)
@@ -265,7 +279,9 @@ def train_loop(workdir: str | os.PathLike, *,
         interval_time, interval_steps = interval_time + step_time, interval_steps + 1
         bar.update(1)
         is_last = step == num_steps
-        if step % log_every == 0 or is_last or (eval_every and step % eval_every == 0):
+        run_tasks = bool(benchmarks) and (is_last or (tasks_every and step % tasks_every == 0))
+        if (step % log_every == 0 or is_last or (eval_every and step % eval_every == 0)
+            or run_tasks):
           # Throughput over the steps since the last log (data loading included; logging,
           # evaluation and checkpointing excluded).
           step_time = interval_time / interval_steps
@@ -278,7 +294,10 @@ def train_loop(workdir: str | os.PathLike, *,
                     "tflops_per_device": tflops,
                     "mfu": tflops * 1e12 / peak if peak else None}
           if eval_every and (step % eval_every == 0 or is_last):
-            record["eval_loss"] = _evaluate(eval_fn, state["params"], eval_data)
+            record["eval_loss"] = _evaluate(cfg, eval_fn, state["params"], eval_data)
+          if run_tasks:
+            record.update(_run_benchmarks(benchmarks, cfg, state["params"], train_iter, step,
+                                          workdir, eval_tasks_limit, mesh, rules))
           metrics_log.write(record)
           history.append(record)
           bar.set_postfix(loss=f"{record['loss']:.4f}", nll=f"{record['nll']:.4f}")
@@ -470,10 +489,34 @@ def _eval_batches(split, num_batches, seed, batch_sh) -> list:
   return out
 
 
-def _evaluate(eval_fn, params, eval_data) -> float:
-  totals = [jax.device_get(eval_fn(params, b)) for b in eval_data]
-  tokens = sum(float(t["tokens"]) for t in totals)
-  return sum(float(t["nll_sum"]) for t in totals) / max(tokens, 1.0)
+def _benchmarks(eval_tasks, train_iter) -> list:
+  from maxnucl import evaluate  # pylint: disable=import-outside-toplevel
+  out = [evaluate.get_benchmark(t) if isinstance(t, str) else t for t in eval_tasks]
+  for bench in out:
+    if getattr(bench, "vocab", "unset") is None:  # perplexity: the training data's vocabulary
+      bench.vocab = train_iter.metadata["vocab"]
+  return out
+
+
+def _run_benchmarks(benchmarks, cfg, params, train_iter, step, workdir, limit, mesh,
+                    rules) -> dict:
+  """Each benchmark on the current params; {"<name>/<metric>": value}."""
+  from maxnucl.data import vocabularies  # pylint: disable=import-outside-toplevel
+  from maxnucl.evaluation import core  # pylint: disable=import-outside-toplevel
+  model = core.LanguageModel(cfg, params,
+                             vocabularies.get_tokenizer(train_iter.metadata["vocab"]),
+                             batch_size=train_iter.batch_size, mesh=mesh, rules=rules)
+  out = {}
+  for bench in benchmarks:
+    results = core.run_benchmark(bench, model, workdir / "eval" / bench.name / f"step_{step}",
+                                 limit=limit, progress=False, checkpoint=f"step {step}")
+    out.update({f"{bench.name}/{k}": float(v) for k, v in results["metrics"].items()
+                if isinstance(v, (int, float))})
+  return out
+
+
+def _evaluate(cfg, eval_fn, params, eval_data) -> float:
+  return perplexity.heldout_nll(cfg, params, eval_data, step_fn=eval_fn)["nll"]
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

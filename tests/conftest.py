@@ -28,3 +28,20 @@ def offline_data(monkeypatch):
   gin.clear_config()
   yield FIXTURE_DATA
   gin.clear_config()
+
+
+@pytest.fixture(scope="session")
+def arithmetic_checkpoint(tmp_path_factory):
+  """The README's CPU demo model: gin/demo_cpu.gin's tiny Gemma-2 trained for its 300 steps on
+  the synthetic arithmetic problems (about 45 s).  It writes the worked-answer format and gets a
+  few held-out answers right.  Returns its checkpoint directory."""
+  from maxnucl import checkpoints, train  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("arithmetic_demo")
+  gin.clear_config()
+  try:
+    train.parse_gin(["gin/demo_cpu.gin"], ["train_loop.progress_bar = False",
+                                           "train_loop.eval_every = 0"])
+    train.train_loop(workdir)
+  finally:
+    gin.clear_config()
+  return checkpoints.resolve(workdir)

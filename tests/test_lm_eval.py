@@ -10,14 +10,13 @@ import sys
 
 import shutil
 
-import gin
 import lm_eval
 import numpy as np
 import pytest
 from lm_eval.tasks import TaskManager
 
 import maxnucl.lm_eval_adapter  # registers the "maxnucl" model
-from maxnucl import checkpoints, decoding, train
+from maxnucl import checkpoints, decoding
 from maxnucl.data import synthetic, vocabularies
 
 MAX_LENGTH = 96  # model_args max_length: documents of ~250 bytes need several rolling windows
@@ -45,18 +44,11 @@ def _task(directory: pathlib.Path, name: str, docs: list, body: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  """The CPU demo's tiny Gemma-2 trained for 150 steps (byte vocabulary; it writes answers of
-  several lines, so stop strings matter) and three local tasks."""
+def setup(tmp_path_factory, arithmetic_checkpoint):
+  """The CPU demo's trained tiny Gemma-2 (byte vocabulary; it writes answers of several lines,
+  so stop strings matter) and three local tasks."""
   root = tmp_path_factory.mktemp("lm_eval")
-  gin.clear_config()
-  train.parse_gin(["gin/demo_cpu.gin"], [
-      "train_loop.num_steps = 150", "train_loop.checkpoint_every = 150",
-      "train_loop.eval_every = 0", "train_loop.progress_bar = False",
-      "learning_rate_schedule.warmup_steps = 10"])
-  train.train_loop(root / "train")
-  gin.clear_config()
-  shutil.copytree(checkpoints.resolve(root / "train"), root / "ckpt")
+  shutil.copytree(arithmetic_checkpoint, root / "ckpt")
   tasks = root / "tasks"
   tasks.mkdir()
   _task(tasks, "maxnucl_test_mc", MC_DOCS,

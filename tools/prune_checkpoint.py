@@ -4,6 +4,7 @@
       [--layers all|bottom_half|top_half|even|odd|0,3,5] [--budget per_layer|global] [--seed 0] \
       [--report report.json] [--calibration SOURCE --calibration_examples 128] \
       [--eval_perplexity SOURCE --eval_examples 128] [--data_cache_dir DIR] \
+      [--eval_task gsm8k --eval_task_limit 200 --eval_gin_param "gsm8k.num_shots = 5"] \
       [--method_param key=value ...] [--overwrite]
 
 SOURCE: a .npy [N, L] / .jsonl token-id file or a registered task name, read from its cached
@@ -53,18 +54,34 @@ def main(argv=None) -> int:
   parser.add_argument("--vocab", default="byte",
                       help="vocabulary for registered task names: a SentencePiece model (e.g. "
                            "Gemma's tokenizer.model) or 'byte' (default)")
+  parser.add_argument("--eval_task", action="append", default=[],
+                      help="evaluate the input and the pruned checkpoint on this benchmark "
+                           "(gsm8k, mbpp, superglue, perplexity; repeatable); metrics go to the "
+                           "report (vocabulary: --vocab)")
+  parser.add_argument("--eval_task_limit", type=int, default=None,
+                      help="first N examples of each --eval_task (default: all)")
+  parser.add_argument("--eval_gin_param", action="append", default=[],
+                      help="gin binding for the --eval_task benchmarks, e.g. "
+                           "\"gsm8k.num_shots = 0\" (repeatable; docs/evaluation.md)")
   parser.add_argument("--method_param", type=_key_value, action="append", default=[],
                       help="override a method parameter, e.g. neighbours=32 (repeatable)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
   try:
+    if args.eval_gin_param:
+      import gin  # pylint: disable=import-outside-toplevel
+      import maxnucl.evaluate  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+      for task in args.eval_task:  # register the benchmarks' gin names before parsing
+        maxnucl.evaluate.benchmark_class(task)
+      gin.parse_config(args.eval_gin_param)
     report = prune.prune_ffn_neurons(
         args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
         budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
         calibration=args.calibration, calibration_examples=args.calibration_examples,
         eval_perplexity=args.eval_perplexity, eval_examples=args.eval_examples,
         batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
-        data_vocab=args.vocab, report_path=args.report,
+        data_vocab=args.vocab, eval_tasks=args.eval_task,
+        eval_task_limit=args.eval_task_limit, report_path=args.report,
         overwrite=args.overwrite)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"prune_checkpoint: error: {e}", file=sys.stderr)
@@ -73,6 +90,9 @@ def main(argv=None) -> int:
                                     "ffn_widths_before", "ffn_widths_after")}
   if "perplexity" in report:
     summary["perplexity"] = {k: report["perplexity"][k]["perplexity"] for k in ("before", "after")}
+  if "eval_tasks" in report:
+    summary["eval_tasks"] = {name: {k: entry[k] for k in ("before", "after")}
+                             for name, entry in report["eval_tasks"].items()}
   print(json.dumps(summary))
   return 0
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxnucl import models
+from maxnucl import losses, models
 from maxnucl.models.config import ModelConfig
 from maxnucl.models.decoder import Decoder
 
@@ -190,12 +190,6 @@ def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:
 
 # ---- statistics --------------------------------------------------------------------------------
 
-def _nll(logits, targets, mask):
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * mask), jnp.sum(mask)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_stats(cfg: ModelConfig, params, batch):
   names = models.ffn_layer_names(cfg)
@@ -211,8 +205,8 @@ def _batch_stats(cfg: ModelConfig, params, batch):
     logits, state = Decoder(cfg).apply(
         {"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], scale,
         mutable=["intermediates"], capture_intermediates=capture)
-    total, count = _nll(logits, batch["targets"], mask)
-    return total / jnp.maximum(count, 1.0), state["intermediates"]
+    loss = losses.nll(logits, {"targets": batch["targets"], "loss_mask": mask})  # mean
+    return loss, state["intermediates"]
 
   grads, inter = jax.grad(loss_fn, has_aux=True)(ones)
   stats = {}
@@ -242,19 +236,12 @@ def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict]
   return {n: LayerStats(count, *v) for n, v in totals.items()}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _batch_nll(cfg: ModelConfig, params, batch):
-  logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"])
-  return _nll(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32))
-
-
 def perplexity(cfg: ModelConfig, params: dict, batches: Iterable[dict]) -> dict[str, float]:
-  """exp(mean next-token NLL over masked-in tokens)."""
-  total, count = 0.0, 0.0
-  for batch in batches:
-    t, n = _batch_nll(cfg, params, {k: jnp.asarray(v) for k, v in batch.items()})
-    total += float(t)
-    count += float(n)
-  if count == 0:
-    raise CalibrationError("the evaluation source yielded no (unmasked) tokens")
-  return {"perplexity": float(np.exp(total / count)), "nll": total / count, "tokens": count}
+  """exp(mean next-token NLL over masked-in tokens): `maxnucl.evaluation.perplexity`'s held-out
+  NLL, the one the trainer and the evaluator use."""
+  from maxnucl.evaluation import perplexity as heldout  # pylint: disable=import-outside-toplevel
+  try:
+    return heldout.heldout_nll(cfg, params, ({k: jnp.asarray(v) for k, v in b.items()}
+                                             for b in batches))
+  except ValueError as e:
+    raise CalibrationError(f"the evaluation source: {e}") from None

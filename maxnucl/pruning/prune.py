@@ -24,7 +24,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -167,13 +167,17 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
                       batch_size: int = 8, seq_len: int = 128,
                       data_cache_dir: Optional[str | os.PathLike] = None,
                       data_vocab: str = "byte",
+                      eval_tasks: Sequence[Any] = (), eval_task_limit: Optional[int] = None,
                       report_path: Optional[str | os.PathLike] = None,
                       overwrite: bool = False) -> dict:
   """Remove a fraction `ratio` of the FFN inner neurons and write a smaller checkpoint.
 
   Returns the report (also written to `report_path` as JSON when given).  `calibration` /
   `eval_perplexity`: a SOURCE as in maxnucl.pruning.calibration (`data_cache_dir`: where a
-  registered task's cached shards are read from).  Raises PruningError (or
+  registered task's cached shards are read from).  `eval_tasks`: benchmarks (names such as
+  "gsm8k", configured by gin, or Benchmark objects; maxnucl.evaluate) run on the input and on the
+  pruned checkpoint (the first `eval_task_limit` examples), their metrics put in the report under
+  "eval_tasks".  Raises PruningError (or
   FileExistsError / FileNotFoundError) before writing anything when a request is invalid.
   """
   start = time.time()
@@ -279,10 +283,38 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
         eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs))
     report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_examples,
                             "before": before, "after": after}
+  if eval_tasks:
+    report["eval_tasks"] = _evaluate_tasks(eval_tasks, eval_task_limit, data_vocab, batch_size,
+                                           (cfg, io.CheckpointReader(input_path)),
+                                           (new_cfg, io.CheckpointReader(output_path)))
   report["seconds"] = time.time() - start
   if report_path is not None:
     pathlib.Path(report_path).write_text(json.dumps(report, indent=1))
   return report
+
+
+def _evaluate_tasks(eval_tasks, limit, vocab, batch_size, before, after) -> dict:
+  """{name: {"before": metrics, "after": metrics, "examples": n}} of each benchmark."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from maxnucl import evaluate  # pylint: disable=import-outside-toplevel
+  from maxnucl.evaluation import core  # pylint: disable=import-outside-toplevel
+  from maxnucl.generate import load_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = load_tokenizer(before[0], vocab)
+  out = {}
+  for task in eval_tasks:
+    bench = evaluate.get_benchmark(task) if isinstance(task, str) else task
+    if getattr(bench, "vocab", "unset") is None:
+      bench.vocab = vocab
+    entry: dict[str, Any] = {}
+    for when, (cfg, reader) in (("before", before), ("after", after)):
+      model = core.LanguageModel(cfg, jax.device_put(reader.read_all()), tokenizer,
+                                 batch_size=batch_size)
+      results = core.run_benchmark(bench, model, "", limit=limit, write_files=False)
+      entry[when] = results["metrics"]
+      entry["examples"] = results["num_examples"]
+    entry["settings"] = bench.settings()
+    out[bench.name] = entry
+  return out
 
 
 def _method_names() -> list[str]:

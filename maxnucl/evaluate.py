@@ -1,0 +1,141 @@
+"""Evaluate a maxnucl checkpoint on GSM8K, MBPP, SuperGLUE or perplexity.
+
+    python -m maxnucl.evaluate --gin_file=gin/eval/gsm8k.gin --checkpoint=DIR --output=OUT \\
+        [--gin_param="gsm8k.num_shots = 8"] [--limit 50] [--vocab tokenizer.model]
+
+Writes OUT/results.json (every metric, example counts, checkpoint, settings, the gin config,
+elapsed time) and OUT/predictions.jsonl (one record per example: id, prompt, raw output,
+extracted answer, reference, correct/score).  Rerunning the same command after an interruption
+resumes: examples already in predictions.jsonl are skipped.  Protocols and metrics:
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pathlib
+import sys
+from typing import Any, Optional, Sequence
+
+import gin
+
+from maxnucl import checkpoints, sharding
+from maxnucl.data import vocabularies
+from maxnucl.evaluation import core
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# name -> benchmark class, each gin-configurable under the same name (`gsm8k.num_shots = 5`).
+BENCHMARKS = {
+    "gsm8k": "maxnucl.evaluation.gsm8k:GSM8K",
+    "mbpp": "maxnucl.evaluation.mbpp:MBPP",
+    "superglue": "maxnucl.evaluation.superglue:SuperGLUE",
+    "perplexity": "maxnucl.evaluation.perplexity:Perplexity",
+}
+
+
+def benchmark_class(name: str) -> type:
+  if name not in BENCHMARKS:
+    raise core.EvaluationError(f"unknown evaluation task {name!r}; known: {sorted(BENCHMARKS)}")
+  module, _, cls = BENCHMARKS[name].partition(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def get_benchmark(name: str) -> core.Benchmark:
+  """A benchmark by name, configured by the gin bindings in force."""
+  return benchmark_class(name)()
+
+
+@gin.configurable("evaluate")
+def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: str = vocabularies.BYTE_VOCAB_NAME,
+                        batch_size: int = 16, dtype: Optional[str] = None,
+                        limit: Optional[int] = None,
+                        mesh_shape: Optional[Sequence[int]] = None) -> dict:
+  """The gin bindings of a run: `evaluate.benchmark = @gsm8k()`, the model's vocabulary, batch
+  size, dtype, an optional example limit, and an optional mesh (e.g. (1, -1, 1): fsdp over all
+  devices, for a model that needs sharding to fit)."""
+  if isinstance(benchmark, str):
+    benchmark = get_benchmark(benchmark)
+  return {"benchmark": benchmark, "vocab": vocab, "batch_size": batch_size, "dtype": dtype,
+          "limit": limit, "mesh_shape": mesh_shape}
+
+
+def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
+                        benchmark: Optional[core.Benchmark] = None,
+                        limit: Optional[int] = None, vocab: Optional[str] = None,
+                        batch_size: Optional[int] = None, dtype: Optional[str] = None,
+                        progress: bool = True) -> dict:
+  """Run the gin-configured (or given) benchmark on `checkpoint`; returns results.json's dict.
+  Explicit arguments override the gin bindings."""
+  settings = evaluation_settings()
+  benchmark = benchmark or settings["benchmark"]
+  vocab = vocab or settings["vocab"]
+  if getattr(benchmark, "vocab", "unset") is None:  # perplexity: tokenize with the model's
+    benchmark.vocab = vocab
+  mesh = None
+  if settings["mesh_shape"] is not None:
+    mesh = sharding.create_mesh(tuple(settings["mesh_shape"]))
+  path = checkpoints.resolve(checkpoint)
+  model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
+                                  batch_size=batch_size or settings["batch_size"], mesh=mesh)
+  return core.run_benchmark(benchmark, model, output,
+                            limit=limit if limit is not None else settings["limit"],
+                            progress=progress, checkpoint=str(path), gin_config=gin.config_str())
+
+
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  for path in gin_files:
+    if not (pathlib.Path(path).exists() or (REPO_ROOT / path).exists()):
+      raise FileNotFoundError(f"gin file {path} does not exist")
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m maxnucl.evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin/eval/{gsm8k,mbpp,superglue,perplexity}.gin (repeatable)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding, e.g. \"gsm8k.num_shots = 8\" (repeatable)")
+  parser.add_argument("--checkpoint", required=True,
+                      help="checkpoint directory, or a training workdir (its latest step)")
+  parser.add_argument("--output", required=True, help="directory for results.json and "
+                      "predictions.jsonl (an interrupted run in it is resumed)")
+  parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+  parser.add_argument("--vocab", default=None, help="'byte' or a SentencePiece model file "
+                      "(default: evaluate.vocab in gin, 'byte')")
+  parser.add_argument("--batch_size", type=int, default=None)
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+  if not args.gin_file:
+    parser.error("give a --gin_file, e.g. gin/eval/gsm8k.gin")
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    parse_gin(args.gin_file, args.gin_param)
+    results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
+                                  vocab=args.vocab, batch_size=args.batch_size,
+                                  dtype=args.dtype, progress=not args.no_progress)
+  except (OSError, ValueError, KeyError, SyntaxError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_results(results))
+  print(f"results:     {pathlib.Path(args.output) / core.RESULTS}")
+  print(f"predictions: {pathlib.Path(args.output) / core.PREDICTIONS}")
+  return 0
+
+
+def format_results(results: dict) -> str:
+  lines = [f"{results['benchmark']} on {results['checkpoint']} ({results['num_examples']} "
+           f"examples, {results['elapsed_s']:.1f} s)"]
+  for key, value in results["metrics"].items():
+    lines.append(f"  {key:<28} {value:.4g}" if isinstance(value, float) else
+                 f"  {key:<28} {value}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,231 @@
+"""What every benchmark shares: a model that turns text into text or scores, and the resumable
+loop that writes `predictions.jsonl` and `results.json`.
+
+    model = LanguageModel.load(checkpoint, vocab="tokenizer.model")
+    results = run_benchmark(GSM8K(), model, "out/gsm8k", limit=100)
+
+A benchmark (`Benchmark`) lists its examples (each with a unique "id"), turns a chunk of them into
+prediction records with the model (one JSON object per example: id, prompt, raw output,
+extracted answer, reference, correct/score, ...), and reduces all records to metrics.
+`run_benchmark` appends each finished chunk to `predictions.jsonl` (flushed and fsynced), so an
+interrupted run continues where it stopped: examples whose id is already there are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Iterable, Optional, Protocol, Sequence
+
+from maxnucl import decoding
+from maxnucl.data import vocabularies
+from maxnucl.models.config import ModelConfig
+
+PREDICTIONS = "predictions.jsonl"
+RESULTS = "results.json"
+RUN = "run.json"
+
+
+class EvaluationError(ValueError):
+  """A benchmark cannot run as configured (the message names the setting or file)."""
+
+
+@dataclasses.dataclass
+class LanguageModel:
+  """A model ready for evaluation: text prompts in, text or log-likelihoods out.
+
+  Prompts are encoded as the trainer formats examples: [BOS] + tokens (`add_bos`).  A prompt
+  longer than the room left for generation loses its start (as the evaluation harnesses do).
+  """
+  cfg: ModelConfig
+  params: dict
+  tokenizer: vocabularies.Tokenizer
+  batch_size: int = 16
+  mesh: Any = None
+  rules: Any = None
+  add_bos: bool = True
+
+  @classmethod
+  def load(cls, checkpoint: str, vocab: str = vocabularies.BYTE_VOCAB_NAME, *,
+           dtype: Optional[str] = None, batch_size: int = 16, mesh=None,
+           rules=None) -> "LanguageModel":
+    from maxnucl.generate import load_model, load_tokenizer  # pylint: disable=import-outside-toplevel
+    cfg, params = load_model(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
+    return cls(cfg, params, load_tokenizer(cfg, vocab), batch_size=batch_size, mesh=mesh,
+               rules=rules)
+
+  def encode(self, text: str) -> list[int]:
+    ids = self.tokenizer.encode(text)
+    return [self.tokenizer.bos_id] + ids if self.add_bos else ids
+
+  def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
+               stop_strings: Sequence[str] = (), temperature: float = 0.0,
+               seed: int = 0) -> list[str]:
+    """The text each prompt continues with, up to and including the first stop string (or
+    EOS, or `max_new_tokens`); `cut_at_stop` removes the stop string."""
+    room = self.cfg.max_positions - max_new_tokens
+    if room < 1:
+      raise EvaluationError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within "
+                            f"the model's max_positions {self.cfg.max_positions}")
+    encoded = [self.encode(p)[-room:] for p in prompts]
+    outputs = decoding.generate(
+        self.cfg, self.params, encoded, max_new_tokens, temperature=temperature, seed=seed,
+        stop_token_ids=[self.tokenizer.eos_id], stop_strings=list(stop_strings) or None,
+        tokenizer=self.tokenizer, mesh=self.mesh, rules=self.rules, batch_size=self.batch_size)
+    return [self.tokenizer.decode(tokens) for tokens in outputs]
+
+  def loglikelihoods(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+    """log p(continuation | context) of each pair.  The continuation's tokens are those of
+    context + continuation after the context's (tokenizers may merge across the boundary)."""
+    context_ids, continuation_ids = [], []
+    for context, continuation in zip(contexts, continuations):
+      ctx = self.encode(context)
+      cont = self.encode(context + continuation)[len(ctx):]
+      keep = max(self.cfg.max_positions + 1 - len(cont), 1)  # left-truncate long contexts
+      context_ids.append(ctx[-keep:])
+      continuation_ids.append(cont)
+    return decoding.score(self.cfg, self.params, context_ids, continuation_ids,
+                          batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
+
+
+class Benchmark(Protocol):
+  """One evaluation protocol (GSM8K, MBPP, SuperGLUE, perplexity)."""
+  name: str
+
+  def examples(self) -> list[dict]:
+    """The evaluation examples in a fixed order, each with a unique string "id"."""
+
+  def predict(self, model: LanguageModel, examples: list[dict]) -> list[dict]:
+    """One JSON-serialisable prediction record per example (same order), each with its "id"."""
+
+  def metrics(self, records: list[dict]) -> dict[str, float]:
+    """Metrics over the records of every example evaluated."""
+
+  def settings(self) -> dict:
+    """The settings that decide the predictions (a resumed run must use the same)."""
+
+
+def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | os.PathLike, *,
+                  limit: Optional[int] = None, chunk_size: Optional[int] = None,
+                  progress: bool = True, checkpoint: str = "", gin_config: str = "",
+                  write_files: bool = True) -> dict:
+  """Evaluates (the first `limit` of) `benchmark.examples()`; returns the results dict.
+
+  With `write_files`, records go to OUTPUT_DIR/predictions.jsonl as they are produced (examples
+  already there are skipped: an interrupted run resumes) and the results to results.json.
+  """
+  start = time.time()
+  examples = benchmark.examples()
+  if limit is not None:
+    examples = examples[:limit]
+  ids = [str(e["id"]) for e in examples]
+  if len(set(ids)) != len(ids):
+    raise EvaluationError(f"benchmark {benchmark.name!r} has duplicate example ids")
+  output_dir = pathlib.Path(output_dir)
+  done: dict[str, dict] = {}
+  if write_files:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_run(output_dir, benchmark, checkpoint)
+    done = read_predictions(output_dir / PREDICTIONS)
+  todo = [e for e in examples if str(e["id"]) not in done]
+  resumed = len(examples) - len(todo)
+  chunk_size = chunk_size or max(model.batch_size * 4, 16)
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=len(examples), initial=resumed, desc=benchmark.name, unit="ex",
+             disable=not progress, dynamic_ncols=True)
+  new: dict[str, dict] = {}
+  with (output_dir / PREDICTIONS).open("a") if write_files else _NullFile() as sink:
+    for start_index in range(0, len(todo), chunk_size):
+      chunk = todo[start_index:start_index + chunk_size]
+      records = benchmark.predict(model, chunk)
+      if [str(r["id"]) for r in records] != [str(e["id"]) for e in chunk]:
+        raise EvaluationError(f"benchmark {benchmark.name!r} returned records out of order")
+      for record in records:
+        new[str(record["id"])] = record
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+      sink.flush()
+      if write_files:
+        os.fsync(sink.fileno())
+      bar.update(len(chunk))
+  bar.close()
+  records = [done.get(i) or new[i] for i in ids]
+  results = {
+      "benchmark": benchmark.name, "metrics": benchmark.metrics(records),
+      "num_examples": len(records), "num_resumed": resumed, "limit": limit,
+      "settings": benchmark.settings(), "checkpoint": str(checkpoint),
+      "model": model.cfg.name, "gin_config": gin_config,
+      "elapsed_s": round(time.time() - start, 3)}
+  if write_files:
+    _write_json_atomically(output_dir / RESULTS, results)
+  return results
+
+
+def read_predictions(path: pathlib.Path) -> dict[str, dict]:
+  """id -> record of a predictions.jsonl; a partial last line (a run killed while writing it) is
+  dropped with a warning, a corrupt line elsewhere is an error naming the line."""
+  if not path.exists():
+    return {}
+  lines = path.read_text().splitlines()
+  out = {}
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):
+        logging.warning("%s: dropping the incomplete last line %d (the run was interrupted "
+                        "while writing it); its example is evaluated again", path, number)
+        path.write_text("".join(l + "\n" for l in lines[:number - 1]))
+        break
+      raise EvaluationError(f"{path}, line {number}: not valid JSON ({e})") from None
+    out[str(record["id"])] = record
+  return out
+
+
+def _check_run(output_dir: pathlib.Path, benchmark: Benchmark, checkpoint: str) -> None:
+  """A resumed run must evaluate the same checkpoint with the same settings."""
+  run = {"benchmark": benchmark.name, "settings": benchmark.settings(),
+         "checkpoint": str(checkpoint)}
+  path = output_dir / RUN
+  if path.exists():
+    previous = json.loads(path.read_text())
+    if previous != json.loads(json.dumps(run)):
+      changed = sorted(k for k in set(previous) | set(run)
+                       if json.dumps(previous.get(k), sort_keys=True)
+                       != json.dumps(run.get(k), sort_keys=True))
+      raise EvaluationError(
+          f"{output_dir} holds predictions of another run ({', '.join(changed)} differ: "
+          f"{ {k: previous.get(k) for k in changed} } there, { {k: run.get(k) for k in changed} } "
+          f"now); use a new --output directory or delete {output_dir}")
+    return
+  _write_json_atomically(path, run)
+
+
+def _write_json_atomically(path: pathlib.Path, data: Any) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+class _NullFile:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def write(self, text):
+    pass
+
+  def flush(self):
+    pass
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]

@@ -1,0 +1,153 @@
+"""Held-out token NLL and perplexity: the one implementation the trainer's `eval_loss`, the
+pruner's `--eval_perplexity` and `python -m maxnucl.evaluate --gin_file=gin/eval/perplexity.gin`
+all use.
+
+    sums, counts = row_nll(params, batch, cfg=cfg)   # per row, via losses.nll
+    heldout_nll(cfg, params, batches)                # {"nll", "perplexity", "tokens"}
+
+NLL is the mean next-token negative log-likelihood (nats) over the tokens with loss_mask > 0;
+perplexity = exp(NLL).  Batches follow the data pipeline's convention (`tokens`, `targets`,
+`loss_mask`, `segment_ids`, `positions` [B, L]).
+
+The `Perplexity` benchmark reads a registered task's split (packed rows of `seq_len` tokens, as
+the trainer sees them; `loss_on_inputs` counts the prompt tokens too) or a local text file
+(tokenized with the model's vocabulary after BOS, cut into rows of `seq_len` predicted tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+from typing import Callable, Iterable, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxnucl import losses, models
+from maxnucl.data import caching, catalog, packing, pipeline, vocabularies
+from maxnucl.evaluation.core import EvaluationError, LanguageModel
+from maxnucl.models.config import ModelConfig
+
+
+def row_nll(params: dict, batch: dict, *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token NLL of each row ([B], `losses.nll` with "sum") and its loss tokens [B]."""
+  logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"])
+
+  def one_row(row_logits, targets, mask):
+    return losses.nll(row_logits[None], {"targets": targets[None], "loss_mask": mask[None]},
+                      "sum")
+
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return jax.vmap(one_row)(logits, batch["targets"], mask), jnp.sum(mask, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _row_nll_jit(params, batch, *, cfg):
+  return row_nll(params, batch, cfg=cfg)
+
+
+def summarize(nll_sum: float, tokens: float) -> dict[str, float]:
+  if tokens <= 0:
+    raise EvaluationError("the held-out data has no loss tokens (loss_mask is zero everywhere)")
+  nll = nll_sum / tokens
+  return {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": tokens}
+
+
+def heldout_nll(cfg: ModelConfig, params: dict, batches: Iterable[dict],
+                step_fn: Optional[Callable] = None) -> dict[str, float]:
+  """{"nll", "perplexity", "tokens"} over `batches`.  `step_fn(params, batch)` -> (sums, counts)
+  replaces the jitted `row_nll` (the trainer passes one compiled with its shardings)."""
+  step_fn = step_fn or functools.partial(_row_nll_jit, cfg=cfg)
+  total, count = 0.0, 0.0
+  for batch in batches:
+    sums, counts = jax.device_get(step_fn(params, batch))
+    total += float(np.sum(sums, dtype=np.float64))
+    count += float(np.sum(counts, dtype=np.float64))
+  return summarize(total, count)
+
+
+def text_file_rows(path: str | pathlib.Path, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  """A text file as rows predicting `seq_len` tokens each: [BOS] + tokens, cut every seq_len."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise EvaluationError(f"perplexity.source {str(path)!r} is neither a registered task nor "
+                          f"a text file")
+  ids = [tokenizer.bos_id] + tokenizer.encode(path.read_text(encoding="utf-8"))
+  if len(ids) < 2:
+    raise EvaluationError(f"{path}: no text to score")
+  num_rows = -(-(len(ids) - 1) // seq_len)
+  rows = packing.empty_rows(num_rows, seq_len)
+  for r in range(num_rows):
+    chunk = ids[r * seq_len:(r + 1) * seq_len + 1]
+    n = len(chunk) - 1
+    rows["tokens"][r, :n], rows["targets"][r, :n] = chunk[:-1], chunk[1:]
+    rows["loss_mask"][r, :n] = 1.0
+    rows["segment_ids"][r, :n] = 1
+    rows["positions"][r, :n] = np.arange(n)
+  return rows
+
+
+@gin.configurable("perplexity")
+@dataclasses.dataclass
+class Perplexity:
+  """Token NLL / perplexity of a registered task's split or of a local text file."""
+  source: str = "synthetic_arithmetic"
+  split: Optional[str] = None  # default: the task's validation split, else test
+  seq_len: int = 512
+  loss_on_inputs: bool = True  # count prompt tokens too (False: targets only, as training)
+  cache_dir: Optional[str] = None  # a task's cached rows (tools/cache_tasks.py)
+  name: str = "perplexity"
+  vocab: Optional[str] = None  # the model's vocabulary ('byte' or a SentencePiece file)
+
+  def _split(self) -> str:
+    if self.split:
+      return self.split
+    splits = catalog.splits_of(self.source)
+    held_out = [s for s in ("validation", "test") if s in splits]
+    if not held_out:
+      raise EvaluationError(f"perplexity.source {self.source!r} has no validation or test split; "
+                            f"set perplexity.split (its splits: {list(splits)})")
+    return held_out[0]
+
+  def settings(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "cache_dir")}
+
+  def _rows(self) -> dict[str, np.ndarray]:
+    vocab = self.vocab or vocabularies.BYTE_VOCAB_NAME
+    if self.source in catalog.TASKS or self.source in catalog.MIXTURES:
+      split = self._split()
+      if self.cache_dir:
+        rows = caching.CachedRows(caching.cache_split_dir(self.cache_dir, self.source, split))
+      else:
+        rows = pipeline.build_packed_rows(self.source, split, seq_len=self.seq_len,
+                                          loss_on_inputs=self.loss_on_inputs, shuffle=False,
+                                          vocab=vocab)
+      return rows.rows(np.arange(rows.num_rows))
+    return text_file_rows(self.source, vocabularies.get_tokenizer(vocab), self.seq_len)
+
+  def examples(self) -> list[dict]:
+    rows = self._rows()
+    return [{"id": f"row-{i}", "row": {k: v[i] for k, v in rows.items()}}
+            for i in range(len(rows["tokens"]))]
+
+  def predict(self, model: LanguageModel, examples: list[dict]) -> list[dict]:
+    records = []
+    for start in range(0, len(examples), model.batch_size):
+      chunk = examples[start:start + model.batch_size]
+      batch = {k: np.stack([e["row"][k] for e in chunk]) for k in chunk[0]["row"]}
+      padded = -len(chunk) % model.batch_size  # one compiled shape
+      if padded:
+        empty = packing.empty_rows(padded, batch["tokens"].shape[1])
+        batch = {k: np.concatenate([v, empty[k]]) for k, v in batch.items()}
+      sums, counts = jax.device_get(_row_nll_jit(model.params, batch, cfg=model.cfg))
+      records += [{"id": e["id"], "nll_sum": float(s), "tokens": float(c)}
+                  for e, s, c in zip(chunk, sums, counts)]
+    return records
+
+  def metrics(self, records: list[dict]) -> dict[str, float]:
+    out = summarize(sum(r["nll_sum"] for r in records), sum(r["tokens"] for r in records))
+    return {**out, "num_rows": len(records)}

@@ -1,0 +1,271 @@
+"""`python -m maxnucl.evaluate` and `maxnucl.evaluation`: GSM8K scoring and protocol, the
+resumable prediction loop, the one held-out NLL, and evaluation inside training and pruning."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxnucl import checkpoints, evaluate, models, sharding, train
+from maxnucl.data import pipeline, vocabularies
+from maxnucl.evaluation import core, gsm8k, perplexity
+from maxnucl.pruning import calibration, prune
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BYTES = vocabularies.ByteTokenizer()
+ARITHMETIC = dict(source="synthetic_arithmetic", num_shots=0,
+                  question_template="Q: {question}\nA: ", max_new_tokens=48,
+                  stop_strings=("Q:",))
+
+
+# ---- GSM8K scoring ----------------------------------------------------------------------------
+
+REFERENCE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 1000"
+
+
+@pytest.mark.parametrize("prediction,strict,flexible", [
+    ("She sold 1000 in total.\n#### 1000", True, True),
+    ("#### 1,000.00", True, True),  # "," and trailing zeros: the same number
+    ("#### $1,000.", True, True),  # "$" and a trailing "."
+    ("The answer is 1000.", False, True),  # no "####": only the flexible match
+    ("#### 1000\nQuestion: next one has 7 apples", True, False),  # flexible = last number (7)
+    ("#### 999", False, False),
+    ("#### 1000.5", False, False),
+    ("no number at all", False, False),
+    ("#### -1000", False, False),
+])
+def test_gsm8k_score_compares_answers_as_numbers(prediction, strict, flexible):
+  assert gsm8k.score(prediction, REFERENCE) == {"strict": strict, "flexible": flexible}
+
+
+def test_gsm8k_reference_without_final_answer_is_an_error():
+  with pytest.raises(core.EvaluationError, match="no '#### <number>'"):
+    gsm8k.score("#### 3", "the answer is three")
+
+
+def test_gsm8k_prompt_has_fixed_train_exemplars_then_the_question(offline_data):
+  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
+  train_records, test_records = sources.read_gsm8k("train"), sources.read_gsm8k("test")
+  bench = gsm8k.GSM8K(num_shots=2, seed=3)
+  examples = bench.examples()
+  assert [e["reference"] for e in examples] == [r["answer"] for r in test_records]
+  prefix = bench.few_shot_prefix()
+  shots = prefix.split("\n\n")[:-1]
+  assert len(shots) == 2
+  for shot in shots:  # each exemplar is a whole train example in the Question/Answer format
+    assert any(shot == f"Question: {r['question']}\nAnswer: {r['answer']}" for r in train_records)
+  for example, record in zip(examples, test_records):
+    assert example["prompt"] == prefix + f"Question: {record['question']}\nAnswer: "
+  assert gsm8k.GSM8K(num_shots=2, seed=3).few_shot_prefix() == prefix  # fixed by the seed
+
+
+def test_trained_model_scores_above_zero_and_untrained_scores_zero(arithmetic_checkpoint):
+  """The CPU demo's model answers some held-out arithmetic problems; the same model with its
+  initial (random) weights answers none."""
+  bench = gsm8k.GSM8K(**ARITHMETIC)
+  trained = core.LanguageModel.load(str(arithmetic_checkpoint), "byte", batch_size=32)
+  results = core.run_benchmark(bench, trained, "", limit=200, write_files=False, progress=False)
+  assert results["metrics"]["accuracy_strict"] > 0
+  untrained = core.LanguageModel(trained.cfg, models.init(trained.cfg, jax.random.PRNGKey(0)),
+                                 BYTES, batch_size=32)
+  results = core.run_benchmark(bench, untrained, "", limit=200, write_files=False,
+                               progress=False)
+  assert results["metrics"]["accuracy_strict"] == 0
+  assert results["metrics"]["accuracy_flexible"] == 0
+
+
+# ---- the resumable loop -----------------------------------------------------------------------
+
+class _Interrupted(RuntimeError):
+  pass
+
+
+class _CountingModel:
+  """A LanguageModel stand-in that answers "#### <question length>" and can fail on call k."""
+
+  def __init__(self, fail_on_call=None):
+    self.prompts, self.calls, self.fail_on_call = [], 0, fail_on_call
+    self.cfg = models.get_config("gemma2_tiny")
+    self.batch_size = 4
+
+  def generate(self, prompts, *, max_new_tokens, stop_strings=(), **unused):
+    self.calls += 1
+    if self.calls == self.fail_on_call:
+      raise _Interrupted("killed")
+    self.prompts += list(prompts)
+    return [f"#### {len(p) % 7}" for p in prompts]
+
+
+def test_interrupted_run_resumes_skipping_examples_already_predicted(tmp_path, offline_data):
+  del offline_data
+  bench = gsm8k.GSM8K(**ARITHMETIC)
+  with pytest.raises(_Interrupted):
+    core.run_benchmark(bench, _CountingModel(fail_on_call=3), tmp_path, limit=40, chunk_size=8,
+                       progress=False)
+  written = (tmp_path / core.PREDICTIONS).read_text().splitlines()
+  assert len(written) == 16  # two chunks finished before the "crash"
+  # A crash while writing leaves a partial last line: dropped, and that example redone.
+  with (tmp_path / core.PREDICTIONS).open("a") as f:
+    f.write('{"id": "test-16", "prompt": "Q: trunc')
+  resumed_model = _CountingModel()
+  resumed = core.run_benchmark(bench, resumed_model, tmp_path, limit=40, chunk_size=8,
+                               progress=False)
+  assert len(resumed_model.prompts) == 24  # only the 24 examples not yet predicted
+  assert resumed["num_resumed"] == 16
+  fresh = core.run_benchmark(bench, _CountingModel(), tmp_path / "fresh", limit=40, chunk_size=8,
+                             progress=False)
+  assert resumed["metrics"] == fresh["metrics"]
+  lines = [json.loads(l) for l in (tmp_path / core.PREDICTIONS).read_text().splitlines()]
+  assert sorted(r["id"] for r in lines) == sorted(f"test-{i}" for i in range(40))
+  assert json.loads((tmp_path / core.RESULTS).read_text())["num_examples"] == 40
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+  core.run_benchmark(gsm8k.GSM8K(**ARITHMETIC), _CountingModel(), tmp_path, limit=4,
+                     progress=False)
+  other = gsm8k.GSM8K(**{**ARITHMETIC, "max_new_tokens": 99})
+  with pytest.raises(core.EvaluationError, match="settings"):
+    core.run_benchmark(other, _CountingModel(), tmp_path, limit=4, progress=False)
+
+
+# ---- the one held-out NLL ---------------------------------------------------------------------
+
+def _numpy_nll(cfg, params, batch):
+  logits = np.asarray(models.apply(cfg, params, batch["tokens"], batch["segment_ids"],
+                                   batch["positions"]), np.float64)
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  token = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  return float((token * batch["loss_mask"]).sum()), float(batch["loss_mask"].sum())
+
+
+def test_trainer_pruner_and_evaluator_report_the_same_heldout_nll(offline_data):
+  del offline_data
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  params = models.init(cfg, jax.random.PRNGKey(2))
+  rows = pipeline.build_packed_rows("synthetic_arithmetic", "test", seq_len=64, shuffle=False)
+  batch = rows.rows(np.arange(8))
+  expected_sum, tokens = _numpy_nll(cfg, params, batch)
+  expected = expected_sum / tokens
+  nll_sum, count = train.eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()},
+                                   cfg=cfg)
+  assert float(nll_sum) / float(count) == pytest.approx(expected, rel=1e-5)
+  assert calibration.perplexity(cfg, params, [batch])["nll"] == pytest.approx(expected, rel=1e-5)
+  bench = perplexity.Perplexity(source="synthetic_arithmetic", split="test", seq_len=64,
+                                loss_on_inputs=False, vocab="byte")
+  model = core.LanguageModel(cfg, params, BYTES, batch_size=4)
+  results = core.run_benchmark(bench, model, "", limit=8, write_files=False, progress=False)
+  assert results["metrics"]["nll"] == pytest.approx(expected, rel=1e-5)
+  assert results["metrics"]["perplexity"] == pytest.approx(np.exp(expected), rel=1e-5)
+  assert results["metrics"]["tokens"] == tokens
+
+
+def test_perplexity_of_a_text_file_scores_every_token_after_bos(tmp_path):
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  params = models.init(cfg, jax.random.PRNGKey(4))
+  text = "Outgoing connections of feed-forward neurons.\n" * 5  # 235 bytes: 4 rows of 64
+  (tmp_path / "doc.txt").write_text(text)
+  bench = perplexity.Perplexity(source=str(tmp_path / "doc.txt"), seq_len=64, vocab="byte")
+  model = core.LanguageModel(cfg, params, BYTES, batch_size=4)
+  results = core.run_benchmark(bench, model, "", write_files=False, progress=False)
+  ids = [BYTES.bos_id] + BYTES.encode(text)
+  assert results["metrics"]["tokens"] == len(ids) - 1 and results["metrics"]["num_rows"] == 4
+  total = 0.0
+  for start in range(0, len(ids) - 1, 64):  # each row of 64 predictions on its own
+    chunk = np.asarray(ids[start:start + 65])
+    n = len(chunk) - 1
+    total += _numpy_nll(cfg, params, {"tokens": chunk[None, :-1], "targets": chunk[None, 1:],
+                                      "loss_mask": np.ones((1, n)),
+                                      "segment_ids": np.ones((1, n), np.int32),
+                                      "positions": np.arange(n)[None]})[0]
+  assert results["metrics"]["nll"] == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+
+
+# ---- the command line, training and pruning ---------------------------------------------------
+
+def test_command_writes_results_and_predictions(arithmetic_checkpoint, tmp_path):
+  out = tmp_path / "eval"
+  command = [sys.executable, "-m", "maxnucl.evaluate",
+             "--gin_file=gin/eval/synthetic_arithmetic.gin", f"--checkpoint={arithmetic_checkpoint}",
+             f"--output={out}", "--limit", "12", "--no_progress"]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((out / core.RESULTS).read_text())
+  assert results["benchmark"] == "gsm8k" and results["num_examples"] == 12
+  assert set(results["metrics"]) >= {"accuracy_strict", "accuracy_flexible"}
+  assert results["checkpoint"] == str(arithmetic_checkpoint) and results["elapsed_s"] > 0
+  assert "gsm8k.source = 'synthetic_arithmetic'" in results["gin_config"]
+  records = [json.loads(l) for l in (out / core.PREDICTIONS).read_text().splitlines()]
+  assert len(records) == 12
+  assert set(records[0]) >= {"id", "prompt", "output", "answer_strict", "answer_flexible",
+                             "reference", "correct_strict", "correct_flexible"}
+  assert "accuracy_strict" in result.stdout
+  # The same command again: everything is resumed, nothing re-evaluated, same metrics.
+  again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert again.returncode == 0
+  rerun = json.loads((out / core.RESULTS).read_text())
+  assert rerun["num_resumed"] == 12 and rerun["metrics"] == results["metrics"]
+
+
+def test_command_errors_name_the_problem(arithmetic_checkpoint, tmp_path, capsys):
+  assert evaluate.main(["--gin_file=gin/eval/gsm8k.gin", f"--checkpoint={tmp_path / 'none'}",
+                        f"--output={tmp_path / 'o'}"]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  gin.clear_config()
+  assert evaluate.main(["--gin_file=gin/eval/gsm8k.gin", "--gin_param=gsm8k.source = 'nope'",
+                        f"--checkpoint={arithmetic_checkpoint}",
+                        f"--output={tmp_path / 'o'}"]) == 2
+  assert "gsm8k.source = 'nope'" in capsys.readouterr().err
+  gin.clear_config()
+
+
+def test_training_logs_benchmark_metrics_at_eval_steps(tmp_path, offline_data):
+  del offline_data
+  gin.clear_config()
+  train.parse_gin(["gin/demo_cpu.gin"], [
+      "model_config.num_layers = 2", "train_loop.num_steps = 4", "train_loop.log_every = 1",
+      "train_loop.eval_every = 0", "train_loop.progress_bar = False",
+      "train_loop.checkpoint_every = 100", "train_loop.eval_tasks = ['gsm8k', 'perplexity']",
+      "train_loop.eval_tasks_every = 2", "train_loop.eval_tasks_limit = 6",
+      "import maxnucl.evaluation.gsm8k", "import maxnucl.evaluation.perplexity",
+      "gsm8k.source = 'synthetic_arithmetic'", "gsm8k.num_shots = 0",
+      "gsm8k.max_new_tokens = 8", "perplexity.seq_len = 64"])
+  train.train_loop(tmp_path, mesh=sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  gin.clear_config()
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  with_tasks = [r["step"] for r in records if "gsm8k/accuracy_strict" in r]
+  assert with_tasks == [2, 4]
+  assert all("perplexity/nll" in r for r in records if r["step"] in (2, 4))
+  assert (tmp_path / "eval" / "gsm8k" / "step_4" / core.PREDICTIONS).exists()
+  lines = (tmp_path / "eval" / "gsm8k" / "step_2" / core.PREDICTIONS).read_text().splitlines()
+  assert len(lines) == 6
+
+
+def test_pruning_report_has_benchmark_metrics_before_and_after(arithmetic_checkpoint, tmp_path):
+  gin.clear_config()
+  gin.parse_config(["import maxnucl.evaluation.gsm8k", "gsm8k.source = 'synthetic_arithmetic'",
+                    "gsm8k.num_shots = 0", "gsm8k.question_template = 'Q: {question}\\nA: '",
+                    "gsm8k.max_new_tokens = 48", "gsm8k.stop_strings = ['Q:']"])
+  report = prune.prune_ffn_neurons(arithmetic_checkpoint, tmp_path / "pruned", method="entropy",
+                                   ratio=0.5, eval_tasks=["gsm8k"], eval_task_limit=40)
+  gin.clear_config()
+  entry = report["eval_tasks"]["gsm8k"]
+  assert entry["examples"] == 40
+  direct = core.run_benchmark(gsm8k.GSM8K(**ARITHMETIC),
+                              core.LanguageModel.load(str(arithmetic_checkpoint), "byte"), "",
+                              limit=40, write_files=False, progress=False)
+  assert entry["before"] == direct["metrics"]
+  pruned = core.run_benchmark(gsm8k.GSM8K(**ARITHMETIC),
+                              core.LanguageModel.load(str(tmp_path / "pruned"), "byte"), "",
+                              limit=40, write_files=False, progress=False)
+  assert entry["after"] == pruned["metrics"]
+  assert checkpoints.load_config(tmp_path / "pruned").layer_ffn_widths[0] == 128
