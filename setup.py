@@ -29,7 +29,11 @@ setuptools.setup(
         "eval": EVAL,
         # torch (CPU build) and transformers are the reference implementation in tests only; the
         # tests run the harness too.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", *EVAL],
+        # T5's own metric code is the reference for SuperGLUE's metrics: `t5` itself is installed
+        # with --no-deps (README, .ci/run); babel is the one module it imports that nothing else
+        # here installs.
+        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "babel==2.18.0",
+                 *EVAL],
     },
     entry_points={"console_scripts": [
         "maxnucl-lm-eval = maxnucl.lm_eval_adapter:main",

@@ -13,7 +13,6 @@ docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import pathlib
 import sys
@@ -24,28 +23,22 @@ import gin
 from maxnucl import checkpoints, sharding
 from maxnucl.data import vocabularies
 from maxnucl.evaluation import core
+from maxnucl.evaluation.gsm8k import GSM8K
+from maxnucl.evaluation.mbpp import MBPP
+from maxnucl.evaluation.perplexity import Perplexity
+from maxnucl.evaluation.superglue import SuperGLUE
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # name -> benchmark class, each gin-configurable under the same name (`gsm8k.num_shots = 5`).
-BENCHMARKS = {
-    "gsm8k": "maxnucl.evaluation.gsm8k:GSM8K",
-    "mbpp": "maxnucl.evaluation.mbpp:MBPP",
-    "superglue": "maxnucl.evaluation.superglue:SuperGLUE",
-    "perplexity": "maxnucl.evaluation.perplexity:Perplexity",
-}
-
-
-def benchmark_class(name: str) -> type:
-  if name not in BENCHMARKS:
-    raise core.EvaluationError(f"unknown evaluation task {name!r}; known: {sorted(BENCHMARKS)}")
-  module, _, cls = BENCHMARKS[name].partition(":")
-  return getattr(importlib.import_module(module), cls)
+BENCHMARKS = {"gsm8k": GSM8K, "mbpp": MBPP, "superglue": SuperGLUE, "perplexity": Perplexity}
 
 
 def get_benchmark(name: str) -> core.Benchmark:
   """A benchmark by name, configured by the gin bindings in force."""
-  return benchmark_class(name)()
+  if name not in BENCHMARKS:
+    raise core.EvaluationError(f"unknown evaluation task {name!r}; known: {sorted(BENCHMARKS)}")
+  return BENCHMARKS[name]()
 
 
 @gin.configurable("evaluate")

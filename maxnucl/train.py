@@ -52,8 +52,9 @@ from maxnucl import flops
 from maxnucl import losses
 from maxnucl import models
 from maxnucl import sharding
-from maxnucl.data import pipeline
-from maxnucl.evaluation import perplexity
+from maxnucl import evaluate
+from maxnucl.data import pipeline, vocabularies
+from maxnucl.evaluation import core, perplexity
 from maxnucl.models.config import ModelConfig
 
 log = logging.getLogger("maxnucl.train")
@@ -490,7 +491,6 @@ def _eval_batches(split, num_batches, seed, batch_sh) -> list:
 
 
 def _benchmarks(eval_tasks, train_iter) -> list:
-  from maxnucl import evaluate  # pylint: disable=import-outside-toplevel
   out = [evaluate.get_benchmark(t) if isinstance(t, str) else t for t in eval_tasks]
   for bench in out:
     if getattr(bench, "vocab", "unset") is None:  # perplexity: the training data's vocabulary
@@ -501,8 +501,6 @@ def _benchmarks(eval_tasks, train_iter) -> list:
 def _run_benchmarks(benchmarks, cfg, params, train_iter, step, workdir, limit, mesh,
                     rules) -> dict:
   """Each benchmark on the current params; {"<name>/<metric>": value}."""
-  from maxnucl.data import vocabularies  # pylint: disable=import-outside-toplevel
-  from maxnucl.evaluation import core  # pylint: disable=import-outside-toplevel
   model = core.LanguageModel(cfg, params,
                              vocabularies.get_tokenizer(train_iter.metadata["vocab"]),
                              batch_size=train_iter.batch_size, mesh=mesh, rules=rules)

@@ -18,16 +18,27 @@ import pytest  # pylint: disable=wrong-import-position
 FIXTURE_DATA = pathlib.Path(__file__).parent / "fixtures" / "data"
 
 
+def _read_datasets_from(directory, monkeypatch):
+  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(directory))
+  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
+  gin.clear_config()
+  yield directory
+  gin.clear_config()
+
+
 @pytest.fixture
 def offline_data(monkeypatch):
   """Datasets are read from the fixture files in tests/fixtures/data (never from TFDS), with a
   clean gin config before and after the test.  Yields that directory."""
-  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
-  monkeypatch.setenv(sources.DATA_DIR_ENV, str(FIXTURE_DATA))
-  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
-  gin.clear_config()
-  yield FIXTURE_DATA
-  gin.clear_config()
+  yield from _read_datasets_from(FIXTURE_DATA, monkeypatch)
+
+
+@pytest.fixture
+def evaluation_data(monkeypatch):
+  """The same for tests/fixtures/evaluation: larger SuperGLUE and MBPP files (released formats)
+  for the evaluation benchmarks."""
+  yield from _read_datasets_from(FIXTURE_DATA.parent / "evaluation", monkeypatch)
 
 
 @pytest.fixture(scope="session")

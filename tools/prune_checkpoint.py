@@ -69,10 +69,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.eval_gin_param:
+      import importlib  # pylint: disable=import-outside-toplevel
       import gin  # pylint: disable=import-outside-toplevel
-      import maxnucl.evaluate  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-      for task in args.eval_task:  # register the benchmarks' gin names before parsing
-        maxnucl.evaluate.benchmark_class(task)
+      importlib.import_module("maxnucl.evaluate")  # registers the benchmarks' gin names
       gin.parse_config(args.eval_gin_param)
     report = prune.prune_ffn_neurons(
         args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
