@@ -30,9 +30,11 @@ flight); chunk files are not fsynced one by one (that stalls the writer) but by 
 thread as each leaf finishes, and all of them before the final rename.  The single-array
 readers open such zarr leaves with TensorStore directly (no Orbax tree restore per array); any
 other leaf layout (OCDBT, as `save` and DeepMind's checkpoints use) is read through Orbax.
-Everything goes to a temporary sibling directory that is renamed to `path` only after every
-expected tensor was written with the expected shape and dtype: an interrupted writer leaves
-nothing under `path`.
+Everything goes to a temporary sibling directory (`maxnucl.outputs.TemporaryOutput`, owned by the
+writing process) that is renamed to `path` only after every expected tensor was written with the
+expected shape and dtype: an interrupted writer leaves nothing under `path`, and the temporary
+directory of a killed one is removed by the next writer of `path`.  An existing `path` (with
+overwrite=True) is swapped with the new one in a single rename (`outputs.replace_directory`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import time
-import uuid
 from concurrent import futures
 from typing import Any, Iterator, Optional
 
@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import models, sharding
+from maxnucl import models, outputs, sharding
 from maxnucl.models.config import ModelConfig
 
 PARAMS = "params"
@@ -286,8 +286,9 @@ class StreamingWriter:
           writer.write(key_path, array)      # cast to `dtype`, written in row blocks
 
   On leaving the `with` block normally the checkpoint is checked (every leaf of
-  `models.abstract_params(cfg)` present) and renamed into place; on an exception the temporary
-  directory is removed and nothing appears under `path`.
+  `models.abstract_params(cfg)` present) and renamed into place; on an exception (SystemExit
+  from `outputs.exit_on_sigterm` included) the temporary directory is removed and nothing
+  appears under `path`.
   """
 
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str = "float32",
@@ -301,13 +302,14 @@ class StreamingWriter:
     self.cfg, self.dtype, self.overwrite = cfg, NP_DTYPES[dtype], overwrite
     self.expected = _leaf_shapes(models.abstract_params(cfg))
     self.written: dict[tuple[str, ...], tuple[int, ...]] = {}
-    self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
     # TensorStore fsyncs every chunk file by default, which stalls the writer on each chunk;
     # the chunks are made durable once, in `commit`, before the rename instead.
     self.context = ts.Context({"file_io_sync": False})
     self.syncing = futures.ThreadPoolExecutor(1)  # fsyncs each finished leaf in the background
     self.synced: list[futures.Future] = []
-    self.tmp.mkdir(parents=True)
+    # owned by this process (a later run removes it if this one is killed); `tmp` is its content
+    self.temporary = outputs.TemporaryOutput(self.path, overwrite)
+    self.tmp = self.temporary.content
     (self.tmp / PARAMS).mkdir()
 
   def __enter__(self) -> "StreamingWriter":
@@ -355,9 +357,15 @@ class StreamingWriter:
     self.written[key_path] = shape
 
   def commit(self) -> pathlib.Path:
+    try:
+      return self._commit()
+    except BaseException:  # SIGTERM (SystemExit) or Ctrl-C while finishing, too
+      self.abort()
+      raise
+
+  def _commit(self) -> pathlib.Path:
     missing = [k for k in self.expected if k not in self.written]
     if missing:
-      self.abort()
       raise CheckpointError(f"{self.path}: tensor {'/'.join(missing[0])} was never written "
                             f"({len(missing)} missing, expected shape {self.expected[missing[0]]})")
     tree_metadata = {
@@ -385,12 +393,11 @@ class StreamingWriter:
     _fsync_tree(self.tmp, files=False)
     for name in ("_METADATA", "_CHECKPOINT_METADATA", f"{MODEL_CONFIG}/metadata"):
       _fsync_tree(self.tmp / name)
-    replace_directory(self.tmp, self.path, self.overwrite)
-    return self.path
+    return self.temporary.commit()
 
   def abort(self) -> None:
     self.syncing.shutdown(cancel_futures=True)
-    shutil.rmtree(self.tmp, ignore_errors=True)
+    self.temporary.discard()
 
 
 def _cast(block: np.ndarray, dtype: ts.dtype) -> ts.TensorStore:
@@ -412,20 +419,6 @@ def _fsync_tree(root: pathlib.Path, files: bool = True) -> None:
         os.fsync(fd)
       finally:
         os.close(fd)
-
-
-def replace_directory(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
-  """Rename the finished `tmp` to `path`, replacing an existing `path` only if `overwrite`."""
-  if path.exists():
-    if not overwrite:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise FileExistsError(f"output {path} already exists; pass --overwrite to replace it")
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    tmp.rename(path)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

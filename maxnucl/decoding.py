@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from maxnucl import models, sharding
+from maxnucl import ffn
 from maxnucl.layers.attentions import KVCache
 from maxnucl.models.config import ModelConfig
 from maxnucl.models.decoder import Decoder, output_logits
@@ -59,7 +60,7 @@ def cache_lengths(cfg: ModelConfig, total_length: int) -> tuple[int, ...]:
 
 
 def init_caches(cfg: ModelConfig, batch: int, total_length: int) -> dict[str, KVCache]:
-  return {f"layers_{i}": KVCache.empty(batch, length, cfg.num_kv_heads, cfg.head_dim,
+  return {ffn.layer_name(i): KVCache.empty(batch, length, cfg.num_kv_heads, cfg.head_dim,
                                        jnp.dtype(cfg.dtype))
           for i, length in enumerate(cache_lengths(cfg, total_length))}
 

@@ -20,15 +20,13 @@ from typing import Any, Optional, Sequence
 
 import gin
 
-from maxnucl import checkpoints, sharding
+from maxnucl import checkpoints, gin_config, outputs, sharding
 from maxnucl.data import vocabularies
 from maxnucl.evaluation import core
 from maxnucl.evaluation.gsm8k import GSM8K
 from maxnucl.evaluation.mbpp import MBPP
 from maxnucl.evaluation.perplexity import Perplexity
 from maxnucl.evaluation.superglue import SuperGLUE
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # name -> benchmark class, each gin-configurable under the same name (`gsm8k.num_shots = 5`).
 BENCHMARKS = {"gsm8k": GSM8K, "mbpp": MBPP, "superglue": SuperGLUE, "perplexity": Perplexity}
@@ -71,19 +69,13 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   if settings["mesh_shape"] is not None:
     mesh = sharding.create_mesh(tuple(settings["mesh_shape"]))
   path = checkpoints.resolve(checkpoint)
+  # results go beside the checkpoint, never into it (symlinks resolved); checked before loading
+  outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=False)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
   return core.run_benchmark(benchmark, model, output,
                             limit=limit if limit is not None else settings["limit"],
                             progress=progress, checkpoint=str(path), gin_config=gin.config_str())
-
-
-def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
-  gin.add_config_file_search_path(str(REPO_ROOT))
-  for path in gin_files:
-    if not (pathlib.Path(path).exists() or (REPO_ROOT / path).exists()):
-      raise FileNotFoundError(f"gin file {path} does not exist")
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -108,12 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("give a --gin_file, e.g. gin/eval/gsm8k.gin")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
-    parse_gin(args.gin_file, args.gin_param)
+    gin_config.parse(args.gin_file, args.gin_param)
     results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
                                   vocab=args.vocab, batch_size=args.batch_size,
                                   dtype=args.dtype, progress=not args.no_progress)
   except (OSError, ValueError, KeyError, SyntaxError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
     return 2
   print(format_results(results))
   print(f"results:     {pathlib.Path(args.output) / core.RESULTS}")

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -53,13 +54,14 @@ from maxnucl import losses
 from maxnucl import models
 from maxnucl import sharding
 from maxnucl import evaluate
+from maxnucl import gin_config
+from maxnucl.gin_config import parse as parse_gin  # noqa: F401  (re-exported for callers)
 from maxnucl.data import pipeline, vocabularies
 from maxnucl.evaluation import core, perplexity
 from maxnucl.models.config import ModelConfig
 
 log = logging.getLogger("maxnucl.train")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Item names of a checkpoint step directory; `params` and `model_config` are those of
 # `maxnucl.checkpoints`, so `checkpoints.load(DIR/checkpoints/<step>)` reads a training checkpoint.
 PARAMS, MODEL_CONFIG = checkpoints.PARAMS, checkpoints.MODEL_CONFIG
@@ -100,14 +102,34 @@ def _microbatches(batch: dict, accumulation_steps: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _token_shares(micro: dict) -> tuple[dict, jax.Array]:
+  """Microbatch weights w_k = t_k / T, microbatch k's share of the global batch's T loss tokens,
+  and the microbatches [A, B/A, L] with `loss_mask` divided by w_k.
+
+  sum_k w_k * total_loss(microbatch k) is then total_loss of the global batch under either
+  normalisation: a 'mean' is unchanged by the rescaled mask, and sum_k (t_k / T) mean_k is the
+  global mean (not the mean of microbatch means); a 'sum' becomes sum_k / w_k, so the weighted
+  sums add up to the global sum; and the terms that do not depend on the batch (NUCL) get total
+  weight sum_k w_k = 1, as without accumulation.  A microbatch without loss tokens has weight 0;
+  a global batch without any has weights 1/A (its step is the NUCL terms' alone).
+  """
+  tokens = jnp.sum(micro["loss_mask"], axis=(1, 2))
+  total = jnp.sum(tokens)
+  uniform = jnp.full_like(tokens, 1.0 / tokens.shape[0])
+  weights = jnp.where(total > 0, tokens / jnp.where(total > 0, total, 1.0), uniform)
+  mask_scale = jnp.where(tokens > 0, 1.0 / jnp.where(tokens > 0, weights, 1.0), 1.0)
+  return dict(micro, loss_mask=micro["loss_mask"] * mask_scale[:, None, None]), weights
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                accumulation_steps: int = 1) -> tuple[TrainState, dict]:
   """One optimizer step over a global batch, accumulating gradients over microbatches.
 
-  Microbatch gradients are weighted by their share of the batch's loss tokens, so with
-  `total_loss.normalization = 'mean'` the accumulated gradient is that of the whole batch (the NUCL
-  terms do not depend on the batch and get total weight 1).  Dropout uses
+  Microbatch losses are weighted by their share of the batch's loss tokens, with their loss masks
+  rescaled by its inverse (`_token_shares`), so for `total_loss.normalization = 'mean'` and
+  'sum' alike the accumulated gradient and metrics are those of the whole batch, and alpha keeps
+  its meaning whatever `accumulation_steps` is (the NUCL terms get total weight 1).  Dropout uses
   fold_in(fold_in(rng, step), microbatch): a resumed run draws the same masks.
   """
   params, step = state["params"], state["step"]
@@ -123,9 +145,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, cfg: ModelConf
   if accumulation_steps == 1:
     grads, metrics = micro_grads(batch, 0)
   else:
-    micro = _microbatches(batch, accumulation_steps)
-    tokens = jnp.sum(micro["loss_mask"], axis=(1, 2))
-    weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
+    micro, weights = _token_shares(_microbatches(batch, accumulation_steps))
 
     def body(carry, xs):
       mb, k, w = xs
@@ -202,6 +222,10 @@ def train_loop(workdir: str | os.PathLike, *,
     {"state": final TrainState, "cfg": ModelConfig, "history": list of logged metric dicts,
      "workdir": path}.
   """
+  _check_settings(num_steps=num_steps, accumulation_steps=accumulation_steps,
+                  log_every=log_every, checkpoint_every=checkpoint_every,
+                  keep_checkpoints=keep_checkpoints, eval_batches=eval_batches,
+                  eval_every=(eval_every, 0), eval_tasks_every=(eval_tasks_every, 0))
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.create_mesh() if mesh is None else mesh
@@ -223,10 +247,10 @@ def train_loop(workdir: str | os.PathLike, *,
       cfg = _config_from_checkpoint(init_checkpoint, cfg)
     state_sh = state_shardings(cfg, tx, mesh, rules)
     if resume_step is not None:
-      state, train_state = _restore(manager, resume_step, cfg, tx, state_sh)
+      resume_step, state, train_state = _restore_latest(manager, cfg, tx, state_sh)
       train_iter.set_state(train_state["data_iterator"])
       seed = train_state["seed"]
-      log.info("resumed from %s", _step_dir(manager, resume_step))
+      print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})", flush=True)
     else:
       state = _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules)
     rng = jax.random.PRNGKey(seed)
@@ -490,6 +514,15 @@ def _eval_batches(split, num_batches, seed, batch_sh) -> list:
   return out
 
 
+def _check_settings(**values) -> None:
+  """Refuse nonsensical train_loop settings (before anything is created), naming the binding.
+  Each value must be an integer >= 1, or >= the minimum given with it as (value, minimum)."""
+  for name, value in values.items():
+    value, minimum = value if isinstance(value, tuple) else (value, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise TrainingError(f"train_loop.{name} = {value!r}: expected an integer >= {minimum}")
+
+
 def _benchmarks(eval_tasks, train_iter) -> list:
   out = [evaluate.get_benchmark(t) if isinstance(t, str) else t for t in eval_tasks]
   for bench in out:
@@ -540,6 +573,40 @@ def _save(manager, step, cfg, state, train_state) -> None:
       TRAIN_STATE: ocp.args.JsonSave(train_state)}))
 
 
+class CorruptCheckpointError(TrainingError):
+  """A committed checkpoint whose array data cannot be read."""
+
+
+def _restore_latest(manager, cfg, tx, state_sh) -> tuple[int, TrainState, dict]:
+  """The newest checkpoint that can be read.  A corrupted one is moved aside (renamed
+  `corrupted_step_<N>`, nothing deleted) with a warning and the previous one is used."""
+  while True:
+    step = manager.latest_step()
+    try:
+      return (step,) + _restore(manager, step, cfg, tx, state_sh)
+    except CorruptCheckpointError as e:
+      earlier = [s for s in manager.all_steps() if s < step]
+      if not earlier:
+        raise TrainingError(f"{e}; there is no earlier checkpoint to resume from (remove "
+                            f"{_step_dir(manager, step)} to start over)") from None
+      aside = _step_dir(manager, step).with_name(f"corrupted_step_{step}")
+      _step_dir(manager, step).rename(aside)
+      manager.reload()
+      log.warning("%s; moved it to %s and resuming from the previous checkpoint, step %d", e,
+                  aside, max(earlier))
+
+
+_UNREADABLE = "Encountered error while reading"  # TensorStore's message for bad array data
+
+
+def _unreadable_array(error: BaseException) -> str:
+  """The array an Orbax/TensorStore read error names ("params/layers_1.mlp.out"), or "?"."""
+  text = str(error)
+  item = re.search(r"'path': '[^']*/([a-z_]+)/'", text)
+  leaf = re.search(r"'path': '([^'/][^']*)/'", text)
+  return (f"{item.group(1)}/" if item else "") + (leaf.group(1) if leaf else "?")
+
+
 def _restore(manager, step, cfg, tx, state_sh) -> tuple[TrainState, dict]:
   abstract = {"params": models.abstract_params(cfg)}
   abstract["opt_state"] = jax.eval_shape(tx.init, abstract["params"])
@@ -553,7 +620,13 @@ def _restore(manager, step, cfg, tx, state_sh) -> tuple[TrainState, dict]:
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS: target("params"), OPT_STATE: target("opt_state"),
         TRAIN_STATE: ocp.args.JsonRestore()}))
-  except ValueError as e:
+  except Exception as e:  # noqa: BLE001 - bad data and a changed model raise different types
+    if _UNREADABLE in str(e):
+      raise CorruptCheckpointError(
+          f"checkpoint {_step_dir(manager, step)} is corrupted: array {_unreadable_array(e)} "
+          f"cannot be read ({str(e).split('. See full')[0][:200]})") from None
+    if not isinstance(e, ValueError):
+      raise
     raise TrainingError(
         f"cannot resume from {_step_dir(manager, step)}: its params or optimizer state do not "
         f"match the configured model {cfg.name!r} and optimizer (was the model, "
@@ -575,11 +648,12 @@ class _MetricsLog:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.path = workdir / "metrics.jsonl"
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      self.path.write_text("".join(line + "\n" for line in _logged_lines(self.path)
+                                   if json.loads(line)["step"] <= resume_step))
     self.file = self.path.open("a")
-    self.writer = SummaryWriter(str(workdir / "tensorboard"))
+    # purge_step: TensorBoard drops the events a previous run logged after the restored step.
+    self.writer = SummaryWriter(str(workdir / "tensorboard"),
+                                purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, record: dict) -> None:
     self.file.write(json.dumps(record) + "\n")
@@ -594,6 +668,22 @@ class _MetricsLog:
     self.writer.close()
 
 
+def _logged_lines(path: pathlib.Path) -> list[str]:
+  """The complete lines of a metrics.jsonl; a last line cut short by a crash is dropped with a
+  warning (a malformed line elsewhere is an error naming it)."""
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  for number, line in enumerate(lines, 1):
+    try:
+      json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):
+        log.warning("%s: dropping its incomplete last line %d (the run stopped while writing it)",
+                    path, number)
+        return lines[:-1]
+      raise TrainingError(f"{path}, line {number}: not valid JSON ({e})") from None
+  return lines
+
+
 def _progress(start, total, enabled):
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
@@ -601,16 +691,6 @@ def _progress(start, total, enabled):
 
 
 # ---- command line -------------------------------------------------------------------------------
-
-def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
-  """Parse gin files (paths relative to the working directory or the repository root) and
-  bindings; raises with the offending file or binding named."""
-  gin.add_config_file_search_path(str(REPO_ROOT))
-  for path in gin_files:
-    if not (pathlib.Path(path).exists() or (REPO_ROOT / path).exists()):
-      raise FileNotFoundError(f"gin file {path} does not exist")
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
-
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
@@ -633,11 +713,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     workdir = args.workdir or train_main()
     result = train_loop(workdir)
   except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
     return 3
   except (OSError, ValueError, KeyError, TrainingError, checkpoints.CheckpointError,
           SyntaxError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
     return 2
   _print_outputs(result)
   return 0

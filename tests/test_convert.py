@@ -8,6 +8,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -20,10 +21,11 @@ import torch
 import transformers
 from jax.sharding import NamedSharding
 
-from maxnucl import checkpoints, models, sharding
+from maxnucl import checkpoints, ffn, models, outputs, sharding
 from maxnucl.conversion import convert, deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.conversion import inspect as inspect_lib
-from tests.hf_reference import hf_logits, maxnucl_from_hf, tiny_hf_gemma2
+import interrupting
+from hf_reference import hf_logits, maxnucl_from_hf, tiny_hf_gemma2
 
 REPO = pathlib.Path(__file__).absolute().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -234,7 +236,7 @@ def test_gemma_to_maxnucl_cli_with_config_file(hf_model, converted, tmp_path):
   assert stored[("embedder", "embedding")] == ((128, 48), "bfloat16")
   wrong = _run_cli("gemma-to-maxnucl", "--input", tmp_path / "dm", "--output", tmp_path / "x",
                    "--config", tmp_path / "cfg.json", "--vocab_size", 200)
-  assert wrong.returncode == 1 and "input_embedding" in wrong.stderr and "200" in wrong.stderr
+  assert wrong.returncode == 2 and "input_embedding" in wrong.stderr and "200" in wrong.stderr
 
 
 # ---- safety ----------------------------------------------------------------------------------------
@@ -259,11 +261,95 @@ def test_existing_output_is_refused_without_overwrite(hf_dir, tmp_path):
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "keep.txt").write_text("mine")
   result = _run_cli("hf-to-maxnucl", "--input", hf_dir, "--output", tmp_path / "out")
-  assert result.returncode == 1 and "already exists" in result.stderr
+  assert result.returncode == 2 and "already exists" in result.stderr
   assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
   convert.hf_to_maxnucl(hf_dir, tmp_path / "out", overwrite=True)
   assert checkpoints.load_config(tmp_path / "out").num_layers == 4
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _tree_checksums(directory):
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_output_that_is_the_input_or_inside_it_is_refused_in_every_direction(
+    hf_model, hf_dir, converted, tmp_path):
+  inputs = tmp_path.resolve() / "inputs"
+  hf = shutil.copytree(hf_dir, inputs / "hf")
+  ckpt = shutil.copytree(converted[0], inputs / "ckpt")
+  _deepmind_fixture(hf_model, inputs / "dm", "dm", padded_vocab=136)
+  (tmp_path / "ckpt_link").symlink_to(ckpt)  # the output is a symlink to the input
+  (tmp_path / "alias").symlink_to(inputs)  # the input is given through a symlinked parent
+  link, dm = tmp_path.resolve() / "ckpt_link", tmp_path.resolve() / "alias" / "dm"
+  before = {path: _tree_checksums(path) for path in (hf, ckpt, inputs / "dm")}
+  runs = {
+      ("hf-to-maxnucl", "--input", hf, "--output", hf, "--overwrite"):
+          f"--output {hf} is the Hugging Face input directory {hf}: choose another path",
+      ("maxnucl-to-hf", "--input", ckpt, "--output", link, "--overwrite"):
+          f"--output {link} (resolves to {ckpt}) is the input checkpoint {ckpt}",
+      ("gemma-to-maxnucl", "--input", dm, "--output", inputs / "dm" / "converted", "--size",
+       "2b"): f"--output {inputs / 'dm' / 'converted'} lies inside the DeepMind input "
+              f"checkpoint {dm} (resolves to {inputs / 'dm'})",
+  }
+  for args, message in runs.items():
+    result = _run_cli(*args)
+    assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+  assert {path: _tree_checksums(path) for path in before} == before
+  with pytest.raises(outputs.OutputPathError, match="contains the Hugging Face input"):
+    convert.hf_to_maxnucl(tmp_path / "alias" / "hf", inputs, overwrite=True)
+  assert {path: _tree_checksums(path) for path in before} == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "ckpt_link", "inputs"]
+
+
+def test_output_path_is_checked_before_the_input_is_read(hf_dir, converted, tmp_path,
+                                                         monkeypatch):
+  def read(*args, **kwargs):
+    raise AssertionError("the input was read before the output path was checked")
+
+  for module, name in ((convert, "read_hf_config"), (checkpoints, "load_config"),
+                       (checkpoints, "pytree_arrays")):
+    monkeypatch.setattr(module, name, read)
+  (tmp_path / "file").write_text("not a directory")
+  output = tmp_path / "file" / "out"
+  message = f"--output {output}: {tmp_path / 'file'} is not a directory"
+  cfg = models.get_config("gemma2_tiny")
+  for conversion in (lambda: convert.hf_to_maxnucl(hf_dir, output),
+                     lambda: convert.maxnucl_to_hf(converted[0], output),
+                     lambda: convert.gemma_to_maxnucl(tmp_path / "dm", output, cfg)):
+    with pytest.raises(outputs.OutputPathError) as error:
+      conversion()
+    assert str(error.value) == message
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.fixture(scope="module")
+def medium_ckpt(tmp_path_factory):
+  return interrupting.write_medium_checkpoint(tmp_path_factory.mktemp("medium") / "ckpt")
+
+
+def test_killed_conversion_leaves_a_temporary_that_the_next_run_removes(medium_ckpt, tmp_path):
+  output = tmp_path / "hf"
+  run = interrupting.start_and_wait_until_writing(
+      "convert_checkpoint.py", ["maxnucl-to-hf", "--input", medium_ckpt, "--output", output],
+      output)
+  run.kill()  # SIGKILL: no cleanup is possible
+  assert run.wait(timeout=60) == -signal.SIGKILL
+  assert len(interrupting.temporaries(output)) == 1 and not output.exists()
+  convert.maxnucl_to_hf(medium_ckpt, output)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+  assert (output / "config.json").is_file()
+
+
+def test_sigterm_during_conversion_removes_the_temporary_and_exits_nonzero(medium_ckpt,
+                                                                           tmp_path):
+  output = tmp_path / "hf"
+  run = interrupting.start_and_wait_until_writing(
+      "convert_checkpoint.py", ["maxnucl-to-hf", "--input", medium_ckpt, "--output", output],
+      output)
+  run.terminate()  # SIGTERM
+  assert run.wait(timeout=60) == 128 + signal.SIGTERM
+  assert list(tmp_path.iterdir()) == []
 
 
 def _safetensors_state(hf_dir):
@@ -285,7 +371,7 @@ def test_truncated_safetensors_file_fails_with_one_line_error(hf_dir, tmp_path):
   data = (broken / "model.safetensors").read_bytes()
   (broken / "model.safetensors").write_bytes(data[:len(data) - 1000])
   result = _run_cli("hf-to-maxnucl", "--input", broken, "--output", tmp_path / "out")
-  assert result.returncode == 1
+  assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
   assert "model.safetensors" in lines[0] and "truncated" in lines[0]
@@ -299,7 +385,7 @@ def test_missing_tensor_names_tensor(hf_dir, tmp_path):
   _write_hf_dir(tmp_path / "missing", hf_dir, state)
   result = _run_cli("hf-to-maxnucl", "--input", tmp_path / "missing", "--output",
                     tmp_path / "out")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "model.layers.2.mlp.up_proj.weight is missing" in result.stderr
 
 
@@ -322,16 +408,6 @@ def test_wrong_shape_names_tensor_and_file(hf_dir, tmp_path):
 
 # ---- inspect -----------------------------------------------------------------------------------------
 
-def test_outgoing_entropy_definition():
-  w = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, -3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
-                [1.0, -1.0, 2.0, 0.0]])
-  h = inspect_lib.outgoing_entropy(w)
-  np.testing.assert_allclose(h[:2], [np.log(4), 0.0], atol=1e-6)
-  assert np.isnan(h[2])  # a zero row has no outgoing distribution
-  r = np.array([0.25, 0.25, 0.5])
-  np.testing.assert_allclose(h[3], -(r * np.log(r)).sum(), rtol=1e-6)
-
-
 def test_inspect_maxnucl_and_hf_agree(converted, hf_dir):
   ckpt = converted[0]
   ours, theirs = inspect_lib.inspect_checkpoint(ckpt), inspect_lib.inspect_checkpoint(hf_dir)
@@ -339,7 +415,7 @@ def test_inspect_maxnucl_and_hf_agree(converted, hf_dir):
   assert ours["ffn_widths"] == theirs["ffn_widths"] == [96] * 4
   assert ours["param_counts"]["total"] == ours["param_counts"]["stored_total"]
   for i, (a, b) in enumerate(zip(ours["outgoing_entropy"], theirs["outgoing_entropy"])):
-    h = inspect_lib.outgoing_entropy(np.asarray(params[f"layers_{i}"]["mlp"]["out"]))
+    h = ffn.row_entropy(np.asarray(params[ffn.layer_name(i)]["mlp"][ffn.OUT]))
     for stats in (a, b):
       np.testing.assert_allclose([stats["mean"], stats["min"], stats["max"]],
                                  [h.mean(), h.min(), h.max()], rtol=1e-5)
@@ -361,6 +437,7 @@ def test_inspect_counts_zero_rows_of_pruned_layers(tmp_path):
   assert [e["layer"] for e in summary["outgoing_entropy"]] == ["layers_0", "layers_1",
                                                                 "layers_3"]
   assert summary["outgoing_entropy"][1]["zero_rows"] == 5
+  assert summary["outgoing_entropy"][1]["max"] == pytest.approx(np.log(cfg.d_model))  # log d
 
 
 # ---- sharded restore ---------------------------------------------------------------------------

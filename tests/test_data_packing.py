@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# The project's own model, imported (not importorskip'd): if it breaks, the packed-loss test on
+# the real model must fail, not be skipped.
+from maxnucl import models
 from maxnucl.data import packing
 from maxnucl.data import synthetic
 from maxnucl.data import vocabularies
@@ -105,7 +108,6 @@ def _stand_in_causal_model(vocab_size=384, width=16):
 
 
 def _real_model():
-  models = pytest.importorskip("maxnucl.models")
   cfg = models.get_config("gemma2_tiny")
   params = models.init(cfg, jax.random.PRNGKey(0))
   return jax.jit(lambda tokens, segment_ids, positions: models.apply(

@@ -125,6 +125,42 @@ def test_exact_zero_weights_get_zero_gradient(variant):
   assert np.any(np.asarray(grads)[np.asarray(w) != 0] != 0)
 
 
+def central_differences(f, x, h=1e-6):
+  """df/dx of a scalar float64 function f of an array x, entry by entry: (f(x+h) - f(x-h)) / 2h."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for index in np.ndindex(x.shape):
+    step = np.zeros_like(x)
+    step[index] = h
+    grad[index] = (f(x + step) - f(x - step)) / (2 * h)
+  return grad
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nucl_term_gradients_match_float64_central_differences(variant):
+  """jax.grad of the registered loss term nucl_<variant> (float32) against central differences
+  of Eq. 2-6 in float64, on the W of two layers at different scales.  An exact zero weight is
+  included: central differences of a function of |w| are 0 there, the documented subgradient."""
+  rng = np.random.default_rng(21)
+  cfg = tiny_cfg(num_layers=2)
+  out = [rng.normal(size=(6, 5)) * scale for scale in (1.0, 30.0)]
+  out[0][2, 3] = 0.0
+  out = [w.astype(np.float32) for w in out]  # the float64 reference sees the same numbers
+
+  def term(params):
+    return losses.LOSS_TERMS[f"nucl_{variant}"](params, None, None, cfg)
+
+  gin.clear_config()  # nucl's gin defaults: target ffn_out, all layers
+  grads = jax.grad(term)({f"layers_{i}": {"mlp": {"out": jnp.asarray(w)}}
+                          for i, w in enumerate(out)})
+  for i, w in enumerate(out):
+    expected = central_differences(lambda w: np_rows(w, variant).sum(), w)
+    got = np.asarray(grads[f"layers_{i}"]["mlp"]["out"])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-6 * np.abs(expected).max(),
+                               err_msg=f"layers_{i}")
+    assert got[np.asarray(w) == 0].tolist() == [0.0] * int(np.sum(w == 0))
+
+
 def test_zero_row_is_treated_as_uniform():
   n = 10
   w = jnp.zeros((2, n)).at[1].set(1e-38)  # all zero; all below ZERO_ROW_MAX_ABS

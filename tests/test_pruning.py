@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -14,9 +15,12 @@ import pytest
 import scipy.stats
 
 from maxnucl import checkpoints, models
+from maxnucl.outputs import OutputPathError
 from maxnucl.pruning import calibration, prune_ffn_neurons, register, select_layers
+from maxnucl.pruning import io as pruning_io
 from maxnucl.pruning.prune import PruningError
 from maxnucl.pruning.scores import METHODS
+import interrupting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = models.get_config("gemma2_tiny")
@@ -122,6 +126,99 @@ def test_data_free_choice_matches_numpy_reference(tiny_ckpt, tmp_path, method):
       scores, highest = (w ** 2).sum(1), False
     expected = _reference_removed(scores, math.floor(0.3 * 256), highest)
     assert set(range(256)) - set(layer["kept"]) == expected
+
+
+def _np_gelu_tanh(z):
+  return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+
+
+def _ffn_inputs_and_activations(params, sequences):
+  """Per FFN layer, x [N, d] (the FFN input: the pre_ffw_norm output) and a [N, m] (the inner
+  activation) at the N positions of `sequences` that predict a real next token, from one forward
+  pass over the rows padded to one length.  a is checked against act(x U) * (x V) in numpy, which
+  certifies that x is the tensor the FFN reads."""
+  from maxnucl.models.decoder import Decoder  # pylint: disable=import-outside-toplevel
+  length = max(len(s) for s in sequences) - 1
+  tokens = np.zeros((len(sequences), length), np.int32)
+  for r, s in enumerate(sequences):
+    tokens[r, :len(s) - 1] = s[:-1]
+  loss_positions = np.arange(length) < np.array([len(s) - 1 for s in sequences])[:, None]
+  _, inner = models.apply_with_ffn(TINY, params, tokens)
+  _, state = Decoder(TINY).apply({"params": params}, tokens, np.ones_like(tokens),
+                                 np.broadcast_to(np.arange(length), tokens.shape),
+                                 capture_intermediates=True, mutable=["intermediates"])
+  x, a = {}, {}
+  for name in models.ffn_layer_names(TINY):
+    x[name] = np.asarray(state["intermediates"][name]["pre_ffw_norm"]["__call__"][0],
+                         np.float64)[loss_positions]
+    a[name] = np.asarray(inner[name], np.float64)[loss_positions]
+    mlp = params[name]["mlp"]
+    np.testing.assert_allclose(_np_gelu_tanh(x[name] @ mlp["gate"]) * (x[name] @ mlp["up"]),
+                               a[name], rtol=1e-4, atol=1e-5)
+  return x, a
+
+
+def _np_wanda_channel(x, a, gate, up, out):
+  """s_j = sum_r |U_rj| ||x_r|| + sum_r |V_rj| ||x_r|| + sum_o |W_jo| ||a_j||, norms over tokens."""
+  x_norm, a_norm = np.sqrt((x ** 2).sum(0)), np.sqrt((a ** 2).sum(0))
+  return (np.abs(gate) * x_norm[:, None]).sum(0) + (np.abs(up) * x_norm[:, None]).sum(0) + \
+      np.abs(out).sum(1) * a_norm
+
+
+def _np_flap(x, a, gate, up, out):
+  """s_j = Var_n(a_nj) * ||W_j||^2 (FLAP's fluctuation metric)."""
+  del x, gate, up
+  return ((a - a.mean(0)) ** 2).mean(0) * (out ** 2).sum(1)
+
+
+@pytest.mark.parametrize("method", ["wanda_channel", "flap"])
+def test_data_aware_choices_match_numpy_reference(tmp_path, method):
+  """Scores and removal sets of wanda_channel and flap, per layer and under a global budget
+  (FLAP: z-scores per layer, then one ranking), against the method definitions in numpy.  W is
+  scaled by 0.5, 1, 2, 4 in layers 0-3, so a global ranking without FLAP's standardisation, or a
+  budget that were not really global, would pick other neurons."""
+  from maxnucl.pruning.scores import LayerInputs  # pylint: disable=import-outside-toplevel
+  params = random_params(TINY, 6)
+  for i, scale in enumerate((0.5, 1.0, 2.0, 4.0)):
+    params[f"layers_{i}"]["mlp"]["out"] *= scale
+  checkpoints.save(tmp_path / "in", TINY, params)
+  jsonl = _variable_length_jsonl(tmp_path / "calib.jsonl")
+  x, a = _ffn_inputs_and_activations(
+      params, [json.loads(line) for line in jsonl.read_text().splitlines()])
+  names = models.ffn_layer_names(TINY)
+  mlps = {n: {k: np.asarray(v, np.float64) for k, v in params[n]["mlp"].items()} for n in names}
+  reference = {n: {"wanda_channel": _np_wanda_channel, "flap": _np_flap}[method](
+      x[n], a[n], **mlps[n]) for n in names}
+
+  stats = calibration.collect_stats(TINY, params, calibration.iterate_batches(jsonl,
+                                                                              num_examples=8))
+  for i, n in enumerate(names):
+    mlp = params[n]["mlp"]
+    scores = METHODS[method].fn(LayerInputs(i, n, mlp["gate"], mlp["up"], mlp["out"], stats[n],
+                                            np.random.default_rng(0), {}))
+    np.testing.assert_allclose(scores, reference[n], rtol=1e-5, err_msg=n)
+
+  per_layer = prune_ffn_neurons(tmp_path / "in", tmp_path / "per_layer", method=method,
+                                ratio=0.3, calibration=jsonl, calibration_examples=8)
+  for layer in per_layer["layers"]:
+    assert set(range(256)) - set(layer["kept"]) == _reference_removed(
+        reference[layer["name"]], math.floor(0.3 * 256), highest=False), layer["name"]
+
+  def global_choice(standardise):
+    ranked = np.concatenate([(s - s.mean()) / s.std() if standardise else s
+                             for s in reference.values()])
+    chosen = np.argsort(ranked, kind="stable")[:math.floor(0.3 * 4 * 256)]
+    return {n: set((chosen[chosen // 256 == i] % 256).tolist()) for i, n in enumerate(names)}
+
+  expected = global_choice(standardise=method == "flap")
+  if method == "flap":
+    assert expected != global_choice(standardise=False)
+  else:
+    assert len({len(removed) for removed in expected.values()}) > 1
+  overall = prune_ffn_neurons(tmp_path / "in", tmp_path / "global", method=method, ratio=0.3,
+                              budget="global", calibration=jsonl, calibration_examples=8)
+  for layer in overall["layers"]:
+    assert set(range(256)) - set(layer["kept"]) == expected[layer["name"]], layer["name"]
 
 
 def test_entropy_removes_zero_rows_first(tmp_path):
@@ -236,16 +333,53 @@ def test_loss_proxy_matches_apply_with_ffn_gradient(tiny_ckpt):
   stats = calibration.collect_stats(TINY, params, [batch])
   names = models.ffn_layer_names(TINY)
 
-  def loss(scale):
+  def loss(scale):  # the summed token NLL (every position is a loss token here)
     logits, _ = models.apply_with_ffn(TINY, params, batch["tokens"], ffn_inner_scale=scale)
     logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, batch["targets"][..., None], -1))
+    return -jnp.sum(jnp.take_along_axis(logp, batch["targets"][..., None], -1))
 
   ones = {n: jnp.ones(batch["tokens"].shape + (256,)) for n in names}
   grads = jax.grad(loss)(ones)
   for n in names:
     expected = 0.5 * np.mean(np.asarray(grads[n]) ** 2, axis=(0, 1))
     np.testing.assert_allclose(stats[n].loss_proxy, expected, rtol=1e-4, atol=1e-12)
+
+
+def _variable_length_jsonl(path):
+  """8 calibration sequences of 6 to 17 tokens, one JSON list per line."""
+  rng = np.random.default_rng(12)
+  lengths = [17, 9, 14, 6, 17, 11, 8, 15]
+  path.write_text("".join(json.dumps(rng.integers(3, TINY.vocab_size, n).tolist()) + "\n"
+                          for n in lengths))
+  return path
+
+
+def test_lp_and_scar_scores_do_not_depend_on_how_calibration_rows_are_batched(tiny_ckpt,
+                                                                               tmp_path):
+  """The same 8 rows as one batch or as batches of 3, 3 and 2 rows (so with other token counts
+  and other padding per batch): the same loss proxy, lp / scar_prot scores and removal sets."""
+  from maxnucl.pruning import surgery  # pylint: disable=import-outside-toplevel
+  from maxnucl.pruning.scores import LayerInputs  # pylint: disable=import-outside-toplevel
+  path, params = tiny_ckpt
+  jsonl = _variable_length_jsonl(tmp_path / "calib.jsonl")
+  stats = {size: calibration.collect_stats(TINY, params, calibration.iterate_batches(
+      jsonl, num_examples=8, batch_size=size)) for size in (8, 3)}
+  for name, one_batch in stats[8].items():
+    assert stats[3][name].count == one_batch.count == sum([16, 8, 13, 5, 16, 10, 7, 14])
+    np.testing.assert_allclose(stats[3][name].loss_proxy, one_batch.loss_proxy, rtol=2e-5)
+    mlp = params[name]["mlp"]
+    for method in ("lp", "scar_prot"):
+      scores = {size: METHODS[method].fn(LayerInputs(
+          int(name.split("_")[1]), name, mlp["gate"], mlp["up"], mlp["out"], stats[size][name],
+          np.random.default_rng(0), dict(METHODS[method].defaults))) for size in (8, 3)}
+      np.testing.assert_allclose(scores[3], scores[8], rtol=2e-5, err_msg=f"{method} {name}")
+      removed = [set(surgery.top_removals(METHODS[method].priority(scores[size]), 77).tolist())
+                 for size in (8, 3)]
+      assert removed[0] == removed[1], (method, name)
+  reports = [prune_ffn_neurons(path, tmp_path / f"out_{size}", method="lp", ratio=0.3,
+                               budget="global", calibration=jsonl, calibration_examples=8,
+                               batch_size=size) for size in (8, 3)]
+  assert [e["kept"] for e in reports[0]["layers"]] == [e["kept"] for e in reports[1]["layers"]]
 
 
 def test_npy_jsonl_and_generator_sources_give_the_same_statistics(tiny_ckpt, calib_npy,
@@ -357,6 +491,90 @@ def test_cli_rejects_bad_ratio_and_existing_output(tiny_ckpt, tmp_path):
                          capture_output=True, text=True, cwd=REPO, check=False)
   assert again.returncode == 2 and "already exists" in again.stderr
   assert checkpoints.load_config(tmp_path / "out").ffn_widths == (128, 256, 256, 256)
+
+
+def test_output_aliasing_inside_or_around_the_input_is_refused_and_the_input_kept(tiny_ckpt,
+                                                                                  tmp_path):
+  inputs = tmp_path.resolve() / "inputs"
+  ckpt = inputs / "ckpt"
+  checkpoints.save(ckpt, TINY, tiny_ckpt[1])
+  (tmp_path / "link").symlink_to(ckpt)  # the output is a symlink to the input
+  (tmp_path / "alias").symlink_to(inputs)  # the input is given through a symlinked parent
+  link, via_alias = tmp_path.resolve() / "link", tmp_path.resolve() / "alias" / "ckpt"
+  before = _checksums(ckpt)
+  refused = [
+      (dict(input_path=ckpt, output_path=link, overwrite=True),
+       f"--output {link} (resolves to {ckpt}) is the input checkpoint {ckpt}"),
+      (dict(input_path=via_alias, output_path=ckpt / "pruned"),
+       f"--output {ckpt / 'pruned'} lies inside the input checkpoint {via_alias}"),
+      (dict(input_path=via_alias, output_path=inputs, overwrite=True),
+       f"--output {inputs} contains the input checkpoint {via_alias} (resolves to {ckpt})"),
+      (dict(input_path=ckpt, output_path=tmp_path / "out", report_path=link / "report.json"),
+       f"--report {link / 'report.json'} (resolves to {ckpt / 'report.json'}) lies inside the "
+       f"input checkpoint {ckpt}")]
+  for kwargs, message in refused:
+    with pytest.raises(OutputPathError) as error:
+      prune_ffn_neurons(method="entropy", ratio=0.25, **kwargs)
+    assert message in str(error.value)
+  cli = subprocess.run([sys.executable, str(REPO / "tools" / "prune_checkpoint.py"), "--input",
+                        str(ckpt), "--output", str(link), "--overwrite", "--method", "entropy",
+                        "--ratio", "0.25"], capture_output=True, text=True, cwd=REPO, check=False)
+  assert cli.returncode == 2 and f"is the input checkpoint {ckpt}" in cli.stderr, cli.stderr
+  assert _checksums(ckpt) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "inputs", "link"]
+
+
+def test_report_path_that_cannot_be_written_fails_before_any_work(tiny_ckpt, tmp_path,
+                                                                  monkeypatch):
+  report = tmp_path / "missing" / "report.json"
+  tool = [sys.executable, str(REPO / "tools" / "prune_checkpoint.py"), "--input",
+          str(tiny_ckpt[0]), "--output", str(tmp_path / "out"), "--method", "entropy",
+          "--ratio", "0.25", "--report", str(report)]
+  cli = subprocess.run(tool, capture_output=True, text=True, cwd=REPO, check=False)
+  assert cli.returncode == 2, cli.stderr
+  assert f"--report {report}: directory {report.parent} does not exist" in cli.stderr
+  assert list(tmp_path.iterdir()) == []  # no output checkpoint was written first
+
+  def read(*args, **kwargs):
+    raise AssertionError("the input was read before the output paths were checked")
+
+  monkeypatch.setattr(pruning_io, "CheckpointReader", read)
+  for report_path, message in ((report, "does not exist"), (tmp_path, "is a directory")):
+    with pytest.raises(OutputPathError, match=message) as error:
+      prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="entropy", ratio=0.25,
+                        report_path=report_path)
+    assert f"--report {report_path}" in str(error.value)
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def medium_ckpt(tmp_path_factory):
+  return interrupting.write_medium_checkpoint(tmp_path_factory.mktemp("medium") / "ckpt")
+
+
+def _prune_medium(medium_ckpt, output):
+  return interrupting.start_and_wait_until_writing(
+      "prune_checkpoint.py", ["--input", medium_ckpt, "--output", output, "--method",
+                              "magnitude", "--ratio", "0.5"], output)
+
+
+def test_killed_pruning_leaves_a_temporary_that_the_next_run_removes(medium_ckpt, tmp_path):
+  output = tmp_path / "pruned"
+  run = _prune_medium(medium_ckpt, output)
+  run.kill()  # SIGKILL: no cleanup is possible
+  assert run.wait(timeout=60) == -signal.SIGKILL
+  assert len(interrupting.temporaries(output)) == 1 and not output.exists()
+  prune_ffn_neurons(medium_ckpt, output, method="magnitude", ratio=0.5)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+  assert checkpoints.load_config(output).ffn_widths == (1024,) * 4
+
+
+def test_sigterm_during_pruning_removes_the_temporary_and_exits_nonzero(medium_ckpt, tmp_path):
+  output = tmp_path / "pruned"
+  run = _prune_medium(medium_ckpt, output)
+  run.terminate()  # SIGTERM
+  assert run.wait(timeout=60) == 128 + signal.SIGTERM
+  assert list(tmp_path.iterdir()) == []
 
 
 # ---- analysis ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Specification of the trainer (maxnucl/train.py): learning, exact resume, sharding invariance,
 gradient accumulation, NUCL alpha = 0, metrics, error exits.  Tiny 2-layer Gemma-2, CPU."""
 
+import functools
 import json
 import os
 import pathlib
@@ -10,10 +11,13 @@ import sys
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from maxnucl import checkpoints
+from maxnucl import models
 from maxnucl import sharding
 from maxnucl import train
 
@@ -152,6 +156,70 @@ def test_gradient_accumulation_2x4_equals_batch_8(tmp_path):
                     "train_loop.accumulation_steps = 2")
   np.testing.assert_allclose(losses_of(accumulated), losses_of(whole), rtol=1e-5)
   assert_trees_close(accumulated["state"]["params"], whole["state"]["params"], atol=2e-5)
+
+
+def _sgd_keeping_the_gradient(learning_rate):
+  """SGD whose optimizer state is the gradient it was given, so a test can read it back."""
+  def update(grads, state, params=None):
+    del state, params
+    return jax.tree.map(lambda g: -learning_rate * g, grads), grads
+  return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params), update)
+
+
+def _unequal_loss_token_batch(vocab_size, rows=8, length=16):
+  """Loss tokens per row 16, 3, 9, 0, 12, 1, 6, 0: microbatches of 2 steps hold 43 and 4 of them,
+  of 4 steps 28, 4, 15 and 0 (rows 3 and 7: a microbatch without any loss token)."""
+  rng = np.random.default_rng(0)
+  counts = np.array([16, 3, 9, 0, 12, 1, 6, 0])
+  return {"tokens": rng.integers(3, vocab_size, (rows, length)).astype(np.int32),
+          "targets": rng.integers(3, vocab_size, (rows, length)).astype(np.int32),
+          "loss_mask": (np.arange(length) < counts[:, None]).astype(np.float32),
+          "segment_ids": np.ones((rows, length), np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))}
+
+
+@pytest.mark.parametrize("normalization", ["mean", "sum"])
+def test_accumulated_step_equals_the_whole_batch_step_with_nucl(normalization):
+  """One step on the same global batch with 1, 2 and 4 microbatches, NUCL alpha > 0 and a z-loss:
+  the same gradients, updated params and logged metrics (alpha must not grow with the number of
+  microbatches, and 'mean' is the mean over the global batch's tokens, not of microbatch means).
+  Also for a batch without loss tokens (e.g. padding): NLL 0, the step is NUCL's alone."""
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  unequal = _unequal_loss_token_batch(cfg.vocab_size)
+  batches = {"unequal": unequal, "none": dict(unequal, loss_mask=0 * unequal["loss_mask"])}
+  tx = _sgd_keeping_the_gradient(0.1)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  gin.clear_config()
+  gin.bind_parameter("total_loss.terms", {"nucl_mstd": 0.5})
+  gin.bind_parameter("total_loss.normalization", normalization)
+  gin.bind_parameter("total_loss.z_loss_weight", 1e-2)
+  try:
+    steps = {}
+    for a in (1, 2, 4):
+      step_fn = jax.jit(functools.partial(train.train_step, cfg=cfg, tx=tx,
+                                          schedule=optax.constant_schedule(0.1),
+                                          accumulation_steps=a))
+      for name, batch in batches.items():
+        steps[name, a] = step_fn(state, batch, jax.random.PRNGKey(1))
+  finally:
+    gin.clear_config()
+
+  for name in batches:
+    whole_state, whole_metrics = steps[name, 1]
+    grads = whole_state["opt_state"]
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
+    assert float(whole_metrics["nucl_mstd"]) != 0.0 and scale > 0
+    for a in (2, 4):
+      acc_state, acc_metrics = steps[name, a]
+      assert set(acc_metrics) == set(whole_metrics)
+      for key in whole_metrics:
+        np.testing.assert_allclose(acc_metrics[key], whole_metrics[key], rtol=2e-6,
+                                   err_msg=f"{key}, {name} loss tokens, {a} microbatches")
+      # float32 sums in another order: ~1e-6 of the largest gradient entry apart (0.5 when alpha
+      # grew with the number of microbatches).
+      assert_trees_close(acc_state["opt_state"], grads, atol=5e-6 * scale)
+      assert_trees_close(acc_state["params"], whole_state["params"], atol=2e-6)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path,

@@ -16,4 +16,4 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from maxnucl.data import cli  # pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-  sys.exit(cli.cache_main())
+  sys.exit(cli.main(["cache"] + sys.argv[1:]))

@@ -7,6 +7,9 @@
 
 All conversions stream (one tensor in memory at a time), never touch their input, refuse an
 existing output unless --overwrite, and leave nothing under the output name if interrupted.
+An output that is the input, lies inside it or contains it (symlinks resolved) is refused
+before any work (exit status 2; other errors: 1).  SIGTERM, like Ctrl-C, removes the temporary
+directory before exiting (status 143); one left by a killed run is removed by the next run.
 Library: maxnucl.conversion.convert / maxnucl.conversion.inspect (see docs/conversion.md).
 """
 
@@ -27,7 +30,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
   sys.path.insert(0, str(pathlib.Path(__file__).absolute().parents[1]))
 
-from maxnucl import checkpoints, models  # noqa: E402
+from maxnucl import checkpoints, models, outputs  # noqa: E402
 from maxnucl.conversion import convert, hf_io  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
 
@@ -58,6 +61,9 @@ def maxnucl_to_hf(args) -> None:
 
 
 def gemma_to_maxnucl(args) -> None:
+  outputs.check_output_path(args.output, {"DeepMind input checkpoint": args.input,
+                                          "--config file": args.config},
+                            overwrite=args.overwrite)
   if args.config:
     cfg = models.ModelConfig.from_dict(json.loads(pathlib.Path(args.config).read_text()))
   else:
@@ -137,12 +143,13 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
+  outputs.exit_on_sigterm()
   try:
     args.fn(args)
-  except ERRORS as e:
+  except (outputs.OutputPathError,) + ERRORS as e:  # bad usage or input: exit code 2
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {message}", file=sys.stderr)
-    return 1
+    return 2
   return 0
 
 

@@ -9,6 +9,10 @@
 
 SOURCE: a .npy [N, L] / .jsonl token-id file or a registered task name, read from its cached
 shards with --data_cache_dir (docs/pruning.md).
+Every output path is checked before any work (an output that is, lies inside or contains the
+input is refused, symlinks resolved; --report's directory must exist); errors exit with 2.
+SIGTERM, like Ctrl-C, removes the temporary output before exiting (status 143); one left by a
+killed run is removed by the next run.
 Methods: see `--help` or maxnucl/pruning/scores.py.
 """
 
@@ -19,6 +23,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from maxnucl import outputs  # noqa: E402  pylint: disable=wrong-import-position
 from maxnucl.pruning import prune  # noqa: E402  pylint: disable=wrong-import-position
 from maxnucl.pruning.scores import METHODS  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -67,6 +72,7 @@ def main(argv=None) -> int:
                       help="override a method parameter, e.g. neighbours=32 (repeatable)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
+  outputs.exit_on_sigterm()  # like Ctrl-C: the temporary output is removed, then exit 143
   try:
     if args.eval_gin_param:
       import importlib  # pylint: disable=import-outside-toplevel

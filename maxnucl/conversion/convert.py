@@ -9,7 +9,10 @@ leaf; outputs are written as tensors are produced; maxnucl_to_hf also reads up t
 READ_AHEAD_BYTES of tensors ahead of the one it writes), checks every expected tensor's presence, shape and
 dtype before writing anything, reports unexpected tensors, never modifies its input, and writes
 into a temporary sibling of the output that is renamed into place only when complete.  Errors
-are `ConversionError`s whose message names the tensor and the file.
+are `ConversionError`s whose message names the tensor and the file.  Before any work, the output
+path is checked (`outputs.check_output_path`): an output that is the input, lies inside it or
+contains it (symlinks resolved) is refused with `outputs.OutputPathError`, an existing one
+without overwrite=True with FileExistsError.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import uuid
 from concurrent import futures
 from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
-from maxnucl import checkpoints, models
+from maxnucl import checkpoints, models, outputs
 from maxnucl.conversion import deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.models.config import ModelConfig
 
@@ -85,6 +86,8 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
 
   dtype: stored dtype of the output ("float32" / "bfloat16"); default: the embedding's dtype.
   """
+  outputs.check_output_path(output, {"Hugging Face input directory": hf_dir},
+                            overwrite=overwrite)
   cfg, _ = read_hf_config(hf_dir, keep_query_pre_attn_scalar=keep_query_pre_attn_scalar)
   reader = _guard(lambda: hf_io.SafetensorsReader(hf_dir))
   mapping = hf_gemma2.tensor_map(cfg)
@@ -139,9 +142,7 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
   Refuses configs Hugging Face cannot represent (per-layer FFN widths, FFN-less layers).
   Returns the safetensors files written.
   """
-  output = pathlib.Path(output).absolute()
-  if output.exists() and not overwrite:
-    raise FileExistsError(f"output {output} already exists; pass --overwrite to replace it")
+  output = outputs.check_output_path(output, {"input checkpoint": ckpt}, overwrite=overwrite)
   cfg = checkpoints.load_config(ckpt)
   stored = checkpoints.stored_arrays(ckpt)
   dtypes = {dtype for _, dtype in stored.values()}
@@ -183,7 +184,7 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
     assert name == hf_name, (name, hf_name)
     return array
 
-  with _temporary_output(output, overwrite) as tmp:
+  with outputs.TemporaryOutput(output, overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     files = hf_io.write_sharded(tmp, specs, get_tensor, max_shard_bytes)
   return [output / f.name for f in files]
@@ -200,6 +201,7 @@ def gemma_to_maxnucl(dm_dir: str | os.PathLike, output: str | os.PathLike, cfg: 
   kept; the rest are padding).  gating_layout: "dm" (2, d, m) or "md" (2, m, d), only consulted
   when d == m makes the shape ambiguous.  dtype: default as stored.
   """
+  outputs.check_output_path(output, {"DeepMind input checkpoint": dm_dir}, overwrite=overwrite)
   stored = _guard(lambda: checkpoints.pytree_arrays(dm_dir),
                   f"{dm_dir}: not a readable Orbax checkpoint: ")
   layouts = {}
@@ -304,21 +306,3 @@ def _prefetched(fn: Callable[[Any], Any], items: list, sizes: list[int],
         ahead -= sizes[i + 1]  # the next item becomes the current one
       yield item, result
       del result
-
-
-class _temporary_output:
-  """A temporary sibling directory of `output`, renamed to `output` only on success."""
-
-  def __init__(self, output: pathlib.Path, overwrite: bool):
-    self.output, self.overwrite = output, overwrite
-    self.tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-  def __enter__(self) -> pathlib.Path:
-    self.tmp.mkdir(parents=True)
-    return self.tmp
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is not None:
-      shutil.rmtree(self.tmp, ignore_errors=True)
-      return
-    checkpoints.replace_directory(self.tmp, self.output, self.overwrite)

@@ -1,6 +1,6 @@
 """DeepMind `gemma` (flat Orbax layout) -> maxnucl params, one tensor at a time.
 
-The flat layout is a dict of small dicts (see shared/reference/gemma2.md):
+The flat layout is a dict of small dicts (see docs/gemma2.md):
   transformer/embedder                 input_embedding (V_pad, d) -> embedder/embedding [V, d]
                                        (rows past the config's vocab_size are padding: dropped)
   transformer/final_norm               scale (d,)         -> final_norm/scale
@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from maxnucl import ffn
 from maxnucl.models.config import ModelConfig
 
 GATING_LAYOUTS = ("dm", "md")  # (2, d, m) / (2, m, d)
@@ -92,7 +93,7 @@ def tensor_map(cfg: ModelConfig, gating_layouts: dict[int, str]
 
   out = {("embedder", "embedding"): (("transformer/embedder", "input_embedding"), embedding)}
   for i, m in enumerate(cfg.layer_ffn_widths):
-    layer, dm = f"layers_{i}", f"transformer/layer_{i}"
+    layer, dm = ffn.layer_name(i), f"transformer/layer_{i}"
     out[(layer, "attn", "q")] = ((f"{dm}/attn/q_einsum", "w"), heads_first)
     out[(layer, "attn", "k")] = ((f"{dm}/attn/kv_einsum", "w"), kv(0))
     out[(layer, "attn", "v")] = ((f"{dm}/attn/kv_einsum", "w"), kv(1))
@@ -101,8 +102,8 @@ def tensor_map(cfg: ModelConfig, gating_layouts: dict[int, str]
       if m or "ffw" not in norm:
         out[(layer, norm, "scale")] = ((f"{dm}/{norm}", "scale"), same)
     if m:
-      out[(layer, "mlp", "gate")] = ((f"{dm}/mlp/gating_einsum", "w"), gating(0, gating_layouts[i]))
-      out[(layer, "mlp", "up")] = ((f"{dm}/mlp/gating_einsum", "w"), gating(1, gating_layouts[i]))
-      out[(layer, "mlp", "out")] = ((f"{dm}/mlp/linear", "w"), same)
+      out[(layer, "mlp", ffn.GATE)] = ((f"{dm}/mlp/gating_einsum", "w"), gating(0, gating_layouts[i]))
+      out[(layer, "mlp", ffn.UP)] = ((f"{dm}/mlp/gating_einsum", "w"), gating(1, gating_layouts[i]))
+      out[(layer, "mlp", ffn.OUT)] = ((f"{dm}/mlp/linear", "w"), same)
   out[("final_norm", "scale")] = (("transformer/final_norm", "scale"), same)
   return out

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from maxnucl import ffn
 from maxnucl.models.config import ModelConfig
 
 # maxnucl leaf -> (HF name, to_maxnucl(hf_array, cfg), to_hf(array, cfg))
@@ -82,7 +83,7 @@ def tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, _Transform,
   """Every maxnucl leaf path -> (HF tensor name, to_maxnucl, to_hf), in checkpoint order."""
   out = {("embedder", "embedding"): ("model.embed_tokens.weight", _same, _same)}
   for i in range(cfg.num_layers):
-    layer, hf = f"layers_{i}", f"model.layers.{i}"
+    layer, hf = ffn.layer_name(i), f"model.layers.{i}"
     for kind in ("q", "k", "v"):
       out[(layer, "attn", kind)] = (f"{hf}.self_attn.{kind}_proj.weight", *_heads_in(kind))
     out[(layer, "attn", "o")] = (f"{hf}.self_attn.o_proj.weight", _o_to_maxnucl, _o_to_hf)
@@ -90,7 +91,7 @@ def tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, _Transform,
       if cfg.layer_ffn_widths[i] or "ffw" not in ours:
         out[(layer, ours, "scale")] = (f"{hf}.{theirs}.weight", _same, _same)
     if cfg.layer_ffn_widths[i]:
-      for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("out", "down_proj")):
+      for ours, theirs in ((ffn.GATE, "gate_proj"), (ffn.UP, "up_proj"), (ffn.OUT, "down_proj")):
         out[(layer, "mlp", ours)] = (f"{hf}.mlp.{theirs}.weight", _transpose, _transpose)
   out[("final_norm", "scale")] = ("model.norm.weight", _same, _same)
   return out

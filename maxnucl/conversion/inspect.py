@@ -6,8 +6,9 @@ Outgoing-connection entropy of FFN neuron j (the NUCL paper's statistic): with W
 outgoing matrix `layers_i/mlp/out` [m, d] (HF: `down_proj.weight` transposed),
     r_jk = |W_jk| / sum_k |W_jk|,    H_j = -sum_k r_jk log r_jk   (natural log, 0 log 0 = 0),
 so H_j lies in [0, log d]: log d for a neuron that spreads its output evenly over the residual
-stream, 0 for one that writes a single coordinate.  A zero row (e.g. a pruned neuron) has no
-outgoing distribution: it is excluded from mean/min/max and counted in `zero_rows`.
+stream, 0 for one that writes a single coordinate (`maxnucl.ffn.row_entropy`).  A zero row
+(e.g. a zeroed neuron) follows the project's one zero-row rule: it counts as uniform, H = log d;
+`zero_rows` says how many there are.
 """
 
 from __future__ import annotations
@@ -18,35 +19,24 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from maxnucl import checkpoints, models
+from maxnucl import checkpoints, ffn, models
 from maxnucl.conversion import hf_gemma2, hf_io
 
 _BLOCK_ELEMENTS = 1 << 24  # rows of W per entropy block: about this many elements
 
 
-def outgoing_entropy(w: np.ndarray) -> np.ndarray:
-  """Row entropies of |W| normalised per row; w [m, d] -> [m] (NaN for an all-zero row)."""
-  a = np.abs(np.asarray(w, dtype=np.float32))
-  total = a.sum(axis=1, keepdims=True)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    r = a / total
-    terms = np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)
-  h = -terms.sum(axis=1)
-  h[total[:, 0] == 0] = np.nan
-  return h
-
-
 def entropy_stats(row_blocks: Iterator[np.ndarray]) -> dict[str, Any]:
-  """mean/min/max of `outgoing_entropy` over all rows of the blocks [b, d] of one W."""
+  """mean/min/max of `ffn.row_entropy` over all rows of the blocks [b, d] of one W, and the
+  number of zero rows among them."""
   count, total, low, high, zero = 0, 0.0, np.inf, -np.inf, 0
   for block in row_blocks:
-    h = outgoing_entropy(block)
-    finite = h[~np.isnan(h)]
-    zero += int(h.size - finite.size)
-    if finite.size:
-      count += finite.size
-      total += float(finite.sum(dtype=np.float64))
-      low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    h = ffn.row_entropy(block)
+    zero += int(np.sum(np.abs(np.asarray(block)).max(axis=1, initial=0.0)
+                       <= ffn.ZERO_ROW_MAX_ABS))
+    if h.size:
+      count += h.size
+      total += float(h.sum())
+      low, high = min(low, float(h.min())), max(high, float(h.max()))
   return {"mean": total / count if count else None, "min": low if count else None,
           "max": high if count else None, "zero_rows": zero}
 
@@ -86,8 +76,9 @@ def _inspect_maxnucl(path: pathlib.Path) -> dict[str, Any]:
   entropy = []
   for i, width in enumerate(cfg.layer_ffn_widths):
     if width:
-      w = checkpoints.read_array(path, (f"layers_{i}", "mlp", "out"))
-      entropy.append({"layer": f"layers_{i}", "width": width, **entropy_stats(_row_blocks(w))})
+      w = checkpoints.read_array(path, (ffn.layer_name(i), "mlp", ffn.OUT))
+      entropy.append({"layer": ffn.layer_name(i), "width": width,
+                      **entropy_stats(_row_blocks(w))})
       del w
   return _summary("maxnucl", path, cfg, arrays, entropy)
 
@@ -101,8 +92,8 @@ def _inspect_hf(path: pathlib.Path) -> dict[str, Any]:
   mapping = hf_gemma2.tensor_map(cfg)
   entropy = []
   for i, width in enumerate(cfg.layer_ffn_widths):
-    down = reader.get(mapping[(f"layers_{i}", "mlp", "out")][0])  # (d, m) = W.T, memory-mapped
-    entropy.append({"layer": f"layers_{i}", "width": width,
+    down = reader.get(mapping[(ffn.layer_name(i), "mlp", ffn.OUT)][0])  # (d, m) = W.T, mmapped
+    entropy.append({"layer": ffn.layer_name(i), "width": width,
                     **entropy_stats(_row_blocks(down, transpose=True))})
     del down
   return _summary("huggingface", path, cfg, arrays, entropy)

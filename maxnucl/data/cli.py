@@ -16,7 +16,18 @@ import gin
 
 
 def _parse_feature_lengths(text: Optional[str]):
-  return json.loads(text) if text else None
+  if not text:
+    return None
+  try:
+    lengths = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--feature_lengths {text!r}: not JSON ({e.msg}); expected e.g. "
+                     f"'{{\"inputs\": 768, \"targets\": 256}}'") from None
+  if not (isinstance(lengths, dict) and set(lengths) <= {"inputs", "targets"}
+          and all(isinstance(v, int) and v > 0 for v in lengths.values())):
+    raise ValueError(f"--feature_lengths {text!r}: expected positive integers for \"inputs\" "
+                     f"and/or \"targets\"")
+  return lengths
 
 
 def cache_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -92,8 +103,17 @@ COMMANDS = {"cache": cache_main, "train_sentencepiece": train_sentencepiece_main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Exit codes (every maxnucl command line): 0 done, 2 bad usage or input (a one-line message
+  naming it), 1 a failure while working."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] not in COMMANDS:
     print(f"usage: python -m maxnucl.data {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
     return 2
-  return COMMANDS[argv[0]](argv[1:])
+  try:
+    return COMMANDS[argv[0]](argv[1:])
+  except KeyError as e:  # an unknown task, split or field: KeyError's str() adds quotes
+    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # bad values, missing or malformed dataset files
+    from maxnucl.gin_config import error_message  # pylint: disable=import-outside-toplevel
+    print(f"error: {error_message(e)}", file=sys.stderr)
+  return 2

@@ -32,9 +32,11 @@ from typing import Any, Mapping, Optional
 import gin
 import numpy as np
 
+from maxnucl import outputs
 from maxnucl.data import caching
 from maxnucl.data import catalog
 from maxnucl.data import packing
+from maxnucl.data import sources
 from maxnucl.data import vocabularies
 
 # Settings that decide the content of the rows; a cache built with other values is refused.
@@ -92,13 +94,21 @@ def cache_task(source: str, split: str, cache_dir: str | os.PathLike, *, seq_len
   """Materialises a task/mixture split's packed rows under `<cache_dir>/<source>/<split>/`.
 
   Returns the path of the written index.json.  `create_data_iterator(cache_dir=cache_dir, ...)`
-  with the same settings then yields exactly what it yields live.
+  with the same settings then yields exactly what it yields live.  Refuses (before reading
+  anything) a cache directory that is, or lies inside, a directory the dataset files are read
+  from, symlinks resolved (outputs.OutputPathError).
   """
+  split_dir = caching.cache_split_dir(cache_dir, source, split)
+  inputs = {"data root" + (f" {i + 1}" if i else ""): root
+            for i, root in enumerate(sources.data_roots())}
+  inputs["TFDS data_dir"] = sources.tfds_data_dir()
+  outputs.check_output_path(split_dir, inputs, flag="cache directory", overwrite=None,
+                            replaces=False)
   rows = build_packed_rows(source, split, seq_len=seq_len, pack=pack,
                            loss_on_inputs=loss_on_inputs, seed=seed, shuffle=shuffle, vocab=vocab,
                            feature_lengths=feature_lengths, mixture_size=mixture_size,
                            use_seqio=use_seqio)
-  return caching.write_rows(caching.cache_split_dir(cache_dir, source, split),
+  return caching.write_rows(split_dir,
                             rows.rows(np.arange(rows.num_rows)), rows.index,
                             rows_per_shard=rows_per_shard)
 

@@ -22,6 +22,8 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from maxnucl import outputs
+
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
@@ -128,6 +130,10 @@ def train_sentencepiece(text_files: Iterable[str | os.PathLike], model_prefix: s
   if not files:
     raise ValueError("train_sentencepiece needs at least one text file")
   model_prefix = pathlib.Path(model_prefix)
+  texts = {"training text file" + (f" {i + 1}" if i else ""): f for i, f in enumerate(files)}
+  if model_prefix.parent.is_dir():  # (a new directory holds no training text)
+    for suffix in (".model", ".vocab"):  # never overwrite a training text, symlinks resolved
+      outputs.check_output_file(f"{model_prefix}{suffix}", texts, flag="--output")
   model_prefix.parent.mkdir(parents=True, exist_ok=True)
   sentencepiece.SentencePieceTrainer.train(
       input=",".join(files), model_prefix=str(model_prefix), vocab_size=vocab_size,

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from maxnucl import sharding
+from maxnucl import ffn
 from maxnucl.layers.initializers import fan_in_normal, param_with_axes
 
 ACTIVATIONS = {
@@ -33,11 +34,11 @@ class GatedMLP(nn.Module):
   def __call__(self, x, inner_scale=None):
     """x: [B, T, d] -> [B, T, d]; `inner_scale` (broadcastable to [B, T, m]) multiplies a."""
     d = x.shape[-1]
-    gate = param_with_axes(self, "gate", fan_in_normal((0,)), (d, self.width), self.param_dtype,
+    gate = param_with_axes(self, ffn.GATE, fan_in_normal((0,)), (d, self.width), self.param_dtype,
                            ("embed", "mlp"))
-    up = param_with_axes(self, "up", fan_in_normal((0,)), (d, self.width), self.param_dtype,
+    up = param_with_axes(self, ffn.UP, fan_in_normal((0,)), (d, self.width), self.param_dtype,
                          ("embed", "mlp"))
-    out = param_with_axes(self, "out", fan_in_normal((0,)), (self.width, d), self.param_dtype,
+    out = param_with_axes(self, ffn.OUT, fan_in_normal((0,)), (self.width, d), self.param_dtype,
                           ("mlp", "embed"))
     axes = ("activation_batch", "activation_length", "activation_mlp")
     gate_act = sharding.constrain(jnp.einsum("BTD,DM->BTM", x, gate.astype(self.dtype)), axes)

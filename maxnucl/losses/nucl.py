@@ -38,19 +38,19 @@ Numerics (the guards Listing 1 lacks; all computed in float32 whatever the param
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
 
+from maxnucl import ffn
 from maxnucl.models.config import ModelConfig
 
 Array = jax.Array
 Params = dict[str, Any]
 
-ZERO_ROW_MAX_ABS = 1e-36  # rows whose magnitudes are all <= this count as zero rows
+ZERO_ROW_MAX_ABS = ffn.ZERO_ROW_MAX_ABS  # rows whose magnitudes are all <= this are zero rows
 
 
 # ---- per-row values ------------------------------------------------------------------------------
@@ -131,24 +131,21 @@ def _attn_out(layer: Params) -> Array:
 # Target name -> function of one layer's params -> matrix [rows, cols] with rows = inner neurons,
 # or None where the layer has no such matrix (a layer with FFN width 0 has no "mlp").
 TARGETS: dict[str, Callable[[Params], Optional[Array]]] = {
-    "ffn_out": lambda layer: _mlp(layer, "out"),  # W [m, d]
+    "ffn_out": lambda layer: _mlp(layer, ffn.OUT),  # W [m, d]
     # The stored incoming kernels are [d, m]: the neuron's row of U / V is a column, hence .T.
-    "ffn_in_linear": lambda layer: None if _mlp(layer, "up") is None else _mlp(layer, "up").T,
-    "ffn_in_gated": lambda layer: None if _mlp(layer, "gate") is None else _mlp(layer, "gate").T,
+    "ffn_in_linear": lambda layer: None if _mlp(layer, ffn.UP) is None else _mlp(layer, ffn.UP).T,
+    "ffn_in_gated": lambda layer: (None if _mlp(layer, ffn.GATE) is None
+                                   else _mlp(layer, ffn.GATE).T),
     "attn_out": _attn_out,  # o [N, H, d] -> [N*H, d]
 }
 
 
 def layer_names(cfg: ModelConfig, layers: Optional[Sequence[int]] = None) -> list[str]:
-  """Names of the chosen layers ("layers_{i}"); None = all `cfg.num_layers` layers."""
-  if layers is None:
-    return [f"layers_{i}" for i in range(cfg.num_layers)]
-  bad = [i for i in layers
-         if not isinstance(i, numbers.Integral) or not 0 <= i < cfg.num_layers]
-  if bad:
-    raise ValueError(f"NUCL layers {list(layers)}: index {bad[0]!r} is not a layer of model "
-                     f"{cfg.name!r} (expected integers in [0, {cfg.num_layers}))")
-  return [f"layers_{int(i)}" for i in layers]
+  """Names of the chosen layers (`ffn.layer_name`); None = all `cfg.num_layers` layers."""
+  try:
+    return ffn.layer_names(cfg.num_layers, layers)
+  except ValueError as e:
+    raise ValueError(f"NUCL layers of model {cfg.name!r}: {e}") from None
 
 
 def target_matrices(params: Params, cfg: ModelConfig, target: str = "ffn_out",
@@ -193,7 +190,7 @@ def outgoing_entropy_rows(params: Params, cfg: ModelConfig) -> dict[str, Array]:
   matrices = target_matrices(params, cfg, "ffn_out")
   out = {}
   for i in range(cfg.num_layers):
-    name = f"layers_{i}"
+    name = ffn.layer_name(i)
     if name not in matrices:
       if widths[i]:
         raise KeyError(f"params[{name!r}] has no 'mlp' but model {cfg.name!r} has "
@@ -207,4 +204,4 @@ def outgoing_entropy_rows(params: Params, cfg: ModelConfig) -> dict[str, Array]:
 def outgoing_entropy(params: Params, cfg: ModelConfig) -> Array:
   """Per-layer sum of the row entropies of W: float32 [num_layers] (0 for a layer without FFN)."""
   rows = outgoing_entropy_rows(params, cfg)
-  return jnp.stack([jnp.sum(rows[f"layers_{i}"]) for i in range(cfg.num_layers)])
+  return jnp.stack([jnp.sum(rows[ffn.layer_name(i)]) for i in range(cfg.num_layers)])

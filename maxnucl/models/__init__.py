@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxnucl import ffn
 from maxnucl.models.config import (PRESETS, ConfigError, ModelConfig, get_config,
                                    register_preset)
 from maxnucl.models.decoder import Decoder
@@ -132,7 +133,7 @@ def _apply_with_ffn(cfg, params, tokens, segment_ids, positions, ffn_inner_scale
 
 def ffn_layer_names(cfg: ModelConfig) -> list[str]:
   """Names of the layers that have an FFN (width > 0), in order."""
-  return [f"layers_{i}" for i, w in enumerate(cfg.layer_ffn_widths) if w > 0]
+  return ffn.ffn_layer_names(cfg.layer_ffn_widths)
 
 
 def _group(path: tuple[str, ...]) -> str:
@@ -161,5 +162,5 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     group = _group(keys)
     counts[group] += size
     if group == "ffn":
-      counts["ffn_out" if keys[-1] == "out" else "ffn_in"] += size
+      counts["ffn_out" if keys[-1] == ffn.OUT else "ffn_in"] += size
   return counts

@@ -178,7 +178,7 @@ def register_preset(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
 
 
 def _gemma2(name: str, **shape) -> ModelConfig:
-  # Every field passed explicitly: see shared/reference/gemma2.md.
+  # Every field passed explicitly: see docs/gemma2.md.
   return ModelConfig(name=name, family="gemma2", vocab_size=256_000, activation="gelu_tanh",
                      attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
                      attention_pattern=("local", "global"), rope_theta=10_000.0,

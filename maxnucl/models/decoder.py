@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from maxnucl import sharding
+from maxnucl import ffn
 from maxnucl.layers.attentions import Attention
 from maxnucl.layers.embeddings import Embedder
 from maxnucl.layers.linears import GatedMLP
@@ -128,7 +129,7 @@ class Decoder(nn.Module):
       block_cls = nn.remat(block_cls, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
     new_caches = {}
     for i in range(cfg.num_layers):
-      name = f"layers_{i}"
+      name = ffn.layer_name(i)
       block = block_cls(cfg, i, self.deterministic, name=name)
       if caches is None:
         scale = None if ffn_inner_scale is None else ffn_inner_scale.get(name)

@@ -14,10 +14,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from maxnucl import ffn, outputs
 from maxnucl.pruning import calibration as calib
 from maxnucl.pruning import io
 from maxnucl.pruning.prune import LayerPruner, select_layers
-from maxnucl.pruning.scores import METHODS, outgoing_entropy, supernodes
+from maxnucl.pruning.scores import METHODS, supernodes
 
 
 def entropy_histograms(reader: io.CheckpointReader, layers: Sequence[int], bins: int = 50
@@ -30,8 +31,8 @@ def entropy_histograms(reader: io.CheckpointReader, layers: Sequence[int], bins:
   edges = np.linspace(0.0, math.log(d), bins + 1)
   out = {}
   for i in layers:
-    name = f"layers_{i}"
-    h = outgoing_entropy(reader.read_ffn(name)["out"])
+    name = ffn.layer_name(i)
+    h = ffn.row_entropy(reader.read_ffn(name)[ffn.OUT])
     finite = h[np.isfinite(h)]
     counts, _ = np.histogram(finite, bins=edges)
     out[name] = {"edges": edges.tolist(), "counts": counts.tolist(),
@@ -113,7 +114,7 @@ def _plots(result: dict, output_dir: pathlib.Path) -> list[str]:
     conc = result["lp_concentration"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(range(len(conc)), [c["share"] or 0.0 for c in conc.values()])
-    ax.set_xticks(range(len(conc)), [n.split("_")[1] for n in conc])
+    ax.set_xticks(range(len(conc)), [ffn.layer_index(n) for n in conc])
     ax.set_xlabel("layer")
     ax.set_ylabel("share of LP mass in top 1%")
     ax.set_ylim(0, 1)
@@ -155,6 +156,8 @@ def analyze_ffn(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown pruning method(s) {unknown}; known methods: {sorted(METHODS)}")
+  output_dir = outputs.check_output_path(output_dir, {"input checkpoint": input_path},
+                                         flag="--output_dir", overwrite=None, replaces=False)
   reader = io.CheckpointReader(input_path)
   indices = select_layers(reader.cfg, layers)
   data_aware = [m for m in methods if METHODS[m].needs_calibration]
@@ -170,12 +173,11 @@ def analyze_ffn(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                             "entropy": entropy_histograms(reader, indices, bins)}
   if stats is not None:
     result["lp_concentration"] = lp_concentration(
-        {f"layers_{i}": stats[f"layers_{i}"] for i in indices})
+        {ffn.layer_name(i): stats[ffn.layer_name(i)] for i in indices})
   if methods:
     sets = removal_sets(reader, methods, ratio, indices, seed=seed, stats=stats)
     result["removal_sets"] = sets
     result["overlap"] = overlap(sets)
-  output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   result["plots"] = _plots(result, output_dir)
   (output_dir / "analysis.json").write_text(json.dumps(result, indent=1))

@@ -16,9 +16,12 @@ pipeline's convention: `tokens`, `targets`, `loss_mask`, `segment_ids`, `positio
 Statistics are gathered in one forward + backward pass per batch (whole model in memory):
   x  FFN input (the pre-FFN norm's output)          -> sum_n x_nr^2               [d]
   a  inner activation act(xU) * (xV)                -> sum_n a_nj, sum_n a_nj^2    [m]
-  a*g with g = dL/da (L = mean next-token NLL of the batch; taken as the gradient with respect to
-       a multiplier of ones on a)                   -> sum_n (a_nj g_nj)^2        [m]
-over the tokens with loss_mask > 0.
+  a*g with g = dL/da (L = the *summed* next-token NLL of the batch's loss tokens; taken as the
+       gradient with respect to a multiplier of ones on a) -> sum_n (a_nj g_nj)^2  [m]
+over the tokens with loss_mask > 0.  Rows (and packed segments) do not attend to each other, so
+g at a token is the gradient of the summed NLL of its own sequence: it does not depend on which
+other rows share its batch, and the statistics do not depend on how the calibration data is
+batched (a batch-mean L would scale g by 1 / the batch's token count).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxnucl import losses, models
+from maxnucl import ffn, losses, models
 from maxnucl.models.config import ModelConfig
 from maxnucl.models.decoder import Decoder
 
@@ -59,7 +62,10 @@ class LayerStats:
 
   @property
   def loss_proxy(self) -> np.ndarray:
-    """LP_j = 1/2 E_tokens[(a_j g_j)^2]."""
+    """LP_j = 1/2 E_tokens[(a_nj g_nj)^2] (SCAR), per token: g_n = dL/da_n with L the summed
+    token NLL, so a_nj g_nj is the first-order change of the calibration NLL when channel j is
+    zeroed at token n alone, and E is the mean over all calibration tokens.  Independent of the
+    calibration batch size (with the batch-mean NLL, LP scaled with 1 / tokens per batch^2)."""
     return 0.5 * self.ag_sq_sum / max(self.count, 1.0)
 
 
@@ -195,7 +201,7 @@ def _batch_stats(cfg: ModelConfig, params, batch):
   names = models.ffn_layer_names(cfg)
   mask = batch["loss_mask"].astype(jnp.float32)
   shape = batch["tokens"].shape
-  ones = {n: jnp.ones(shape + (cfg.layer_ffn_widths[int(n.split("_")[1])],), jnp.float32)
+  ones = {n: jnp.ones(shape + (cfg.layer_ffn_widths[ffn.layer_index(n)],), jnp.float32)
           for n in names}
 
   def capture(module, method_name):
@@ -205,7 +211,9 @@ def _batch_stats(cfg: ModelConfig, params, batch):
     logits, state = Decoder(cfg).apply(
         {"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], scale,
         mutable=["intermediates"], capture_intermediates=capture)
-    loss = losses.nll(logits, {"targets": batch["targets"], "loss_mask": mask})  # mean
+    # Summed, not the batch mean: a mean would scale g by 1 / (the batch's loss tokens), so LP
+    # would depend on how the calibration rows are batched (see LayerStats.loss_proxy).
+    loss = losses.nll(logits, {"targets": batch["targets"], "loss_mask": mask}, "sum")
     return loss, state["intermediates"]
 
   grads, inter = jax.grad(loss_fn, has_aux=True)(ones)

@@ -30,10 +30,10 @@ import pathlib
 
 import numpy as np
 
-from maxnucl import checkpoints
+from maxnucl import checkpoints, ffn
 from maxnucl.models.config import ModelConfig
 
-FFN_KEYS = ("gate", "up", "out")  # U [d, m], V [d, m], W [m, d]
+FFN_KEYS = ffn.FFN_KEYS  # U [d, m], V [d, m], W [m, d]
 
 Key = tuple[str, ...]
 

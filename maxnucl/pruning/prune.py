@@ -1,7 +1,10 @@
 """`prune_ffn_neurons`: structured FFN neuron pruning that writes a physically smaller checkpoint.
 
 Flow (one layer's FFN in memory at a time, see maxnucl.pruning.io):
-  1. validate everything (ratio, method, layers, budget, output path) before touching the disk;
+  1. validate everything (ratio, method, layers, budget, every output path: the output is not
+     the input, inside it or around it, symlinks resolved; it does not exist unless overwrite;
+     the report's directory exists and is writable) before any work; then remove the temporary
+     directories that killed runs left beside the output (maxnucl.outputs);
   2. data-aware methods: LayerStats from calibration batches (needs the whole model once; so does
      --eval_perplexity, before and after);
   3. per_layer budget: floor(ratio * m_i) neurons of each selected layer; global budget:
@@ -28,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from maxnucl import models
+from maxnucl import ffn, models, outputs
 from maxnucl.pruning import calibration as calib
 from maxnucl.pruning import io, surgery
 from maxnucl.pruning.io import FFN_KEYS
@@ -107,10 +110,11 @@ class LayerPruner:
       raise PruningError(f"method {method!r} is data-aware and needs calibration data "
                          f"(--calibration SOURCE); none was given")
 
-  def inputs(self, index: int, ffn: Optional[dict] = None) -> LayerInputs:
-    name = f"layers_{index}"
-    ffn = self.reader.read_ffn(name) if ffn is None else ffn
-    return LayerInputs(index, name, ffn["gate"], ffn["up"], ffn["out"],
+  def inputs(self, index: int, matrices: Optional[dict] = None) -> LayerInputs:
+    """Layer `index`'s U, V, W (read from the checkpoint unless given) and its statistics."""
+    name = ffn.layer_name(index)
+    matrices = self.reader.read_ffn(name) if matrices is None else matrices
+    return LayerInputs(index, name, matrices[ffn.GATE], matrices[ffn.UP], matrices[ffn.OUT],
                        None if self.stats is None else self.stats[name],
                        np.random.default_rng([self.seed, index]), self.params)
 
@@ -177,8 +181,9 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   registered task's cached shards are read from).  `eval_tasks`: benchmarks (names such as
   "gsm8k", configured by gin, or Benchmark objects; maxnucl.evaluate) run on the input and on the
   pruned checkpoint (the first `eval_task_limit` examples), their metrics put in the report under
-  "eval_tasks".  Raises PruningError (or
-  FileExistsError / FileNotFoundError) before writing anything when a request is invalid.
+  "eval_tasks".  Raises PruningError, outputs.OutputPathError (an output path that is, lies
+  inside or contains an input, or a report path that cannot be written), FileExistsError or
+  FileNotFoundError before reading or writing anything when a request is invalid.
   """
   start = time.time()
   ratio = _check_ratio(ratio)
@@ -188,20 +193,23 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   if budget not in BUDGETS:
     raise PruningError(f"--budget {budget!r}: expected one of {BUDGETS}")
   input_path = pathlib.Path(input_path).absolute()
-  output_path = pathlib.Path(output_path).absolute()
   if not input_path.exists():
     raise FileNotFoundError(f"input checkpoint {input_path} does not exist")
-  if output_path == input_path:
-    raise PruningError(f"--output {output_path} is the input checkpoint; the input is never "
-                       f"modified, choose another path")
-  if output_path.exists() and not overwrite:
-    raise FileExistsError(f"output {output_path} already exists; pass --overwrite "
-                          f"(overwrite=True) to replace it")
+  # Every output path is checked before any work: nothing is read, scored or written first.
+  inputs = {"input checkpoint": input_path,
+            **{f"{flag} file": source for flag, source in (("--calibration", calibration),
+                                                           ("--eval_perplexity", eval_perplexity))
+               if isinstance(source, (str, os.PathLike)) and os.path.lexists(source)}}
+  output_path = outputs.check_output_path(output_path, inputs, overwrite=overwrite)
+  if report_path is not None:
+    report_path = outputs.check_output_file(
+        report_path, {**inputs, "output checkpoint": output_path}, flag="--report")
   _parse_method_params(method_obj, method_params)
   if method_obj.needs_calibration and calibration is None:
     raise PruningError(f"method {method!r} is data-aware and needs calibration data "
                        f"(--calibration SOURCE); none was given")
 
+  outputs.remove_stale_temporaries(output_path)  # of killed runs: free their space first
   reader = io.CheckpointReader(input_path)
   cfg = reader.cfg
   selected = select_layers(cfg, layers)
@@ -247,7 +255,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
       if key in writer.expected:
         writer.write(key, reader.open_lazy(key))
     for i in range(cfg.num_layers):
-      name = f"layers_{i}"
+      name = ffn.layer_name(i)
       entry: dict[str, Any] = {"name": name, "selected": i in counts, "width_before": widths[i]}
       layer_reports.append(entry)
       if i not in counts:  # unselected layers: copied unchanged, block by block
@@ -261,9 +269,9 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
       kept = np.setdiff1d(np.arange(widths[i]), removed)
       assert kept.size == new_widths[i], (name, kept.size, new_widths[i])
       if kept.size:
-        ffn = surgery.slice_ffn({"gate": layer.gate, "up": layer.up, "out": out}, kept)
+        pruned = surgery.slice_ffn(layer.ffn(out), kept)
         for key in FFN_KEYS:  # cast back to the stored dtype by the writer
-          writer.write((name, "mlp", key), ffn.pop(key))
+          writer.write((name, "mlp", key), pruned.pop(key))
       removed_mask = np.zeros(widths[i], bool)
       removed_mask[removed] = True
       entry.update(width_after=int(kept.size), num_removed=int(removed.size), kept=kept.tolist(),

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from maxnucl import ffn
 from maxnucl.pruning import surgery
 from maxnucl.pruning.calibration import LayerStats
 
@@ -43,8 +44,9 @@ class LayerInputs:
   def width(self) -> int:
     return self.out.shape[0]
 
-  def ffn(self) -> dict[str, np.ndarray]:
-    return {"gate": self.gate, "up": self.up, "out": self.out}
+  def ffn(self, out: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """{U, V, W} by their FFN keys; `out` replaces W (a method's compensated W)."""
+    return {ffn.GATE: self.gate, ffn.UP: self.up, ffn.OUT: self.out if out is None else out}
 
 
 @dataclasses.dataclass
@@ -103,27 +105,12 @@ def _rows(matrix: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], chunk: int
 
 # ---- data-free (NUCL paper, Table 4) -------------------------------------------------------------
 
-def outgoing_entropy(out: np.ndarray) -> np.ndarray:
-  """H_j = -sum_k r_jk log r_jk with r_jk = |W_jk| / sum_k |W_jk| (Eq. 2-3, 8); W [m, d] -> [m].
-
-  0 log 0 = 0.  A zero row has no outgoing distribution; it gets H = +inf so that it is removed
-  first (removing it changes nothing).
-  """
-  def block(w):
-    a = np.abs(w)
-    total = a.sum(axis=1, keepdims=True)
-    r = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
-    plogp = np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)
-    return np.where(total[:, 0] > 0, -plogp.sum(axis=1), np.inf)
-
-  return _rows(out, block)
-
-
 @register("entropy", remove="highest")
 def entropy_scores(layer: LayerInputs) -> np.ndarray:
-  """NUCL Eq. 8: remove the neurons with the highest outgoing-connection entropy (zero rows
+  """NUCL Eq. 8: remove the neurons with the highest outgoing-connection entropy
+  (`ffn.row_entropy`; a zero row has the largest possible entropy, log d, so it goes among the
   first)."""
-  return outgoing_entropy(layer.out)
+  return ffn.row_entropy(layer.out)
 
 
 @register("magnitude", remove="lowest")
@@ -197,7 +184,9 @@ def flap(layer: LayerInputs) -> np.ndarray:
 
 @register("lp", remove="lowest", needs_calibration=True)
 def loss_proxy(layer: LayerInputs) -> np.ndarray:
-  """SCAR loss proxy LP_j = 1/2 E_tokens[(a_j g_j)^2], g = dL/da; keep the highest LP."""
+  """SCAR loss proxy LP_j = 1/2 E_tokens[(a_nj g_nj)^2]; keep the highest LP.  Per token:
+  g_n = dL/da_n with L the summed token NLL (calibration.LayerStats.loss_proxy), so the scores
+  and the removal set do not depend on how the calibration data was batched."""
   return _require_stats(layer, "lp").loss_proxy
 
 
@@ -235,7 +224,8 @@ def halo_protection(out: np.ndarray, core: np.ndarray, *, dims_fraction: float,
           halo_dims_fraction=0.01, halo_concentration=2.0, protection=1.0)
 def scar_prot(layer: LayerInputs) -> np.ndarray:
   """SCAR-Prot: keep score LP_j * protection_j (halo channels redundant with the core get
-  protection > 1); supernodes (top `supernode_fraction` by LP) are never removed (+inf)."""
+  protection > 1); supernodes (top `supernode_fraction` by LP) are never removed (+inf).  LP is
+  the per-token loss proxy of `lp`, independent of the calibration batch size."""
   p = layer.params
   lp = _require_stats(layer, "scar_prot").loss_proxy
   core = supernodes(lp, float(p["supernode_fraction"]))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from maxnucl.ffn import GATE, OUT, UP
+
 
 def slice_ffn(ffn: dict[str, np.ndarray], kept: np.ndarray) -> dict[str, np.ndarray]:
   """Keep neurons `kept` (sorted indices): U[:, kept], V[:, kept], W[kept, :]."""
   kept = np.asarray(kept, np.int64)
-  return {"gate": np.ascontiguousarray(ffn["gate"][:, kept]),
-          "up": np.ascontiguousarray(ffn["up"][:, kept]),
-          "out": np.ascontiguousarray(ffn["out"][kept, :])}
+  return {GATE: np.ascontiguousarray(ffn[GATE][:, kept]),
+          UP: np.ascontiguousarray(ffn[UP][:, kept]),
+          OUT: np.ascontiguousarray(ffn[OUT][kept, :])}
 
 
 def top_removals(priority: np.ndarray, num_remove: int) -> np.ndarray:
@@ -70,9 +72,9 @@ def merge_greedy(ffn: dict[str, np.ndarray], num_remove: int):
   best partner was j look for a new one).  Returns (removed in order, new W [m, d] float64,
   initial cost per neuron [m]).
   """
-  dist, scale, wsq = merge_costs(ffn["gate"], ffn["up"], ffn["out"])
+  dist, scale, wsq = merge_costs(ffn[GATE], ffn[UP], ffn[OUT])
   m = wsq.size
-  w = np.array(ffn["out"], np.float64)
+  w = np.array(ffn[OUT], np.float64)
   best = np.argmin(dist, axis=1) if m > 1 else np.zeros(m, np.int64)
   best_dist = dist[np.arange(m), best] if m > 1 else np.full(m, np.inf)
   cost = wsq * best_dist
@@ -139,9 +141,9 @@ def least_squares_greedy(ffn: dict[str, np.ndarray], num_remove: int, *, neighbo
   whenever its activation is a linear combination of survivors'.  Returns (removed in order,
   new W [m, d] float64, initial cost per neuron [m]).
   """
-  u = np.asarray(ffn["gate"], np.float64).T
-  v = np.asarray(ffn["up"], np.float64).T
-  w = np.array(ffn["out"], np.float64)
+  u = np.asarray(ffn[GATE], np.float64).T
+  v = np.asarray(ffn[UP], np.float64).T
+  w = np.array(ffn[OUT], np.float64)
   m = w.shape[0]
   gram_u = u @ u.T
   norm_u = np.diag(gram_u).copy()

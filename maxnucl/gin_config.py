@@ -1,0 +1,156 @@
+"""Parsing the gin configuration of a run, and refusing one that cannot be what the user meant.
+
+    parse(["gin/demo_cpu.gin"], ["NUCL_ALPHA = 10.0"])   # files, then bindings; then checked
+
+Gin itself refuses a binding of an unknown configurable or parameter.  It accepts silently:
+  * a macro that nothing reads (`NUCL_ALPH = 1000.0` for `NUCL_ALPHA`): the run would use the
+    default and exit 0.  `check_macros` refuses it, naming the closest known macros;
+  * a value of the wrong type (`train_loop.num_steps = 'five'`), which fails deep inside the run
+    or, worse, works by accident.  `check_types` compares every binding of a maxnucl
+    configurable (macros resolved) with the parameter's annotation and names the binding.
+Values of the right type that make no sense (`checkpoint_every = 0`) are refused where they are
+used, before any work (e.g. `train.train_loop`).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import inspect
+import pathlib
+import types
+import typing
+from typing import Any, Sequence
+
+import gin
+from gin import config as gin_internals
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_MACRO = "gin.macro"
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding that is refused (the message names it)."""
+
+
+def parse(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+  """Parse gin files (relative to the working directory or the repository root), then the
+  bindings, then refuse unread macros and mistyped values."""
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  for path in gin_files:
+    if not (pathlib.Path(path).exists() or (REPO_ROOT / path).exists()):
+      raise FileNotFoundError(f"gin file {path} does not exist")
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+  check_macros()
+  check_types()
+
+
+# ---- macros ---------------------------------------------------------------------------------------
+
+def _references(value: Any, out: set) -> None:
+  """Every macro name referenced (`%NAME`) inside a binding value."""
+  if isinstance(value, gin_internals.ConfigurableReference):
+    if value.configurable.selector == _MACRO:
+      out.add(value.scoped_selector.rsplit("/", 1)[0])
+  elif isinstance(value, dict):
+    for item in value.values():
+      _references(item, out)
+  elif isinstance(value, (list, tuple, set)):
+    for item in value:
+      _references(item, out)
+
+
+def check_macros() -> None:
+  """Refuse a macro that no binding (and no other read macro) refers to."""
+  defined, referenced = set(), set()
+  for (scope, selector), bindings in gin_internals._CONFIG.items():  # pylint: disable=protected-access
+    if selector == _MACRO:
+      defined.add(scope)
+    for value in bindings.values():
+      _references(value, referenced)
+  unread = sorted(defined - referenced)
+  if unread:
+    hints = []
+    for name in unread:
+      close = difflib.get_close_matches(name, sorted(referenced), n=3, cutoff=0.6)
+      hints.append(f"{name}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    raise GinConfigError(f"gin macro(s) defined but read by nothing: {', '.join(hints)}; "
+                         f"macros in use: {', '.join(sorted(referenced))}")
+
+
+# ---- types ----------------------------------------------------------------------------------------
+
+def _resolve_macros(value: Any) -> Any:
+  if isinstance(value, gin_internals.ConfigurableReference):
+    if value.configurable.selector == _MACRO:
+      scope = value.scoped_selector.rsplit("/", 1)[0]
+      return _resolve_macros(gin_internals._CONFIG.get((scope, _MACRO), {}).get(  # pylint: disable=protected-access
+          "value", _UNKNOWN))
+    return _UNKNOWN  # a configurable's result: not checked here
+  if isinstance(value, (list, tuple)):
+    return type(value)(_resolve_macros(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _resolve_macros(v) for k, v in value.items()}
+  return value
+
+
+_UNKNOWN = object()
+
+
+def _matches(value: Any, hint: Any) -> bool:
+  """Whether a parsed gin value can be what the annotation `hint` asks for (lenient where the
+  annotation is broad: Any, callables, arrays, unions of those)."""
+  if value is _UNKNOWN or hint is Any or hint is inspect.Parameter.empty:
+    return True
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    return any(_matches(value, h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is str:
+    return isinstance(value, str)
+  if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+    return isinstance(value, (list, tuple))
+  if origin in (dict, collections.abc.Mapping) or hint is dict:
+    return isinstance(value, dict)
+  return True  # anything else (objects, callables, arrays) is not checked
+
+
+def _hints(fn) -> dict:
+  target = fn.__init__ if inspect.isclass(fn) else fn
+  try:
+    return typing.get_type_hints(target)
+  except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated is not checked
+    return {}
+
+
+def check_types() -> None:
+  """Refuse a binding of a maxnucl configurable whose value contradicts the annotation."""
+  for (_, selector), bindings in gin_internals._CONFIG.items():  # pylint: disable=protected-access
+    if selector == _MACRO or not selector.startswith("maxnucl."):
+      continue
+    configurable = gin_internals._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+    if configurable is None:
+      continue
+    hints = _hints(configurable.wrapped)
+    for parameter, value in bindings.items():
+      hint = hints.get(parameter)
+      if hint is None:
+        continue
+      resolved = _resolve_macros(value)
+      if not _matches(resolved, hint):
+        expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise GinConfigError(f"gin binding {configurable.name}.{parameter} = {resolved!r}: "
+                             f"expected {expected}")
+
+
+def error_message(error: BaseException) -> str:
+  """The error's own message, without the "In call to configurable ..." lines gin appends to
+  exceptions raised inside configurables (the message already names the binding)."""
+  return str(error).split("\n  In call to configurable")[0]

@@ -1,0 +1,404 @@
+"""Where the tools write: never into an input, through owned temporary directories, in one step.
+
+  check_output_path(output, {"input checkpoint": ckpt}, overwrite=...)   before any work: refuses
+      an output that is an input, lies inside one or (when it replaces a whole directory) contains
+      one, symlinks resolved; an existing output without --overwrite; an unwritable location
+  check_output_file(report, {...}, flag="--report")                     the same for one file
+  with TemporaryOutput(output, overwrite) as tmp:                       build the output in `tmp`
+      ...                                                               (renamed into place on
+                                                                        success, removed on error)
+  replace_directory(tmp, path, overwrite)                               one-step replacement
+  remove_stale_temporaries(output)                                      temporaries of killed runs
+  exit_on_sigterm()                                                     SIGTERM cleans up as Ctrl-C
+
+A temporary directory `.NAME.tmp-XXXXXXXX/` (a sibling of the output NAME, so the final rename
+stays on one filesystem) holds `owner.json` (pid, process start time, boot id, hostname, pid
+namespace of the process that made it) and `content/`, where the output is built.  The owner
+record never becomes part of the output, and everything an interrupted run can leave behind
+(half-written content, the replaced old output) sits below it, so a later run that finds the
+owner gone (killed with SIGKILL, machine restarted) deletes the whole directory.  A directory
+whose owner is alive, runs on another host or in another pid namespace, or has no readable
+record is never deleted.
+
+Only the standard library: the data pipeline (numpy only) uses it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import glob
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import sys
+import time
+import uuid
+from typing import Any, Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "owner.json"
+CONTENT = "content"
+
+
+class OutputPathError(ValueError):
+  """An output path that would destroy or alter an input, or that cannot be written."""
+
+
+# ---- output paths ---------------------------------------------------------------------------------
+
+def check_output_path(output: str | os.PathLike, inputs: Mapping[str, Any], *,
+                      flag: str = "--output", overwrite: Optional[bool] = False,
+                      replaces: bool = True) -> pathlib.Path:
+  """Validate the output directory `output` before any work; returns it as an absolute path.
+
+  inputs: {what: path} of what the tool reads, e.g. {"input checkpoint": ckpt} (None values are
+  skipped).  Raises OutputPathError naming both paths when `output` is an input or lies inside
+  one, or, if `replaces` (--overwrite replaces the output directory as a whole), contains one
+  (replacing it would delete the input).  Paths are compared with symlinks resolved (the path's
+  own and its parents') and, where they exist, by device and inode, so a symlink or bind mount
+  aliasing an input is recognised.  Also refuses an output whose nearest existing ancestor is
+  not a writable directory.  overwrite=False: an existing output is refused (FileExistsError);
+  True: allowed; None: not checked (tools that write into, or resume, a directory).
+  """
+  output = pathlib.Path(output).absolute()
+  _refuse_inputs(output, inputs, flag, replaces)
+  exists = os.path.lexists(output)
+  if exists and overwrite is False:
+    raise FileExistsError(f"output {output} already exists; pass --overwrite (overwrite=True) "
+                          f"to replace it")
+  # A replaced output is renamed within its parent; any other is written into.
+  _check_writable(output, output if exists and not replaces else output.parent, flag)
+  return output
+
+
+def check_output_file(path: str | os.PathLike, inputs: Mapping[str, Any], *,
+                      flag: str) -> pathlib.Path:
+  """Validate an output file (e.g. a JSON report) before any work; returns its absolute path.
+
+  Refuses a path that is one of `inputs` or lies inside one (see `check_output_path`), an
+  existing directory, a directory that does not exist or is not writable, and an existing file
+  that is not writable (OutputPathError, naming the path)."""
+  path = pathlib.Path(path).absolute()
+  _refuse_inputs(path, inputs, flag, replaces=False)
+  if path.is_dir():
+    raise OutputPathError(f"{flag} {path} is a directory; expected the path of a file to write")
+  if not path.parent.is_dir():
+    raise OutputPathError(f"{flag} {path}: directory {path.parent} does not exist")
+  if not os.access(path.parent, os.W_OK | os.X_OK):
+    raise OutputPathError(f"{flag} {path}: directory {path.parent} is not writable")
+  if path.exists() and not os.access(path, os.W_OK):
+    raise OutputPathError(f"{flag} {path} exists and is not writable")
+  return path
+
+
+def _refuse_inputs(output: pathlib.Path, inputs: Mapping[str, Any], flag: str,
+                   replaces: bool) -> None:
+  for what, source in inputs.items():
+    if source is None:
+      continue
+    source = pathlib.Path(source).absolute()
+    if _within(output, source) and _same(output, source):
+      relation, why = "is", "choose another path"
+    elif _within(output, source):
+      relation, why = "lies inside", "writing there would add files to it; choose a path outside it"
+    elif replaces and _within(source, output):
+      relation, why = "contains", f"replacing {flag} would delete it; choose another path"
+    else:
+      continue
+    raise OutputPathError(f"{flag} {output}{_resolved(output)} {relation} the {what} "
+                          f"{source}{_resolved(source)}: {why}")
+
+
+def _resolved(path: pathlib.Path) -> str:
+  real = path.resolve()
+  return "" if real == path else f" (resolves to {real})"
+
+
+def _identity(path: pathlib.Path) -> Optional[tuple[int, int]]:
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return None
+  return stat.st_dev, stat.st_ino
+
+
+def _same(a: pathlib.Path, b: pathlib.Path) -> bool:
+  return a.resolve() == b.resolve() or (_identity(a) is not None and _identity(a) == _identity(b))
+
+
+def _within(inner: pathlib.Path, outer: pathlib.Path) -> bool:
+  """Whether `inner` is `outer` or lies below it, symlinks resolved (by device and inode where
+  both exist, which also sees bind mounts)."""
+  inner, outer = inner.resolve(), outer.resolve()
+  if inner == outer or outer in inner.parents:
+    return True
+  target = _identity(outer)
+  return target is not None and any(_identity(p) == target for p in (inner, *inner.parents))
+
+
+def _check_writable(path: pathlib.Path, start: pathlib.Path, flag: str) -> None:
+  existing = start
+  while not existing.exists():  # directories still to create are created in the nearest one
+    existing = existing.parent
+  if not existing.is_dir():
+    raise OutputPathError(f"{flag} {path}: {existing} is not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise OutputPathError(f"{flag} {path}: directory {existing} is not writable")
+
+
+# ---- temporary output directories ---------------------------------------------------------------
+
+class TemporaryOutput:
+  """A temporary sibling directory of the output `path`, owned by this process.
+
+      with TemporaryOutput(path, overwrite) as tmp:   # tmp: the directory to build the output in
+        ...                                           # then: put at `path` (replace_directory)
+                                                      # an exception: everything removed
+
+  Creating one first removes the stale temporaries of `path` (`remove_stale_temporaries`).
+  `commit()` / `discard()` do the same as leaving the block without / with an exception.
+  """
+
+  def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+    self.path = pathlib.Path(path).absolute()
+    self.overwrite = overwrite
+    remove_stale_temporaries(self.path)
+    if not overwrite and os.path.lexists(self.path):  # checked again at the final rename
+      raise FileExistsError(f"output {self.path} already exists; pass --overwrite "
+                            f"(overwrite=True) to replace it")
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.root = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    self.root.mkdir()
+    (self.root / OWNER_FILE).write_text(json.dumps(_owner_record()))
+    self.content = self.root / CONTENT
+    self.content.mkdir()
+
+  def __enter__(self) -> pathlib.Path:
+    return self.content
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.commit()
+    else:
+      self.discard()
+
+  def commit(self) -> pathlib.Path:
+    """Put the finished content at `path` (see `replace_directory`), then delete the rest."""
+    try:
+      replace_directory(self.content, self.path, self.overwrite, old=self.root / "old")
+    finally:
+      self.discard()
+    return self.path
+
+  def discard(self) -> None:
+    _remove_temporary(self.root)
+
+
+def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool, *,
+                      old: Optional[str | os.PathLike] = None) -> None:
+  """Put the finished directory `tmp` at `path`; an existing `path` only if `overwrite`.
+
+  A new `path` is made by one rename that fails, rather than replace it, if `path` appeared
+  meanwhile (renameat2 RENAME_NOREPLACE).  An existing `path` is swapped with `tmp` by one
+  renameat2(RENAME_EXCHANGE) (Linux >= 3.15, on filesystems that support it), so that `path`
+  names the old or the new directory at every instant; the old one, now at `tmp`, is then
+  deleted.  Where the exchange is not available: two renames, `path` to `old` (default: the
+  sibling `.NAME.old-XXXXXXXX`; TemporaryOutput passes `old/` inside its own directory, which
+  `remove_stale_temporaries` moves back to `path` if the process was killed in between) and
+  `tmp` to `path`; between the two, `path` does not exist.
+  """
+  tmp, path = pathlib.Path(tmp), pathlib.Path(path)
+  if not os.path.lexists(path):
+    try:
+      if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+        os.rename(tmp, path)
+    except FileExistsError:
+      raise FileExistsError(f"output {path} appeared while it was being written; it is left "
+                            f"as it is") from None
+    _fsync_directory(path.parent)
+    return
+  if not overwrite:
+    raise FileExistsError(f"output {path} already exists; pass --overwrite to replace it")
+  if _renameat2(tmp, path, _RENAME_EXCHANGE):
+    replaced = tmp
+  else:
+    replaced = pathlib.Path(old) if old is not None else (
+        path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(path, replaced)
+    os.rename(tmp, path)  # until this returns, `path` does not exist
+  _fsync_directory(path.parent)
+  _remove(replaced)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_renameat2():
+  try:
+    fn = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):  # not glibc >= 2.28 (or not Linux)
+    return None
+  fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  fn.restype = ctypes.c_int
+  return fn
+
+
+def _renameat2(src: pathlib.Path, dst: pathlib.Path, flags: int) -> bool:
+  """renameat2(2) with `flags`; False where the C library, kernel or filesystem lacks it."""
+  fn = _libc_renameat2()
+  if fn is None:
+    return False
+  if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    return False
+  raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+  """Make a rename in `directory` durable."""
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _remove(path: pathlib.Path) -> None:
+  if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+    path.unlink(missing_ok=True)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_temporary(root: pathlib.Path) -> None:
+  """Delete a temporary directory, its owner record last: a run killed meanwhile leaves a
+  directory that the next run still recognises as stale."""
+  if root.is_dir() and not root.is_symlink():
+    for child in root.iterdir():
+      if child.name != OWNER_FILE:
+        _remove(child)
+  (root / OWNER_FILE).unlink(missing_ok=True)
+  _remove(root)
+
+
+# ---- stale temporaries ----------------------------------------------------------------------------
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
+  """Delete the temporary siblings `.NAME.tmp-*` of the output `path` whose owner process is
+  gone; returns those deleted.  (One holding the previous output as `old/` while `path` is
+  missing, a run killed between the two renames of `replace_directory`'s fallback, first gets
+  it moved back to `path`.)  Those whose owner may be alive (or runs on another host or in
+  another pid namespace) are left alone, and so are those without a readable owner record (made
+  by an older maxnucl, or by a run killed in the instant between creating the directory and
+  recording its owner), with a warning that names them."""
+  path = pathlib.Path(path).absolute()
+  removed: list[pathlib.Path] = []
+  if not path.parent.is_dir():
+    return removed
+  for candidate in sorted(path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*")):
+    if candidate.is_symlink() or not candidate.is_dir():
+      continue
+    try:
+      owner = json.loads((candidate / OWNER_FILE).read_text())
+      if not isinstance(owner, dict):
+        raise ValueError(owner)
+    except (OSError, ValueError):
+      log.warning("%s: a temporary directory of %s without an owner record (%s); it is not "
+                  "removed automatically: delete it once no process is writing it", candidate,
+                  path, OWNER_FILE)
+      continue
+    if _owner_alive(owner):
+      continue
+    log.warning("removing %s: temporary directory of %s left by process %s (%s), which is gone",
+                candidate, path, owner.get("pid"), str(owner.get("argv", "?"))[:300])
+    if os.path.lexists(candidate / "old") and not os.path.lexists(path):
+      # killed between the two renames of replace_directory's fallback: the old output is whole
+      try:
+        os.rename(candidate / "old", path)
+        log.warning("restored the previous %s from %s", path, candidate / "old")
+      except OSError:  # another run restored it first
+        pass
+    _remove_temporary(candidate)
+    removed.append(candidate)
+  return removed
+
+
+def _owner_record() -> dict:
+  pid = os.getpid()
+  return {"pid": pid, "start_time": _process_start_time(pid), "boot_id": _boot_id(),
+          "hostname": socket.gethostname(), "pid_namespace": _pid_namespace(),
+          "created": time.time(), "argv": sys.argv}
+
+
+def _owner_alive(owner: dict) -> bool:
+  """Whether the process that wrote `owner` may still run (True when this cannot be told)."""
+  if owner.get("hostname") != socket.gethostname() or owner.get("pid_namespace") != _pid_namespace():
+    return True  # another machine or container: its processes are not visible from here
+  boot_id = _boot_id()
+  if owner.get("boot_id") and boot_id and owner["boot_id"] != boot_id:
+    return False  # the machine restarted since
+  pid = owner.get("pid")
+  if not isinstance(pid, int) or pid <= 0:
+    return True
+  if os.path.exists("/proc/self/stat"):  # the start time tells a reused pid apart
+    try:
+      start = _process_start_time(pid)
+    except (ValueError, IndexError):  # an unexpected /proc format: keep it
+      return True
+    return start is not None and owner.get("start_time") in (None, start)
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _process_start_time(pid: int) -> Optional[int]:
+  """Start time (clock ticks after boot) of a running process; None if none or a zombie."""
+  try:
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+  except OSError:
+    return None
+  fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3
+  return None if fields[0] in ("Z", "X") else int(fields[19])  # starttime is field 22
+
+
+def _boot_id() -> Optional[str]:
+  try:
+    return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+  except OSError:
+    return None
+
+
+def _pid_namespace() -> Optional[str]:
+  try:
+    return os.readlink("/proc/self/ns/pid")
+  except OSError:
+    return None
+
+
+# ---- signals ----------------------------------------------------------------------------------
+
+def exit_on_sigterm() -> None:
+  """Make SIGTERM end a command line the way Ctrl-C (SIGINT) does: an exception unwinds the
+  `with` blocks, which remove temporary outputs, and the process exits with status 143
+  (128 + SIGTERM).  A second SIGTERM ends it at once.  Call from the main thread."""
+  def terminate(signum, frame):
+    del frame
+    signal.signal(signum, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, terminate)

@@ -1,0 +1,151 @@
+"""Refused gin configurations (unread macros, wrong types, nonsensical values: one-line errors,
+nothing created) and robust resume (a torn metrics line, a corrupted checkpoint, TensorBoard
+without duplicate steps)."""
+
+import importlib
+import json
+import pathlib
+
+import gin
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from maxnucl import gin_config, sharding, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["model_config.num_layers = 2", "DATA_SEQ_LEN = 32", "DATA_BATCH_SIZE = 8",
+        "train_loop.progress_bar = False", "train_loop.eval_every = 0",
+        "train_loop.log_every = 1", "train_loop.checkpoint_every = 2",
+        "train_loop.async_checkpointing = False"]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_unread_macro_is_refused_naming_the_closest_known_macro():
+  with pytest.raises(gin_config.GinConfigError, match=r"NUCL_ALPH \(did you mean NUCL_ALPHA\?\)"):
+    gin_config.parse(["gin/demo_cpu.gin"], ["NUCL_ALPH = 1000.0"])
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("NUCL_ALPH = 1000.0", "gin macro(s) defined but read by nothing: NUCL_ALPH"),
+    ("train_loop.num_steps = 'five'", "gin binding train_loop.num_steps = 'five': expected int"),
+    ("learning_rate_schedule.peak_learning_rate = 'fast'",
+     "gin binding learning_rate_schedule.peak_learning_rate = 'fast': expected float"),
+    ("DATA_SEQ_LEN = 'long'", "gin binding create_data_iterator.seq_len = 'long': expected int"),
+    ("train_loop.checkpoint_every = 0", "train_loop.checkpoint_every = 0: expected an integer >= 1"),
+    ("train_loop.num_steps = -3", "train_loop.num_steps = -3: expected an integer >= 1"),
+    ("train_loop.eval_every = -1", "train_loop.eval_every = -1: expected an integer >= 0"),
+])
+def test_bad_bindings_give_a_one_line_error_and_create_nothing(binding, message, tmp_path,
+                                                               capsys):
+  workdir = tmp_path / "run"
+  assert train.main(["--gin_file=gin/demo_cpu.gin", f"--gin_param={binding}",
+                     f"--workdir={workdir}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"error: {err[len('error: '):]}" and "\n" not in err
+  assert message in err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("gin_file", sorted(str(p.relative_to(REPO)) for p in
+                                            list(REPO.glob("gin/*.gin"))
+                                            + list(REPO.glob("gin/eval/*.gin"))))
+def test_every_shipped_run_file_passes_the_checks(gin_file):
+  importlib.import_module("maxnucl.evaluate")  # registers the benchmarks the eval files bind
+  gin_config.parse([gin_file], [])
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+def _train(workdir, steps):
+  gin.clear_config()
+  gin_config.parse(["gin/demo_cpu.gin"], TINY + [f"train_loop.num_steps = {steps}"])
+  mesh = sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1])
+  try:
+    return train.train_loop(workdir, mesh=mesh)
+  finally:
+    gin.clear_config()
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+  """Flip bytes of the largest params data file (the arrays' chunks)."""
+  data = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  for i in range(len(raw) // 3, len(raw), 97):
+    raw[i] ^= 0xFF
+  data.write_bytes(bytes(raw))
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torn_last_metrics_line_does_not_block_resume(tmp_path, caplog):
+  _train(tmp_path, 4)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 5, "loss": 1.2')  # the process died while writing
+  _train(tmp_path, 6)
+  assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+  assert "metrics.jsonl: dropping its incomplete last line" in caplog.text
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, caplog, capsys):
+  straight = _train(tmp_path / "straight", 6)
+  interrupted = tmp_path / "interrupted"
+  _train(interrupted, 4)
+  _corrupt(interrupted / "checkpoints" / "4")
+  resumed = _train(interrupted, 6)
+  assert "checkpoints/4 is corrupted: array params/" in caplog.text
+  assert "resuming from the previous checkpoint, step 2" in caplog.text
+  assert f"resumed from step 2 ({interrupted / 'checkpoints' / '2'})" in capsys.readouterr().out
+  assert (interrupted / "checkpoints" / "corrupted_step_4").is_dir()  # moved aside, not deleted
+  for a, b in zip(jax.tree.leaves(straight["state"]["params"]),
+                  jax.tree.leaves(resumed["state"]["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [r["loss"] for r in _metrics(interrupted)] == [r["loss"] for r in _metrics(
+      tmp_path / "straight")]
+  # TensorBoard: the steps logged again after the restored one replace the old ones.
+  accumulator = event_accumulator.EventAccumulator(str(interrupted / "tensorboard"))
+  accumulator.Reload()
+  steps = [e.step for e in accumulator.Scalars("loss")]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  losses = [e.value for e in accumulator.Scalars("loss")]
+  np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(interrupted)], rtol=1e-6)
+
+
+def test_corrupted_only_checkpoint_is_named_in_a_clear_error(tmp_path):
+  _train(tmp_path, 2)
+  _corrupt(tmp_path / "checkpoints" / "2")
+  with pytest.raises(train.TrainingError,
+                     match=r"checkpoints/2 is corrupted: array params/\S+ cannot be read.*no "
+                           r"earlier checkpoint"):
+    _train(tmp_path, 4)
+
+
+# ---- the data command line: one-line errors, exit code 2 ---------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["cache", "--source", "nope", "--cache_dir", "C"], "error: Unknown task or mixture 'nope'"),
+    (["cache", "--source", "synthetic_arithmetic", "--cache_dir", "C",
+      "--feature_lengths", "{inputs: 3}"], "error: --feature_lengths '{inputs: 3}': not JSON"),
+    (["cache", "--source", "synthetic_arithmetic", "--cache_dir", "C",
+      "--feature_lengths", '{"inputs": -1}'], "error: --feature_lengths '{\"inputs\": -1}': expected positive"),
+    (["cache", "--source", "gsm8k", "--split", "test", "--cache_dir", "C",
+      "--data_dir", "/nonexistent"], "error: Dataset 'gsm8k' not found"),
+])
+def test_data_command_errors_are_short_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+  from maxnucl.data import cli, sources  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
+  monkeypatch.delenv(sources.DATA_DIR_ENV, raising=False)
+  args = [str(tmp_path / a) if a == "C" else a for a in args]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and "Traceback" not in err and "In call to" not in err
