@@ -3,6 +3,7 @@
 import pathlib
 
 import setuptools
+from setuptools.command import build_py
 
 HERE = pathlib.Path(__file__).parent
 
@@ -10,6 +11,19 @@ HERE = pathlib.Path(__file__).parent
 def _requirements():
   lines = (HERE / "requirements.txt").read_text().splitlines()
   return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+class BuildPyWithGinFiles(build_py.build_py):
+  """Also copies the repository's gin/ into the built package as maxnucl/gin/: a wheel has no
+  repository root, and maxnucl.gin_config searches the package's copy when it exists (an
+  editable install builds nothing here and reads gin/ in place)."""
+
+  def build_package_data(self):
+    super().build_package_data()
+    for source in sorted((HERE / "gin").rglob("*.gin")):
+      target = pathlib.Path(self.build_lib, "maxnucl", source.relative_to(HERE))
+      self.mkpath(str(target.parent))
+      self.copy_file(str(source), str(target))
 
 
 EVAL = ["lm_eval==0.4.13", "datasets==5.2.0"]
@@ -35,7 +49,18 @@ setuptools.setup(
         "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "babel==2.18.0",
                  *EVAL],
     },
+    cmdclass={"build_py": BuildPyWithGinFiles},
+    # The mains of `python -m maxnucl.X` and `python tools/X.py` (README: "Command-line entry
+    # points").
     entry_points={"console_scripts": [
+        "maxnucl-train = maxnucl.train:main",
+        "maxnucl-evaluate = maxnucl.evaluate:main",
+        "maxnucl-generate = maxnucl.generate:main",
+        "maxnucl-summary = maxnucl.summary:main",
+        "maxnucl-data = maxnucl.data.cli:main",
+        "maxnucl-convert = maxnucl.conversion.cli:main",
+        "maxnucl-prune = maxnucl.pruning.cli:prune_main",
+        "maxnucl-analyze = maxnucl.pruning.cli:analyze_main",
         "maxnucl-lm-eval = maxnucl.lm_eval_adapter:main",
     ]},
 )

@@ -2,14 +2,19 @@
 
 A synthetic Gemma-2 9b-shaped Hugging Face directory of random bf16 weights (full 9b widths: d 3584,
 m 14336, 16/8 heads of 256, the full 256000 x 3584 embedding; `--layers` of the 42 layers, to keep
-disk and time sane on a small machine) is written once, then in fresh subprocesses:
+disk and time sane on a small machine; another preset's widths with --preset) is written once,
+then in fresh subprocesses:
   copy          `cp` of the same safetensors bytes (the floor for any converter)
   hf-to-maxnucl the streaming conversion (convert.hf_to_maxnucl)
   maxnucl-to-hf the streaming export back to safetensors (convert.maxnucl_to_hf)
 Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` inside each conversion subprocess; the
 fixed overhead is that figure right after the imports, before any tensor is read.
 
-    python benchmarks/convert_benchmark.py [--layers 4] [--workdir /tmp/convert_benchmark]
+    python benchmarks/convert_benchmark.py [--layers 4] [--workdir /tmp/convert_benchmark] [--keep]
+        [--preset gemma2_9b]
+
+What it writes in --workdir (about 10 GiB at the defaults) is removed at the end, also after an
+error or an interruption, unless --keep.
 """
 
 from __future__ import annotations
@@ -28,17 +33,20 @@ REPO = pathlib.Path(__file__).absolute().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import workdirs  # noqa: E402  pylint: disable=wrong-import-position
+from maxnucl import outputs  # noqa: E402  pylint: disable=wrong-import-position
+
 GiB = 1 << 30
 
 
-def make_hf_dir(path: pathlib.Path, layers: int, shard_bytes: int) -> dict:
-  """A 9b-shaped HF directory of random bf16 weights; returns its config."""
+def make_hf_dir(path: pathlib.Path, preset: str, layers: int, shard_bytes: int) -> dict:
+  """A `preset`-shaped HF directory of random bf16 weights; returns its config."""
   import ml_dtypes
   import numpy as np
   from maxnucl import models
   from maxnucl.conversion import hf_gemma2, hf_io
 
-  cfg = models.get_config("gemma2_9b", num_layers=layers)
+  cfg = models.get_config(preset, num_layers=layers)
   path.mkdir(parents=True)
   config = hf_gemma2.hf_config(cfg, torch_dtype="bfloat16")
   (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -75,7 +83,7 @@ def _child(argv: list[str]) -> dict:
 def child(mode: str, src: str, dst: str) -> None:
   """One measured step in a fresh process (so ru_maxrss is this step's own peak)."""
   if mode == "make":
-    make_hf_dir(pathlib.Path(dst), int(src), int(float(sys.argv[5]) * GiB))
+    make_hf_dir(pathlib.Path(dst), sys.argv[6], int(src), int(float(sys.argv[5]) * GiB))
     from maxnucl.conversion import hf_io
     reader = hf_io.SafetensorsReader(dst)
     print(json.dumps({"largest": max(reader.get(n).nbytes for n in reader.names())}))
@@ -110,14 +118,24 @@ def main() -> None:
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--workdir", default="/tmp/convert_benchmark")
   parser.add_argument("--shard_gib", type=float, default=2.0)
-  parser.add_argument("--keep", action="store_true", help="keep the work directory")
+  parser.add_argument("--preset", default="gemma2_9b", help="a Gemma-2 preset whose widths the "
+                      "input has (gemma2_tiny: a smoke test)")
+  parser.add_argument("--keep", action="store_true",
+                      help="keep what the run wrote in --workdir (default: remove it)")
   args = parser.parse_args()
-  work = pathlib.Path(args.workdir)
-  shutil.rmtree(work, ignore_errors=True)
+  written = ["hf", "copy1", "copy2", "ckpt", ".ckpt.tmp-*", "hf_out", ".hf_out.tmp-*"]
+  outputs.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the cleanup runs
+  with workdirs.scratch(args.workdir, written, keep=args.keep) as work:
+    workdirs.remove(work, written, remove_dir=False)  # what a kept or killed run left
+    measure(args, work)
+
+
+def measure(args: argparse.Namespace, work: pathlib.Path) -> None:
   start = time.perf_counter()
-  largest = _child(["make", str(args.layers), str(work / "hf"), str(args.shard_gib)])["largest"]
+  largest = _child(["make", str(args.layers), str(work / "hf"), str(args.shard_gib),
+                    args.preset])["largest"]
   total = sum(p.stat().st_size for p in (work / "hf").glob("*.safetensors"))
-  print(f"synthetic 9b-shaped input: {args.layers} layers, {total / GiB:.2f} GiB in "
+  print(f"synthetic {args.preset}-shaped input: {args.layers} layers, {total / GiB:.2f} GiB in "
         f"{len(list((work / 'hf').glob('*.safetensors')))} file(s), largest tensor "
         f"{largest / GiB:.2f} GiB (written in {time.perf_counter() - start:.0f} s)")
 
@@ -141,7 +159,7 @@ def main() -> None:
   assert np.array_equal(out_reader.get("model.embed_tokens.weight")[-1000:],
                         reader.get("model.embed_tokens.weight")[-1000:])
   copy = min(copy1, copy2)
-  report = {"layers": args.layers, "bytes": total, "largest_tensor_bytes": largest,
+  report = {"preset": args.preset, "layers": args.layers, "bytes": total, "largest_tensor_bytes": largest,
             "tensors": len(stored), "copy_seconds": [copy1, copy2],
             "hf_to_maxnucl": to_maxnucl, "maxnucl_to_hf": to_hf}
   for name, r in (("hf-to-maxnucl", to_maxnucl), ("maxnucl-to-hf", to_hf)):
@@ -150,8 +168,6 @@ def main() -> None:
           f"(imports alone {r['import_rss'] / GiB:.2f} GiB; peak - imports = "
           f"{(r['peak_rss'] - r['import_rss']) / largest:.2f}x largest tensor)")
   print(json.dumps(report))
-  if not args.keep:
-    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Pruning throughput on a synthetic Gemma-2-9B-shaped checkpoint vs a plain copy of its files.
 
   python benchmarks/prune_benchmark.py [--layers 4] [--vocab_size 256000] [--method entropy]
-      [--ratio 0.25] [--input_layout streaming|orbax] [--workdir /tmp/prune_bench]
-      [--json out.json]
+      [--ratio 0.25] [--input_layout streaming|orbax] [--workdir /tmp/prune_bench] [--keep]
+      [--json out.json] [--preset gemma2_9b]
 
-The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256) in bfloat16 with
-`--layers` decoder layers (default 4 of 42) and random N(0, 1/fan_in) weights.  Measured:
+The checkpoint has gemma2_9b's widths (d = 3584, m = 14336, 16/8 heads of 256; another preset's
+with --preset) in bfloat16 with `--layers` decoder layers (default 4 of 42) and random
+N(0, 1/fan_in) weights: 3.2 GiB at the defaults, about 6 GiB in --workdir with the pruned
+output.  All of it is removed at the end, also after an error or an interruption, unless --keep
+(a kept input is reused by the next run with the same --workdir).  Measured:
   * copy      wall time of `cp -r` of the input checkpoint (same bytes; warm page cache), with
               os.sync() before and after, as for the pruner (whose writer fsyncs its output);
   * prune     wall time and peak RSS (VmHWM) of `tools/prune_checkpoint.py` in a fresh
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +32,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from maxnucl import checkpoints, models  # noqa: E402  pylint: disable=wrong-import-position
+from maxnucl import checkpoints, models, outputs  # noqa: E402
+
+import workdirs  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -57,8 +63,9 @@ def _measured(argv: list[str], env: dict) -> tuple[float, int]:
   return time.time() - t, int(kib[-1]) * 1024
 
 
-def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int, layout: str) -> None:
-  cfg = models.get_config("gemma2_9b", num_layers=layers, vocab_size=vocab_size,
+def make_checkpoint(path: pathlib.Path, preset: str, layers: int, vocab_size: int,
+                    layout: str) -> None:
+  cfg = models.get_config(preset, num_layers=layers, vocab_size=vocab_size,
                           param_dtype="bfloat16", dtype="bfloat16")
   rng = np.random.default_rng(0)
   import ml_dtypes  # pylint: disable=import-outside-toplevel
@@ -69,7 +76,7 @@ def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int, layout: st
     return a.astype(ml_dtypes.bfloat16)
 
   import jax  # pylint: disable=import-outside-toplevel
-  if layout == "orbax":  # checkpoints.save: Orbax OCDBT, one chunk per array
+  if layout == "orbax":  # checkpoints.save: Orbax OCDBT, zstd, chunks of at most 64 MiB
     checkpoints.save(path, cfg, jax.tree.map(leaf, models.abstract_params(cfg)), overwrite=True)
     return
   # "streaming": the converter's layout (StreamingWriter, ~64 MiB row-block chunks)
@@ -81,22 +88,40 @@ def make_checkpoint(path: pathlib.Path, layers: int, vocab_size: int, layout: st
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--preset", default="gemma2_9b",
+                      help="model whose widths the input has (gemma2_tiny: a smoke test)")
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--vocab_size", type=int, default=256_000)
   parser.add_argument("--method", default="entropy")
   parser.add_argument("--ratio", type=float, default=0.25)
   parser.add_argument("--workdir", default="/tmp/prune_bench")
+  parser.add_argument("--keep", action="store_true",
+                      help="keep the input, the pruned output and report.json in --workdir "
+                           "(default: remove what this run wrote there)")
   parser.add_argument("--json", default=None)
   parser.add_argument("--input_layout", choices=("streaming", "orbax"), default="streaming",
-                      help="input written like the converter does (StreamingWriter) or by "
-                           "checkpoints.save (Orbax, one chunk per array)")
+                      help="input written like the converter and the pruner write "
+                           "(StreamingWriter: uncompressed zarr, ~64 MiB row-block chunks) or "
+                           "by checkpoints.save like the trainer's checkpoints (Orbax OCDBT, "
+                           "zstd, chunks of at most 64 MiB)")
   args = parser.parse_args()
-  work = pathlib.Path(args.workdir)
-  work.mkdir(parents=True, exist_ok=True)
-  src, copy, out = work / f"ckpt_9b_shaped_{args.input_layout}", work / "copy", work / "pruned"
+  name = f"ckpt_{args.preset}_{args.input_layout}"
+  written = [name, f".{name}.tmp-*", f"{name}.orbax-checkpoint-tmp*", "copy", "pruned",
+             ".pruned.tmp-*", "report.json"]
+  outputs.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the cleanup runs
+  with workdirs.scratch(args.workdir, written, keep=args.keep) as work:
+    result = measure(args, work, work / name)
+  print(json.dumps(result, indent=1))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def measure(args: argparse.Namespace, work: pathlib.Path, src: pathlib.Path) -> dict:
+  """Writes the input `src` (unless a kept one is there), times the copy and the pruner."""
+  copy, out = work / "copy", work / "pruned"
   if not src.exists():
     t = time.time()
-    make_checkpoint(src, args.layers, args.vocab_size, args.input_layout)
+    make_checkpoint(src, args.preset, args.layers, args.vocab_size, args.input_layout)
     print(f"created {src} in {time.time() - t:.1f}s", file=sys.stderr)
   cfg = checkpoints.load_config(src)
   if cfg.num_layers != args.layers or cfg.vocab_size != args.vocab_size:
@@ -127,7 +152,8 @@ def main() -> None:
   report = json.loads((work / "report.json").read_text())
 
   d, m = cfg.d_model, cfg.ffn_dim
-  result = {
+  return {
+      "preset": args.preset,
       "shape": {"num_layers": cfg.num_layers, "d_model": d, "ffn_dim": m,
                 "vocab_size": cfg.vocab_size, "dtype": "bfloat16"},
       "method": args.method, "ratio": args.ratio, "input_layout": args.input_layout,
@@ -141,11 +167,9 @@ def main() -> None:
       "prune_over_copy": round(prune_s / copy_s, 2), "prune_peak_rss_bytes": peak_rss,
       "prune_minus_baseline_rss_bytes": peak_rss - baseline_rss,
       "ffn_widths_after": report["ffn_widths_after"],
-      "machine": "2-core x86_64 CPU, 24 GiB RAM, no accelerator",
+      "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, "
+                 f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM",
   }
-  print(json.dumps(result, indent=1))
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

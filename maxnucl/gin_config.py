@@ -2,6 +2,11 @@
 
     parse(["gin/demo_cpu.gin"], ["NUCL_ALPHA = 10.0"])   # files, then bindings; then checked
 
+Gin paths such as `gin/demo_cpu.gin` and the files' own `include 'gin/base.gin'` are relative to
+the working directory or, wherever the user stands, to `GIN_SEARCH_PATH`: the repository root in
+a checkout (and an editable install), the package itself when installed from a wheel, which
+ships the repository's `gin/` as `maxnucl/gin/` (setup.py).
+
 Gin itself refuses a binding of an unknown configurable or parameter.  It accepts silently:
   * a macro that nothing reads (`NUCL_ALPH = 1000.0` for `NUCL_ALPHA`): the run would use the
     default and exit 0.  `check_macros` refuses it, naming the closest known macros;
@@ -15,8 +20,11 @@ used, before any work (e.g. `train.train_loop`).
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import difflib
+import functools
 import inspect
+import logging
 import pathlib
 import types
 import typing
@@ -25,7 +33,8 @@ from typing import Any, Sequence
 import gin
 from gin import config as gin_internals
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+GIN_SEARCH_PATH = _PACKAGE if (_PACKAGE / "gin").is_dir() else _PACKAGE.parent
 _MACRO = "gin.macro"
 
 
@@ -34,15 +43,50 @@ class GinConfigError(ValueError):
 
 
 def parse(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
-  """Parse gin files (relative to the working directory or the repository root), then the
+  """Parse gin files (relative to the working directory or `GIN_SEARCH_PATH`), then the
   bindings, then refuse unread macros and mistyped values."""
-  gin.add_config_file_search_path(str(REPO_ROOT))
-  for path in gin_files:
-    if not (pathlib.Path(path).exists() or (REPO_ROOT / path).exists()):
-      raise FileNotFoundError(f"gin file {path} does not exist")
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+  parse_files_and_bindings(gin_files, gin_params)
   check_macros()
   check_types()
+
+
+def parse_files_and_bindings(gin_files: Sequence[str], gin_params: Sequence[str],
+                             finalize_config: bool = True) -> None:
+  """`gin.parse_config_files_and_bindings` with `GIN_SEARCH_PATH` searched after the working
+  directory, for the files and their includes; no checks (for partial configurations)."""
+  _add_search_path()
+  for path in gin_files:
+    if not (pathlib.Path(path).exists() or (GIN_SEARCH_PATH / path).exists()):
+      raise FileNotFoundError(f"gin file {path} does not exist (looked in the working directory "
+                              f"and in {GIN_SEARCH_PATH})")
+  with _without_gin_path_not_found():
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
+                                        finalize_config=finalize_config)
+
+
+@functools.cache
+def _add_search_path() -> None:
+  gin.add_config_file_search_path(str(GIN_SEARCH_PATH))  # once: gin appends every call
+
+
+class _GinPathNotFound(logging.Filter):
+  """Matches gin's `ERROR:root:Path not found: gin/...`: its package-resource reader logs it for
+  every search path that lacks a file, even when a later one has it (and reads `gin/x` as a
+  module of gin-config's own `gin` package).  A file in no search path is still an OSError."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.msg == "Path not found: %s"
+                and pathlib.Path(record.pathname).match("gin/resource_reader.py"))
+
+
+@contextlib.contextmanager
+def _without_gin_path_not_found():
+  root, quiet = logging.getLogger(), _GinPathNotFound()
+  root.addFilter(quiet)
+  try:
+    yield
+  finally:
+    root.removeFilter(quiet)
 
 
 # ---- macros ---------------------------------------------------------------------------------------

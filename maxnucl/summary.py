@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import gin
-
-from maxnucl import models
+from maxnucl import gin_config, models
 
 
 def format_summary(cfg: models.ModelConfig) -> str:
@@ -51,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
       from maxnucl import checkpoints
       cfg = checkpoints.load_config(args.checkpoint)
     elif args.gin_file or args.gin_param:
-      gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+      gin_config.parse(args.gin_file, args.gin_param)
       cfg = models.configured_model()
     elif args.preset:
       cfg = models.get_config(args.preset)
     else:
       parser.error("give a preset, --gin_file or --checkpoint")
   except (ValueError, KeyError, OSError) as error:
-    print(f"error: {error}", file=sys.stderr)
+    print(f"error: {gin_config.error_message(error)}", file=sys.stderr)
     return 2
   print(format_summary(cfg))
   return 0

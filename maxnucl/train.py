@@ -731,10 +731,21 @@ def train_main(workdir: str = "/tmp/maxnucl_train") -> str:
 
 def _print_outputs(result: dict) -> None:
   workdir = result["workdir"]
-  last = result["history"][-1] if result["history"] else {}
-  print(f"\nfinished at step {last.get('step')}: loss {last.get('loss')}, nll {last.get('nll')}"
-        + (f", eval_loss {last['eval_loss']}" if "eval_loss" in last else ""))
+  if result["history"]:
+    last = result["history"][-1]
+    print(f"\nfinished at step {last['step']}: " + _summary_metrics(last))
+  else:  # a rerun of a run that had already reached num_steps
+    metrics_file = workdir / "metrics.jsonl"
+    logged = _logged_lines(metrics_file) if metrics_file.exists() else []
+    last = json.loads(logged[-1]) if logged else {}
+    print(f"\nalready complete at step {int(result['state']['step'])} (nothing to do)"
+          + (f"; last logged step {last['step']}: " + _summary_metrics(last) if last else ""))
   print(f"checkpoints: {workdir / 'checkpoints'}")
   print(f"metrics:     {workdir / 'metrics.jsonl'}")
   print(f"tensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
 
+
+
+def _summary_metrics(record: dict) -> str:
+  return ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "nll", "eval_loss")
+                   if record.get(k) is not None)

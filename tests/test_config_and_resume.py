@@ -5,6 +5,7 @@ without duplicate steps)."""
 import importlib
 import json
 import pathlib
+import sys
 
 import gin
 import jax
@@ -112,7 +113,9 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, c
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert [r["loss"] for r in _metrics(interrupted)] == [r["loss"] for r in _metrics(
       tmp_path / "straight")]
-  # TensorBoard: the steps logged again after the restored one replace the old ones.
+  # TensorBoard (installed with the package: the `tensorboard --logdir` the trainer prints works)
+  # reads the logged scalars; the steps logged again after the restored one replace the old ones.
+  assert (pathlib.Path(sys.executable).parent / "tensorboard").exists()
   accumulator = event_accumulator.EventAccumulator(str(interrupted / "tensorboard"))
   accumulator.Reload()
   steps = [e.step for e in accumulator.Scalars("loss")]
@@ -149,3 +152,25 @@ def test_data_command_errors_are_short_and_exit_2(args, message, tmp_path, capsy
   assert cli.main(args) == 2
   err = capsys.readouterr().err
   assert err.startswith(message) and "Traceback" not in err and "In call to" not in err
+
+
+def test_rerunning_a_finished_run_says_it_is_complete_with_its_last_metrics(tmp_path, capsys):
+  args = ["--gin_file=gin/demo_cpu.gin", f"--workdir={tmp_path}"] + [
+      f"--gin_param={b}" for b in TINY + ["train_loop.num_steps = 2"]]
+  assert train.main(args) == 0
+  first = capsys.readouterr().out
+  assert "finished at step 2: loss " in first
+  gin.clear_config()  # a second command in the same process
+  assert train.main(args) == 0
+  again = capsys.readouterr().out
+  last = _metrics(tmp_path)[-1]
+  assert f"already complete at step 2 (nothing to do); last logged step 2: loss {last['loss']:.4g}" \
+      in again
+  assert "None" not in again
+
+
+def test_data_command_help_lists_the_commands_and_exits_0(capsys):
+  from maxnucl.data import cli  # pylint: disable=import-outside-toplevel
+  assert cli.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert all(command in out for command in ("cache", "train_sentencepiece", "list"))

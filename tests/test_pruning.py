@@ -733,3 +733,19 @@ def test_checkpoints_save_inputs_are_copied_in_blocks_not_read_whole(tmp_path, m
   _, pruned = checkpoints.load(tmp_path / "out")
   np.testing.assert_array_equal(np.asarray(pruned["embedder"]["embedding"]),
                                 params["embedder"]["embedding"])
+
+
+def test_report_counts_the_examples_actually_used_not_the_requested_cap(tmp_path):
+  cfg = TINY.replace(num_layers=2)
+  checkpoints.save(tmp_path / "in", cfg, random_params(cfg, 3))
+  rng = np.random.default_rng(0)
+  source = tmp_path / "held_out.jsonl"
+  source.write_text("".join(json.dumps(rng.integers(3, 300, n).tolist()) + "\n"
+                            for n in (12, 30, 7, 20, 9)))  # 5 sequences
+  report = prune_ffn_neurons(tmp_path / "in", tmp_path / "out", method="wanda_channel",
+                             ratio=0.25, calibration=source, calibration_examples=1000,
+                             eval_perplexity=source, eval_examples=1000, batch_size=2)
+  assert report["perplexity"]["examples"] == 5
+  assert report["perplexity"]["examples_requested"] == 1000
+  assert report["calibration"]["examples"] == 5
+  assert report["perplexity"]["before"]["tokens"] == sum(n - 1 for n in (12, 30, 7, 20, 9))

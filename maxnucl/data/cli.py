@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from typing import Optional, Sequence
 
-import gin
+from maxnucl import gin_config
 
 
 def _parse_feature_lengths(text: Optional[str]):
@@ -57,7 +59,7 @@ def cache_main(argv: Optional[Sequence[str]] = None) -> int:
   bindings = list(args.gin_binding)
   if args.data_dir:
     bindings.append(f"data_roots.data_dir = {json.dumps(args.data_dir)}")
-  gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
+  gin_config.parse_files_and_bindings(args.gin_file, bindings, finalize_config=False)
   default_splits = (("train",) if args.source in catalog.MIXTURES
                     else catalog.splits_of(args.source))
   for split in args.split or default_splits:
@@ -106,14 +108,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Exit codes (every maxnucl command line): 0 done, 2 bad usage or input (a one-line message
   naming it), 1 a failure while working."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  usage = (f"usage: python -m maxnucl.data {{{','.join(COMMANDS)}}} ...  "
+           f"(python -m maxnucl.data COMMAND --help for its options)")
+  if argv[:1] in (["-h"], ["--help"]):
+    print(usage + "\n\n" + __doc__.strip())
+    return 0
   if not argv or argv[0] not in COMMANDS:
-    print(f"usage: python -m maxnucl.data {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+    print(usage, file=sys.stderr)
     return 2
+  # TensorFlow / TFDS (probed for prepared datasets) log through absl and C++: keep the
+  # command's own messages the only ones.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  logging.getLogger("absl").setLevel(logging.ERROR)
   try:
     return COMMANDS[argv[0]](argv[1:])
   except KeyError as e:  # an unknown task, split or field: KeyError's str() adds quotes
     print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
   except (ValueError, OSError) as e:  # bad values, missing or malformed dataset files
-    from maxnucl.gin_config import error_message  # pylint: disable=import-outside-toplevel
-    print(f"error: {error_message(e)}", file=sys.stderr)
+    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
   return 2

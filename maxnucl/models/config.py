@@ -216,7 +216,8 @@ def gemma2_tiny():
 
 @register_preset
 def gemma2_small():
-  """A ~20M-parameter Gemma-2 for single-GPU experiments and benchmarks."""
+  """A 48M-parameter Gemma-2 (16M of them the 32k embedding) for single-GPU experiments and
+  benchmarks."""
   return ModelConfig(name="gemma2_small", family="gemma2", vocab_size=32_000, d_model=512,
                      num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, ffn_dim=2048,
                      activation="gelu_tanh", query_pre_attn_scalar=64, attn_logit_softcap=50.0,

@@ -6,6 +6,7 @@
   prune.py        prune_ffn_neurons(...): checkpoint in, smaller checkpoint + report out
   analysis.py     entropy histograms, LP concentration, overlap between methods
   io.py           layer-by-layer checkpoint reading / writing (the only storage-aware module)
+  cli.py          the command lines maxnucl-prune and maxnucl-analyze (tools/*.py call them)
 """
 
 from maxnucl.pruning.prune import PruningError, prune_ffn_neurons, select_layers

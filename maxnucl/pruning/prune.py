@@ -226,13 +226,16 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   if method_obj.needs_calibration or eval_perplexity is not None:
     full_params = reader.read_all()
   if method_obj.needs_calibration:
-    stats = calib.collect_stats(cfg, full_params, calib.iterate_batches(
-        calibration, num_examples=calibration_examples, split="train", **source_kwargs))
-    report["calibration"] = {"source": str(calibration), "examples": calibration_examples,
+    rows = _RowCounter()
+    stats = calib.collect_stats(cfg, full_params, rows.count(calib.iterate_batches(
+        calibration, num_examples=calibration_examples, split="train", **source_kwargs)))
+    report["calibration"] = {"source": str(calibration), "examples": rows.rows,
+                             "examples_requested": calibration_examples,
                              "tokens": next(iter(stats.values())).count}
   if eval_perplexity is not None:
-    before = calib.perplexity(cfg, full_params, calib.iterate_batches(
-        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs))
+    eval_rows = _RowCounter()
+    before = calib.perplexity(cfg, full_params, eval_rows.count(calib.iterate_batches(
+        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs)))
   full_params = None
 
   pruner = LayerPruner(reader, method, seed=seed, method_params=method_params, stats=stats)
@@ -289,8 +292,9 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     after_reader = io.CheckpointReader(output_path)
     after = calib.perplexity(new_cfg, after_reader.read_all(), calib.iterate_batches(
         eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs))
-    report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_examples,
-                            "before": before, "after": after}
+    report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_rows.rows,
+                            "examples_requested": eval_examples, "before": before,
+                            "after": after}
   if eval_tasks:
     report["eval_tasks"] = _evaluate_tasks(eval_tasks, eval_task_limit, data_vocab, batch_size,
                                            (cfg, io.CheckpointReader(input_path)),
@@ -299,6 +303,19 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   if report_path is not None:
     pathlib.Path(report_path).write_text(json.dumps(report, indent=1))
   return report
+
+
+class _RowCounter:
+  """Counts the rows with at least one loss token that pass through `count` (what a report
+  says was used: a source may hold fewer rows than requested; padding rows do not count)."""
+
+  def __init__(self):
+    self.rows = 0
+
+  def count(self, batches):
+    for batch in batches:
+      self.rows += int(np.sum(np.asarray(batch["loss_mask"]).sum(axis=1) > 0))
+      yield batch
 
 
 def _evaluate_tasks(eval_tasks, limit, vocab, batch_size, before, after) -> dict:

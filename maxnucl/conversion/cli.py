@@ -1,0 +1,151 @@
+"""Convert Gemma-2 checkpoints between Hugging Face, DeepMind `gemma` and maxnucl; inspect them.
+
+  maxnucl-convert hf-to-maxnucl --input HF_DIR --output CKPT [--dtype bfloat16]
+  maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR
+  maxnucl-convert gemma-to-maxnucl --input DM_CKPT --output CKPT --size 9b
+  maxnucl-convert inspect CKPT_OR_HF_DIR [--json]
+
+All conversions stream (one tensor in memory at a time), never touch their input, refuse an
+existing output unless --overwrite, and leave nothing under the output name if interrupted.
+An output that is the input, lies inside it or contains it (symlinks resolved) is refused
+before any work (exit status 2; other errors: 1).  SIGTERM, like Ctrl-C, removes the temporary
+directory before exiting (status 143); one left by a killed run is removed by the next run.
+`python tools/convert_checkpoint.py` is the same command.  Library: maxnucl.conversion.convert /
+maxnucl.conversion.inspect (see docs/conversion.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+
+# Conversion is host work: keep jax off accelerators (and their start-up messages).  Set before
+# the imports below import jax (maxnucl/__init__ and maxnucl/conversion/__init__ do not).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from maxnucl import checkpoints, models, outputs  # noqa: E402
+from maxnucl.conversion import convert, hf_io  # noqa: E402
+from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
+
+SIZES = {"2b": "gemma2_2b", "9b": "gemma2_9b", "27b": "gemma2_27b"}
+
+
+def _parse_size(text: str) -> int:
+  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+  upper = text.strip().upper()
+  for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+    if upper.endswith(unit):
+      return int(float(upper[:-len(unit)]) * factor)
+  return int(upper)
+
+
+def hf_to_maxnucl(args) -> None:
+  cfg = convert.hf_to_maxnucl(args.input, args.output, dtype=args.dtype,
+                              overwrite=args.overwrite,
+                              keep_query_pre_attn_scalar=args.keep_query_pre_attn_scalar)
+  print(f"wrote maxnucl checkpoint {args.output} ({cfg.num_layers} layers, "
+        f"{models.param_count(cfg)['total']:,} parameters)")
+
+
+def maxnucl_to_hf(args) -> None:
+  files = convert.maxnucl_to_hf(args.input, args.output, max_shard_bytes=args.max_shard_size,
+                                overwrite=args.overwrite)
+  print(f"wrote Hugging Face directory {args.output} ({len(files)} safetensors file(s))")
+
+
+def gemma_to_maxnucl(args) -> None:
+  outputs.check_output_path(args.output, {"DeepMind input checkpoint": args.input,
+                                          "--config file": args.config},
+                            overwrite=args.overwrite)
+  if args.config:
+    cfg = models.ModelConfig.from_dict(json.loads(pathlib.Path(args.config).read_text()))
+  else:
+    cfg = models.get_config(SIZES[args.size])
+  if args.vocab_size:
+    cfg = cfg.replace(vocab_size=args.vocab_size)
+  convert.gemma_to_maxnucl(args.input, args.output, cfg, dtype=args.dtype,
+                           overwrite=args.overwrite, gating_layout=args.gating_layout)
+  print(f"wrote maxnucl checkpoint {args.output} (model {cfg.name!r}, {cfg.num_layers} layers)")
+
+
+def inspect(args) -> None:
+  summary = inspect_lib.inspect_checkpoint(args.path)
+  print(json.dumps(summary, indent=2) if args.json else inspect_lib.format_summary(summary))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  def conversion(name, help_text, input_help, output_help):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--input", required=True, help=input_help)
+    p.add_argument("--output", required=True, help=output_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (default: refuse)")
+    return p
+
+  p = conversion("hf-to-maxnucl", "Hugging Face Gemma-2 (config.json + safetensors, single or "
+                 "sharded) -> maxnucl checkpoint", "Hugging Face model directory",
+                 "maxnucl checkpoint directory to create")
+  p.add_argument("--dtype", choices=convert.DTYPES,
+                 help="stored dtype of the output (default: as the input's embedding)")
+  p.add_argument("--keep_query_pre_attn_scalar", action="store_true",
+                 help="keep query_pre_attn_scalar=224 of a 9b-shaped config (default: use 256, "
+                      "see docs/conversion.md)")
+  p.set_defaults(fn=hf_to_maxnucl)
+
+  p = conversion("maxnucl-to-hf", "maxnucl Gemma-2 checkpoint -> Hugging Face directory "
+                 "(config.json + sharded safetensors) for transformers.Gemma2ForCausalLM",
+                 "maxnucl checkpoint directory", "Hugging Face directory to create")
+  p.add_argument("--max_shard_size", type=_parse_size, default=convert.DEFAULT_MAX_SHARD_BYTES,
+                 help="largest safetensors shard, e.g. 5GB, 500MB, 1GiB (default 5GiB)")
+  p.set_defaults(fn=maxnucl_to_hf)
+
+  p = conversion("gemma-to-maxnucl", "DeepMind `gemma` flat Orbax checkpoint -> maxnucl "
+                 "checkpoint", "DeepMind checkpoint directory (Orbax)",
+                 "maxnucl checkpoint directory to create")
+  group = p.add_mutually_exclusive_group(required=True)
+  group.add_argument("--size", choices=sorted(SIZES), help="model size (a maxnucl preset)")
+  group.add_argument("--config", help="a maxnucl ModelConfig JSON file instead of --size")
+  p.add_argument("--vocab_size", type=int,
+                 help="vocabulary rows to keep (default: the preset's, 256000); embedding rows "
+                      "past it are padding and dropped")
+  p.add_argument("--dtype", choices=convert.DTYPES, help="stored dtype (default: as the input)")
+  p.add_argument("--gating_layout", choices=("dm", "md"),
+                 help="gating_einsum orientation (2,d,m) / (2,m,d) when d == m makes the shape "
+                      "ambiguous (default: the size's own)")
+  p.set_defaults(fn=gemma_to_maxnucl)
+
+  p = sub.add_parser("inspect", help="arrays, parameter counts, FFN widths and outgoing-"
+                     "connection entropy of a maxnucl checkpoint or Hugging Face directory",
+                     description="Summarise a checkpoint, reading one tensor at a time.")
+  p.add_argument("path", help="maxnucl checkpoint or Hugging Face directory")
+  p.add_argument("--json", action="store_true", help="print the summary as JSON")
+  p.set_defaults(fn=inspect)
+  return parser
+
+
+ERRORS = (convert.ConversionError, checkpoints.CheckpointError, hf_io.SafetensorsError,
+          models.ConfigError, FileExistsError, FileNotFoundError, ValueError, KeyError)
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
+  outputs.exit_on_sigterm()
+  try:
+    args.fn(args)
+  except (outputs.OutputPathError,) + ERRORS as e:  # bad usage or input: exit code 2
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+  return 0
+
