@@ -62,5 +62,6 @@ setuptools.setup(
         "maxnucl-prune = maxnucl.pruning.cli:prune_main",
         "maxnucl-analyze = maxnucl.pruning.cli:analyze_main",
         "maxnucl-lm-eval = maxnucl.lm_eval_adapter:main",
+        "maxnucl-tpu-vm = maxnucl.tpu_vm:main",
     ]},
 )

@@ -35,6 +35,14 @@ writing process) that is renamed to `path` only after every expected tensor was 
 expected shape and dtype: an interrupted writer leaves nothing under `path`, and the temporary
 directory of a killed one is removed by the next writer of `path`.  An existing `path` (with
 overwrite=True) is swapped with the new one in a single rename (`outputs.replace_directory`).
+
+Every `path` may also be a URL, `gs://bucket/dir` or `file:///dir` (maxnucl.paths): arrays then
+go through TensorStore's kvstore drivers, small files through etils.epath and Orbax's own path
+handling.  A bucket has no rename, so `save` and StreamingWriter build a URL checkpoint under
+the temporary prefix and publish it by copying, the commit marker `commit_success.txt` last
+(`outputs.publish`); the readers here refuse a URL checkpoint without that marker as
+incomplete.  (Orbax writes the same marker into every checkpoint it finishes, trainer steps
+included.)
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import models, outputs, sharding
+from maxnucl import models, outputs, paths, sharding
 from maxnucl.models.config import ModelConfig
 
 PARAMS = "params"
@@ -69,21 +77,26 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def save(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
-         overwrite: bool = False) -> pathlib.Path:
-  """Write `params` and `cfg` to `path` (atomically: Orbax writes a temporary directory first).
+         overwrite: bool = False) -> paths.Path:
+  """Write `params` and `cfg` to `path` (atomically: Orbax writes a temporary directory first;
+  for a URL, see the module docstring: from one process only, the temporary prefix is this
+  process's own).
 
   Refuses to replace an existing path unless `overwrite=True`.
   """
-  path = pathlib.Path(path).absolute()
-  if path.exists() and not overwrite:
+  path = paths.as_path(path)
+  if paths.exists(path) and not overwrite:
     raise FileExistsError(f"checkpoint {path} already exists; pass overwrite=True "
                           f"(--overwrite) to replace it")
   check_params(cfg, params)
-  _checkpointer().save(
-      path, ocp.args.Composite(**{
-          PARAMS: ocp.args.PyTreeSave(params, save_args=save_args(params)),
-          MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict())}),
-      force=overwrite)
+  items = ocp.args.Composite(**{
+      PARAMS: ocp.args.PyTreeSave(params, save_args=save_args(params)),
+      MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict())})
+  if not paths.is_url(path):
+    _checkpointer().save(path, items, force=overwrite)
+    return path
+  with outputs.TemporaryOutput(path, overwrite, make_content=False) as tmp:
+    _checkpointer().save(paths.orbax_path(tmp), items)
   return path
 
 
@@ -95,19 +108,20 @@ def save_args(params: dict) -> dict:
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
-  path = _existing(path)
+  path = _checkpoint(path)
   config_dir = path / MODEL_CONFIG
   if not config_dir.is_dir():
     raise CheckpointError(f"{path} is not a maxnucl checkpoint: no {MODEL_CONFIG}/ directory "
                           f"(expected {MODEL_CONFIG}/ and {PARAMS}/)")
   data = _checkpointer().restore(
-      path, ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+      paths.orbax_path(path),
+      ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
   return ModelConfig.from_dict(data)
 
 
 def stored_arrays(path: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
   """Leaf path -> (shape, dtype name) of every stored array, read from metadata only."""
-  params_dir = _existing(path) / PARAMS
+  params_dir = _checkpoint(path) / PARAMS
   if not params_dir.is_dir():
     raise CheckpointError(f"{path}: no {PARAMS}/ directory")
   return pytree_arrays(params_dir)
@@ -116,7 +130,7 @@ def stored_arrays(path: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[
 def pytree_arrays(directory: str | os.PathLike
                   ) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
   """Like `stored_arrays`, for any Orbax PyTree directory (e.g. a DeepMind `gemma` checkpoint)."""
-  metadata = ocp.PyTreeCheckpointHandler().metadata(_existing(directory)).tree
+  metadata = ocp.PyTreeCheckpointHandler().metadata(paths.orbax_path(_existing(directory))).tree
   out = {}
   for keys, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]:
     out[tuple(k.key for k in keys)] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
@@ -143,7 +157,7 @@ def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
   mesh/rules: restore each array straight into its NamedSharding on `mesh` (default: one
   device).  dtype: cast on restore (e.g. "bfloat16"); default: as stored.
   """
-  path = _existing(path)
+  path = _checkpoint(path)
   cfg = load_config(path)
   stored = stored_arrays(path)
   expected = _leaf_shapes(models.abstract_params(cfg))
@@ -163,7 +177,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype, global_shape=x.shape),
       target)
   restored = _checkpointer().restore(
-      path, ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(target, restore_args)}))
+      paths.orbax_path(path),
+      ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(target, restore_args)}))
   return cfg, restored[PARAMS]
 
 
@@ -184,18 +199,18 @@ def read_array(path: str | os.PathLike, key_path: tuple[str, ...],
   read (default: as stored).  axes: return `array.transpose(axes)`, C-contiguous (TensorStore
   transposes while it reads: one pass over the data instead of two).
   """
-  return read_pytree_array(_existing(path) / PARAMS, key_path, dtype, axes)
+  return read_pytree_array(_checkpoint(path) / PARAMS, key_path, dtype, axes)
 
 
 def iter_arrays(path: str | os.PathLike, dtype: Optional[str] = None
                 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
   """(key_path, array) for every stored array, one array in memory at a time."""
-  params_dir = _existing(path) / PARAMS
+  params_dir = _checkpoint(path) / PARAMS
   for key_path, (shape, stored_dtype) in stored_arrays(path).items():
     yield key_path, _read_leaf(params_dir, key_path, shape, dtype or stored_dtype)
 
 
-def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype, axes=None) -> np.ndarray:
+def _read_leaf(params_dir: paths.Path, key_path, shape, dtype, axes=None) -> np.ndarray:
   leaf_dir = params_dir / ".".join(key_path)
   if (leaf_dir / ".zarray").is_file():  # a per-leaf zarr array (use_ocdbt=False): TensorStore
     return _read_zarr(leaf_dir, shape, np.dtype(dtype), axes)
@@ -203,15 +218,16 @@ def _read_leaf(params_dir: pathlib.Path, key_path, shape, dtype, axes=None) -> n
   restore_args = unflatten({key_path: ocp.RestoreArgs(restore_type=np.ndarray,
                                                        dtype=np.dtype(dtype))})
   restored = ocp.PyTreeCheckpointHandler().restore(
-      params_dir, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
+      paths.orbax_path(params_dir),
+      args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
   for key in key_path:
     restored = restored[key]
   return np.asarray(restored) if axes is None else np.ascontiguousarray(
       np.transpose(restored, axes))
 
 
-def _zarr_spec(leaf_dir: pathlib.Path) -> dict:
-  return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(leaf_dir)}}
+def _zarr_spec(leaf_dir: paths.Path) -> dict:
+  return {"driver": "zarr", "kvstore": paths.kvstore_spec(leaf_dir)}
 
 
 def open_array(path: str | os.PathLike, key_path: tuple[str, ...]) -> Optional[ts.TensorStore]:
@@ -222,7 +238,7 @@ def open_array(path: str | os.PathLike, key_path: tuple[str, ...]) -> Optional[t
   Knows the two layouts maxnucl writes: a per-leaf zarr directory (StreamingWriter, Orbax with
   `use_ocdbt=False`) and Orbax's OCDBT store (`save`, trainer checkpoints).
   """
-  params_dir = _existing(path) / PARAMS
+  params_dir = _checkpoint(path) / PARAMS
   leaf = ".".join(key_path)
   if (params_dir / leaf / ".zarray").is_file():
     spec = _zarr_spec(params_dir / leaf)
@@ -234,14 +250,15 @@ def open_array(path: str | os.PathLike, key_path: tuple[str, ...]) -> Optional[t
     if not meta.get("use_ocdbt"):
       return None
     spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr",
-            "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": leaf}}
+            "kvstore": {"driver": "ocdbt", "base": paths.kvstore_spec(params_dir),
+                        "path": leaf}}
   try:
     return ts.open(spec, open=True, read=True).result()
   except ValueError:
     return None
 
 
-def _read_zarr(leaf_dir: pathlib.Path, shape, dtype: np.dtype, axes=None) -> np.ndarray:
+def _read_zarr(leaf_dir: paths.Path, shape, dtype: np.dtype, axes=None) -> np.ndarray:
   """One zarr leaf, read by TensorStore (cast on the fly).  TensorStore's own `read()`: copying
   into a preallocated array through `ts.array(out).write(...)` is twice as slow."""
   try:
@@ -293,8 +310,8 @@ class StreamingWriter:
 
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str = "float32",
                overwrite: bool = False):
-    self.path = pathlib.Path(path).absolute()
-    if self.path.exists() and not overwrite:
+    self.path = paths.as_path(path)
+    if paths.exists(self.path) and not overwrite:
       raise FileExistsError(f"output {self.path} already exists; pass overwrite=True "
                             f"(--overwrite) to replace it")
     if dtype not in _ZARR_DTYPES:
@@ -353,17 +370,18 @@ class StreamingWriter:
         pending.pop(0).result()
     for future in pending:
       future.result()
-    self.synced.append(self.syncing.submit(_fsync_tree, leaf_dir))
+    if not paths.is_url(leaf_dir):  # objects in a bucket are durable once written
+      self.synced.append(self.syncing.submit(_fsync_tree, leaf_dir))
     self.written[key_path] = shape
 
-  def commit(self) -> pathlib.Path:
+  def commit(self) -> paths.Path:
     try:
       return self._commit()
     except BaseException:  # SIGTERM (SystemExit) or Ctrl-C while finishing, too
       self.abort()
       raise
 
-  def _commit(self) -> pathlib.Path:
+  def _commit(self) -> paths.Path:
     missing = [k for k in self.expected if k not in self.written]
     if missing:
       raise CheckpointError(f"{self.path}: tensor {'/'.join(missing[0])} was never written "
@@ -387,12 +405,17 @@ class StreamingWriter:
                     "PyTreeCheckpointHandler"},
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
         "commit_timestamp_nsecs": now, "custom_metadata": {}}))
+    # As Orbax does for every checkpoint it finishes, so that a copy of this one in a bucket is
+    # recognised as complete (for a URL, `publish` copies it last).
+    (self.tmp / outputs.COMMIT_MARKER).write_text(f"maxnucl checkpoint committed to {self.path}")
     for synced in self.synced:
       synced.result()
     self.syncing.shutdown()
-    _fsync_tree(self.tmp, files=False)
-    for name in ("_METADATA", "_CHECKPOINT_METADATA", f"{MODEL_CONFIG}/metadata"):
-      _fsync_tree(self.tmp / name)
+    if not paths.is_url(self.tmp):
+      _fsync_tree(self.tmp, files=False)
+      for name in ("_METADATA", "_CHECKPOINT_METADATA", f"{MODEL_CONFIG}/metadata",
+                   outputs.COMMIT_MARKER):
+        _fsync_tree(self.tmp / name)
     return self.temporary.commit()
 
   def abort(self) -> None:
@@ -423,25 +446,41 @@ def _fsync_tree(root: pathlib.Path, files: bool = True) -> None:
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def resolve(path: str | os.PathLike) -> pathlib.Path:
+def resolve(path: str | os.PathLike) -> paths.Path:
   """The checkpoint directory a user means by `path`: a checkpoint itself, or a training workdir
-  (or its `checkpoints/` directory), meaning its latest step."""
+  (or its `checkpoints/` directory), meaning its latest step (for a URL: its latest committed
+  step; one still being written has no commit marker yet)."""
   path = _existing(path)
   if (path / MODEL_CONFIG).is_dir():
-    return path
+    return _checkpoint(path)
+  url = paths.is_url(path)
   for steps_dir in (path / "checkpoints", path):
     steps = sorted((int(d.name), d) for d in steps_dir.glob("*")
-                   if d.name.isdigit() and (d / MODEL_CONFIG).is_dir())
+                   if d.name.isdigit() and (d / MODEL_CONFIG).is_dir()
+                   and (not url or outputs.is_committed(d)))
     if steps:
       return steps[-1][1]
   raise CheckpointError(f"{path} is neither a maxnucl checkpoint (no {MODEL_CONFIG}/ directory) "
-                        f"nor a training workdir (no checkpoints/<step>/{MODEL_CONFIG}/)")
+                        f"nor a training workdir (no {'committed ' if url else ''}"
+                        f"checkpoints/<step>/{MODEL_CONFIG}/)")
 
 
-def _existing(path) -> pathlib.Path:
-  path = pathlib.Path(path).absolute()
+def _existing(path) -> paths.Path:
+  path = paths.as_path(path)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
+  return path
+
+
+def _checkpoint(path) -> paths.Path:
+  """An existing checkpoint directory; for a URL, one that holds its commit marker."""
+  path = _existing(path)
+  if paths.is_url(path) and not outputs.is_committed(path):
+    raise CheckpointError(
+        f"checkpoint {path} is incomplete (no commit marker {outputs.COMMIT_MARKER}): its "
+        f"writer has not finished, or was stopped, or it was copied there without the marker "
+        f"(a complete checkpoint copied into a bucket needs its {outputs.COMMIT_MARKER} too; "
+        f"Orbax writes one into every checkpoint it finishes)")
   return path
 
 

@@ -277,17 +277,17 @@ def _generate_batch(cfg, params, prompts, max_new_tokens, sampling, rng, stop_id
     end = min(step + check_every, max_new_tokens) if stop_strings else max_new_tokens
     state = _extend(cfg, params, state, stops, jnp.int32(end), sampling=sampling)
     step = int(state["step"])
-    done = np.array(state["done"])
+    done = _host(state["done"]).copy()
     if stop_strings:
-      out = np.asarray(state["out"][:, :step])
+      out = _host(state["out"][:, :step])
       newly = [r for r in range(len(prompts))
                if not done[r] and _stop_string_end(out[r], stop_strings, tokenizer) is not None]
       if newly:
         done[newly] = True
-        state["done"] = jax.device_put(done, state["done"].sharding)
+        state["done"] = where.place(done, state["done"].sharding)
     if step >= max_new_tokens or done.all():
       break
-  out = np.asarray(state["out"][:, :step])
+  out = _host(state["out"][:, :step])
   return [_trim(out[r].tolist(), stop_ids, stop_strings, tokenizer) for r in range(len(prompts))]
 
 
@@ -408,7 +408,7 @@ def _score_rows(cfg, params, contexts, continuations, where) -> list[TokenScores
     targets[r, :len(cont)] = cont
   placed = where.batch(tokens, lengths, target_positions, targets)
   logprobs, greedy = _score_batch(cfg, params, *placed, chunk=chunk)
-  logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
+  logprobs, greedy = _host(logprobs), _host(greedy)
   return [TokenScores(logprobs[r, :len(cont)].copy(), greedy[r, :len(cont)].copy())
           for r, cont in enumerate(continuations)]
 
@@ -542,6 +542,20 @@ class _Placement:
   def batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     if self.mesh is None:
       return tuple(jnp.asarray(a) for a in arrays)
-    return tuple(jax.device_put(a, NamedSharding(self.mesh, sharding.logical_to_spec(
+    return tuple(self.place(a, NamedSharding(self.mesh, sharding.logical_to_spec(
         ("activation_batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh, self.rules)))
                  for a in arrays)
+
+  @staticmethod
+  def place(array: np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
+    """The host array `array` (the same on every process) as a global array with sharding
+    `where`: each process puts only its own devices' part."""
+    return jax.make_array_from_process_local_data(where, np.asarray(array), array.shape)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """A result on the host, whole, on every process (several processes hold only their part)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -8,6 +8,12 @@ elapsed time) and OUT/predictions.jsonl (one record per example: id, prompt, raw
 extracted answer, reference, correct/score).  Rerunning the same command after an interruption
 resumes: examples already in predictions.jsonl are skipped.  Protocols and metrics:
 docs/evaluation.md.
+
+`--mesh_shape 1,-1,1` (or `evaluate.mesh_shape` in gin) restores the checkpoint straight into
+its shardings on that (data, fsdp, tensor) mesh, for a model too large for one device.  Several
+processes (one per host: `--coordinator_address --num_processes --process_id`, or nothing on a
+Cloud TPU VM) evaluate together on a mesh over all their devices; process 0 alone writes the
+files and prints.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import sys
 from typing import Any, Optional, Sequence
 
 import gin
+import jax
 
-from maxnucl import checkpoints, gin_config, outputs, sharding
+from maxnucl import checkpoints, distributed, gin_config, outputs, sharding
 from maxnucl.data import vocabularies
 from maxnucl.evaluation import core
 from maxnucl.evaluation.gsm8k import GSM8K
@@ -53,29 +60,45 @@ def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: str = vocabularies
           "limit": limit, "mesh_shape": mesh_shape}
 
 
+def evaluation_mesh(mesh_shape: Any):
+  """The mesh the model is restored onto: None (one device) unless a shape is given; several
+  processes need one spanning them, (1, -1, 1) (fsdp over every device) unless given."""
+  if mesh_shape is None:
+    if jax.process_count() == 1:
+      return None
+    mesh_shape = (1, -1, 1)
+  shape = sharding.parse_mesh_shape(mesh_shape)
+  try:
+    return sharding.create_mesh(shape)
+  except ValueError as e:
+    raise core.EvaluationError(f"--mesh_shape {','.join(map(str, shape))}: {e}") from None
+
+
 def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
                         benchmark: Optional[core.Benchmark] = None,
                         limit: Optional[int] = None, vocab: Optional[str] = None,
                         batch_size: Optional[int] = None, dtype: Optional[str] = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, mesh_shape: Any = None) -> dict:
   """Run the gin-configured (or given) benchmark on `checkpoint`; returns results.json's dict.
-  Explicit arguments override the gin bindings."""
+  Explicit arguments override the gin bindings.  With several processes every one calls this;
+  process 0 writes the files, and all return when it is done."""
   settings = evaluation_settings()
   benchmark = benchmark or settings["benchmark"]
   vocab = vocab or settings["vocab"]
   if getattr(benchmark, "vocab", "unset") is None:  # perplexity: tokenize with the model's
     benchmark.vocab = vocab
-  mesh = None
-  if settings["mesh_shape"] is not None:
-    mesh = sharding.create_mesh(tuple(settings["mesh_shape"]))
+  mesh = evaluation_mesh(mesh_shape if mesh_shape is not None else settings["mesh_shape"])
   path = checkpoints.resolve(checkpoint)
   # results go beside the checkpoint, never into it (symlinks resolved); checked before loading
   outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=False)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
-  return core.run_benchmark(benchmark, model, output,
-                            limit=limit if limit is not None else settings["limit"],
-                            progress=progress, checkpoint=str(path), gin_config=gin.config_str())
+  results = core.run_benchmark(benchmark, model, output,
+                               limit=limit if limit is not None else settings["limit"],
+                               progress=progress, checkpoint=str(path),
+                               gin_config=gin.config_str())
+  distributed.sync("maxnucl-evaluate: done")  # nobody exits while another process still works
+  return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -95,18 +118,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--mesh_shape", default=None, metavar="DATA,FSDP,TENSOR",
+                      help="restore the model sharded on this device mesh, e.g. 1,-1,1 "
+                           "(overrides evaluate.mesh_shape; default: one device)")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
   if not args.gin_file:
     parser.error("give a --gin_file, e.g. gin/eval/gsm8k.gin")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
+    distributed.initialize_from_args(args)
     gin_config.parse(args.gin_file, args.gin_param)
     results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
                                   vocab=args.vocab, batch_size=args.batch_size,
-                                  dtype=args.dtype, progress=not args.no_progress)
+                                  dtype=args.dtype, progress=not args.no_progress,
+                                  mesh_shape=args.mesh_shape)
   except (OSError, ValueError, KeyError, SyntaxError) as e:
-    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
+    print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 2
+  if not distributed.is_primary():
+    return 0
   print(format_results(results))
   print(f"results:     {pathlib.Path(args.output) / core.RESULTS}")
   print(f"predictions: {pathlib.Path(args.output) / core.PREDICTIONS}")

@@ -8,6 +8,7 @@
       ...                                                               (renamed into place on
                                                                         success, removed on error)
   replace_directory(tmp, path, overwrite)                               one-step replacement
+  publish(tmp, url, overwrite), is_committed(url)                       the same for a URL output
   remove_stale_temporaries(output)                                      temporaries of killed runs
   exit_on_sigterm()                                                     SIGTERM cleans up as Ctrl-C
 
@@ -20,7 +21,32 @@ owner gone (killed with SIGKILL, machine restarted) deletes the whole directory.
 whose owner is alive, runs on another host or in another pid namespace, or has no readable
 record is never deleted.
 
-Only the standard library: the data pipeline (numpy only) uses it too.
+URL outputs (`gs://bucket/dir`, `file:///dir`; see maxnucl.paths).  A bucket has no rename, so
+an output cannot appear in one step; instead it is complete exactly when it holds the commit
+marker `commit_success.txt` (the file Orbax itself writes last into every checkpoint it
+finishes), and readers (`maxnucl.checkpoints.load`, `resolve`, the converter and the pruner)
+refuse a URL checkpoint without it ("incomplete (no commit marker ...)").  `TemporaryOutput`
+builds the output under the temporary sibling prefix `.NAME.tmp-XXXXXXXX/content/` as for a
+local path, and `publish` then
+  1. records `publishing` in the temporary prefix (the content is complete from here on);
+  2. with --overwrite, deletes the old output: its marker first, then everything else (from
+     here until step 3 ends no complete output exists at NAME, which its missing marker says;
+     the new one is whole under the temporary prefix);
+  3. copies every file of the content to NAME (within a bucket a server-side copy), the
+     marker last;
+  4. deletes the temporary prefix (owner record last).
+An error (or Ctrl-C, SIGTERM) during 2-3 removes what was copied.  A run killed during 2-3
+leaves NAME without a marker and the temporary prefix with its `publishing` record; the next
+run for NAME (`remove_stale_temporaries`) finishes the publication from there before anything
+else.  An output that appears at NAME while the run works is detected before step 2 (refused
+without --overwrite) but not made impossible: two writers of one URL at once are not
+supported.  Aliasing checks compare normalised URLs (`paths.url_key`): an output equal to or
+under an input (or containing one, when it replaces a whole directory) is refused, a local path
+and the file:// URL of the same directory included.  Writability of a bucket is not checked in
+advance (it shows at the first write).
+
+Only the standard library for local paths: the data pipeline (numpy only) uses this module too;
+etils is imported (by maxnucl.paths) only when a URL is given.
 """
 
 from __future__ import annotations
@@ -33,7 +59,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import sys
@@ -41,10 +66,14 @@ import time
 import uuid
 from typing import Any, Mapping, Optional
 
+from maxnucl import paths
+
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
 CONTENT = "content"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's name: a URL output is complete once it holds it
+PUBLISHING = "publishing"  # in a URL output's temporary prefix: its content is complete
 
 
 class OutputPathError(ValueError):
@@ -55,40 +84,45 @@ class OutputPathError(ValueError):
 
 def check_output_path(output: str | os.PathLike, inputs: Mapping[str, Any], *,
                       flag: str = "--output", overwrite: Optional[bool] = False,
-                      replaces: bool = True) -> pathlib.Path:
-  """Validate the output directory `output` before any work; returns it as an absolute path.
+                      replaces: bool = True) -> paths.Path:
+  """Validate the output directory `output` before any work; returns it as an absolute path
+  (`paths.as_path`: an epath path for a URL).
 
   inputs: {what: path} of what the tool reads, e.g. {"input checkpoint": ckpt} (None values are
   skipped).  Raises OutputPathError naming both paths when `output` is an input or lies inside
   one, or, if `replaces` (--overwrite replaces the output directory as a whole), contains one
   (replacing it would delete the input).  Paths are compared with symlinks resolved (the path's
   own and its parents') and, where they exist, by device and inode, so a symlink or bind mount
-  aliasing an input is recognised.  Also refuses an output whose nearest existing ancestor is
-  not a writable directory.  overwrite=False: an existing output is refused (FileExistsError);
-  True: allowed; None: not checked (tools that write into, or resume, a directory).
+  aliasing an input is recognised; where a URL is involved, by normalised URL
+  (`paths.url_key`).  Also refuses a local output whose nearest existing ancestor is not a
+  writable directory.  overwrite=False: an existing output is refused (FileExistsError); True:
+  allowed; None: not checked (tools that write into, or resume, a directory).
   """
-  output = pathlib.Path(output).absolute()
+  output = paths.as_path(output)
   _refuse_inputs(output, inputs, flag, replaces)
-  exists = os.path.lexists(output)
+  exists = paths.exists(output)
   if exists and overwrite is False:
     raise FileExistsError(f"output {output} already exists; pass --overwrite (overwrite=True) "
                           f"to replace it")
-  # A replaced output is renamed within its parent; any other is written into.
-  _check_writable(output, output if exists and not replaces else output.parent, flag)
+  if not paths.is_url(output):
+    # A replaced output is renamed within its parent; any other is written into.
+    _check_writable(output, output if exists and not replaces else output.parent, flag)
   return output
 
 
 def check_output_file(path: str | os.PathLike, inputs: Mapping[str, Any], *,
-                      flag: str) -> pathlib.Path:
+                      flag: str) -> paths.Path:
   """Validate an output file (e.g. a JSON report) before any work; returns its absolute path.
 
   Refuses a path that is one of `inputs` or lies inside one (see `check_output_path`), an
   existing directory, a directory that does not exist or is not writable, and an existing file
-  that is not writable (OutputPathError, naming the path)."""
-  path = pathlib.Path(path).absolute()
+  that is not writable (OutputPathError, naming the path; for a URL only the first two)."""
+  path = paths.as_path(path)
   _refuse_inputs(path, inputs, flag, replaces=False)
   if path.is_dir():
     raise OutputPathError(f"{flag} {path} is a directory; expected the path of a file to write")
+  if paths.is_url(path):
+    return path
   if not path.parent.is_dir():
     raise OutputPathError(f"{flag} {path}: directory {path.parent} does not exist")
   if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -98,17 +132,25 @@ def check_output_file(path: str | os.PathLike, inputs: Mapping[str, Any], *,
   return path
 
 
-def _refuse_inputs(output: pathlib.Path, inputs: Mapping[str, Any], flag: str,
+def _refuse_inputs(output: paths.Path, inputs: Mapping[str, Any], flag: str,
                    replaces: bool) -> None:
   for what, source in inputs.items():
     if source is None:
       continue
-    source = pathlib.Path(source).absolute()
-    if _within(output, source) and _same(output, source):
+    source = paths.as_path(source)
+    if paths.is_url(output) or paths.is_url(source):
+      out_key, source_key = paths.url_key(output), paths.url_key(source)
+      inside, same = paths.key_within(out_key, source_key), out_key == source_key
+      contains = paths.key_within(source_key, out_key)
+    else:
+      inside = _within(output, source)
+      same = inside and _same(output, source)
+      contains = _within(source, output)
+    if same:
       relation, why = "is", "choose another path"
-    elif _within(output, source):
+    elif inside:
       relation, why = "lies inside", "writing there would add files to it; choose a path outside it"
-    elif replaces and _within(source, output):
+    elif replaces and contains:
       relation, why = "contains", f"replacing {flag} would delete it; choose another path"
     else:
       continue
@@ -116,7 +158,9 @@ def _refuse_inputs(output: pathlib.Path, inputs: Mapping[str, Any], flag: str,
                           f"{source}{_resolved(source)}: {why}")
 
 
-def _resolved(path: pathlib.Path) -> str:
+def _resolved(path: paths.Path) -> str:
+  if paths.is_url(path):
+    return ""
   real = path.resolve()
   return "" if real == path else f" (resolves to {real})"
 
@@ -159,18 +203,21 @@ class TemporaryOutput:
   """A temporary sibling directory of the output `path`, owned by this process.
 
       with TemporaryOutput(path, overwrite) as tmp:   # tmp: the directory to build the output in
-        ...                                           # then: put at `path` (replace_directory)
+        ...                                           # then: put at `path` (replace_directory,
+                                                      # or publish for a URL)
                                                       # an exception: everything removed
 
   Creating one first removes the stale temporaries of `path` (`remove_stale_temporaries`).
   `commit()` / `discard()` do the same as leaving the block without / with an exception.
+  make_content=False: `tmp` is not created (for a writer that insists on creating it, Orbax).
   """
 
-  def __init__(self, path: str | os.PathLike, overwrite: bool = False):
-    self.path = pathlib.Path(path).absolute()
+  def __init__(self, path: str | os.PathLike, overwrite: bool = False, *,
+               make_content: bool = True):
+    self.path = paths.as_path(path)
     self.overwrite = overwrite
     remove_stale_temporaries(self.path)
-    if not overwrite and os.path.lexists(self.path):  # checked again at the final rename
+    if not overwrite and paths.exists(self.path):  # checked again when it is put in place
       raise FileExistsError(f"output {self.path} already exists; pass --overwrite "
                             f"(overwrite=True) to replace it")
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,9 +225,10 @@ class TemporaryOutput:
     self.root.mkdir()
     (self.root / OWNER_FILE).write_text(json.dumps(_owner_record()))
     self.content = self.root / CONTENT
-    self.content.mkdir()
+    if make_content:
+      self.content.mkdir()
 
-  def __enter__(self) -> pathlib.Path:
+  def __enter__(self) -> paths.Path:
     return self.content
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -189,16 +237,59 @@ class TemporaryOutput:
     else:
       self.discard()
 
-  def commit(self) -> pathlib.Path:
-    """Put the finished content at `path` (see `replace_directory`), then delete the rest."""
+  def commit(self) -> paths.Path:
+    """Put the finished content at `path` (see `replace_directory`; `publish` for a URL), then
+    delete the rest."""
     try:
-      replace_directory(self.content, self.path, self.overwrite, old=self.root / "old")
+      if paths.is_url(self.path):
+        publish(self.content, self.path, self.overwrite, record=self.root / PUBLISHING)
+      else:
+        replace_directory(self.content, self.path, self.overwrite, old=self.root / "old")
     finally:
       self.discard()
     return self.path
 
   def discard(self) -> None:
     _remove_temporary(self.root)
+
+
+def publish(content: paths.Path, path: paths.Path, overwrite: bool, *,
+            record: Optional[paths.Path] = None) -> None:
+  """Put the finished directory `content` at the URL `path` by copying it, the commit marker
+  `COMMIT_MARKER` last (written if `content` has none); an existing `path` only if `overwrite`
+  (deleted first, its marker before anything else).  `record`: where to note, before anything at
+  `path` changes, that `content` is complete (see the module docstring).  An exception while
+  copying removes what was copied (a process killed meanwhile leaves it to
+  `remove_stale_temporaries` of the next run).  `content` is left as it is."""
+  if paths.exists(path):
+    if not overwrite:
+      raise FileExistsError(f"output {path} appeared while it was being written; it is left "
+                            f"as it is")
+  if record is not None:
+    record.write_text(json.dumps({"output": str(path)}))
+  try:
+    if paths.exists(path):
+      (path / COMMIT_MARKER).unlink(missing_ok=True)  # from here on, readers see it incomplete
+      paths.remove_tree(path)
+    marker = (COMMIT_MARKER,)
+    for parts in paths.files_below(content):
+      if parts != marker:
+        target = path.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths.copy_file(content.joinpath(*parts), target)
+    if (content / COMMIT_MARKER).exists():
+      paths.copy_file(content / COMMIT_MARKER, path / COMMIT_MARKER)
+    else:
+      (path / COMMIT_MARKER).write_text(f"maxnucl output committed to {path}")
+  except BaseException:  # an error or Ctrl-C / SIGTERM: leave nothing half-published
+    if not is_committed(path):
+      paths.remove_tree(path)
+    raise
+
+
+def is_committed(path: paths.Path) -> bool:
+  """Whether the URL output `path` holds its commit marker (see the module docstring)."""
+  return (path / COMMIT_MARKER).exists()
 
 
 def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool, *,
@@ -274,17 +365,14 @@ def _fsync_directory(directory: pathlib.Path) -> None:
     os.close(fd)
 
 
-def _remove(path: pathlib.Path) -> None:
-  if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
-    path.unlink(missing_ok=True)
-  else:
-    shutil.rmtree(path, ignore_errors=True)
+def _remove(path: paths.Path) -> None:
+  paths.remove_tree(path)
 
 
-def _remove_temporary(root: pathlib.Path) -> None:
+def _remove_temporary(root: paths.Path) -> None:
   """Delete a temporary directory, its owner record last: a run killed meanwhile leaves a
   directory that the next run still recognises as stale."""
-  if root.is_dir() and not root.is_symlink():
+  if root.is_dir() and (paths.is_url(root) or not root.is_symlink()):
     for child in root.iterdir():
       if child.name != OWNER_FILE:
         _remove(child)
@@ -294,20 +382,23 @@ def _remove_temporary(root: pathlib.Path) -> None:
 
 # ---- stale temporaries ----------------------------------------------------------------------------
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
+def remove_stale_temporaries(path: str | os.PathLike) -> list[paths.Path]:
   """Delete the temporary siblings `.NAME.tmp-*` of the output `path` whose owner process is
   gone; returns those deleted.  (One holding the previous output as `old/` while `path` is
   missing, a run killed between the two renames of `replace_directory`'s fallback, first gets
-  it moved back to `path`.)  Those whose owner may be alive (or runs on another host or in
-  another pid namespace) are left alone, and so are those without a readable owner record (made
-  by an older maxnucl, or by a run killed in the instant between creating the directory and
-  recording its owner), with a warning that names them."""
-  path = pathlib.Path(path).absolute()
-  removed: list[pathlib.Path] = []
+  it moved back to `path`; for a URL, one whose publication was interrupted, `publishing`
+  recorded and `path` without its commit marker, first gets it finished.)  Those whose owner may
+  be alive (or runs on another host or in another pid namespace) are left alone, and so are
+  those without a readable owner record (made by an older maxnucl, or by a run killed in the
+  instant between creating the directory and recording its owner), with a warning that names
+  them."""
+  path = paths.as_path(path)
+  url = paths.is_url(path)
+  removed: list[paths.Path] = []
   if not path.parent.is_dir():
     return removed
   for candidate in sorted(path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*")):
-    if candidate.is_symlink() or not candidate.is_dir():
+    if (not url and candidate.is_symlink()) or not candidate.is_dir():
       continue
     try:
       owner = json.loads((candidate / OWNER_FILE).read_text())
@@ -322,7 +413,11 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
       continue
     log.warning("removing %s: temporary directory of %s left by process %s (%s), which is gone",
                 candidate, path, owner.get("pid"), str(owner.get("argv", "?"))[:300])
-    if os.path.lexists(candidate / "old") and not os.path.lexists(path):
+    if url and (candidate / PUBLISHING).exists() and not is_committed(path):
+      # killed while publishing: the content is complete, `path` is not
+      publish(candidate / CONTENT, path, overwrite=True)
+      log.warning("finished publishing %s from %s", path, candidate / CONTENT)
+    elif not url and os.path.lexists(candidate / "old") and not os.path.lexists(path):
       # killed between the two renames of replace_directory's fallback: the old output is whole
       try:
         os.rename(candidate / "old", path)

@@ -98,6 +98,20 @@ def create_mesh(shape: Sequence[int] = (-1, 1, 1),
   return Mesh(device_array, tuple(axis_names))
 
 
+def parse_mesh_shape(value: Any, flag: str = "--mesh_shape") -> tuple[int, ...]:
+  """A mesh shape given on a command line or in gin: "1,-1,1" or a sequence of three integers
+  (data, fsdp, tensor); one may be -1 (the devices left over).  ValueError names `flag`."""
+  text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+  try:
+    shape = tuple(int(tok) for tok in text.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"{flag} {text!r}: expected three integers {','.join(MESH_AXES)}, e.g. "
+                     f"1,-1,1 (fsdp over every device)")
+  return shape
+
+
 def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
                     rules: Rules) -> PartitionSpec:
   """PartitionSpec for an array of `shape` whose dims carry `logical_axes`.

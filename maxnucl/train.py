@@ -16,6 +16,10 @@ Workdir layout:
     DIR/metrics.jsonl      one JSON object per logged step
     DIR/tensorboard/       TensorBoard event files
     DIR/config.gin         the gin config of the run (operative_config.gin: the values used)
+DIR may be a URL, `gs://bucket/run` (or `file:///dir`, which takes the same code path): Orbax
+then marks each finished step with `commit_success.txt` instead of renaming it into place,
+metrics.jsonl is rewritten whole at each log step (an object in a bucket cannot be appended to)
+and TensorBoard event files go through etils.epath (`paths.tensorboard_logdir`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import re
 import sys
 import time
@@ -49,9 +52,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxnucl import checkpoints
+from maxnucl import distributed
 from maxnucl import flops
 from maxnucl import losses
 from maxnucl import models
+from maxnucl import paths
 from maxnucl import sharding
 from maxnucl import evaluate
 from maxnucl import gin_config
@@ -226,20 +231,29 @@ def train_loop(workdir: str | os.PathLike, *,
                   log_every=log_every, checkpoint_every=checkpoint_every,
                   keep_checkpoints=keep_checkpoints, eval_batches=eval_batches,
                   eval_every=(eval_every, 0), eval_tasks_every=(eval_tasks_every, 0))
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = paths.as_path(workdir)  # a local path or a URL (gs://, file://)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.create_mesh() if mesh is None else mesh
   rules = sharding.logical_axis_rules()
   cfg = models.configured_model()
-  if init_checkpoint is not None and not pathlib.Path(init_checkpoint).exists():
+  if init_checkpoint is not None and not paths.as_path(init_checkpoint).exists():
     raise FileNotFoundError(f"train_loop.init_checkpoint {init_checkpoint} does not exist")
 
   train_iter = pipeline.create_data_iterator("train", seed=seed)
   _check_data(cfg, train_iter, accumulation_steps, mesh)
   schedule = learning_rate_schedule(num_steps)
   tx = create_optimizer(schedule)
+  if eval_tasks and jax.process_count() > 1:
+    raise TrainingError("train_loop.eval_tasks runs on a single process; on several, evaluate "
+                        "the checkpoints afterwards with python -m maxnucl.evaluate")
+  if eval_tasks and paths.is_url(workdir):
+    raise TrainingError(f"train_loop.eval_tasks writes predictions to a local workdir only, not "
+                        f"{workdir}; evaluate the checkpoints afterwards with python -m "
+                        f"maxnucl.evaluate")
   manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
-  (workdir / "config.gin").write_text(gin.config_str())
+  primary = distributed.is_primary()  # the one process that prints and writes logs
+  if primary:
+    (workdir / "config.gin").write_text(gin.config_str())
 
   with sharding.activate(mesh, rules):
     resume_step = manager.latest_step()
@@ -250,7 +264,9 @@ def train_loop(workdir: str | os.PathLike, *,
       resume_step, state, train_state = _restore_latest(manager, cfg, tx, state_sh)
       train_iter.set_state(train_state["data_iterator"])
       seed = train_state["seed"]
-      print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})", flush=True)
+      if primary:
+        print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})",
+              flush=True)
     else:
       state = _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules)
     rng = jax.random.PRNGKey(seed)
@@ -273,7 +289,7 @@ def train_loop(workdir: str | os.PathLike, *,
     eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
     benchmarks = _benchmarks(eval_tasks, train_iter)
     tasks_every = eval_tasks_every or eval_every
-    metrics_log = _MetricsLog(workdir, resume_step or 0)
+    metrics_log = _MetricsLog(workdir, resume_step or 0) if primary else _NoMetricsLog()
     step_flops = flops.training_flops_per_step(cfg, train_iter.batch_size,
                                                train_iter.seq_len)
     peak = flops.peak_flops_per_device()
@@ -284,7 +300,7 @@ def train_loop(workdir: str | os.PathLike, *,
     history = []
     start = int(state["step"])
     interval_time, interval_steps = 0.0, 0
-    bar = _progress(start, num_steps, progress_bar)
+    bar = _progress(start, num_steps, progress_bar and primary)
     try:
       for step in range(start + 1, num_steps + 1):
         t_start = time.perf_counter()
@@ -329,7 +345,7 @@ def train_loop(workdir: str | os.PathLike, *,
         if step % checkpoint_every == 0 or is_last:
           _save(manager, step, cfg, state, {"step": step, "seed": seed,
                                             "data_iterator": train_iter.get_state()})
-        if step == start + 1:
+        if step == start + 1 and primary:
           (workdir / "operative_config.gin").write_text(gin.operative_config_str())
     finally:
       bar.close()
@@ -553,15 +569,19 @@ def _evaluate(cfg, eval_fn, params, eval_data) -> float:
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def _checkpoint_manager(workdir, keep, async_checkpointing) -> ocp.CheckpointManager:
+  # In a URL workdir a step is finished by its commit marker, as Orbax does on GCS by default
+  # (and as checkpoints.resolve expects there): a file:// URL workdir behaves as a bucket.
+  commit_file = ocp.path.atomicity.CommitFileTemporaryPath if paths.is_url(workdir) else None
   return ocp.CheckpointManager(
-      workdir / "checkpoints",
+      paths.orbax_path(workdir / "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                           enable_async_checkpointing=async_checkpointing),
+                                           enable_async_checkpointing=async_checkpointing,
+                                           temporary_path_class=commit_file),
       item_names=(PARAMS, OPT_STATE, MODEL_CONFIG, TRAIN_STATE))
 
 
-def _step_dir(manager, step) -> pathlib.Path:
-  return pathlib.Path(manager.directory) / str(step)
+def _step_dir(manager, step):
+  return manager.directory / str(step)  # an epath path: gs:// stays a URL
 
 
 def _save(manager, step, cfg, state, train_state) -> None:
@@ -590,7 +610,9 @@ def _restore_latest(manager, cfg, tx, state_sh) -> tuple[int, TrainState, dict]:
         raise TrainingError(f"{e}; there is no earlier checkpoint to resume from (remove "
                             f"{_step_dir(manager, step)} to start over)") from None
       aside = _step_dir(manager, step).with_name(f"corrupted_step_{step}")
-      _step_dir(manager, step).rename(aside)
+      if distributed.is_primary():
+        _step_dir(manager, step).rename(aside)
+      distributed.sync(f"corrupted_step_{step}")
       manager.reload()
       log.warning("%s; moved it to %s and resuming from the previous checkpoint, step %d", e,
                   aside, max(earlier))
@@ -644,31 +666,48 @@ class _MetricsLog:
   """DIR/metrics.jsonl and TensorBoard; on resume, lines after the restored step are dropped (they
   will be written again by the resumed run)."""
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
+  def __init__(self, workdir: paths.Path, resume_step: int):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.path = workdir / "metrics.jsonl"
+    self.lines = [line for line in _logged_lines(self.path)
+                  if json.loads(line)["step"] <= resume_step] if self.path.exists() else []
     if self.path.exists():
-      self.path.write_text("".join(line + "\n" for line in _logged_lines(self.path)
-                                   if json.loads(line)["step"] <= resume_step))
-    self.file = self.path.open("a")
+      self.path.write_text("".join(line + "\n" for line in self.lines))
+    # A bucket object cannot be appended to: in a URL workdir the file is rewritten whole.
+    self.file = None if paths.is_url(self.path) else self.path.open("a")
     # purge_step: TensorBoard drops the events a previous run logged after the restored step.
-    self.writer = SummaryWriter(str(workdir / "tensorboard"),
+    self.writer = SummaryWriter(paths.tensorboard_logdir(workdir / "tensorboard"),
                                 purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, record: dict) -> None:
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    if self.file is None:
+      self.lines.append(json.dumps(record))
+      self.path.write_text("".join(line + "\n" for line in self.lines))
+    else:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
         self.writer.add_scalar(key, value, record["step"])
     self.writer.flush()
 
   def close(self) -> None:
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     self.writer.close()
 
 
-def _logged_lines(path: pathlib.Path) -> list[str]:
+class _NoMetricsLog:
+  """What processes other than 0 log: nothing (process 0 writes metrics.jsonl and TensorBoard)."""
+
+  def write(self, record: dict) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
+
+
+def _logged_lines(path: paths.Path) -> list[str]:
   """The complete lines of a metrics.jsonl; a last line cut short by a crash is dropped with a
   warning (a malformed line elsewhere is an error naming it)."""
   lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -704,22 +743,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "after the files)")
   parser.add_argument("--workdir", default=None,
                       help="output directory (default: train_main.workdir in gin)")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  # force: importing Orbax already installed a root handler; INFO for maxnucl's own lines only
+  # (gin, Orbax and absl log every include and save at INFO)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                      force=True)
+  logging.getLogger("maxnucl").setLevel(logging.INFO)
   if not args.gin_file:
     parser.error("at least one --gin_file is required (e.g. gin/demo_cpu.gin)")
   try:
+    distributed.initialize_from_args(args)
     parse_gin(args.gin_file, args.gin_param)
     workdir = args.workdir or train_main()
     result = train_loop(workdir)
   except NonFiniteLossError as e:
-    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
+    print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 3
   except (OSError, ValueError, KeyError, TrainingError, checkpoints.CheckpointError,
           SyntaxError) as e:
-    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
+    print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 2
-  _print_outputs(result)
+  if distributed.is_primary():
+    _print_outputs(result)
   return 0
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import processes
 from maxnucl import checkpoints, evaluate, models, sharding, train
 from maxnucl.data import pipeline, vocabularies
 from maxnucl.evaluation import core, gsm8k, perplexity
@@ -186,6 +187,91 @@ def test_perplexity_of_a_text_file_scores_every_token_after_bos(tmp_path):
                                       "segment_ids": np.ones((1, n), np.int32),
                                       "positions": np.arange(n)[None]})[0]
   assert results["metrics"]["nll"] == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+
+
+def test_evaluator_on_a_mesh_restores_the_model_sharded_and_equals_one_device(tmp_path,
+                                                                             monkeypatch, capsys):
+  """`--mesh_shape 2,-1,1`: the checkpoint is restored sharded over the 8 devices, the 4 text
+  rows (padded to the 8 batch shards) give the perplexity of the single-device run."""
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  checkpoints.save(tmp_path / "ckpt", cfg, models.init(cfg, jax.random.PRNGKey(4)))
+  text = "Outgoing connections of feed-forward neurons.\n" * 5  # 230 bytes: 4 rows of <= 64
+  (tmp_path / "doc.txt").write_text(text)
+  evaluated = []
+  run = core.run_benchmark
+  monkeypatch.setattr(core, "run_benchmark",
+                      lambda bench, model, *a, **k: evaluated.append(model) or run(bench, model,
+                                                                                   *a, **k))
+  flags = ["--gin_file=gin/eval/perplexity.gin", "--gin_param=perplexity.seq_len = 64",
+           f"--gin_param=perplexity.source = '{tmp_path / 'doc.txt'}'", "--batch_size", "3",
+           f"--checkpoint={tmp_path / 'ckpt'}", "--no_progress"]
+  results = {}
+  for name, mesh_flags in (("one_device", []), ("mesh", ["--mesh_shape", "2,-1,1"])):
+    gin.clear_config()
+    assert evaluate.main(flags + [f"--output={tmp_path / name}"] + mesh_flags) == 0
+    results[name] = json.loads((tmp_path / name / core.RESULTS).read_text())["metrics"]
+  gin.clear_config()
+  assert evaluate.main(flags + [f"--output={tmp_path / 'bad'}", "--mesh_shape", "1,-1"]) == 2
+  assert "--mesh_shape '1,-1': expected three integers" in capsys.readouterr().err
+  gin.clear_config()
+  single, sharded = (model.params["layers_0"]["mlp"]["gate"] for model in evaluated)
+  assert len(single.sharding.device_set) == 1
+  assert len(sharded.sharding.device_set) == 8 and not sharded.sharding.is_fully_replicated
+  assert results["mesh"]["tokens"] == results["one_device"]["tokens"] == len(text)
+  assert results["mesh"]["num_rows"] == 4
+  assert results["mesh"]["nll"] == pytest.approx(results["one_device"]["nll"], rel=1e-5)
+
+
+def test_two_processes_resume_and_evaluate_perplexity_like_one(tmp_path):
+  """Two processes of 2 CPU devices each resume a run that one process started (process 0 reads
+  predictions.jsonl and sends the resumed records to process 1), evaluate the rest together on a
+  4-device mesh; process 0 alone writes and prints; the metrics equal a single-process run."""
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  checkpoints.save(tmp_path / "ckpt", cfg, models.init(cfg, jax.random.PRNGKey(5)))
+  (tmp_path / "doc.txt").write_text("Neurons whose outgoing weights are spread out.\n" * 6)
+  flags = ["--gin_file=gin/eval/perplexity.gin", "--gin_param=perplexity.seq_len = 64",
+           f"--gin_param=perplexity.source = '{tmp_path / 'doc.txt'}'", "--batch_size", "2",
+           f"--checkpoint={tmp_path / 'ckpt'}", "--no_progress"]
+  expected = {}
+  for output, limit in (("one_process", []), ("two_processes", ["--limit", "2"])):
+    gin.clear_config()
+    assert evaluate.main(flags + [f"--output={tmp_path / output}"] + limit) == 0
+    expected[output] = json.loads((tmp_path / output / core.RESULTS).read_text())["metrics"]
+  gin.clear_config()
+  assert expected["two_processes"]["num_rows"] == 2
+  outputs = processes.run(["-m", "maxnucl.evaluate", *flags,
+                            f"--output={tmp_path / 'two_processes'}"])
+  for code, _, err in outputs:
+    assert code == 0, err[-3000:]
+  assert "perplexity" in outputs[0][1]
+  assert [l for l in outputs[1][1].splitlines() if not l.startswith("[Gloo]")] == []
+  results = json.loads((tmp_path / "two_processes" / core.RESULTS).read_text())
+  assert results["num_resumed"] == 2 and results["num_examples"] == 5
+  assert results["metrics"]["tokens"] == expected["one_process"]["tokens"]
+  assert results["metrics"]["nll"] == pytest.approx(expected["one_process"]["nll"], rel=1e-5)
+  lines = (tmp_path / "two_processes" / core.PREDICTIONS).read_text().splitlines()
+  assert sorted(json.loads(l)["id"] for l in lines) == [f"row-{i}" for i in range(5)]
+
+
+def test_two_processes_generate_the_answers_of_one(arithmetic_checkpoint, tmp_path):
+  """GSM8K-style generation with two processes (a 4-device mesh over both) writes the
+  predictions of a single-process run."""
+  flags = ["--gin_file=gin/eval/synthetic_arithmetic.gin", f"--checkpoint={arithmetic_checkpoint}",
+           "--limit", "6", "--batch_size", "4", "--no_progress"]
+  one = subprocess.run([sys.executable, "-m", "maxnucl.evaluate", *flags,
+                        f"--output={tmp_path / 'one'}"], capture_output=True, text=True, cwd=REPO,
+                       timeout=600, env=processes.cpu_env(1))
+  assert one.returncode == 0, one.stderr[-2000:]
+  for code, _, err in processes.run(["-m", "maxnucl.evaluate", *flags,
+                                     f"--output={tmp_path / 'two'}"], timeout=600):
+    assert code == 0, err[-3000:]
+
+  def predictions(name):
+    lines = (tmp_path / name / core.PREDICTIONS).read_text().splitlines()
+    return sorted((r["id"], r["output"]) for r in map(json.loads, lines))
+  assert predictions("two") == predictions("one") and len(predictions("one")) == 6
+  two = json.loads((tmp_path / "two" / core.RESULTS).read_text())
+  assert two["metrics"] == json.loads((tmp_path / "one" / core.RESULTS).read_text())["metrics"]
 
 
 # ---- the command line, training and pruning ---------------------------------------------------

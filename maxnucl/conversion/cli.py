@@ -7,6 +7,8 @@
 
 All conversions stream (one tensor in memory at a time), never touch their input, refuse an
 existing output unless --overwrite, and leave nothing under the output name if interrupted.
+Every path may be a URL, gs://bucket/dir or file:///dir: a URL output counts as complete only
+once it holds its commit marker, commit_success.txt (see docs/conversion.md).
 An output that is the input, lies inside it or contains it (symlinks resolved) is refused
 before any work (exit status 2; other errors: 1).  SIGTERM, like Ctrl-C, removes the temporary
 directory before exiting (status 143); one left by a killed run is removed by the next run.
@@ -20,14 +22,13 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 
 # Conversion is host work: keep jax off accelerators (and their start-up messages).  Set before
 # the imports below import jax (maxnucl/__init__ and maxnucl/conversion/__init__ do not).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from maxnucl import checkpoints, models, outputs  # noqa: E402
+from maxnucl import checkpoints, models, outputs, paths  # noqa: E402
 from maxnucl.conversion import convert, hf_io  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
 
@@ -62,7 +63,7 @@ def gemma_to_maxnucl(args) -> None:
                                           "--config file": args.config},
                             overwrite=args.overwrite)
   if args.config:
-    cfg = models.ModelConfig.from_dict(json.loads(pathlib.Path(args.config).read_text()))
+    cfg = models.ModelConfig.from_dict(json.loads(paths.as_path(args.config).read_text()))
   else:
     cfg = models.get_config(SIZES[args.size])
   if args.vocab_size:

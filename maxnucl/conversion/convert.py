@@ -12,7 +12,9 @@ into a temporary sibling of the output that is renamed into place only when comp
 are `ConversionError`s whose message names the tensor and the file.  Before any work, the output
 path is checked (`outputs.check_output_path`): an output that is the input, lies inside it or
 contains it (symlinks resolved) is refused with `outputs.OutputPathError`, an existing one
-without overwrite=True with FileExistsError.
+without overwrite=True with FileExistsError.  Inputs and outputs may be URLs (`gs://...`,
+`file://...`): a URL output is published by copying, its commit marker last
+(`maxnucl.outputs`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ import functools
 import json
 import logging
 import os
-import pathlib
 from concurrent import futures
 from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
-from maxnucl import checkpoints, models, outputs
+from maxnucl import checkpoints, models, outputs, paths
 from maxnucl.conversion import deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.models.config import ModelConfig
 
@@ -60,7 +61,7 @@ def read_hf_config(hf_dir: str | os.PathLike, *, keep_query_pre_attn_scalar: boo
   query_pre_attn_scalar 224 was written by an older converter: it is corrected to 256 with a
   warning unless `keep_query_pre_attn_scalar`.
   """
-  path = pathlib.Path(hf_dir) / "config.json"
+  path = paths.as_path(hf_dir) / "config.json"
   if not path.exists():
     raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
   try:
@@ -74,7 +75,7 @@ def read_hf_config(hf_dir: str | os.PathLike, *, keep_query_pre_attn_scalar: boo
                 path, _OLD_9B_SCALAR, _GEMMA2_9B_SCALAR)
     hf = {**hf, "query_pre_attn_scalar": _GEMMA2_9B_SCALAR}
   try:
-    return hf_gemma2.config_from_hf(hf, name=pathlib.Path(hf_dir).absolute().name), hf
+    return hf_gemma2.config_from_hf(hf, name=paths.as_path(hf_dir).name), hf
   except (KeyError, ValueError) as e:
     raise ConversionError(f"{path}: {e.args[0] if e.args else e}") from None
 
@@ -136,7 +137,7 @@ def _check_tied(reader: hf_io.SafetensorsReader, embedding: str, rows: int = 819
 
 def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  overwrite: bool = False) -> list[pathlib.Path]:
+                  overwrite: bool = False) -> list[paths.Path]:
   """Write a maxnucl Gemma-2 checkpoint as a Hugging Face directory (config.json + safetensors).
 
   Refuses configs Hugging Face cannot represent (per-layer FFN widths, FFN-less layers).

@@ -6,6 +6,8 @@ little-endian tensor bytes.  Reading memory-maps one tensor (nothing else is tou
 emits the header from the planned shapes first and then each tensor's bytes as it is produced.
 A directory holds `model.safetensors`, or several shards listed in
 `model.safetensors.index.json` (`{"metadata": {"total_size"}, "weight_map": {name: file}}`).
+A directory may also be a URL (`gs://...`, `file://...`; maxnucl.paths): files are then read and
+written through etils.epath, a tensor by one ranged read of its bytes instead of a memory map.
 
 Why not the `safetensors` package's own API: its writers (`save_file`) take every tensor of a file
 in memory at once (no streaming), and its numpy reader cannot return bfloat16 ("data type
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import struct
 from typing import Callable, Iterable, Optional
 
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+
+from maxnucl import paths
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,7 +45,7 @@ class SafetensorsReader:
   """Tensors of a Hugging Face model directory, by name, without loading any other tensor."""
 
   def __init__(self, directory: str | os.PathLike):
-    self.directory = pathlib.Path(directory)
+    self.directory = paths.as_path(directory)
     index = self.directory / INDEX_FILE
     if index.exists():
       try:
@@ -57,7 +60,7 @@ class SafetensorsReader:
       weight_map = None
       if not files:
         raise SafetensorsError(f"{self.directory}: no *.safetensors files and no {INDEX_FILE}")
-    self.entries: dict[str, tuple[pathlib.Path, str, tuple[int, ...], int, int]] = {}
+    self.entries: dict[str, tuple[paths.Path, str, tuple[int, ...], int, int]] = {}
     for name in files:
       path = self.directory / name
       if not path.exists():
@@ -84,15 +87,24 @@ class SafetensorsReader:
   def dtype(self, name: str) -> np.dtype:
     return DTYPES[self._entry(name)[1]]
 
-  def file(self, name: str) -> pathlib.Path:
+  def file(self, name: str) -> paths.Path:
     return self._entry(name)[0]
 
   def get(self, name: str) -> np.ndarray:
-    """A read-only memory map of one tensor (pages are read when touched)."""
+    """A read-only memory map of one tensor (pages are read when touched); from a URL, the
+    tensor read into memory."""
     path, code, shape, begin, end = self._entry(name)
     if begin == end:
       return np.zeros(shape, DTYPES[code])
-    return np.memmap(path, dtype=DTYPES[code], mode="r", offset=begin, shape=shape)
+    if not paths.is_url(path):
+      return np.memmap(path, dtype=DTYPES[code], mode="r", offset=begin, shape=shape)
+    with path.open("rb") as f:
+      f.seek(begin)
+      data = f.read(end - begin)
+    if len(data) != end - begin:
+      raise SafetensorsError(f"{path}: tensor {name}: read {len(data)} of its {end - begin} "
+                             f"bytes (file truncated?)")
+    return np.frombuffer(data, DTYPES[code]).reshape(shape)
 
   def _entry(self, name):
     if name not in self.entries:
@@ -101,10 +113,10 @@ class SafetensorsReader:
     return self.entries[name]
 
 
-def _read_header(path: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+def _read_header(path: paths.Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
   """name -> (dtype code, shape, absolute begin, absolute end); checks the file is complete."""
-  size = path.stat().st_size
-  with open(path, "rb") as f:
+  size = paths.file_size(path)
+  with path.open("rb") as f:
     head = f.read(8)
     if len(head) < 8:
       raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -155,14 +167,14 @@ def plan_shards(specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
 def write_sharded(directory: str | os.PathLike,
                   specs: list[tuple[str, tuple[int, ...], np.dtype]],
                   get_tensor: Callable[[str], np.ndarray], max_shard_bytes: int,
-                  metadata: Optional[dict[str, str]] = None) -> list[pathlib.Path]:
+                  metadata: Optional[dict[str, str]] = None) -> list[paths.Path]:
   """Write `specs` (name, shape, dtype) into safetensors shard(s) under `directory`.
 
   `get_tensor(name)` is called once per tensor, in order, and must return exactly the planned
   shape and dtype.  One shard -> `model.safetensors`; several -> `model-0000i-of-0000n`
   files plus `model.safetensors.index.json`.
   """
-  directory = pathlib.Path(directory)
+  directory = paths.as_path(directory)
   shards = plan_shards(specs, max_shard_bytes)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -178,7 +190,7 @@ def write_sharded(directory: str | os.PathLike,
     total += offset
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned
-    with open(directory / file_name, "wb") as f:
+    with (directory / file_name).open("wb") as f:
       f.write(struct.pack("<Q", len(encoded)))
       f.write(encoded)
       for name, shape, dtype in shard:
@@ -186,7 +198,9 @@ def write_sharded(directory: str | os.PathLike,
         if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
           raise SafetensorsError(f"{directory / file_name}: tensor {name} is {array.shape} "
                                  f"{array.dtype}, planned {tuple(shape)} {np.dtype(dtype)}")
-        f.write(memoryview(contiguous(array).view(np.uint8).reshape(-1)))
+        data = memoryview(contiguous(array).view(np.uint8).reshape(-1))
+        # tf.io.gfile (epath's backend for URLs) takes bytes only: one more copy of the tensor
+        f.write(bytes(data) if paths.is_url(directory) else data)
   if len(shards) > 1:
     (directory / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

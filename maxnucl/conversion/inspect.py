@@ -14,12 +14,11 @@ stream, 0 for one that writes a single coordinate (`maxnucl.ffn.row_entropy`).  
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any, Iterator
 
 import numpy as np
 
-from maxnucl import checkpoints, ffn, models
+from maxnucl import checkpoints, ffn, models, paths
 from maxnucl.conversion import hf_gemma2, hf_io
 
 _BLOCK_ELEMENTS = 1 << 24  # rows of W per entropy block: about this many elements
@@ -51,7 +50,7 @@ def _row_blocks(w: np.ndarray, transpose: bool = False) -> Iterator[np.ndarray]:
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   """A JSON-able summary of a maxnucl checkpoint or a Hugging Face Gemma-2 directory."""
-  path = pathlib.Path(path)
+  path = paths.as_path(path)
   if (path / checkpoints.MODEL_CONFIG).is_dir():
     return _inspect_maxnucl(path)
   if (path / "config.json").exists():
@@ -68,7 +67,7 @@ def _summary(fmt, path, cfg, arrays, entropy) -> dict[str, Any]:
           "outgoing_entropy": entropy}
 
 
-def _inspect_maxnucl(path: pathlib.Path) -> dict[str, Any]:
+def _inspect_maxnucl(path: paths.Path) -> dict[str, Any]:
   cfg = checkpoints.load_config(path)
   stored = checkpoints.stored_arrays(path)
   arrays = [{"name": "/".join(k), "shape": list(shape), "dtype": dtype}
@@ -83,7 +82,7 @@ def _inspect_maxnucl(path: pathlib.Path) -> dict[str, Any]:
   return _summary("maxnucl", path, cfg, arrays, entropy)
 
 
-def _inspect_hf(path: pathlib.Path) -> dict[str, Any]:
+def _inspect_hf(path: paths.Path) -> dict[str, Any]:
   from maxnucl.conversion import convert  # late: convert imports this package's siblings
   cfg, _ = convert.read_hf_config(path)
   reader = hf_io.SafetensorsReader(path)

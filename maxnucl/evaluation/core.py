@@ -9,6 +9,9 @@ prediction records with the model (one JSON object per example: id, prompt, raw 
 extracted answer, reference, correct/score, ...), and reduces all records to metrics.
 `run_benchmark` appends each finished chunk to `predictions.jsonl` (flushed and fsynced), so an
 interrupted run continues where it stopped: examples whose id is already there are skipped.
+With several processes (maxnucl.distributed) every process runs the same loop (the model calls
+are collective); process 0 alone reads and writes the files and shows the progress bar, and
+sends the predictions it resumes to the others so that all evaluate the same examples.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import pathlib
 import time
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
-from maxnucl import decoding
+import jax
+import numpy as np
+
+from maxnucl import decoding, distributed
 from maxnucl.data import vocabularies
 from maxnucl.models.config import ModelConfig
 
@@ -116,7 +122,8 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   """Evaluates (the first `limit` of) `benchmark.examples()`; returns the results dict.
 
   With `write_files`, records go to OUTPUT_DIR/predictions.jsonl as they are produced (examples
-  already there are skipped: an interrupted run resumes) and the results to results.json.
+  already there are skipped: an interrupted run resumes) and the results to results.json (by
+  process 0 only when several processes run; every process returns the same results).
   """
   start = time.time()
   examples = benchmark.examples()
@@ -126,17 +133,17 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   if len(set(ids)) != len(ids):
     raise EvaluationError(f"benchmark {benchmark.name!r} has duplicate example ids")
   output_dir = pathlib.Path(output_dir)
+  primary = distributed.is_primary()
   done: dict[str, dict] = {}
   if write_files:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _check_run(output_dir, benchmark, checkpoint)
-    done = read_predictions(output_dir / PREDICTIONS)
+    done = _from_primary(lambda: _resumed_records(output_dir, benchmark, checkpoint))
+  write_files = write_files and primary
   todo = [e for e in examples if str(e["id"]) not in done]
   resumed = len(examples) - len(todo)
   chunk_size = chunk_size or max(model.batch_size * 4, 16)
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=len(examples), initial=resumed, desc=benchmark.name, unit="ex",
-             disable=not progress, dynamic_ncols=True)
+             disable=not progress or not primary, dynamic_ncols=True)
   new: dict[str, dict] = {}
   with (output_dir / PREDICTIONS).open("a") if write_files else _NullFile() as sink:
     for start_index in range(0, len(todo), chunk_size):
@@ -162,6 +169,38 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   if write_files:
     _write_json_atomically(output_dir / RESULTS, results)
   return results
+
+
+def _resumed_records(output_dir: pathlib.Path, benchmark: Benchmark, checkpoint: str
+                     ) -> dict[str, dict]:
+  output_dir.mkdir(parents=True, exist_ok=True)
+  _check_run(output_dir, benchmark, checkpoint)
+  return read_predictions(output_dir / PREDICTIONS)
+
+
+def _from_primary(compute):
+  """`compute()` (JSON-serialisable) as process 0 computes it, on every process.  An
+  EvaluationError or OSError raised there is raised there and, as an EvaluationError with its
+  message, on every other process (none is left waiting).  A single process just calls it."""
+  if jax.process_count() == 1:
+    return compute()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  payload, error = b"", None
+  if distributed.is_primary():
+    try:
+      payload = json.dumps({"value": compute()}).encode()
+    except (EvaluationError, OSError) as e:
+      payload, error = json.dumps({"error": f"process 0: {e}"}).encode(), e
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+  buffer = np.zeros(size, np.uint8)
+  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+  message = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer),
+                                        np.uint8)))
+  if error is not None:
+    raise error
+  if "error" in message:
+    raise EvaluationError(message["error"])
+  return message["value"]
 
 
 def read_predictions(path: pathlib.Path) -> dict[str, dict]:

@@ -4,10 +4,17 @@ all use.
 
     sums, counts = row_nll(params, batch, cfg=cfg)   # per row, via losses.nll
     heldout_nll(cfg, params, batches)                # {"nll", "perplexity", "tokens"}
+    heldout_nll(cfg, params, batches, mesh=mesh)     # the same with params sharded on a mesh
 
 NLL is the mean next-token negative log-likelihood (nats) over the tokens with loss_mask > 0;
 perplexity = exp(NLL).  Batches follow the data pipeline's convention (`tokens`, `targets`,
 `loss_mask`, `segment_ids`, `positions` [B, L]).
+
+On a mesh (params restored sharded by `checkpoints.load(path, mesh=, rules=)`), every process
+passes the same host batch; `global_batch` pads its rows to a multiple of the batch shards
+(padding rows have loss_mask 0, so they add nothing) and places it as one global array sharded
+over the `activation_batch` mesh axes, and the jitted NLL returns replicated sums, which every
+process can read back (multi-process runs included).
 
 The `Perplexity` benchmark reads a registered task's split (packed rows of `seq_len` tokens, as
 the trainer sees them; `loss_on_inputs` counts the prompt tokens too) or a local text file
@@ -26,8 +33,9 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import losses, models
+from maxnucl import losses, models, sharding
 from maxnucl.data import caching, catalog, packing, pipeline, vocabularies
 from maxnucl.evaluation.core import EvaluationError, LanguageModel
 from maxnucl.models.config import ModelConfig
@@ -50,6 +58,77 @@ def _row_nll_jit(params, batch, *, cfg):
   return row_nll(params, batch, cfg=cfg)
 
 
+# ---- placement on a mesh ------------------------------------------------------------------------
+
+def batch_shards(mesh: Optional[Mesh], rules: Optional[sharding.Rules] = None) -> int:
+  """Into how many pieces a batch's rows are split on `mesh` (1 without one): the product of the
+  mesh axes that the `activation_batch` rule names (('data', 'fsdp') by default)."""
+  if mesh is None:
+    return 1
+  rules = sharding.logical_axis_rules() if rules is None else rules
+  axes = dict(rules).get("activation_batch")
+  axes = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def global_batch(batch: dict, mesh: Optional[Mesh] = None,
+                 rules: Optional[sharding.Rules] = None) -> dict[str, jax.Array]:
+  """A host batch (numpy [B, ...], the same on every process) as the jitted functions' input.
+
+  Without a mesh: on the default device.  With one: rows padded with all-zero rows (loss_mask 0,
+  segment_ids 0: they add nothing to any sum) to a multiple of `batch_shards`, then one global
+  array per key, sharded over the batch axis (`jax.make_array_from_process_local_data` with the
+  global shape: every process passes the whole batch and keeps its devices' rows).
+  """
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  rules = sharding.logical_axis_rules() if rules is None else rules
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  rows = len(next(iter(batch.values())))
+  padding = -rows % batch_shards(mesh, rules)
+  out = {}
+  for key, value in batch.items():
+    if padding:
+      value = np.concatenate([value, np.zeros((padding,) + value.shape[1:], value.dtype)])
+    spec = sharding.logical_to_spec(("activation_batch",) + (None,) * (value.ndim - 1),
+                                    value.shape, mesh, rules)
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value,
+                                                      value.shape)
+  return out
+
+
+def place_params(cfg: ModelConfig, params: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
+  """`params` in their shardings on `mesh` (the layout `checkpoints.load(mesh=, rules=)`
+  restores; arrays already placed so are not moved)."""
+  shardings = sharding.tree_shardings(models.logical_axes(cfg), params, mesh, rules)
+  return jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s
+                      else jax.device_put(x, s), params, shardings)
+
+
+@functools.lru_cache(maxsize=16)
+def nll_step(cfg: ModelConfig, mesh: Optional[Mesh] = None,
+             rules: Optional[sharding.Rules] = None) -> Callable:
+  """`step(params, batch) -> (sums [B], counts [B])`: the jitted `row_nll`.
+
+  With a mesh: params and `global_batch` batches keep their shardings, activations are
+  constrained by `rules` (`sharding.activate` around every call) and the per-row results come
+  back replicated, so `jax.device_get` works on every process of a multi-process run (a sharded
+  result is not addressable from one host).
+  """
+  if mesh is None:
+    return functools.partial(_row_nll_jit, cfg=cfg)
+  rules = sharding.logical_axis_rules() if rules is None else rules
+  jitted = jax.jit(functools.partial(row_nll, cfg=cfg),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def step(params, batch):
+    with sharding.activate(mesh, rules):
+      return jitted(place_params(cfg, params, mesh, rules), batch)
+  return step
+
+
+# ---- held-out NLL -------------------------------------------------------------------------------
+
 def summarize(nll_sum: float, tokens: float) -> dict[str, float]:
   if tokens <= 0:
     raise EvaluationError("the held-out data has no loss tokens (loss_mask is zero everywhere)")
@@ -58,10 +137,16 @@ def summarize(nll_sum: float, tokens: float) -> dict[str, float]:
 
 
 def heldout_nll(cfg: ModelConfig, params: dict, batches: Iterable[dict],
-                step_fn: Optional[Callable] = None) -> dict[str, float]:
+                step_fn: Optional[Callable] = None, *, mesh: Optional[Mesh] = None,
+                rules: Optional[sharding.Rules] = None) -> dict[str, float]:
   """{"nll", "perplexity", "tokens"} over `batches`.  `step_fn(params, batch)` -> (sums, counts)
-  replaces the jitted `row_nll` (the trainer passes one compiled with its shardings)."""
-  step_fn = step_fn or functools.partial(_row_nll_jit, cfg=cfg)
+  replaces the jitted `row_nll` (the trainer passes one compiled with its shardings; its batches
+  are already placed).  Otherwise, with `mesh`, host batches go through `global_batch` and the
+  NLL runs sharded (`nll_step`); the result equals the unsharded one up to summation order."""
+  if step_fn is None:
+    step_fn = nll_step(cfg, mesh, rules)
+    if mesh is not None:
+      batches = (global_batch(b, mesh, rules) for b in batches)
   total, count = 0.0, 0.0
   for batch in batches:
     sums, counts = jax.device_get(step_fn(params, batch))
@@ -143,7 +228,8 @@ class Perplexity:
       if padded:
         empty = packing.empty_rows(padded, batch["tokens"].shape[1])
         batch = {k: np.concatenate([v, empty[k]]) for k, v in batch.items()}
-      sums, counts = jax.device_get(_row_nll_jit(model.params, batch, cfg=model.cfg))
+      sums, counts = jax.device_get(nll_step(model.cfg, model.mesh, model.rules)(
+          model.params, global_batch(batch, model.mesh, model.rules)))
       records += [{"id": e["id"], "nll_sum": float(s), "tokens": float(c)}
                   for e, s, c in zip(chunk, sums, counts)]
     return records

@@ -22,6 +22,15 @@ over the tokens with loss_mask > 0.  Rows (and packed segments) do not attend to
 g at a token is the gradient of the summed NLL of its own sequence: it does not depend on which
 other rows share its batch, and the statistics do not depend on how the calibration data is
 batched (a batch-mean L would scale g by 1 / the batch's token count).
+
+On a mesh (`collect_stats(..., mesh=, rules=)`, `perplexity(..., mesh=, rules=)`; params restored
+sharded by `checkpoints.load(path, mesh=, rules=)`, so no host holds the whole model), the jitted
+passes run with the params' shardings, each batch becomes a global array sharded over the batch
+axis (rows padded to a multiple of the batch shards with loss_mask 0,
+`maxnucl.evaluation.perplexity.global_batch`) and the sums come back replicated.  Every process
+of a multi-process run reads the whole of every batch (a registered task too: it is read as by a
+single process), so all of them pass the same global batches and get the same statistics; the
+results equal the single-device ones up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -36,8 +45,9 @@ from typing import Any, Iterable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import ffn, losses, models
+from maxnucl import ffn, losses, models, sharding
 from maxnucl.models.config import ModelConfig
 from maxnucl.models.decoder import Decoder
 
@@ -171,8 +181,11 @@ def _registered_source(name: str, split: Optional[str], batch_size: int, seq_len
                              f"perplexity; its splits: {list(splits)}")
     split = held_out[0]
   cached = {} if cache_dir is None else {"cache_dir": str(cache_dir)}
+  # Whole batches on every process (not each host's slice, as for training): the sharded passes
+  # take the same global batch from every process.
   return pipeline.create_data_iterator(split, source=name, batch_size=batch_size,
-                                       seq_len=seq_len, vocab=vocab, repeat=False, **cached)
+                                       seq_len=seq_len, vocab=vocab, repeat=False,
+                                       process_index=0, process_count=1, **cached)
 
 
 def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:
@@ -196,8 +209,8 @@ def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:
 
 # ---- statistics --------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0)
 def _batch_stats(cfg: ModelConfig, params, batch):
+  """One batch's sums (see the module docstring) per FFN layer, and its loss-token count."""
   names = models.ffn_layer_names(cfg)
   mask = batch["loss_mask"].astype(jnp.float32)
   shape = batch["tokens"].shape
@@ -229,13 +242,40 @@ def _batch_stats(cfg: ModelConfig, params, batch):
   return stats, jnp.sum(mask)
 
 
-def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict]
+_batch_stats_jit = jax.jit(_batch_stats, static_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_step(cfg: ModelConfig, mesh: Optional[Mesh], rules: Optional[sharding.Rules]):
+  """`step(params, batch) -> (stats, count)`: on one device, or on `mesh` with replicated
+  results (readable from every process) and activations constrained by `rules`."""
+  if mesh is None:
+    return functools.partial(_batch_stats_jit, cfg)
+  from maxnucl.evaluation import perplexity as heldout  # pylint: disable=import-outside-toplevel
+  jitted = jax.jit(functools.partial(_batch_stats, cfg),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def step(params, batch):
+    with sharding.activate(mesh, rules):
+      return jitted(heldout.place_params(cfg, params, mesh, rules), batch)
+  return step
+
+
+def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict], *,
+                  mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None
                   ) -> dict[str, LayerStats]:
-  """Per-FFN-layer LayerStats accumulated over `batches`."""
+  """Per-FFN-layer LayerStats accumulated over `batches` (host batches, as `iterate_batches`
+  yields them).  `mesh`/`rules`: run sharded (module docstring); `params` should then be the
+  sharded arrays `checkpoints.load(path, mesh=mesh, rules=rules)` returns (host arrays are
+  placed first)."""
+  from maxnucl.evaluation import perplexity as heldout  # pylint: disable=import-outside-toplevel
+  if mesh is not None and rules is None:
+    rules = sharding.logical_axis_rules()
+  step = _stats_step(cfg, mesh, rules)
   totals: Optional[dict] = None
   count = 0.0
   for batch in batches:
-    stats, n = _batch_stats(cfg, params, {k: jnp.asarray(v) for k, v in batch.items()})
+    stats, n = step(params, heldout.global_batch(batch, mesh, rules))
     stats = jax.tree.map(lambda x: np.asarray(x, np.float64), stats)
     totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
     count += float(n)
@@ -244,12 +284,13 @@ def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict]
   return {n: LayerStats(count, *v) for n, v in totals.items()}
 
 
-def perplexity(cfg: ModelConfig, params: dict, batches: Iterable[dict]) -> dict[str, float]:
+def perplexity(cfg: ModelConfig, params: dict, batches: Iterable[dict], *,
+               mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None
+               ) -> dict[str, float]:
   """exp(mean next-token NLL over masked-in tokens): `maxnucl.evaluation.perplexity`'s held-out
-  NLL, the one the trainer and the evaluator use."""
+  NLL, the one the trainer and the evaluator use (`mesh`/`rules` as in `collect_stats`)."""
   from maxnucl.evaluation import perplexity as heldout  # pylint: disable=import-outside-toplevel
   try:
-    return heldout.heldout_nll(cfg, params, ({k: jnp.asarray(v) for k, v in b.items()}
-                                             for b in batches))
+    return heldout.heldout_nll(cfg, params, batches, mesh=mesh, rules=rules)
   except ValueError as e:
     raise CalibrationError(f"the evaluation source: {e}") from None

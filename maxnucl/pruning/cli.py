@@ -9,9 +9,10 @@
 import argparse
 import inspect
 import json
+import logging
 import sys
 
-from maxnucl import outputs
+from maxnucl import distributed, outputs
 from maxnucl.pruning import analysis, prune
 from maxnucl.pruning.scores import METHODS
 
@@ -38,7 +39,8 @@ def prune_main(argv=None) -> int:
         [--seed 0] [--report report.json] [--calibration SOURCE --calibration_examples 128] \\
         [--eval_perplexity SOURCE --eval_examples 128] [--data_cache_dir DIR] \\
         [--eval_task gsm8k --eval_task_limit 200 --eval_gin_param "gsm8k.num_shots = 5"] \\
-        [--method_param key=value ...] [--overwrite]
+        [--method_param key=value ...] [--overwrite] [--mesh_shape 1,-1,1] \\
+        [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
   SOURCE: a .npy [N, L] / .jsonl token-id file or a registered task name, read from its cached
   shards with --data_cache_dir (docs/pruning.md).
@@ -46,6 +48,10 @@ def prune_main(argv=None) -> int:
   input is refused, symlinks resolved; --report's directory must exist); errors exit with 2.
   SIGTERM, like Ctrl-C, removes the temporary output before exiting (status 143); one left by a
   killed run is removed by the next run.
+  --mesh_shape data,fsdp,tensor (e.g. 1,-1,1): calibration and perplexity run with the model
+  restored sharded over the devices, never whole on one host.  Several processes (one per host of
+  a pod): every one runs this command with the multi-process flags (or none on a Cloud TPU VM);
+  all take part in the sharded passes, process 0 writes the checkpoint and the report and prints.
   Methods: see --method above or maxnucl/pruning/scores.py.
   """
   parser = _parser(prune_main)
@@ -83,9 +89,16 @@ def prune_main(argv=None) -> int:
   parser.add_argument("--method_param", type=_key_value, action="append", default=[],
                       help="override a method parameter, e.g. neighbours=32 (repeatable)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  parser.add_argument("--mesh_shape", default=None, metavar="DATA,FSDP,TENSOR",
+                      help="run calibration and perplexity on this device mesh with the model "
+                           "sharded, e.g. 1,-1,1 (default: one device; several processes: "
+                           "1,-1,1)")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   outputs.exit_on_sigterm()  # like Ctrl-C: the temporary output is removed, then exit 143
   try:
+    distributed.initialize_from_args(args)
     if args.eval_gin_param:
       import importlib  # pylint: disable=import-outside-toplevel
       import gin  # pylint: disable=import-outside-toplevel
@@ -99,10 +112,12 @@ def prune_main(argv=None) -> int:
         batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
         data_vocab=args.vocab, eval_tasks=args.eval_task,
         eval_task_limit=args.eval_task_limit, report_path=args.report,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, mesh_shape=args.mesh_shape)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
-    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    print(f"{parser.prog}: error: {distributed.label()}{e}", file=sys.stderr)
     return 2
+  if not distributed.is_primary():
+    return 0
   summary = {k: report[k] for k in ("output", "method", "ratio", "budget", "num_removed",
                                     "ffn_widths_before", "ffn_widths_after")}
   if "perplexity" in report:

@@ -15,7 +15,8 @@ Built on the streaming API of `maxnucl.checkpoints`:
            receives it and is not kept.  Everything goes to a temporary sibling directory that is
            renamed to the output only after every tensor of the (pruned) config was written; on an
            error nothing appears at the output path, and an existing output is refused unless
-           overwrite=True.
+           overwrite=True.  Input and output may be URLs (gs://, file://; see maxnucl.outputs
+           for how a URL output is published).
 
 So the pruner's peak memory is one layer's FFN (as stored, its float copies and the pruned slice)
 plus a few row blocks of the writer, not the whole checkpoint (for a checkpoint written with
@@ -26,11 +27,10 @@ stored dtype.
 from __future__ import annotations
 
 import os
-import pathlib
 
 import numpy as np
 
-from maxnucl import checkpoints, ffn
+from maxnucl import checkpoints, ffn, paths
 from maxnucl.models.config import ModelConfig
 
 FFN_KEYS = ffn.FFN_KEYS  # U [d, m], V [d, m], W [m, d]
@@ -46,7 +46,7 @@ class CheckpointReader:
   """Reads a maxnucl checkpoint one tensor at a time (never the whole tree unless asked)."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path).absolute()
+    self.path = paths.as_path(path)
     self.cfg: ModelConfig = checkpoints.load_config(self.path)
     self.stored: dict[Key, tuple[tuple[int, ...], str]] = checkpoints.stored_arrays(self.path)
 

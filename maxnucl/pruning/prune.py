@@ -6,7 +6,9 @@ Flow (one layer's FFN in memory at a time, see maxnucl.pruning.io):
      the report's directory exists and is writable) before any work; then remove the temporary
      directories that killed runs left beside the output (maxnucl.outputs);
   2. data-aware methods: LayerStats from calibration batches (needs the whole model once; so does
-     --eval_perplexity, before and after);
+     --eval_perplexity, before and after): in host memory on one device, or, with a mesh
+     (`mesh_shape`, --mesh_shape 1,-1,1), restored sharded over the devices of every process
+     (`checkpoints.load(path, mesh=, rules=)`), so no host ever holds the whole model;
   3. per_layer budget: floor(ratio * m_i) neurons of each selected layer; global budget:
      floor(ratio * sum_i m_i) neurons over all selected layers, ranked jointly (FLAP standardises
      its scores per layer first; compensating methods rank by their initial costs);
@@ -18,6 +20,11 @@ Flow (one layer's FFN in memory at a time, see maxnucl.pruning.io):
      input is only read); the report JSON lists, per layer, the sorted kept original indices.
 A layer pruned to width 0 loses its FFN branch (and Gemma-2's FFN norms), which is exact because
 the branch's output was the zero vector.
+
+Several processes (maxnucl.distributed; a mesh over all their devices, (1, -1, 1) unless given)
+all take part in the sharded calibration and perplexity passes; only process 0 scores, cuts and
+writes the checkpoint and the report, the others wait for it (the output must then be visible to
+every process for the "after" perplexity: a shared filesystem or bucket).
 """
 
 from __future__ import annotations
@@ -25,13 +32,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import time
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
 
-from maxnucl import ffn, models, outputs
+from maxnucl import checkpoints, distributed, ffn, models, outputs, paths, sharding
 from maxnucl.pruning import calibration as calib
 from maxnucl.pruning import io, surgery
 from maxnucl.pruning.io import FFN_KEYS
@@ -153,6 +160,29 @@ class LayerPruner:
     return {i: int(c) for i, c in zip(indices, counts)}, cached
 
 
+def _mesh(mesh_shape):
+  """(mesh, rules) for the whole-model passes, or (None, None) on one device.  Several processes
+  need a mesh spanning them: fsdp over every device unless `mesh_shape` says otherwise."""
+  if mesh_shape is None:
+    if jax.process_count() == 1:
+      return None, None
+    mesh_shape = (1, -1, 1)
+  shape = sharding.parse_mesh_shape(mesh_shape)
+  try:
+    return sharding.create_mesh(shape), sharding.logical_axis_rules()
+  except ValueError as e:
+    raise PruningError(f"--mesh_shape {','.join(map(str, shape))}: {e}") from None
+
+
+def load_whole_model(reader: io.CheckpointReader, mesh=None, rules=None) -> dict:
+  """The whole params tree, for the forward / backward passes of calibration and perplexity:
+  host numpy arrays without a mesh; with one, every array restored straight into its sharding
+  (`checkpoints.load`: each process reads only its devices' shards)."""
+  if mesh is None:
+    return reader.read_all()
+  return checkpoints.load(reader.path, mesh=mesh, rules=rules)[1]
+
+
 def _check_ratio(ratio) -> float:
   try:
     ratio = float(ratio)
@@ -173,7 +203,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
                       data_vocab: str = "byte",
                       eval_tasks: Sequence[Any] = (), eval_task_limit: Optional[int] = None,
                       report_path: Optional[str | os.PathLike] = None,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, mesh_shape: Any = None) -> dict:
   """Remove a fraction `ratio` of the FFN inner neurons and write a smaller checkpoint.
 
   Returns the report (also written to `report_path` as JSON when given).  `calibration` /
@@ -181,9 +211,14 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   registered task's cached shards are read from).  `eval_tasks`: benchmarks (names such as
   "gsm8k", configured by gin, or Benchmark objects; maxnucl.evaluate) run on the input and on the
   pruned checkpoint (the first `eval_task_limit` examples), their metrics put in the report under
-  "eval_tasks".  Raises PruningError, outputs.OutputPathError (an output path that is, lies
-  inside or contains an input, or a report path that cannot be written), FileExistsError or
-  FileNotFoundError before reading or writing anything when a request is invalid.
+  "eval_tasks".  `mesh_shape` (data, fsdp, tensor), e.g. (1, -1, 1) or "1,-1,1": calibration,
+  perplexity and eval_tasks run on a device mesh with the model restored sharded (equal results
+  up to summation order); default: one device (several processes: (1, -1, 1)).  Raises
+  PruningError, outputs.OutputPathError (an output path that is, lies inside or contains an
+  input, or a report path that cannot be written), FileExistsError or FileNotFoundError before
+  reading or writing anything when a request is invalid.  With several processes, process 0
+  writes the checkpoint and the report; the others return the settings, calibration and
+  perplexity entries of the report only.
   """
   start = time.time()
   ratio = _check_ratio(ratio)
@@ -192,7 +227,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     raise PruningError(f"unknown pruning method {method!r}; known methods: {_method_names()}")
   if budget not in BUDGETS:
     raise PruningError(f"--budget {budget!r}: expected one of {BUDGETS}")
-  input_path = pathlib.Path(input_path).absolute()
+  input_path = paths.as_path(input_path)  # a local path or a URL (gs://, file://)
   if not input_path.exists():
     raise FileNotFoundError(f"input checkpoint {input_path} does not exist")
   # Every output path is checked before any work: nothing is read, scored or written first.
@@ -208,12 +243,18 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   if method_obj.needs_calibration and calibration is None:
     raise PruningError(f"method {method!r} is data-aware and needs calibration data "
                        f"(--calibration SOURCE); none was given")
+  if eval_tasks and jax.process_count() > 1:
+    raise PruningError("--eval_task is not run with several processes; evaluate the pruned "
+                       "checkpoint afterwards with python -m maxnucl.evaluate (all processes)")
+  mesh, rules = _mesh(mesh_shape)
+  primary = distributed.is_primary()
+  distributed.sync("maxnucl-prune: request validated")  # before process 0 writes anything
 
-  outputs.remove_stale_temporaries(output_path)  # of killed runs: free their space first
+  if primary:
+    outputs.remove_stale_temporaries(output_path)  # of killed runs: free their space first
   reader = io.CheckpointReader(input_path)
   cfg = reader.cfg
   selected = select_layers(cfg, layers)
-  widths = list(cfg.layer_ffn_widths)
   source_kwargs = dict(batch_size=batch_size, seq_len=seq_len, pad_id=cfg.pad_id,
                        cache_dir=data_cache_dir, vocab=data_vocab)
 
@@ -223,21 +264,55 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
       "input": str(input_path), "output": str(output_path), "method": method,
       "method_params": _parse_method_params(method_obj, method_params), "ratio": ratio,
       "layers_spec": layers, "selected_layers": selected, "budget": budget, "seed": seed}
+  if mesh is not None:
+    report["mesh_shape"] = dict(mesh.shape)
   if method_obj.needs_calibration or eval_perplexity is not None:
-    full_params = reader.read_all()
+    full_params = load_whole_model(reader, mesh, rules)
   if method_obj.needs_calibration:
     rows = _RowCounter()
     stats = calib.collect_stats(cfg, full_params, rows.count(calib.iterate_batches(
-        calibration, num_examples=calibration_examples, split="train", **source_kwargs)))
+        calibration, num_examples=calibration_examples, split="train", **source_kwargs)),
+        mesh=mesh, rules=rules)
     report["calibration"] = {"source": str(calibration), "examples": rows.rows,
                              "examples_requested": calibration_examples,
                              "tokens": next(iter(stats.values())).count}
   if eval_perplexity is not None:
     eval_rows = _RowCounter()
     before = calib.perplexity(cfg, full_params, eval_rows.count(calib.iterate_batches(
-        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs)))
+        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs)),
+        mesh=mesh, rules=rules)
   full_params = None
+  if primary:  # the others wait: one process scores, cuts and writes
+    report.update(_cut_and_write(reader, output_path, method=method, seed=seed,
+                                 method_params=method_params, stats=stats, selected=selected,
+                                 ratio=ratio, budget=budget, overwrite=overwrite))
+  distributed.sync("maxnucl-prune: pruned checkpoint written")
+  if eval_perplexity is not None:
+    after_reader = io.CheckpointReader(output_path)
+    after = calib.perplexity(after_reader.cfg, load_whole_model(after_reader, mesh, rules),
+                             calib.iterate_batches(eval_perplexity, num_examples=eval_examples,
+                                                   split=calib.HELD_OUT, **source_kwargs),
+                             mesh=mesh, rules=rules)
+    report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_rows.rows,
+                            "examples_requested": eval_examples, "before": before,
+                            "after": after}
+  if eval_tasks:
+    report["eval_tasks"] = _evaluate_tasks(eval_tasks, eval_task_limit, data_vocab, batch_size,
+                                           io.CheckpointReader(input_path),
+                                           io.CheckpointReader(output_path), mesh, rules)
+  report["seconds"] = time.time() - start
+  if report_path is not None and primary:
+    report_path.write_text(json.dumps(report, indent=1))
+  distributed.sync("maxnucl-prune: done")  # nobody exits while another process still works
+  return report
 
+
+def _cut_and_write(reader: io.CheckpointReader, output_path, *, method, seed, method_params,
+                   stats, selected, ratio, budget, overwrite) -> dict:
+  """Steps 3-5 of the module docstring: choose the removals, write the pruned checkpoint to
+  `output_path`; returns the report's per-layer entries, widths and parameter counts."""
+  cfg = reader.cfg
+  widths = list(cfg.layer_ffn_widths)
   pruner = LayerPruner(reader, method, seed=seed, method_params=method_params, stats=stats)
   cached: dict[int, np.ndarray] = {}
   if budget == "global":
@@ -283,26 +358,11 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
                            "kept": _summary(scores[~removed_mask])})
       del layer, out
 
-  report["layers"] = layer_reports
-  report["num_removed"] = int(sum(e["num_removed"] for e in layer_reports))
-  report["ffn_widths_before"], report["ffn_widths_after"] = widths, new_widths
-  report["param_count_before"] = models.param_count(cfg)
-  report["param_count_after"] = models.param_count(new_cfg)
-  if eval_perplexity is not None:
-    after_reader = io.CheckpointReader(output_path)
-    after = calib.perplexity(new_cfg, after_reader.read_all(), calib.iterate_batches(
-        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs))
-    report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_rows.rows,
-                            "examples_requested": eval_examples, "before": before,
-                            "after": after}
-  if eval_tasks:
-    report["eval_tasks"] = _evaluate_tasks(eval_tasks, eval_task_limit, data_vocab, batch_size,
-                                           (cfg, io.CheckpointReader(input_path)),
-                                           (new_cfg, io.CheckpointReader(output_path)))
-  report["seconds"] = time.time() - start
-  if report_path is not None:
-    pathlib.Path(report_path).write_text(json.dumps(report, indent=1))
-  return report
+  return {"layers": layer_reports,
+          "num_removed": int(sum(e["num_removed"] for e in layer_reports)),
+          "ffn_widths_before": widths, "ffn_widths_after": new_widths,
+          "param_count_before": models.param_count(cfg),
+          "param_count_after": models.param_count(new_cfg)}
 
 
 class _RowCounter:
@@ -318,22 +378,24 @@ class _RowCounter:
       yield batch
 
 
-def _evaluate_tasks(eval_tasks, limit, vocab, batch_size, before, after) -> dict:
-  """{name: {"before": metrics, "after": metrics, "examples": n}} of each benchmark."""
-  import jax  # pylint: disable=import-outside-toplevel
+def _evaluate_tasks(eval_tasks, limit, vocab, batch_size, before: io.CheckpointReader,
+                    after: io.CheckpointReader, mesh, rules) -> dict:
+  """{name: {"before": metrics, "after": metrics, "examples": n}} of each benchmark, on one
+  device or with the model sharded on `mesh`."""
   from maxnucl import evaluate  # pylint: disable=import-outside-toplevel
   from maxnucl.evaluation import core  # pylint: disable=import-outside-toplevel
   from maxnucl.generate import load_tokenizer  # pylint: disable=import-outside-toplevel
-  tokenizer = load_tokenizer(before[0], vocab)
+  tokenizer = load_tokenizer(before.cfg, vocab)
   out = {}
   for task in eval_tasks:
     bench = evaluate.get_benchmark(task) if isinstance(task, str) else task
     if getattr(bench, "vocab", "unset") is None:
       bench.vocab = vocab
     entry: dict[str, Any] = {}
-    for when, (cfg, reader) in (("before", before), ("after", after)):
-      model = core.LanguageModel(cfg, jax.device_put(reader.read_all()), tokenizer,
-                                 batch_size=batch_size)
+    for when, reader in (("before", before), ("after", after)):
+      params = load_whole_model(reader, mesh, rules)
+      model = core.LanguageModel(reader.cfg, params if mesh else jax.device_put(params),
+                                 tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
       results = core.run_benchmark(bench, model, "", limit=limit, write_files=False)
       entry[when] = results["metrics"]
       entry["examples"] = results["num_examples"]

@@ -1,0 +1,298 @@
+"""Training with several real processes on CPU (localhost coordinator, gloo collectives).
+
+The commands are the README's own: its two-process line is read from README.md and run with W,
+PORT and I filled in, plus a few gin bindings that shorten the run.  References are the same
+training in one process with four devices (the same (1, -1, 1) fsdp mesh, or another mesh for
+the restores).
+"""
+
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import processes
+from maxnucl import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHORT = ["--gin_param=train_loop.num_steps = 4", "--gin_param=train_loop.log_every = 1",
+         "--gin_param=train_loop.checkpoint_every = 2", "--gin_param=train_loop.eval_every = 0",
+         "--gin_param=train_loop.async_checkpointing = False"]
+TIMEOUT = 240
+
+
+def _readme_command() -> list[str]:
+  """The README's two-process command: [env assignments..., python, -m, maxnucl.train, ...]."""
+  text = (REPO / "README.md").read_text()
+  lines = [line for line in text.splitlines()
+           if "--num_processes=2" in line and line.startswith("JAX_PLATFORMS=cpu")]
+  assert len(lines) == 1, "README.md must show the two-process command exactly once"
+  return shlex.split(lines[0])
+
+
+def _split_env(words: list[str]) -> tuple[dict, list[str]]:
+  env = {}
+  while "=" in words[0] and not words[0].startswith("-"):
+    key, value = words.pop(0).split("=", 1)
+    env[key] = value
+  return env, words
+
+
+def _start_two(workdir, extra=(), heartbeat_s=None) -> list[subprocess.Popen]:
+  port = processes.free_address().rsplit(":", 1)[1]
+  procs = []
+  for i in range(2):
+    words = [w.replace("=W", f"={workdir}").replace("PORT", str(port))
+             .replace("--process_id=I", f"--process_id={i}") for w in _readme_command()]
+    env_extra, cmd = _split_env(words)
+    assert cmd[:3] == ["python", "-m", "maxnucl.train"]
+    cmd = [sys.executable] + cmd[1:] + list(extra)
+    if heartbeat_s:
+      cmd.append(f"--heartbeat_timeout_s={heartbeat_s}")
+    env = dict(os.environ, **env_extra)
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _run_two(workdir, extra=()) -> list[tuple[int, str, str]]:
+  procs = _start_two(workdir, extra)
+  out = []
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=TIMEOUT)
+      out.append((p.returncode, stdout, stderr))
+  finally:
+    for p in procs:
+      p.kill()
+  for rc, stdout, stderr in out:
+    assert rc == 0, f"a process failed:\n{stdout}\n{stderr[-3000:]}"
+  return out
+
+
+def _run_one(workdir, devices=4, mesh="(1, -1, 1)", extra=()) -> tuple[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, "-m", "maxnucl.train", "--gin_file=gin/demo_cpu.gin",
+         f"--gin_param=create_mesh.shape = {mesh}", f"--workdir={workdir}", *extra]
+  p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
+  return p.stdout, p.stderr
+
+
+def _losses(workdir) -> dict[int, float]:
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return {json.loads(l)["step"]: json.loads(l)["loss"] for l in lines}
+
+
+def _assert_close(actual: dict, expected: dict, steps, rtol=1e-5):
+  for step in steps:
+    assert abs(actual[step] - expected[step]) <= rtol * abs(expected[step]), (
+        f"step {step}: {actual[step]} vs {expected[step]}")
+
+
+def _crash_after_step_2(source, target):
+  """A copy of workdir `source` as if the run had died right after its step-2 checkpoint."""
+  shutil.copytree(source, target)
+  shutil.rmtree(target / "checkpoints" / "4")
+  lines = (target / "metrics.jsonl").read_text().splitlines()
+  (target / "metrics.jsonl").write_text(
+      "".join(l + "\n" for l in lines if json.loads(l)["step"] <= 2))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One 4-step run with 2 processes x 2 devices and one with 1 process x 4 devices."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  two = _run_two(root / "two", SHORT)
+  _run_one(root / "one", extra=SHORT)
+  return root, two
+
+
+def test_two_processes_give_the_losses_of_one(runs):
+  root, _ = runs
+  one, two = _losses(root / "one"), _losses(root / "two")
+  assert sorted(two) == [1, 2, 3, 4]
+  _assert_close(two, one, [1, 2, 3, 4])
+
+
+def test_only_process_0_prints_and_logs(runs):
+  root, two = runs
+  (rc0, out0, err0), (rc1, out1, err1) = two
+  assert "finished at step 4" in out0 and "finished at step 4" not in out1
+  bar = re.compile(r"^train: +\d+%\|", re.MULTILINE)             # the tqdm bar
+  assert bar.search(err0) and not bar.search(err1)
+  assert "[process 1/2]" in err1 and "[process 0/2]" in err0  # labelled log lines
+  # one metrics.jsonl with each step once (process 1 writes none)
+  assert list(_losses(root / "two")) == [1, 2, 3, 4]
+  assert len(list((root / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_two_processes_resume_exactly(runs, tmp_path):
+  root, _ = runs
+  _crash_after_step_2(root / "two", tmp_path / "w")
+  (rc, out, _), _ = _run_two(tmp_path / "w", SHORT)
+  assert "resumed from step 2" in out
+  _assert_close(_losses(tmp_path / "w"), _losses(root / "two"), [3, 4], rtol=1e-6)
+
+
+def test_two_process_checkpoint_restores_on_one_process_with_another_mesh(runs, tmp_path):
+  root, _ = runs
+  _crash_after_step_2(root / "two", tmp_path / "w")
+  out, _ = _run_one(tmp_path / "w", devices=4, mesh="(2, 1, 2)", extra=SHORT)
+  assert "resumed from step 2" in out
+  _assert_close(_losses(tmp_path / "w"), _losses(root / "two"), [3, 4])
+
+
+def test_one_process_checkpoint_restores_on_two_processes(runs, tmp_path):
+  root, _ = runs
+  _crash_after_step_2(root / "one", tmp_path / "w")
+  (rc, out, _), _ = _run_two(tmp_path / "w", SHORT)
+  assert "resumed from step 2" in out
+  _assert_close(_losses(tmp_path / "w"), _losses(root / "one"), [3, 4])
+
+
+def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
+  """Kill process 1 once training runs: process 0 exits with an error within the heartbeat
+  timeout (plus slack), instead of waiting forever in a collective."""
+  procs = _start_two(tmp_path / "w", ["--gin_param=train_loop.num_steps = 100000",
+                                      "--gin_param=train_loop.log_every = 1",
+                                      "--gin_param=train_loop.eval_every = 0"], heartbeat_s=5)
+  metrics = tmp_path / "w" / "metrics.jsonl"
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      assert time.monotonic() < deadline, "training did not start"
+      assert procs[0].poll() is None and procs[1].poll() is None
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = procs[0].communicate(timeout=90)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode != 0
+  assert waited < 60, f"process 0 took {waited:.0f} s to stop"
+  assert re.search(r"another task died|tasks are unhealthy|stopped sending heartbeats", stderr), (
+      stderr[-2000:])
+
+
+# ---- settings (no processes started) --------------------------------------------------------------
+
+def test_settings_from_flags_then_environment(monkeypatch):
+  for names in distributed.ENVIRONMENT.values():
+    for name in names:
+      monkeypatch.delenv(name, raising=False)
+  assert distributed.settings() is None
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:8476")
+  monkeypatch.setenv("MAXNUCL_NUM_PROCESSES", "4")
+  monkeypatch.setenv("MAXNUCL_PROCESS_ID", "3")
+  assert distributed.settings() == {"coordinator_address": "10.0.0.2:8476", "num_processes": 4,
+                                    "process_id": 3}
+  assert distributed.settings(process_id=1)["process_id"] == 1  # a flag wins
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"coordinator_address": "localhost:1234"}, "also needed: --num_processes"),
+    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, "HOST:PORT"),
+    ({"coordinator_address": "localhost:1", "num_processes": 2, "process_id": 2},
+     r"--process_id = 2: expected an index in \[0, 2\)"),
+    ({"coordinator_address": "localhost:1", "num_processes": 0, "process_id": 0},
+     "--num_processes = 0: expected >= 1"),
+])
+def test_bad_settings_are_refused_naming_the_flag(monkeypatch, kwargs, message):
+  for names in distributed.ENVIRONMENT.values():
+    for name in names:
+      monkeypatch.delenv(name, raising=False)
+  with pytest.raises(distributed.DistributedError, match=message):
+    distributed.settings(**kwargs)
+
+
+def test_trainer_reports_incomplete_settings_in_one_line():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "maxnucl.train", "--gin_file=gin/demo_cpu.gin",
+                      "--coordinator_address=localhost:1234"], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines()[-1].startswith("error: multi-process settings are "
+                                                      "incomplete")
+  assert "Traceback" not in p.stderr
+
+
+def _record_initialize(monkeypatch, on_tpu: bool) -> list:
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: on_tpu)
+  for names in distributed.ENVIRONMENT.values():
+    for name in names:
+      monkeypatch.delenv(name, raising=False)
+  return calls
+
+
+def test_cloud_tpu_vm_initialises_without_flags(monkeypatch):
+  calls = _record_initialize(monkeypatch, on_tpu=True)
+  assert distributed.initialize(heartbeat_timeout_s=7) is True
+  # no address, count or index: JAX discovers the slice's workers from the TPU metadata
+  assert calls == [{"heartbeat_timeout_seconds": 7,
+                    "initialization_timeout": distributed.DEFAULT_INITIALIZATION_TIMEOUT_S}]
+
+
+def test_elsewhere_without_flags_nothing_is_initialised(monkeypatch):
+  calls = _record_initialize(monkeypatch, on_tpu=False)
+  assert distributed.initialize() is False and calls == []
+  assert distributed.initialize("localhost:1", 1, 0) is False and calls == []  # one process
+
+
+def test_flags_are_passed_to_jax(monkeypatch):
+  calls = _record_initialize(monkeypatch, on_tpu=True)
+  monkeypatch.setattr(distributed, "_label_logs", lambda: None)
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  assert distributed.initialize("10.1.2.3:8476", 2, 1) is True
+  assert calls[0]["coordinator_address"] == "10.1.2.3:8476"
+  assert (calls[0]["num_processes"], calls[0]["process_id"]) == (2, 1)
+
+
+DECODE_SCRIPT = r"""
+import argparse
+import jax, numpy as np
+from maxnucl import decoding, distributed, models, sharding
+parser = argparse.ArgumentParser()
+distributed.add_arguments(parser)
+distributed.initialize_from_args(parser.parse_args())
+cfg = models.get_config("gemma2_tiny", dtype="float32", param_dtype="float32")
+params = jax.tree.map(np.asarray, models.init(cfg, jax.random.PRNGKey(3)))  # same on both
+prompts = [[2, 5, 9], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2], [2, 11]]
+mesh = sharding.create_mesh((1, -1, 1))
+rules = sharding.logical_axis_rules()
+placed = jax.device_put(params, sharding.tree_shardings(models.logical_axes(cfg), params, mesh,
+                                                        rules))
+sharded = decoding.generate(cfg, placed, prompts, 12, stop_token_ids=[7], mesh=mesh, rules=rules)
+local = decoding.generate(cfg, params, prompts, 12, stop_token_ids=[7])  # this process alone
+scores = decoding.score(cfg, placed, prompts, [[3, 4], [5], [6, 7, 8]], mesh=mesh, rules=rules)
+local_scores = decoding.score(cfg, params, prompts, [[3, 4], [5], [6, 7, 8]])
+assert sharded == local, (sharded, local)
+assert np.allclose(scores, local_scores, rtol=1e-5), (scores, local_scores)
+print("OK", jax.process_index(), len(mesh.devices.flat), sharded)
+"""
+
+
+def test_generation_and_scoring_span_two_processes():
+  """decoding.generate / score on a mesh over both processes' devices equal one process alone."""
+  results = processes.run(["-c", DECODE_SCRIPT], timeout=TIMEOUT)
+  for code, _, stderr in results:
+    assert code == 0, stderr[-3000:]
+  lines = [next(l for l in stdout.splitlines() if l.startswith("OK")) for _, stdout, _ in results]
+  assert lines[0].split()[2] == "4"                  # the mesh spans both processes
+  assert lines[0].split(" ", 3)[3] == lines[1].split(" ", 3)[3]   # the same tokens on both

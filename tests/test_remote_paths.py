@@ -1,0 +1,315 @@
+"""Checkpoints, converter, pruner and trainer on URLs: `file://` URLs run the code path of
+`gs://` (etils.epath, TensorStore kvstore URLs, publication by copying with a commit marker) on
+a local disk, and must give exactly what local paths give."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from maxnucl import checkpoints, models, outputs, paths
+from maxnucl.conversion import convert
+from maxnucl.outputs import OutputPathError
+from maxnucl.pruning import prune_ffn_neurons
+
+TINY = models.get_config("gemma2_tiny")
+
+
+def _url(path) -> str:
+  return "file://" + str(pathlib.Path(path).absolute())
+
+
+def _random_params(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0]))
+                      .astype(np.float32), models.abstract_params(cfg))
+
+
+def _checksums(directory) -> dict:
+  """sha256 of every file below `directory` (a local path) by relative name."""
+  directory = pathlib.Path(directory)
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _content(directory) -> dict:
+  """`_checksums` less the commit marker and the timestamps of _CHECKPOINT_METADATA: what must
+  be equal between a URL output and the same output written to a local path."""
+  sums = _checksums(directory)
+  return {k: v for k, v in sums.items()
+          if k not in (outputs.COMMIT_MARKER, "_CHECKPOINT_METADATA")}
+
+
+def _assert_same_params(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
+  for (key, x), (_, y) in zip(flat_a, flat_b):
+    assert np.asarray(x).dtype == np.asarray(y).dtype, key
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(key))
+
+
+def _no_temporaries(directory) -> bool:
+  return not [p for p in pathlib.Path(directory).iterdir() if ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def local_ckpt(tmp_path_factory):
+  """A tiny maxnucl checkpoint on a local path, and its params."""
+  params = _random_params(TINY)
+  path = tmp_path_factory.mktemp("local") / "tiny"
+  checkpoints.save(path, TINY, params)
+  return path, params
+
+
+@pytest.fixture(scope="module")
+def hf_dir(local_ckpt, tmp_path_factory):
+  """The tiny checkpoint as a Hugging Face directory (local path)."""
+  path = tmp_path_factory.mktemp("hf") / "tiny_hf"
+  convert.maxnucl_to_hf(local_ckpt[0], path)
+  return path
+
+
+# ---- the path abstraction -------------------------------------------------------------------------
+
+def test_file_urls_are_urls_and_compare_by_normalised_url(tmp_path):
+  url = _url(tmp_path)
+  assert paths.is_url(url) and paths.is_url("gs://bucket/dir") and not paths.is_url(tmp_path)
+  assert str(paths.as_path(url)) == url  # stays a URL: not turned into a local path
+  assert paths.is_url(paths.as_path(url) / "a")
+  assert paths.kvstore_spec(url) == url + "/"
+  assert paths.url_key(url + "/a/../b/") == paths.url_key(tmp_path / "b")
+  assert paths.url_key("gs://bucket//a/./b/") == "gs://bucket/a/b"
+  assert paths.key_within("gs://bucket/a/b", "gs://bucket/a")
+  assert not paths.key_within("gs://bucket/ab", "gs://bucket/a")
+  with pytest.raises(ValueError, match="collapsed"):
+    paths.as_path(pathlib.Path("gs://bucket/dir"))  # pathlib made it "gs:/bucket/dir"
+  with pytest.raises(NotImplementedError, match="no rename"):
+    (paths.as_path(url) / "x").rename(paths.as_path(url) / "y")
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def test_save_load_through_file_url_equals_local_path(local_ckpt, tmp_path):
+  path, params = local_ckpt
+  url = _url(tmp_path / "ckpt")
+  assert str(checkpoints.save(url, TINY, params)) == url
+  assert (tmp_path / "ckpt" / outputs.COMMIT_MARKER).is_file()
+  assert _no_temporaries(tmp_path)
+  cfg_url, from_url = checkpoints.load(url)
+  cfg_local, from_local = checkpoints.load(path)
+  assert cfg_url == cfg_local == TINY
+  _assert_same_params(from_url, from_local)
+  assert str(checkpoints.resolve(url)) == url
+  key = ("layers_1", "mlp", "out")
+  np.testing.assert_array_equal(checkpoints.read_array(url, key),
+                                checkpoints.read_array(path, key))
+  np.testing.assert_array_equal(np.asarray(checkpoints.open_array(url, key)[2:5]),
+                                np.asarray(params["layers_1"]["mlp"]["out"][2:5]))
+  assert checkpoints.stored_arrays(url) == checkpoints.stored_arrays(path)
+
+
+def test_streaming_writer_through_file_url_equals_local_path(local_ckpt, tmp_path):
+  path, params = local_ckpt
+  for target in (tmp_path / "local", _url(tmp_path / "url")):
+    with checkpoints.StreamingWriter(target, TINY, dtype="bfloat16") as writer:
+      for key, array in checkpoints.iter_arrays(path):
+        writer.write(key, array)
+  assert _content(tmp_path / "url") == _content(tmp_path / "local")
+  assert (tmp_path / "url" / outputs.COMMIT_MARKER).is_file()
+  _assert_same_params(checkpoints.load(_url(tmp_path / "url"))[1],
+                      checkpoints.load(tmp_path / "local")[1])
+  assert _no_temporaries(tmp_path)
+
+
+def test_url_checkpoint_without_commit_marker_is_refused_as_incomplete(local_ckpt, tmp_path):
+  url = _url(tmp_path / "ckpt")
+  checkpoints.save(url, TINY, local_ckpt[1])
+  (tmp_path / "ckpt" / outputs.COMMIT_MARKER).unlink()
+  for read in (checkpoints.load, checkpoints.load_config, checkpoints.stored_arrays,
+               checkpoints.resolve,
+               lambda p: checkpoints.read_array(p, ("layers_0", "mlp", "out")),
+               lambda p: prune_ffn_neurons(p, _url(tmp_path / "pruned"), method="entropy",
+                                           ratio=0.5),
+               lambda p: convert.maxnucl_to_hf(p, _url(tmp_path / "hf"))):
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"incomplete \(no commit marker commit_success.txt\)"):
+      read(url)
+  assert not (tmp_path / "pruned").exists() and not (tmp_path / "hf").exists()
+  checkpoints.load(tmp_path / "ckpt")  # as a local path it is an ordinary Orbax checkpoint
+
+
+def test_existing_url_output_is_refused_without_overwrite_and_replaced_with_it(local_ckpt,
+                                                                               tmp_path):
+  path, params = local_ckpt
+  url = _url(tmp_path / "ckpt")
+  checkpoints.save(url, TINY, params)
+  before = _checksums(tmp_path / "ckpt")
+  with pytest.raises(FileExistsError, match="already exists"):
+    checkpoints.save(url, TINY, params)
+  with pytest.raises(FileExistsError, match="already exists"):
+    prune_ffn_neurons(path, url, method="entropy", ratio=0.5)
+  with pytest.raises(FileExistsError, match="already exists"):
+    convert.maxnucl_to_hf(path, url)
+  assert _checksums(tmp_path / "ckpt") == before
+  prune_ffn_neurons(path, url, method="entropy", ratio=0.5, overwrite=True)
+  cfg, _ = checkpoints.load(url)
+  assert cfg.layer_ffn_widths == tuple(w // 2 for w in TINY.layer_ffn_widths)
+  assert _no_temporaries(tmp_path)
+
+
+def test_url_output_equal_to_or_inside_an_input_is_refused(local_ckpt, hf_dir, tmp_path):
+  path, _ = local_ckpt
+  url = _url(path)
+  for output in (url, url + "/inside", url + "/../" + path.name + "/params/x"):
+    with pytest.raises(OutputPathError, match="is the|lies inside"):
+      prune_ffn_neurons(url, output, method="entropy", ratio=0.5)
+    with pytest.raises(OutputPathError, match="is the|lies inside"):
+      prune_ffn_neurons(path, output, method="entropy", ratio=0.5)  # local input, URL output
+  with pytest.raises(OutputPathError, match="lies inside"):
+    convert.hf_to_maxnucl(_url(hf_dir), _url(hf_dir / "out"))
+  with pytest.raises(OutputPathError, match="contains"):
+    convert.maxnucl_to_hf(url, _url(path.parent), overwrite=True)
+  with pytest.raises(OutputPathError, match="is the"):
+    convert.maxnucl_to_hf(url, path, overwrite=True)  # URL input, local output
+
+
+def test_failed_publication_leaves_nothing_at_the_url(local_ckpt, tmp_path, monkeypatch):
+  copied = []
+
+  def failing_copy(source, target):
+    if len(copied) == 3:
+      raise OSError("connection reset")
+    copied.append(target)
+    target.write_bytes(source.read_bytes())
+
+  monkeypatch.setattr(paths, "copy_file", failing_copy)
+  with pytest.raises(OSError, match="connection reset"):
+    checkpoints.save(_url(tmp_path / "ckpt"), TINY, local_ckpt[1])
+  assert os.listdir(tmp_path) == []
+
+
+def test_publication_of_a_killed_run_is_finished_by_the_next_run(local_ckpt, tmp_path):
+  """A run killed while copying leaves the output without marker and its temporary prefix
+  (owner gone, `publishing` recorded); the next writer of that URL completes it first."""
+  url = _url(tmp_path / "ckpt")
+  tmp = outputs.TemporaryOutput(url, make_content=False)
+  checkpoints.save(tmp.content.local_path, TINY, local_ckpt[1])  # as the killed run did
+  (tmp.root / outputs.PUBLISHING).write_text("{}")
+  (tmp_path / "ckpt" / "params").mkdir(parents=True)  # a few files were copied
+  (tmp_path / "ckpt" / "params" / "_METADATA").write_bytes(
+      (tmp.content.local_path / "params" / "_METADATA").read_bytes())
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  owner = json.loads((tmp.root / outputs.OWNER_FILE).read_text())
+  (tmp.root / outputs.OWNER_FILE).write_text(json.dumps({**owner, "pid": int(dead.stdout)}))
+  with pytest.raises(checkpoints.CheckpointError, match="incomplete"):
+    checkpoints.load(url)
+  removed = outputs.remove_stale_temporaries(url)
+  assert [str(r) for r in removed] == [str(tmp.root)]
+  _assert_same_params(checkpoints.load(url)[1], local_ckpt[1])
+  assert _no_temporaries(tmp_path)
+
+
+# ---- converter ----------------------------------------------------------------------------------
+
+def test_hf_to_maxnucl_with_file_urls_equals_local_paths_and_leaves_input_unchanged(
+    hf_dir, tmp_path):
+  before = _checksums(hf_dir)
+  convert.hf_to_maxnucl(hf_dir, tmp_path / "local")
+  convert.hf_to_maxnucl(_url(hf_dir), _url(tmp_path / "url"))
+  assert _checksums(hf_dir) == before
+  assert _content(tmp_path / "url") == _content(tmp_path / "local")
+  assert (tmp_path / "url" / outputs.COMMIT_MARKER).is_file()
+  _assert_same_params(checkpoints.load(_url(tmp_path / "url"))[1],
+                      checkpoints.load(tmp_path / "local")[1])
+
+
+def test_maxnucl_to_hf_with_file_urls_equals_local_paths_and_leaves_input_unchanged(
+    local_ckpt, tmp_path):
+  path, _ = local_ckpt
+  url_input = _url(tmp_path / "input")
+  checkpoints.save(url_input, TINY, local_ckpt[1])
+  before = _checksums(tmp_path / "input")
+  files = convert.maxnucl_to_hf(url_input, _url(tmp_path / "url"), max_shard_bytes=1 << 15)
+  convert.maxnucl_to_hf(path, tmp_path / "local", max_shard_bytes=1 << 15)
+  assert _checksums(tmp_path / "input") == before
+  assert len(files) > 1 and all(str(f).startswith("file://") for f in files)
+  assert _content(tmp_path / "url") == _content(tmp_path / "local")  # byte for byte
+  assert (tmp_path / "url" / outputs.COMMIT_MARKER).is_file()
+  # and back, reading the sharded safetensors from the URL
+  convert.hf_to_maxnucl(_url(tmp_path / "url"), _url(tmp_path / "back"))
+  _assert_same_params(checkpoints.load(_url(tmp_path / "back"))[1], local_ckpt[1])
+
+
+# ---- pruner -------------------------------------------------------------------------------------
+
+def test_pruning_with_file_urls_equals_local_paths_and_leaves_input_unchanged(local_ckpt,
+                                                                              tmp_path):
+  path, params = local_ckpt
+  url_input = _url(tmp_path / "input")
+  checkpoints.save(url_input, TINY, params)
+  before = _checksums(tmp_path / "input")
+  kwargs = dict(method="entropy", ratio=0.25, layers="odd")
+  local = prune_ffn_neurons(path, tmp_path / "local", report_path=tmp_path / "local.json",
+                            **kwargs)
+  url = prune_ffn_neurons(url_input, _url(tmp_path / "url"),
+                          report_path=_url(tmp_path / "url.json"), **kwargs)
+  assert _checksums(tmp_path / "input") == before
+  assert [e["kept"] for e in url["layers"]] == [e["kept"] for e in local["layers"]]
+  assert json.loads((tmp_path / "url.json").read_text())["output"] == _url(tmp_path / "url")
+  cfg_url, from_url = checkpoints.load(_url(tmp_path / "url"))
+  cfg_local, from_local = checkpoints.load(tmp_path / "local")
+  assert cfg_url == cfg_local and cfg_url.layer_ffn_widths != TINY.layer_ffn_widths
+  _assert_same_params(from_url, from_local)
+  assert _no_temporaries(tmp_path)
+
+
+# ---- trainer ------------------------------------------------------------------------------------
+
+TRAIN = ["model_config.num_layers = 2", "DATA_SEQ_LEN = 32", "DATA_BATCH_SIZE = 8",
+         "train_loop.progress_bar = False", "train_loop.eval_every = 0",
+         "train_loop.log_every = 1", "train_loop.checkpoint_every = 2",
+         "train_loop.async_checkpointing = False"]
+
+
+def _train(workdir, steps):
+  from maxnucl import gin_config, sharding, train  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  gin_config.parse(["gin/demo_cpu.gin"], TRAIN + [f"train_loop.num_steps = {steps}"])
+  try:
+    return train.train_loop(workdir, mesh=sharding.create_mesh((1, 1, 1),
+                                                               devices=jax.devices()[:1]))
+  finally:
+    gin.clear_config()
+
+
+def test_training_in_a_file_url_workdir_resumes_as_in_a_local_one(tmp_path):
+  workdir = _url(tmp_path / "run")
+  _train(workdir, 2)
+  resumed = _train(workdir, 3)
+  straight = _train(tmp_path / "local", 3)
+  assert str(resumed["workdir"]) == workdir
+  logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+  assert [r["step"] for r in logged] == [1, 2, 3]
+  assert [r["loss"] for r in logged] == [json.loads(line)["loss"] for line in (
+      tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+  assert (tmp_path / "run" / "config.gin").is_file()
+  assert (tmp_path / "run" / "operative_config.gin").is_file()
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+  latest = checkpoints.resolve(workdir)
+  assert str(latest) == workdir + "/checkpoints/3"
+  assert (tmp_path / "run" / "checkpoints" / "3" / outputs.COMMIT_MARKER).is_file()
+  _assert_same_params(checkpoints.load(latest)[1],
+                      jax.device_get(straight["state"]["params"]))
