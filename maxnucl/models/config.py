@@ -57,6 +57,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dropout_rate: float = 0.0  # residual-branch dropout, active only when a dropout rng is given
   remat_policy: str = "none"  # rematerialisation of each decoder layer in the backward pass
+  # Run the layer stack under jax.lax.scan (compile time independent of depth); the params tree
+  # and the function computed are the same either way (maxnucl.models.decoder).
+  scan_layers: bool = True
 
   def __post_init__(self):
     # Tuples, not lists, so configs stay hashable (they are static arguments to jit).
@@ -132,6 +135,8 @@ class ModelConfig:
       fail("dropout_rate", "a rate in [0, 1)")
     if self.remat_policy not in REMAT_POLICIES:
       fail("remat_policy", f"one of {REMAT_POLICIES}")
+    if not isinstance(self.scan_layers, bool):
+      fail("scan_layers", "True or False")
 
   def replace(self, **overrides: Any) -> "ModelConfig":
     known = {f.name for f in dataclasses.fields(self)}
