@@ -237,6 +237,7 @@ def _record_initialize(monkeypatch, on_tpu: bool) -> list:
   for names in distributed.ENVIRONMENT.values():
     for name in names:
       monkeypatch.delenv(name, raising=False)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # the test session sets it to cpu
   return calls
 
 
@@ -246,6 +247,14 @@ def test_cloud_tpu_vm_initialises_without_flags(monkeypatch):
   # no address, count or index: JAX discovers the slice's workers from the TPU metadata
   assert calls == [{"heartbeat_timeout_seconds": 7,
                     "initialization_timeout": distributed.DEFAULT_INITIALIZATION_TIMEOUT_S}]
+
+
+def test_a_cpu_tool_on_a_tpu_vm_does_not_join_the_slice(monkeypatch):
+  calls = _record_initialize(monkeypatch, on_tpu=True)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert distributed.initialize() is False and calls == []
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert distributed.initialize() is True and len(calls) == 1
 
 
 def test_elsewhere_without_flags_nothing_is_initialised(monkeypatch):

@@ -11,7 +11,6 @@ import pytest
 import processes
 from maxnucl import checkpoints, models, sharding
 from maxnucl.pruning import calibration, prune, prune_ffn_neurons
-from maxnucl.pruning.prune import PruningError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = models.get_config("gemma2_tiny", num_layers=2)
@@ -109,7 +108,7 @@ def test_sharded_statistics_and_perplexity_equal_the_single_device_ones(tiny):
     ("4,4,1", r"--mesh_shape 4,4,1: mesh shape \[4, 4, 1\] needs 16 devices, but 8 are"),
 ])
 def test_a_bad_mesh_shape_is_refused_naming_the_flag(tiny, tmp_path, mesh_shape, match):
-  with pytest.raises(PruningError, match=match):
+  with pytest.raises(ValueError, match=match):  # PruningError or the parser's ValueError
     prune_ffn_neurons(tiny[0], tmp_path / "out", method="magnitude", ratio=0.25,
                       mesh_shape=mesh_shape)
   assert list(tmp_path.iterdir()) == []
