@@ -206,7 +206,7 @@ def train_loop(workdir: str | os.PathLike, *,
     accumulation_steps: microbatches per step; the data batch size must be divisible by it.
     init_checkpoint: a maxnucl checkpoint (e.g. a converted Gemma-2) to start from instead of
       random init; its architecture replaces the gin model's, while dtype, param_dtype,
-      dropout_rate, remat_policy and scan_layers come from gin.  Ignored when resuming.
+      dropout_rate, remat_policy, scan_layers and attention_impl come from gin.  Ignored when resuming.
     log_every: write metrics every N steps (and at the last step).
     eval_every: held-out NLL (`eval_loss`) every M steps and at the last step; 0 = never.
     eval_split, eval_batches: the held-out split of the training source and how many batches.
@@ -469,7 +469,8 @@ def _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules) -> Tra
   return {"params": params, "opt_state": opt_state, "step": step}
 
 
-ARCHITECTURE_FROM_GIN = ("dtype", "param_dtype", "dropout_rate", "remat_policy", "scan_layers")
+ARCHITECTURE_FROM_GIN = ("dtype", "param_dtype", "dropout_rate", "remat_policy", "scan_layers",
+                         "attention_impl")
 
 
 def _config_from_checkpoint(path: str, gin_cfg: ModelConfig) -> ModelConfig:

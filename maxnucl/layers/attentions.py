@@ -9,10 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from maxnucl import sharding
+from maxnucl.layers.chunked_attention import chunked_attention
 from maxnucl.layers.embeddings import apply_rope
 from maxnucl.layers.initializers import fan_in_normal, param_with_axes
 
 _MASKED = -2.3819763e38  # a large finite negative (not -inf: no NaN for any fully masked row)
+# impl "auto": from this many positions the chunked attention, which is smaller and, on CPU,
+# faster from here on (benchmarks/attention_memory.py); the fused TPU/GPU kernels are not here yet.
+AUTO_CHUNKED_LENGTH = 1024
 
 
 def attention_mask(segment_ids, window: Optional[int]):
@@ -148,6 +152,7 @@ class Attention(nn.Module):
   softcap: Optional[float] = None
   window: Optional[int] = None
   rope_theta: float = 10_000.0
+  impl: str = "xla"  # "xla" | "chunked" | "auto" (chunked from AUTO_CHUNKED_LENGTH positions)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -182,8 +187,13 @@ class Attention(nn.Module):
     groups = n // kv
     q = q.reshape(*q.shape[:2], kv, groups, h)
     if cache is None or prefill:
-      mask = attention_mask(segment_ids, self.window)
-      out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+      if self.impl == "chunked" or (self.impl == "auto" and
+                                    x.shape[1] >= AUTO_CHUNKED_LENGTH):
+        out = chunked_attention(q, k, v, segment_ids, scale=self.scale, softcap=self.softcap,
+                                window=self.window)
+      else:
+        mask = attention_mask(segment_ids, self.window)
+        out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
       if cache is not None:
         cache = fill_cache(cache, k, v, jnp.sum(segment_ids != 0, axis=1))
     else:

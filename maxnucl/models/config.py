@@ -17,6 +17,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("gelu_tanh", "silu")
 ATTENTION_KINDS = ("local", "global")
 REMAT_POLICIES = ("none", "full", "save_dots")
+# xla: the [T, S] score matrix; chunked: online softmax over key blocks with a recomputing
+# backward (maxnucl/layers/chunked_attention.py); auto: chunked from AUTO_CHUNKED_LENGTH tokens
+ATTENTION_IMPLS = ("auto", "xla", "chunked")
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,7 @@ class ModelConfig:
   # Run the layer stack under jax.lax.scan (compile time independent of depth); the params tree
   # and the function computed are the same either way (maxnucl.models.decoder).
   scan_layers: bool = True
+  attention_impl: str = "auto"  # one of ATTENTION_IMPLS (training and prefill; same results)
 
   def __post_init__(self):
     # Tuples, not lists, so configs stay hashable (they are static arguments to jit).
@@ -137,6 +141,8 @@ class ModelConfig:
       fail("remat_policy", f"one of {REMAT_POLICIES}")
     if not isinstance(self.scan_layers, bool):
       fail("scan_layers", "True or False")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      fail("attention_impl", f"one of {ATTENTION_IMPLS}")
 
   def replace(self, **overrides: Any) -> "ModelConfig":
     known = {f.name for f in dataclasses.fields(self)}

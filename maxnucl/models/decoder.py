@@ -63,8 +63,8 @@ class _Block(nn.Module):
     return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                      head_dim=cfg.head_dim, scale=cfg.attn_scale,
                      softcap=cfg.attn_logit_softcap, window=cfg.layer_windows[self.layer_index],
-                     rope_theta=cfg.rope_theta, dtype=_dtype(cfg.dtype),
-                     param_dtype=_dtype(cfg.param_dtype), name="attn")
+                     rope_theta=cfg.rope_theta, impl=cfg.attention_impl,
+                     dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name="attn")
 
   def attend(self, h, positions, segment_ids, cache, prefill):
     """(attention output, the layer's updated KV cache or None when decoding is not cached)."""
