@@ -44,3 +44,11 @@ def run(command: list[str], num_processes: int = 2, devices_each: int = 2,
     for p in procs:
       p.kill()
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def printed_lines(stdout: str) -> list[str]:
+  """A process's stdout without the connection lines that Gloo (the CPU collectives) prints from
+  its own threads ("[Gloo] Rank 0 is connected to 3 peer ranks. ..."); two threads' lines can
+  interleave mid-line, so any line mentioning "peer ranks" or starting "[Gloo]" is dropped."""
+  return [line for line in stdout.splitlines()
+          if "peer ranks" not in line and not line.startswith("[Gloo]") and line.strip()]

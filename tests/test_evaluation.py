@@ -244,7 +244,7 @@ def test_two_processes_resume_and_evaluate_perplexity_like_one(tmp_path):
   for code, _, err in outputs:
     assert code == 0, err[-3000:]
   assert "perplexity" in outputs[0][1]
-  assert [l for l in outputs[1][1].splitlines() if not l.startswith("[Gloo]")] == []
+  assert processes.printed_lines(outputs[1][1]) == []
   results = json.loads((tmp_path / "two_processes" / core.RESULTS).read_text())
   assert results["num_resumed"] == 2 and results["num_examples"] == 5
   assert results["metrics"]["tokens"] == expected["one_process"]["tokens"]

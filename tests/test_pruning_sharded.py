@@ -134,10 +134,7 @@ def test_two_processes_prune_like_one(tiny, single_device_report, tmp_path):
       "--batch_size", "3", "--mesh_shape", "1,-1,1"])
   for status, _, err in results:
     assert status == 0, err[-3000:]
-  outputs = [(out, err) for _, out, err in results]
-  # (CPU collectives, Gloo, print their own connection lines on stdout)
-  printed = [[line for line in out.splitlines() if not line.startswith("[Gloo]")]
-             for out, _ in outputs]
+  printed = [processes.printed_lines(out) for _, out, _ in results]
   assert len(printed[0]) == 1 and json.loads(printed[0][0])["output"] == str(tmp_path / "out")
   assert printed[1] == []
   report = json.loads((tmp_path / "report.json").read_text())
