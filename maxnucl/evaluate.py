@@ -25,7 +25,6 @@ import sys
 from typing import Any, Optional, Sequence
 
 import gin
-import jax
 
 from maxnucl import checkpoints, distributed, gin_config, outputs, sharding
 from maxnucl.data import vocabularies
@@ -60,20 +59,6 @@ def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: str = vocabularies
           "limit": limit, "mesh_shape": mesh_shape}
 
 
-def evaluation_mesh(mesh_shape: Any):
-  """The mesh the model is restored onto: None (one device) unless a shape is given; several
-  processes need one spanning them, (1, -1, 1) (fsdp over every device) unless given."""
-  if mesh_shape is None:
-    if jax.process_count() == 1:
-      return None
-    mesh_shape = (1, -1, 1)
-  shape = sharding.parse_mesh_shape(mesh_shape)
-  try:
-    return sharding.create_mesh(shape)
-  except ValueError as e:
-    raise core.EvaluationError(f"--mesh_shape {','.join(map(str, shape))}: {e}") from None
-
-
 def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
                         benchmark: Optional[core.Benchmark] = None,
                         limit: Optional[int] = None, vocab: Optional[str] = None,
@@ -87,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   vocab = vocab or settings["vocab"]
   if getattr(benchmark, "vocab", "unset") is None:  # perplexity: tokenize with the model's
     benchmark.vocab = vocab
-  mesh = evaluation_mesh(mesh_shape if mesh_shape is not None else settings["mesh_shape"])
+  mesh = sharding.mesh_for_flag(mesh_shape if mesh_shape is not None else settings["mesh_shape"])
   path = checkpoints.resolve(checkpoint)
   # results go beside the checkpoint, never into it (symlinks resolved); checked before loading
   outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=False)

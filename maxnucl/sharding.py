@@ -112,6 +112,21 @@ def parse_mesh_shape(value: Any, flag: str = "--mesh_shape") -> tuple[int, ...]:
   return shape
 
 
+def mesh_for_flag(mesh_shape: Any, flag: str = "--mesh_shape") -> Optional[Mesh]:
+  """The mesh a tool restores its model onto: None (one device) when no shape is given in a
+  single process; several processes need one spanning them, (1, -1, 1) (fsdp over every device)
+  unless given.  ValueError names `flag` for a malformed shape or one the devices cannot fill."""
+  if mesh_shape is None:
+    if jax.process_count() == 1:
+      return None
+    mesh_shape = (1, -1, 1)
+  shape = parse_mesh_shape(mesh_shape, flag)
+  try:
+    return create_mesh(shape)
+  except ValueError as e:
+    raise ValueError(f"{flag} {','.join(map(str, shape))}: {e}") from None
+
+
 def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
                     rules: Rules) -> PartitionSpec:
   """PartitionSpec for an array of `shape` whose dims carry `logical_axes`.

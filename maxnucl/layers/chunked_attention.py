@@ -23,6 +23,7 @@ dtype; probabilities meet the values in the values' dtype, as in the reference.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -41,8 +42,8 @@ def chunked_attention(q, k, v, segment_ids, *, scale: float, softcap: Optional[f
     raise ValueError(f"chunked_attention is self-attention: q has {length} positions, k "
                      f"{k.shape[1]}, segment_ids {segment_ids.shape[-1]}")
   block_q, block_k = min(block_q, length), min(block_k, length)
-  padded = -(-length // (block_q * block_k // _gcd(block_q, block_k))) * (
-      block_q * block_k // _gcd(block_q, block_k))
+  multiple = math.lcm(block_q, block_k)
+  padded = -(-length // multiple) * multiple
   if padded != length:
     extra = padded - length
     pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
@@ -51,12 +52,6 @@ def chunked_attention(q, k, v, segment_ids, *, scale: float, softcap: Optional[f
   out = _attention(q, k, v, segment_ids.astype(jnp.int32), float(scale),
                    None if softcap is None else float(softcap), window, block_q, block_k)
   return out[:, :length]
-
-
-def _gcd(a: int, b: int) -> int:
-  while b:
-    a, b = b, a % b
-  return a
 
 
 def _key_blocks(i, block_q, block_k, num_k_blocks, window):

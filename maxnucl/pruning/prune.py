@@ -160,20 +160,6 @@ class LayerPruner:
     return {i: int(c) for i, c in zip(indices, counts)}, cached
 
 
-def _mesh(mesh_shape):
-  """(mesh, rules) for the whole-model passes, or (None, None) on one device.  Several processes
-  need a mesh spanning them: fsdp over every device unless `mesh_shape` says otherwise."""
-  if mesh_shape is None:
-    if jax.process_count() == 1:
-      return None, None
-    mesh_shape = (1, -1, 1)
-  shape = sharding.parse_mesh_shape(mesh_shape)
-  try:
-    return sharding.create_mesh(shape), sharding.logical_axis_rules()
-  except ValueError as e:
-    raise PruningError(f"--mesh_shape {','.join(map(str, shape))}: {e}") from None
-
-
 def load_whole_model(reader: io.CheckpointReader, mesh=None, rules=None) -> dict:
   """The whole params tree, for the forward / backward passes of calibration and perplexity:
   host numpy arrays without a mesh; with one, every array restored straight into its sharding
@@ -246,7 +232,8 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   if eval_tasks and jax.process_count() > 1:
     raise PruningError("--eval_task is not run with several processes; evaluate the pruned "
                        "checkpoint afterwards with python -m maxnucl.evaluate (all processes)")
-  mesh, rules = _mesh(mesh_shape)
+  mesh = sharding.mesh_for_flag(mesh_shape)
+  rules = None if mesh is None else sharding.logical_axis_rules()
   primary = distributed.is_primary()
   distributed.sync("maxnucl-prune: request validated")  # before process 0 writes anything
 
