@@ -1,7 +1,7 @@
 """Convert Gemma-2 checkpoints between Hugging Face, DeepMind `gemma` and maxnucl; inspect them.
 
   maxnucl-convert hf-to-maxnucl --input HF_DIR --output CKPT [--dtype bfloat16]
-  maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR
+  maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR [--ffn_widths_export pad]
   maxnucl-convert gemma-to-maxnucl --input DM_CKPT --output CKPT --size 9b
   maxnucl-convert inspect CKPT_OR_HF_DIR [--json]
 
@@ -29,7 +29,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from maxnucl import checkpoints, models, outputs, paths  # noqa: E402
-from maxnucl.conversion import convert, hf_io  # noqa: E402
+from maxnucl.conversion import convert, hf_gemma2, hf_io  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
 
 SIZES = {"2b": "gemma2_2b", "9b": "gemma2_9b", "27b": "gemma2_27b"}
@@ -54,7 +54,8 @@ def hf_to_maxnucl(args) -> None:
 
 def maxnucl_to_hf(args) -> None:
   files = convert.maxnucl_to_hf(args.input, args.output, max_shard_bytes=args.max_shard_size,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite,
+                                ffn_widths_export=args.ffn_widths_export)
   print(f"wrote Hugging Face directory {args.output} ({len(files)} safetensors file(s))")
 
 
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "maxnucl checkpoint directory", "Hugging Face directory to create")
   p.add_argument("--max_shard_size", type=_parse_size, default=convert.DEFAULT_MAX_SHARD_BYTES,
                  help="largest safetensors shard, e.g. 5GB, 500MB, 1GiB (default 5GiB)")
+  p.add_argument("--ffn_widths_export", choices=list(hf_gemma2.FFN_WIDTHS_EXPORTS),
+                 default="refuse",
+                 help="a model whose layers' FFN widths differ or include 0 (pruned): refuse "
+                      "it (default); pad every layer with zero neurons to the widest width (a "
+                      "plain Gemma2ForCausalLM, same function); or custom_code: each layer at "
+                      "its width, with model code in the directory (load with "
+                      "trust_remote_code=True)")
   p.set_defaults(fn=maxnucl_to_hf)
 
   p = conversion("gemma-to-maxnucl", "DeepMind `gemma` flat Orbax checkpoint -> maxnucl "

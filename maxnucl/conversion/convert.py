@@ -1,7 +1,8 @@
 """Checkpoint conversions between Hugging Face, DeepMind `gemma` and maxnucl, streaming.
 
     hf_to_maxnucl(hf_dir, ckpt, dtype=None, overwrite=False)      safetensors -> maxnucl
-    maxnucl_to_hf(ckpt, hf_dir, max_shard_bytes=..., overwrite=False)   maxnucl -> safetensors
+    maxnucl_to_hf(ckpt, hf_dir, max_shard_bytes=..., overwrite=False,
+                  ffn_widths_export="refuse")                        maxnucl -> safetensors
     gemma_to_maxnucl(dm_dir, ckpt, cfg, dtype=None, overwrite=False)    DeepMind flat Orbax -> maxnucl
 
 Each one holds about one tensor in memory at a time (inputs are memory-mapped or read leaf by
@@ -136,12 +137,16 @@ def _check_tied(reader: hf_io.SafetensorsReader, embedding: str, rows: int = 819
 # ---- maxnucl -> Hugging Face ----------------------------------------------------------------------
 
 def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  overwrite: bool = False) -> list[paths.Path]:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                  ffn_widths_export: str = "refuse") -> list[paths.Path]:
   """Write a maxnucl Gemma-2 checkpoint as a Hugging Face directory (config.json + safetensors).
 
-  Refuses configs Hugging Face cannot represent (per-layer FFN widths, FFN-less layers).
-  Returns the safetensors files written.
+  ffn_widths_export: how a model whose layers' FFN widths differ (or include 0, a pruned model)
+  is written, `hf_gemma2.FFN_WIDTHS_EXPORTS`: "refuse" (the default: an error naming the other
+  two), "pad" (every layer zero-padded to the widest width: a plain Gemma2ForCausalLM computing
+  the same function) or "custom_code" (each layer at its width, with model code in the directory:
+  AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).  A model whose layers share
+  one nonzero width is a plain Gemma-2 in every mode.  Returns the safetensors files written.
   """
   output = outputs.check_output_path(output, {"input checkpoint": ckpt}, overwrite=overwrite)
   cfg = checkpoints.load_config(ckpt)
@@ -152,27 +157,37 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
                           f"for every tensor")
   (dtype,) = dtypes
   try:
-    config = hf_gemma2.hf_config(cfg, torch_dtype=dtype)
+    export = hf_gemma2.hf_export(cfg, torch_dtype=dtype, ffn_widths_export=ffn_widths_export)
   except ValueError as e:
     raise ConversionError(f"{ckpt}: {e}") from None
   mapping = hf_gemma2.tensor_map(cfg)
-  specs, sources = [], {}
-  for path, (hf_name, _, to_hf) in mapping.items():
+  sources = {}  # HF name -> (maxnucl path, its shape in HF layout)
+  for (path, (hf_name, _, to_hf)), shape in zip(mapping.items(), _maxnucl_shapes(cfg, mapping)):
     if path not in stored:
       raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} is missing")
-    specs.append((hf_name, _shape_after(to_hf, stored[path][0], cfg), np.dtype(
-        checkpoints.NP_DTYPES[dtype])))
-    sources[hf_name] = (path, to_hf)
+    if tuple(stored[path][0]) != shape:
+      raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} has shape "
+                            f"{tuple(stored[path][0])}, expected {shape} from the model config")
+    sources[hf_name] = (path, _shape_after(to_hf, shape, cfg))
   unexpected = sorted("/".join(k) for k in stored if k not in mapping)
   if unexpected:
     raise ConversionError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} for model {cfg.name!r}")
 
+  # The tensors written are those of export.cfg: the checkpoint's own, or, zero-padded, wider
+  # FFN tensors and those of FFN-less layers ("pad").
+  np_dtype = np.dtype(checkpoints.NP_DTYPES[dtype])
+  written = hf_gemma2.tensor_map(export.cfg)
+  specs = [(hf_name, _shape_after(to_hf, shape, export.cfg), np_dtype)
+           for (hf_name, _, to_hf), shape in zip(written.values(),
+                                                 _maxnucl_shapes(export.cfg, written))]
   shapes = {name: shape for name, shape, _ in specs}
 
   def hf_tensor(hf_name):  # = to_hf(array), with the transpose done by TensorStore while reading
-    path, _ = sources[hf_name]
-    return checkpoints.read_array(ckpt, path, axes=hf_gemma2.hf_axes(path)).reshape(
-        shapes[hf_name])
+    if hf_name not in sources:  # "pad": a tensor of a layer without FFN
+      return np.zeros(shapes[hf_name], np_dtype)
+    path, shape = sources[hf_name]
+    array = checkpoints.read_array(ckpt, path, axes=hf_gemma2.hf_axes(path)).reshape(shape)
+    return _zero_padded(array, shapes[hf_name])
 
   # hf_io asks for the tensors in `specs` order; the next ones are read (and transposed) in a
   # background thread while this one is written
@@ -186,7 +201,9 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
     return array
 
   with outputs.TemporaryOutput(output, overwrite) as tmp:
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "config.json").write_text(json.dumps(export.config, indent=2))
+    for name, text in export.files.items():
+      (tmp / name).write_text(text)
     files = hf_io.write_sharded(tmp, specs, get_tensor, max_shard_bytes)
   return [output / f.name for f in files]
 
@@ -263,6 +280,17 @@ def _shape_after(transform: Callable, shape: tuple[int, ...], cfg: ModelConfig
   """The shape `transform(array of shape, cfg)` has, computed without allocating."""
   return tuple(jax.eval_shape(lambda x: transform(x, cfg),
                               jax.ShapeDtypeStruct(shape, np.float32)).shape)
+
+
+def _zero_padded(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """`array` in the leading corner of zeros of `shape`: a padded FFN's extra neurons are zero
+  rows of gate_proj, up_proj (m, d) and zero columns of down_proj (d, m), so
+  down(gelu_tanh(0) * 0) adds nothing and the function is unchanged."""
+  if array.shape == tuple(shape):
+    return array
+  out = np.zeros(shape, array.dtype)
+  out[tuple(slice(0, n) for n in array.shape)] = array
+  return out
 
 
 def _check_tensor(name: str, file, shape, expected_shape, dtype) -> None:

@@ -15,15 +15,23 @@ HF stores every Linear as (out_features, in_features); maxnucl kernels are einsu
   model.norm.weight                                  -> final_norm/scale
 Both sides store norm scales in the `(1 + scale)` convention, so they copy unchanged.  The output
 projection is tied: `lm_head.weight`, when present, must equal the embedding.
+
+Per-layer FFN widths (m_i, 0 = no FFN: a pruned model) have no place in Gemma2Config's single
+`intermediate_size`; `hf_export` writes them as FFN_WIDTHS_EXPORTS[name] says: "refuse",
+"pad" (every layer zero-padded to the widest: a plain Gemma2ForCausalLM, same function) or
+"custom_code" (each layer at its width: `intermediate_sizes` in config.json and the model code of
+maxnucl/conversion/hf_custom_code beside it, loaded with trust_remote_code=True).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from maxnucl import ffn
+from maxnucl.conversion import hf_custom_code
 from maxnucl.models.config import ModelConfig
 
 # maxnucl leaf -> (HF name, to_maxnucl(hf_array, cfg), to_hf(array, cfg))
@@ -117,11 +125,16 @@ def config_from_hf(hf: dict[str, Any], name: str = "gemma2_hf") -> ModelConfig:
                        f"{num_layers} layers")
   else:
     pattern = ("local", "global")
+  widths = hf.get("intermediate_sizes")  # a custom_code export: layer i's FFN width
+  if widths is not None and len(widths) != num_layers:
+    raise ValueError(f"config.json: intermediate_sizes has {len(widths)} entries for "
+                     f"{num_layers} layers")
   return ModelConfig(
       name=name, family="gemma2", vocab_size=need("vocab_size"), d_model=need("hidden_size"),
       num_layers=num_layers, num_heads=need("num_attention_heads"),
       num_kv_heads=need("num_key_value_heads"), head_dim=need("head_dim"),
-      ffn_dim=need("intermediate_size"), activation="gelu_tanh",
+      ffn_dim=need("intermediate_size"),
+      ffn_widths=None if widths is None else tuple(widths), activation="gelu_tanh",
       query_pre_attn_scalar=need("query_pre_attn_scalar"),
       attn_logit_softcap=hf.get("attn_logit_softcapping"),
       final_logit_softcap=hf.get("final_logit_softcapping"),
@@ -138,24 +151,87 @@ def _first(value) -> int:
   return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
-def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-  """A Hugging Face Gemma-2 `config.json` dict for `cfg`; refuses what HF cannot represent."""
+@dataclasses.dataclass(frozen=True)
+class HfExport:
+  """What a Hugging Face directory holds for a maxnucl model.
+
+  cfg: the model its tensors describe (`tensor_map(cfg)`): the exported model's own config, or a
+    wider one when FFNs are zero-padded.  config: the config.json dict.  files: name -> text of
+    the other files written beside it (custom model code).
+  """
+  cfg: ModelConfig
+  config: dict[str, Any]
+  files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _plain(cfg: ModelConfig, torch_dtype: str) -> HfExport:
+  return HfExport(cfg, _gemma2_config(cfg, torch_dtype))
+
+
+def _refuse(cfg: ModelConfig, torch_dtype: str) -> HfExport:
+  raise ValueError(
+      f"model {cfg.name!r} has per-layer FFN widths {list(cfg.layer_ffn_widths)}; Hugging "
+      f"Face's Gemma2Config has a single intermediate_size and every layer has an FFN. Choose "
+      f"an export mode with ffn_widths_export (CLI: --ffn_widths_export): 'pad' zero-pads every "
+      f"layer to the widest width (zero columns of U, V and zero rows of W leave the function "
+      f"unchanged) and writes a plain Gemma2ForCausalLM; 'custom_code' keeps each layer's width "
+      f"and writes a custom-code model (AutoModelForCausalLM.from_pretrained(..., "
+      f"trust_remote_code=True)). Or keep the maxnucl checkpoint.")
+
+
+def _pad(cfg: ModelConfig, torch_dtype: str) -> HfExport:
+  widest = max(cfg.layer_ffn_widths)
+  if not widest:
+    raise ValueError(f"model {cfg.name!r} has no FFN in any layer; ffn_widths_export='pad' "
+                     f"would write intermediate_size 0: use 'custom_code'")
+  return _plain(cfg.replace(ffn_dim=widest, ffn_widths=None), torch_dtype)
+
+
+def _custom_code(cfg: ModelConfig, torch_dtype: str) -> HfExport:
+  config = {**_gemma2_config(cfg, torch_dtype), "model_type": hf_custom_code.MODEL_TYPE,
+            "architectures": [hf_custom_code.ARCHITECTURE], "auto_map": dict(hf_custom_code.AUTO_MAP),
+            "intermediate_size": cfg.ffn_dim,
+            "intermediate_sizes": list(cfg.layer_ffn_widths)}
+  return HfExport(cfg, config, hf_custom_code.sources())
+
+
+# How maxnucl_to_hf writes a model whose layers' FFN widths differ (or include 0):
+# name -> fn(cfg, torch_dtype) -> HfExport.
+FFN_WIDTHS_EXPORTS = {"refuse": _refuse, "pad": _pad, "custom_code": _custom_code}
+
+
+def hf_export(cfg: ModelConfig, torch_dtype: str = "float32", *,
+              ffn_widths_export: str = "refuse") -> HfExport:
+  """The Hugging Face form of `cfg`: a plain Gemma-2 when every layer has the same nonzero FFN
+  width (whatever `ffn_widths_export` says), else as FFN_WIDTHS_EXPORTS[ffn_widths_export]
+  writes it.  Raises ValueError for what it cannot represent."""
   if cfg.family != "gemma2":
     raise ValueError(f"model {cfg.name!r} is a {cfg.family!r} model; Hugging Face's Gemma-2 "
                      f"format holds only family 'gemma2'")
+  if ffn_widths_export not in FFN_WIDTHS_EXPORTS:
+    raise ValueError(f"ffn_widths_export {ffn_widths_export!r}; expected one of "
+                     f"{sorted(FFN_WIDTHS_EXPORTS)}")
   widths = set(cfg.layer_ffn_widths)
-  if len(widths) != 1 or 0 in widths:
-    raise ValueError(
-        f"model {cfg.name!r} has per-layer FFN widths {list(cfg.layer_ffn_widths)}; Hugging "
-        f"Face's Gemma2Config has a single intermediate_size and every layer has an FFN. Keep "
-        f"the maxnucl checkpoint, or zero-pad every layer to the widest width (zero rows of W "
-        f"and zero columns of U, V leave the function unchanged) before exporting.")
+  if len(widths) == 1 and 0 not in widths:
+    return _plain(cfg, torch_dtype)
+  return FFN_WIDTHS_EXPORTS[ffn_widths_export](cfg, torch_dtype)
+
+
+def hf_config(cfg: ModelConfig, torch_dtype: str = "float32", *,
+              ffn_widths_export: str = "refuse") -> dict[str, Any]:
+  """The Hugging Face `config.json` dict for `cfg` (`hf_export`'s); refuses what HF cannot
+  represent."""
+  return hf_export(cfg, torch_dtype, ffn_widths_export=ffn_widths_export).config
+
+
+def _gemma2_config(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+  """Gemma2Config's fields for `cfg` (intermediate_size: layer 0's FFN width)."""
   return {
       "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
       "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-      "intermediate_size": cfg.ffn_dim if cfg.ffn_widths is None else cfg.ffn_widths[0],
+      "intermediate_size": cfg.layer_ffn_widths[0],
       "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
       "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
       "attn_logit_softcapping": cfg.attn_logit_softcap,

@@ -91,6 +91,8 @@ def _inspect_hf(path: paths.Path) -> dict[str, Any]:
   mapping = hf_gemma2.tensor_map(cfg)
   entropy = []
   for i, width in enumerate(cfg.layer_ffn_widths):
+    if not width:  # a custom_code export's FFN-less layer: no down_proj
+      continue
     down = reader.get(mapping[(ffn.layer_name(i), "mlp", ffn.OUT)][0])  # (d, m) = W.T, mmapped
     entropy.append({"layer": ffn.layer_name(i), "width": width,
                     **entropy_stats(_row_blocks(down, transpose=True))})
