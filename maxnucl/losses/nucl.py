@@ -14,6 +14,15 @@ and each variant maps r to a number that is small for a peaked (heterogeneous) r
 NUCL for a model (Eq. 6) is the sum of the per-row values over the rows of the chosen matrix of
 every chosen layer.
 
+Inter-neuron diversity (not in the paper; its Limitations name the per-neuron focus of NUCL and
+suggest diversity *between* neurons).  With u_i = r_i / ||r_i||_2 the unit vector of row i's
+distribution, the mean cosine similarity over the m (m - 1) ordered pairs of distinct rows is
+
+    diversity:  sum_{i != k} u_i . u_k / (m (m - 1)) = (||sum_i u_i||^2 - m) / (m (m - 1)),
+
+in [0, 1], small for rows that spread their weight over different columns; 0 for m < 2.  The
+right-hand side needs the [n] vector sum_i u_i, not the [m, m] similarity matrix.
+
 Numerics (the guards Listing 1 lacks; all computed in float32 whatever the parameter dtype):
   * |W_ij| has the gradient sign(W_ij), so an exact zero weight gets gradient 0 (the symmetric
     subgradient of |.| at 0; `jnp.abs` would give 1).
@@ -113,6 +122,33 @@ def _nucl_rows(w: Array, variant: str) -> Array:
   return VARIANTS[variant](_scaled_abs(w))
 
 
+# ---- inter-neuron diversity (one value per matrix) ----------------------------------------------
+
+
+def mean_pairwise_similarity(w: Array) -> Array:
+  """Mean cosine similarity of the outgoing distributions of distinct rows of w [m, n]: float32
+  scalar in [0, 1] (0 for m < 2); the `diversity` value of a matrix (module docstring)."""
+  if w.ndim != 2:
+    raise ValueError(f"mean_pairwise_similarity expects a matrix [m, n] (rows = inner neurons), "
+                     f"got shape {w.shape}")
+  return _mean_pairwise_similarity(w)
+
+
+@jax.jit
+def _mean_pairwise_similarity(w: Array) -> Array:
+  m = w.shape[0]
+  if m < 2:
+    return jnp.zeros((), jnp.float32)
+  s = _scaled_abs(w)  # [m, n], r up to a per-row scale; a zero row is uniform, without gradient
+  # u = r / ||r|| = s / ||s||: no need for r itself.  ||s|| >= 1 since max_j s_ij = 1.
+  u = s / jnp.sqrt(jnp.sum(jnp.square(s), axis=1, keepdims=True))
+  # ||sum_i u_i||^2 - m = sum_j [(sum_i u_ij)^2 - sum_i u_ij^2]: the diagonal is subtracted as
+  # computed (m up to the rounding of u), per column, which cancels most of that rounding.
+  column_sums = jnp.sum(u, axis=0)  # [n]
+  off_diagonal = jnp.sum(jnp.square(column_sums) - jnp.sum(jnp.square(u), axis=0))
+  return off_diagonal / (m * (m - 1))
+
+
 # ---- which matrices: targets (the paper's Table 3) -----------------------------------------------
 
 
@@ -167,17 +203,33 @@ def target_matrices(params: Params, cfg: ModelConfig, target: str = "ffn_out",
   return out
 
 
+def _summed_rows(variant: str) -> Callable[[Array], Array]:
+  return lambda w: jnp.sum(nucl_rows(w, variant))
+
+
+# Variant name -> function of one target matrix [m, n] -> its float32 contribution to `nucl`: the
+# row variants summed over rows (Eq. 6), and the inter-neuron diversity.
+MATRIX_VALUES: dict[str, Callable[[Array], Array]] = {
+    **{variant: _summed_rows(variant) for variant in VARIANTS},
+    "diversity": mean_pairwise_similarity,
+}
+
+
 # The variant is chosen by the loss term's name ('nucl_mstd', ...), so gin may not bind it.
 @gin.configurable(module="maxnucl.losses", denylist=["params", "cfg", "variant"])
 def nucl(params: Params, cfg: ModelConfig, variant: str = "mstd", target: str = "ffn_out",
          layers: Optional[Sequence[int]] = None) -> Array:
   """NUCL of a model (the sum in Eq. 6, without alpha): float32 scalar.
 
-  Sum over the rows of the `target` matrix of each layer in `layers` (None = all layers).
+  Sum over the `target` matrix of each layer in `layers` (None = all layers) of
+  `MATRIX_VALUES[variant]`: for ent / gini / mstd the sum over its rows, for diversity its mean
+  pairwise similarity.
   """
+  if variant not in MATRIX_VALUES:
+    raise ValueError(f"NUCL variant {variant!r} unknown; expected one of {sorted(MATRIX_VALUES)}")
   total = jnp.zeros((), jnp.float32)
   for matrix in target_matrices(params, cfg, target, layers).values():
-    total = total + jnp.sum(nucl_rows(matrix, variant))
+    total = total + MATRIX_VALUES[variant](matrix)
   return total
 
 

@@ -57,6 +57,14 @@ def nucl_mstd(params, logits, batch, cfg):
   return nucl(params, cfg, variant="mstd")
 
 
+# Inter-neuron diversity (beyond the paper): the mean pairwise cosine similarity of the rows'
+# outgoing distributions, per target matrix, summed over the same layers as the NUCL terms.
+@register_term("nucl_diversity")
+def nucl_diversity(params, logits, batch, cfg):
+  del logits, batch
+  return nucl(params, cfg, variant="diversity")
+
+
 @gin.configurable(module="maxnucl.losses", denylist=["params", "logits", "batch", "cfg"])
 def total_loss(params: Any, logits: Array, batch: dict[str, Any], cfg: ModelConfig,
                terms: Optional[Mapping[str, float]] = None, normalization: str = "mean",
@@ -72,7 +80,8 @@ def total_loss(params: Any, logits: Array, batch: dict[str, Any], cfg: ModelConf
       number 0 is still reported in the metrics but carries no gradient, so the gradients equal
       the plain NLL's exactly.
     normalization: "mean" (per masked token) or "sum" over tokens, for the NLL and the z-loss;
-      NUCL terms are always sums over rows and layers (see docs/losses.md for alpha).
+      NUCL terms are always sums over layers (ent / gini / mstd also over rows; see
+      docs/losses.md for alpha).
     z_loss_weight: weight of PaLM's log(Z)^2 (1e-4 in PaLM); 0 = off.
 
   Returns:
