@@ -11,12 +11,24 @@ import jax.numpy as jnp
 from maxnucl import sharding
 from maxnucl.layers.chunked_attention import chunked_attention
 from maxnucl.layers.embeddings import apply_rope
+from maxnucl.layers.splash_attention import splash_attention
 from maxnucl.layers.initializers import fan_in_normal, param_with_axes
 
 _MASKED = -2.3819763e38  # a large finite negative (not -inf: no NaN for any fully masked row)
-# impl "auto": from this many positions the chunked attention, which is smaller and, on CPU,
-# faster from here on (benchmarks/attention_memory.py); the fused TPU/GPU kernels are not here yet.
+# impl "auto": on TPU the splash kernel; elsewhere, from this many positions the chunked attention,
+# which is smaller and, on CPU, faster from here on (benchmarks/attention_memory.py).  No fused GPU
+# kernel is wired in yet (docs/performance.md).
 AUTO_CHUNKED_LENGTH = 1024
+
+
+def choose_impl(impl: str, length: int, backend: Optional[str] = None) -> str:
+  """The implementation `impl` ("xla" | "chunked" | "splash" | "auto") means for `length`
+  positions on `backend` (default: JAX's default backend)."""
+  if impl != "auto":
+    return impl
+  if (backend or jax.default_backend()) == "tpu":
+    return "splash"
+  return "chunked" if length >= AUTO_CHUNKED_LENGTH else "xla"
 
 
 def attention_mask(segment_ids, window: Optional[int]):
@@ -152,7 +164,7 @@ class Attention(nn.Module):
   softcap: Optional[float] = None
   window: Optional[int] = None
   rope_theta: float = 10_000.0
-  impl: str = "xla"  # "xla" | "chunked" | "auto" (chunked from AUTO_CHUNKED_LENGTH positions)
+  impl: str = "xla"  # "xla" | "chunked" | "splash" | "auto" (choose_impl)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -187,10 +199,13 @@ class Attention(nn.Module):
     groups = n // kv
     q = q.reshape(*q.shape[:2], kv, groups, h)
     if cache is None or prefill:
-      if self.impl == "chunked" or (self.impl == "auto" and
-                                    x.shape[1] >= AUTO_CHUNKED_LENGTH):
+      impl = choose_impl(self.impl, x.shape[1])
+      if impl == "chunked":
         out = chunked_attention(q, k, v, segment_ids, scale=self.scale, softcap=self.softcap,
                                 window=self.window)
+      elif impl == "splash":
+        out = splash_attention(q, k, v, segment_ids, scale=self.scale, softcap=self.softcap,
+                               window=self.window)
       else:
         mask = attention_mask(segment_ids, self.window)
         out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)

@@ -1,0 +1,104 @@
+"""The splash-kernel attention (attention_impl='splash', the TPU path) equals the XLA reference in
+outputs and gradients, run here through Pallas's interpreter on CPU: shapes off the 128 tile,
+windows smaller than a block, packed segments with padding, GQA/MQA/MHA, whole models, and a
+batch-sharded mesh (shard_map)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxnucl import models, sharding
+from maxnucl.layers import attentions
+from maxnucl.layers.splash_attention import splash_attention
+
+CASES = {
+    # B, T, K, G, H, window, softcap, packed segments
+    "GQA, T off the tile, packed with padding": (2, 37, 2, 2, 8, None, 50.0, True),
+    "MQA, window smaller than a block, two blocks": (1, 200, 1, 4, 16, 5, 30.0, True),
+    "MHA, window longer than the sequence": (2, 50, 4, 1, 8, 100, None, False),
+}
+
+
+def _inputs(b, t, k, g, h, packed, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, t, k, g, h)) * 2, jnp.float32)
+  key = jnp.asarray(rng.normal(size=(b, t, k, h)) * 2, jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  if packed:  # three documents, and right padding (segment 0) in row 0
+    seg[:, t // 3:], seg[:, 2 * t // 3:], seg[0, -4:] = 2, 3, 0
+  return q, key, v, jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_outputs_and_gradients_equal_xla(case):
+  b, t, k, g, h, window, softcap, packed = case
+  q, key, v, seg = _inputs(b, t, k, g, h, packed)
+
+  def xla(q, key, v):
+    return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),
+                                            scale=0.3, softcap=softcap)
+
+  def splash(q, key, v):
+    return splash_attention(q, key, v, seg, scale=0.3, softcap=softcap, window=window,
+                            block=128)
+
+  np.testing.assert_allclose(splash(q, key, v), xla(q, key, v), atol=2e-5)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, key, v)
+           for f in (xla, splash)]
+  for name, expected, actual in zip("qkv", *grads):
+    scale = float(jnp.max(jnp.abs(expected)))
+    assert float(jnp.max(jnp.abs(actual - expected))) <= 2e-5 * scale, name
+
+
+def _model(preset, **overrides):
+  cfg = models.get_config(preset, num_layers=2, max_positions=64, **overrides)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 40)), jnp.int32)
+  seg = np.ones((2, 40), np.int32)
+  seg[0, 25:] = 2
+  seg = jnp.asarray(seg)
+  positions = jnp.asarray(np.where(np.arange(40) >= 25, np.arange(40) - 25, np.arange(40))
+                          * np.array([[1], [0]]) + np.arange(40) * np.array([[0], [1]]))
+  return cfg, params, tokens, seg, positions
+
+
+@pytest.mark.parametrize("preset", ["gemma2_tiny", "palm_tiny"])
+def test_whole_models_equal_xla_in_logits_and_gradients(preset):
+  cfg, params, tokens, seg, positions = _model(preset)
+
+  def loss(p, impl):
+    c = cfg.replace(attention_impl=impl)
+    return jnp.sum(models.apply(c, p, tokens, seg, positions) ** 2) * 1e-4
+
+  logits = {impl: models.apply(cfg.replace(attention_impl=impl), params, tokens, seg, positions)
+            for impl in ("xla", "splash")}
+  np.testing.assert_allclose(logits["splash"], logits["xla"], atol=1e-4, rtol=1e-5)
+  grads = {impl: jax.grad(loss)(params, impl) for impl in ("xla", "splash")}
+  for expected, actual in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads["splash"])):
+    np.testing.assert_allclose(actual, expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_on_a_batch_sharded_mesh_it_runs_per_shard_and_equals_one_device():
+  cfg, params, tokens, seg, positions = _model("gemma2_tiny")
+  tokens, seg, positions = (jnp.concatenate([x] * 2) for x in (tokens, seg, positions))
+  splash_cfg = cfg.replace(attention_impl="splash")
+  expected = models.apply(cfg.replace(attention_impl="xla"), params, tokens, seg, positions)
+  mesh = sharding.create_mesh((4, 1, 1), devices=jax.devices()[:4])
+  with sharding.activate(mesh, sharding.logical_axis_rules()):
+    apply = jax.jit(lambda p, t, s, pos: models.apply(splash_cfg, p, t, s, pos))
+    jaxpr = str(jax.make_jaxpr(apply)(params, tokens, seg, positions))
+    actual = apply(params, tokens, seg, positions)
+  assert "shard_map" in jaxpr
+  np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_auto_picks_splash_on_tpu_and_chunked_or_xla_elsewhere():
+  assert attentions.choose_impl("auto", 128, backend="tpu") == "splash"
+  assert attentions.choose_impl("auto", 4096, backend="tpu") == "splash"
+  assert attentions.choose_impl("auto", attentions.AUTO_CHUNKED_LENGTH, backend="gpu") == "chunked"
+  assert attentions.choose_impl("auto", 512, backend="cpu") == "xla"
+  assert attentions.choose_impl("splash", 16, backend="cpu") == "splash"
