@@ -1,7 +1,9 @@
-"""The splash-kernel attention (attention_impl='splash', the TPU path) equals the XLA reference in
-outputs and gradients, run here through Pallas's interpreter on CPU: shapes off the 128 tile,
-windows smaller than a block, packed segments with padding, GQA/MQA/MHA, whole models, and a
-batch-sharded mesh (shard_map)."""
+"""The fused-kernel attention paths equal the XLA reference in outputs and gradients:
+- 'splash' (the TPU kernel), run here through Pallas's interpreter on CPU: shapes off the 128
+  tile, windows smaller than a block, packed segments with padding, GQA/MQA/MHA, whole models,
+  and a batch-sharded mesh (shard_map);
+- 'cudnn' (jax.nn.dot_product_attention, for models without a soft-cap), whose CPU fallback
+  checks our mapping of heads, window and segments."""
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +104,39 @@ def test_auto_picks_splash_on_tpu_and_chunked_or_xla_elsewhere():
   assert attentions.choose_impl("auto", attentions.AUTO_CHUNKED_LENGTH, backend="gpu") == "chunked"
   assert attentions.choose_impl("auto", 512, backend="cpu") == "xla"
   assert attentions.choose_impl("splash", 16, backend="cpu") == "splash"
+
+
+# ---- cuDNN (jax.nn.dot_product_attention) for models without a soft-cap ---------------------------
+
+@pytest.mark.parametrize("case", [(2, 37, 2, 2, 8, None, True), (1, 64, 1, 4, 16, 5, True),
+                                  (2, 50, 4, 1, 8, 100, False)],
+                         ids=["GQA packed", "MQA window 5 packed", "MHA window > T"])
+def test_cudnn_path_equals_xla_in_outputs_and_gradients(case):
+  """On CPU jax.nn.dot_product_attention runs its XLA implementation: this checks our mapping
+  (heads, causal + local window, segments as a mask, scale); cuDNN itself needs a GPU."""
+  b, t, k, g, h, window, packed = case
+  q, key, v, seg = _inputs(b, t, k, g, h, packed)
+
+  def xla(q, key, v):
+    return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),
+                                            scale=0.3, softcap=None)
+
+  def cudnn(q, key, v):
+    return attentions.cudnn_attention(q, key, v, seg, scale=0.3, window=window)
+
+  np.testing.assert_allclose(cudnn(q, key, v), xla(q, key, v), atol=2e-5)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, key, v)
+           for f in (xla, cudnn)]
+  for expected, actual in zip(*grads):
+    np.testing.assert_allclose(actual, expected, atol=2e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_cudnn_is_refused_for_soft_capped_models_and_chosen_for_palm_on_gpu():
+  with pytest.raises(models.ConfigError, match="not 'cudnn' with attn_logit_softcap"):
+    models.get_config("gemma2_tiny", attention_impl="cudnn")
+  cfg, params, tokens, seg, positions = _model("palm_tiny")
+  expected = models.apply(cfg.replace(attention_impl="xla"), params, tokens, seg, positions)
+  actual = models.apply(cfg.replace(attention_impl="cudnn"), params, tokens, seg, positions)
+  np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-5)
+  assert attentions.choose_impl("auto", 512, backend="gpu", softcap=None) == "cudnn"
+  assert attentions.choose_impl("auto", 512, backend="gpu", softcap=50.0) == "xla"

@@ -21,14 +21,38 @@ _MASKED = -2.3819763e38  # a large finite negative (not -inf: no NaN for any ful
 AUTO_CHUNKED_LENGTH = 1024
 
 
-def choose_impl(impl: str, length: int, backend: Optional[str] = None) -> str:
-  """The implementation `impl` ("xla" | "chunked" | "splash" | "auto") means for `length`
-  positions on `backend` (default: JAX's default backend)."""
+def choose_impl(impl: str, length: int, backend: Optional[str] = None,
+                softcap: Optional[float] = None) -> str:
+  """The implementation `impl` ("xla" | "chunked" | "splash" | "cudnn" | "auto") means for
+  `length` positions on `backend` (default: JAX's default backend) with logit soft-cap
+  `softcap`: on TPU splash; on GPU without a soft-cap (PaLM) cuDNN's fused attention;
+  otherwise chunked from AUTO_CHUNKED_LENGTH positions, xla below."""
   if impl != "auto":
     return impl
-  if (backend or jax.default_backend()) == "tpu":
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
     return "splash"
+  if backend == "gpu" and softcap is None:
+    return "cudnn"
   return "chunked" if length >= AUTO_CHUNKED_LENGTH else "xla"
+
+
+def cudnn_attention(q, k, v, segment_ids, *, scale: float, window: Optional[int],
+                    implementation: Optional[str] = None):
+  """`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU; XLA elsewhere, or with
+  `implementation`) for q [B, T, K, G, H], k, v [B, T, K, H]: causal, `local_window_size` for a
+  sliding window, packed segments as a [B, 1, T, T] mask.  No logit soft-cap (refused by the
+  config)."""
+  batch, length, kv_heads, groups, head_dim = q.shape
+  if implementation is None and jax.default_backend() == "gpu":
+    implementation = "cudnn"
+  same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  out = jax.nn.dot_product_attention(
+      q.reshape(batch, length, kv_heads * groups, head_dim), k, v, mask=same_segment,
+      scale=scale, is_causal=True,
+      local_window_size=None if window is None or window >= length else (window - 1, 0),
+      implementation=implementation)
+  return out.reshape(batch, length, kv_heads, groups, head_dim).astype(v.dtype)
 
 
 def attention_mask(segment_ids, window: Optional[int]):
@@ -164,7 +188,7 @@ class Attention(nn.Module):
   softcap: Optional[float] = None
   window: Optional[int] = None
   rope_theta: float = 10_000.0
-  impl: str = "xla"  # "xla" | "chunked" | "splash" | "auto" (choose_impl)
+  impl: str = "xla"  # "xla" | "chunked" | "splash" | "cudnn" | "auto" (choose_impl)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -199,13 +223,15 @@ class Attention(nn.Module):
     groups = n // kv
     q = q.reshape(*q.shape[:2], kv, groups, h)
     if cache is None or prefill:
-      impl = choose_impl(self.impl, x.shape[1])
+      impl = choose_impl(self.impl, x.shape[1], softcap=self.softcap)
       if impl == "chunked":
         out = chunked_attention(q, k, v, segment_ids, scale=self.scale, softcap=self.softcap,
                                 window=self.window)
       elif impl == "splash":
         out = splash_attention(q, k, v, segment_ids, scale=self.scale, softcap=self.softcap,
                                window=self.window)
+      elif impl == "cudnn":
+        out = cudnn_attention(q, k, v, segment_ids, scale=self.scale, window=self.window)
       else:
         mask = attention_mask(segment_ids, self.window)
         out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)

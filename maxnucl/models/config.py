@@ -19,7 +19,7 @@ ATTENTION_KINDS = ("local", "global")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # xla: the [T, S] score matrix; chunked: online softmax over key blocks with a recomputing
 # backward (maxnucl/layers/chunked_attention.py); auto: chunked from AUTO_CHUNKED_LENGTH tokens
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -143,6 +143,10 @@ class ModelConfig:
       fail("scan_layers", "True or False")
     if self.attention_impl not in ATTENTION_IMPLS:
       fail("attention_impl", f"one of {ATTENTION_IMPLS}")
+    if self.attention_impl == "cudnn" and self.attn_logit_softcap is not None:
+      fail("attention_impl", f"not 'cudnn' with attn_logit_softcap = {self.attn_logit_softcap} "
+           f"(cuDNN's fused attention has no logit soft-cap; Gemma-2 needs 'auto', 'chunked', "
+           f"'splash' or 'xla')")
 
   def replace(self, **overrides: Any) -> "ModelConfig":
     known = {f.name for f in dataclasses.fields(self)}
