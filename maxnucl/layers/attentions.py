@@ -11,22 +11,23 @@ import jax.numpy as jnp
 from maxnucl import sharding
 from maxnucl.layers.chunked_attention import chunked_attention
 from maxnucl.layers.embeddings import apply_rope
+from maxnucl.layers.gpu_attention import flash_attention
 from maxnucl.layers.splash_attention import splash_attention
 from maxnucl.layers.initializers import fan_in_normal, param_with_axes
 
 _MASKED = -2.3819763e38  # a large finite negative (not -inf: no NaN for any fully masked row)
 # impl "auto": on TPU the splash kernel; elsewhere, from this many positions the chunked attention,
-# which is smaller and, on CPU, faster from here on (benchmarks/attention_memory.py).  No fused GPU
-# kernel is wired in yet (docs/performance.md).
+# which is smaller and, on CPU, faster from here on (benchmarks/attention_memory.py).
 AUTO_CHUNKED_LENGTH = 1024
 
 
 def choose_impl(impl: str, length: int, backend: Optional[str] = None,
                 softcap: Optional[float] = None) -> str:
-  """The implementation `impl` ("xla" | "chunked" | "splash" | "cudnn" | "auto") means for
-  `length` positions on `backend` (default: JAX's default backend) with logit soft-cap
+  """The implementation `impl` ("xla" | "chunked" | "splash" | "cudnn" | "pallas_gpu" | "auto")
+  means for `length` positions on `backend` (default: JAX's default backend) with logit soft-cap
   `softcap`: on TPU splash; on GPU without a soft-cap (PaLM) cuDNN's fused attention;
-  otherwise chunked from AUTO_CHUNKED_LENGTH positions, xla below."""
+  otherwise chunked from AUTO_CHUNKED_LENGTH positions, xla below.  'pallas_gpu' (Gemma-2's
+  fused GPU kernel) is chosen only explicitly until it is measured on a GPU."""
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
@@ -188,7 +189,7 @@ class Attention(nn.Module):
   softcap: Optional[float] = None
   window: Optional[int] = None
   rope_theta: float = 10_000.0
-  impl: str = "xla"  # "xla" | "chunked" | "splash" | "cudnn" | "auto" (choose_impl)
+  impl: str = "xla"  # "xla" | "chunked" | "splash" | "cudnn" | "pallas_gpu" | "auto" (choose_impl)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -232,6 +233,9 @@ class Attention(nn.Module):
                                window=self.window)
       elif impl == "cudnn":
         out = cudnn_attention(q, k, v, segment_ids, scale=self.scale, window=self.window)
+      elif impl == "pallas_gpu":
+        out = flash_attention(q, k, v, segment_ids, scale=self.scale, softcap=self.softcap,
+                              window=self.window)
       else:
         mask = attention_mask(segment_ids, self.window)
         out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)

@@ -19,7 +19,7 @@ ATTENTION_KINDS = ("local", "global")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # xla: the [T, S] score matrix; chunked: online softmax over key blocks with a recomputing
 # backward (maxnucl/layers/chunked_attention.py); auto: chunked from AUTO_CHUNKED_LENGTH tokens
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn", "pallas_gpu")
 
 
 class ConfigError(ValueError):

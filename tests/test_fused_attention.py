@@ -2,6 +2,8 @@
 - 'splash' (the TPU kernel), run here through Pallas's interpreter on CPU: shapes off the 128
   tile, windows smaller than a block, packed segments with padding, GQA/MQA/MHA, whole models,
   and a batch-sharded mesh (shard_map);
+- 'pallas_gpu' (our Triton-backend flash kernel with soft-cap, window and segments), through
+  Pallas's interpreter on CPU, including which blocks its loops visit;
 - 'cudnn' (jax.nn.dot_product_attention, for models without a soft-cap), whose CPU fallback
   checks our mapping of heads, window and segments."""
 
@@ -12,6 +14,7 @@ import pytest
 
 from maxnucl import models, sharding
 from maxnucl.layers import attentions
+from maxnucl.layers import gpu_attention
 from maxnucl.layers.splash_attention import splash_attention
 
 CASES = {
@@ -104,6 +107,68 @@ def test_auto_picks_splash_on_tpu_and_chunked_or_xla_elsewhere():
   assert attentions.choose_impl("auto", attentions.AUTO_CHUNKED_LENGTH, backend="gpu") == "chunked"
   assert attentions.choose_impl("auto", 512, backend="cpu") == "xla"
   assert attentions.choose_impl("splash", 16, backend="cpu") == "splash"
+
+
+# ---- the Pallas GPU kernel -------------------------------------------------------------------------
+
+GPU_CASES = {
+    # B, T, K, G, H, window, softcap, packed, block_q, block_k
+    "GQA, T off the blocks, packed with padding": (2, 37, 2, 2, 8, None, 50.0, True, 16, 32),
+    "MQA, window smaller than a block": (1, 100, 1, 4, 16, 5, 30.0, True, 32, 16),
+    "MHA, window longer than the sequence": (2, 50, 4, 1, 8, 100, None, False, 16, 16),
+}
+
+
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_pallas_gpu_outputs_and_gradients_equal_xla(case):
+  b, t, k, g, h, window, softcap, packed, block_q, block_k = case
+  q, key, v, seg = _inputs(b, t, k, g, h, packed)
+
+  def xla(q, key, v):
+    return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),
+                                            scale=0.3, softcap=softcap)
+
+  def fused(q, key, v):
+    return gpu_attention.flash_attention(q, key, v, seg, scale=0.3, softcap=softcap,
+                                         window=window, block_q=block_q, block_k=block_k)
+
+  np.testing.assert_allclose(fused(q, key, v), xla(q, key, v), atol=1e-5)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, key, v)
+           for f in (xla, fused)]
+  for name, expected, actual in zip("qkv", *grads):
+    scale = float(jnp.max(jnp.abs(expected)))
+    assert float(jnp.max(jnp.abs(actual - expected))) <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 16, 23, 60])
+@pytest.mark.parametrize("block_q, block_k", [(16, 16), (16, 8), (8, 32)])
+def test_pallas_gpu_loops_visit_exactly_the_blocks_with_a_visible_pair(window, block_q, block_k):
+  length = 64
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  visible = (j <= i) & ((j > i - window) if window else True)
+  for qb in range(length // block_q):
+    first, last = gpu_attention._key_range(qb, block_q, block_k, window)
+    seen = {kb for kb in range(length // block_k)
+            if visible[qb * block_q:(qb + 1) * block_q, kb * block_k:(kb + 1) * block_k].any()}
+    assert set(range(int(first), int(last))) == seen, (qb, window)
+  for kb in range(length // block_k):
+    first, last = gpu_attention._query_range(kb, block_q, block_k, window, length // block_q)
+    seen = {qb for qb in range(length // block_q)
+            if visible[qb * block_q:(qb + 1) * block_q, kb * block_k:(kb + 1) * block_k].any()}
+    assert set(range(int(first), int(last))) == seen, (kb, window)
+
+
+def test_pallas_gpu_in_a_whole_gemma2_model_and_its_limits():
+  cfg, params, tokens, seg, positions = _model("gemma2_tiny")
+  expected = models.apply(cfg.replace(attention_impl="xla"), params, tokens, seg, positions)
+  actual = models.apply(cfg.replace(attention_impl="pallas_gpu"), params, tokens, seg, positions)
+  np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-5)
+  q = jnp.zeros((1, 8, 1, 1, 24))
+  with pytest.raises(ValueError, match="power-of-2 head dimension, got 24"):
+    gpu_attention.flash_attention(q, q[:, :, :, 0], q[:, :, :, 0], jnp.ones((1, 8), jnp.int32),
+                                  scale=1.0)
+  assert attentions.choose_impl("auto", 4096, backend="gpu", softcap=50.0) == "chunked"
 
 
 # ---- cuDNN (jax.nn.dot_product_attention) for models without a soft-cap ---------------------------
