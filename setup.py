@@ -63,5 +63,6 @@ setuptools.setup(
         "maxnucl-analyze = maxnucl.pruning.cli:analyze_main",
         "maxnucl-lm-eval = maxnucl.lm_eval_adapter:main",
         "maxnucl-tpu-vm = maxnucl.tpu_vm:main",
+        "maxnucl-reproduce = maxnucl.reproduction.cli:main",
     ]},
 )

@@ -14,9 +14,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 GIN_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "gin").rglob("*.gin"))
 CONSOLE_SCRIPTS = ["maxnucl-train", "maxnucl-evaluate", "maxnucl-generate", "maxnucl-summary",
                    "maxnucl-data", "maxnucl-convert", "maxnucl-prune", "maxnucl-analyze",
-                   "maxnucl-lm-eval", "maxnucl-tpu-vm"]
+                   "maxnucl-lm-eval", "maxnucl-tpu-vm", "maxnucl-reproduce"]
 TOOLS = ["convert_checkpoint.py", "prune_checkpoint.py", "analyze_ffn.py", "cache_tasks.py",
-         "train_sentencepiece.py", "tpu_vm.py"]
+         "train_sentencepiece.py", "tpu_vm.py", "reproduce.py"]
 # One CPU device, as a user's shell has (conftest simulates 8 for the mesh tests).
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
 

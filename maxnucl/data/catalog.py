@@ -13,6 +13,9 @@ Registered names:
   super_glue_{boolq,cb,copa,multirc,record,rte,wic,wsc}_v102   train, validation, test
   super_glue_{axb,axg}_v102                test  (evaluation only)
   super_glue_v102_proportional             mixture, rates `SUPER_GLUE_V102_PROPORTIONAL_RATES`
+  text_corpus                              train, validation, test  (a prepared local corpus,
+  text_corpus_finetune                     train, test               maxnucl.data.corpus)
+  text_corpus_finetune_arithmetic          mixture 1:1 of the two above's train/test
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable, Optional, Sequence
 import gin
 import numpy as np
 
+from maxnucl.data import corpus
 from maxnucl.data import formats
 from maxnucl.data import sources
 from maxnucl.data import synthetic
@@ -232,6 +236,17 @@ def _register_builtins():
   register_mixture(TextMixture(
       "super_glue_v102_proportional", tuple(SUPER_GLUE_V102_PROPORTIONAL_RATES.items()),
       "SuperGLUE tasks mixed in proportion to their training examples (T5)."))
+  register_task(TextTask(
+      "text_corpus", ("train", "validation", "test"), corpus.language_modelling_examples,
+      "A prepared local text corpus (maxnucl.data.corpus; $MAXNUCL_TEXT_CORPUS), whole text."))
+  register_task(TextTask(
+      "text_corpus_finetune", ("train", "test"),
+      lambda split: corpus.language_modelling_examples("finetune" if split == "train" else split),
+      "The prepared corpus's finetune files as the train split (test: its test files)."))
+  register_mixture(TextMixture(
+      "text_corpus_finetune_arithmetic",
+      (("text_corpus_finetune", 1.0), ("synthetic_arithmetic", 1.0)),
+      "Held-out corpus files and synthetic arithmetic, 1:1 (tools/reproduce.py fine-tuning)."))
 
 
 _register_builtins()

@@ -1,0 +1,69 @@
+"""Reproduce the papers' findings at small scale on a local corpus (default: the running Python's
+standard library), end to end: train, NUCL fine-tune, prune, analyse, export, report.
+
+  python tools/reproduce.py --output /tmp/maxnucl_repro            # the full run (~1 h, CPU)
+  python tools/reproduce.py --quick --output /tmp/maxnucl_repro_q  # every stage, tiny budget
+  python tools/reproduce.py --output DIR --stages finetune prune   # some stages (+ what they need)
+
+Each stage is cached in DIR (a rerun skips it; an interrupted one continues).  The report is
+DIR/report.md with DIR/results.json and DIR/figures/*.png; see docs/reproduction.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+from maxnucl import gin_config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from maxnucl.reproduction import stages  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      prog="python tools/reproduce.py", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Stages: " + ", ".join(stages.STAGES) + ".  See docs/reproduction.md.")
+  parser.add_argument("--output", required=True, help="directory of the run (created; reused "
+                      "by a rerun with the same settings)")
+  parser.add_argument("--quick", action="store_true",
+                      help="gin/reproduce/quick.gin: every stage on a tiny budget (minutes)")
+  parser.add_argument("--corpus", help="a local text directory instead of the standard library "
+                      "(every UTF-8 file below it; split by file)")
+  parser.add_argument("--stages", nargs="+", default=list(stages.STAGES), metavar="STAGE",
+                      help="stages to run (default: all); the stages they need run first")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="settings file (default gin/reproduce/full.gin, or quick.gin)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="a binding, e.g. \"reproduce.seeds = (0, 1)\" (repeatable)")
+  parser.add_argument("--no_report", action="store_true", help="skip report.md and the plots")
+  parser.add_argument("--publish_docs", metavar="DOCS_DIR",
+                      help="also write DOCS_DIR/reproduction.md and DOCS_DIR/figures/ from the "
+                           "report (how docs/reproduction.md is made)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                      force=True)
+  logging.getLogger("maxnucl.reproduction").setLevel(logging.INFO)
+  files = args.gin_file or ["gin/reproduce/quick.gin" if args.quick else "gin/reproduce/full.gin"]
+  try:
+    gin_config.parse(files, args.gin_param)
+    start = time.perf_counter()
+    runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
+    runner.run(args.stages)
+    if not args.no_report:
+      from maxnucl.reproduction import report  # pylint: disable=import-outside-toplevel
+      written = report.write_report(runner, wall_time_s=time.perf_counter() - start)
+      print(f"report:  {written['report']}\nresults: {written['results']}")
+      if args.publish_docs:
+        command = "python tools/reproduce.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]))
+        published = report.publish(runner.out, pathlib.Path(args.publish_docs),
+                                   command=command, wall_time_s=time.perf_counter() - start)
+        print(f"docs:    {published}")
+  except (OSError, ValueError, KeyError, stages.ReproductionError) as e:
+    print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
+    return 2
+  return 0

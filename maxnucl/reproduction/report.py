@@ -1,0 +1,570 @@
+"""Tables, verdicts and plots of a reproduction: `write_report(runner)` writes OUTPUT/results.json,
+OUTPUT/report.md and OUTPUT/figures/*.png.
+
+Every comparison that decides a finding is paired by seed: seed s of one arm and seed s of the
+other share the data order (and, after fine-tuning, the pre-trained start).  A verdict is
+  holds          the claimed direction in every seed (and, where the claim is "quality is kept",
+                 a mean change within the tolerance),
+  does not hold  the opposite direction in every seed,
+  inconclusive   anything else (mixed seeds, or fewer than two seeds).
+The rules per finding are in `VERDICT_RULES` and printed in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Optional, Sequence
+
+import numpy as np
+
+HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+# Tolerance for "quality is kept": the larger of this many nats and twice the seed spread.
+NLL_TOLERANCE = 0.02
+
+VERDICT_RULES = {
+    "nucl_finetune": "NUCL lowers summed outgoing entropy vs standard fine-tuning in every seed, "
+                     "and neither the held-out corpus NLL nor the held-out arithmetic NLL rises "
+                     "by more than max(0.02 nats, 2 x the standard runs' std of it); does not "
+                     "hold if entropy is higher in every seed or either NLL rises by more than "
+                     "3 x its tolerance.",
+    "pruning_order": "At the main ratio, held-out NLL after pruning: entropy < random and random "
+                     "< magnitude, Srinivas-Babu, Stahlberg-Byrne, each pair in every seed.",
+    "layer_subsets": "Pruning bottom half / top half / even / odd layers gives similar NLL: the "
+                     "range of the subset means is within 2 x the mean seed std, or no pair is "
+                     "ordered the same way in every seed.",
+    "nucl_then_prune": "The NLL increase from entropy pruning is smaller for the NUCL model "
+                       "than for the standard model of the same seed, in every seed.",
+    "reallocation": "FFNs concentrated in the middle layers give lower held-out NLL than "
+                    "uniform widths at equal FFN parameters, in every seed.",
+    "nucl_pretrain": "NUCL during pre-training gives lower summed outgoing entropy than plain "
+                     "pre-training in every seed (its NLL cost is reported).",
+    "diversity": "The diversity-term model's NLL increase from entropy pruning is smaller than "
+                 "the standard model's, in every seed.",
+    "supernodes": "The top 1% of channels by LP carry >= 10% of a layer's LP mass (median over "
+                  "layers and seeds; 1% if uniform), and removing them raises NLL more than "
+                  "removing as many random channels (every draw, every seed).",
+}
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+  values = [float(v) for v in values]
+  mean = float(np.mean(values))
+  return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+  """"mean ± std (n)" of `values` ("mean (n=1)" for one value)."""
+  if not values:
+    return "–"
+  mean, std = mean_std(values)
+  if std is None:
+    return f"{mean:.{digits}f} (n=1)"
+  return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})"
+
+
+def paired_direction(a: dict, b: dict) -> Optional[str]:
+  """'less' if a[s] < b[s] for every common seed s, 'greater' if > for every one, else None
+  (also with fewer than two common seeds)."""
+  seeds = sorted(set(a) & set(b))
+  if len(seeds) < 2:
+    return None
+  if all(a[s] < b[s] for s in seeds):
+    return "less"
+  if all(a[s] > b[s] for s in seeds):
+    return "greater"
+  return None
+
+
+def verdict_from(direction: Optional[str], claimed: str) -> str:
+  if direction is None:
+    return UNSURE
+  return HOLDS if direction == claimed else FAILS
+
+
+# ---- per-finding tables --------------------------------------------------------------------------
+
+def _by_seed(runs: dict, key: str) -> dict:
+  return {seed: run["final"][key] for seed, run in runs.items() if key in run["final"]}
+
+
+def finetune_table(results: dict) -> dict:
+  ft = results["finetune"]
+  rows = []
+  for key, runs in ft["runs"].items():
+    rows.append({"run": key, "seeds": len(runs),
+                 "entropy": [r["final"]["entropy"] for r in runs.values()],
+                 "nll": [r["final"]["nll"] for r in runs.values()],
+                 "arithmetic_nll": [r["final"]["arithmetic_nll"] for r in runs.values()],
+                 "accuracy_strict": [r["final"].get("accuracy_strict", math.nan)
+                                     for r in runs.values()]})
+  standard = ft["runs"]["standard"]
+  quality = ("nll", "arithmetic_nll")  # held-out corpus and fine-tuning task
+  baseline = {m: _by_seed(standard, m) for m in quality}
+  tolerance = {m: max(NLL_TOLERANCE, 2 * (mean_std(list(baseline[m].values()))[1] or 0.0))
+               for m in quality}
+  verdicts = {}
+  for variant, key in ft["main"].items():
+    runs = ft["runs"][key]
+    direction = paired_direction(_by_seed(runs, "entropy"), _by_seed(standard, "entropy"))
+    change = {m: float(np.mean([runs[s]["final"][m] - baseline[m][s]
+                                for s in runs if s in baseline[m]])) for m in quality}
+    kept = all(change[m] <= tolerance[m] for m in quality)
+    lost = any(change[m] > 3 * tolerance[m] for m in quality)
+    if direction == "less" and kept:
+      verdict = HOLDS
+    elif direction == "greater" or (direction == "less" and lost):
+      verdict = FAILS
+    else:
+      verdict = UNSURE
+    verdicts[variant] = {"verdict": verdict, "alpha_run": key, "entropy_direction": direction,
+                         "mean_nll_change": change["nll"],
+                         "mean_arithmetic_nll_change": change["arithmetic_nll"],
+                         "tolerance": tolerance["nll"],
+                         "arithmetic_tolerance": tolerance["arithmetic_nll"]}
+  return {"rows": rows, "verdicts": verdicts}
+
+
+def _rows_at(rows: list[dict], ratio: float, **match) -> list[dict]:
+  return [r for r in rows if math.isclose(r["ratio"], ratio)
+          and all(r.get(k) == v for k, v in match.items())]
+
+
+def _nll_by_seed(rows: list[dict]) -> dict:
+  return {str(r["seed"]): r["nll"] for r in rows}
+
+
+def best_method(rows: list[dict], ratio: float) -> str:
+  """The pruning method with the lowest mean NLL at `ratio` (all layers, per-layer budget)."""
+  means = {}
+  for r in _rows_at(rows, ratio, layers="all", budget="per_layer"):
+    means.setdefault(r["method"], []).append(r["nll"])
+  if not means:
+    raise ValueError(f"no pruning results at ratio {ratio}")
+  return min(means, key=lambda m: np.mean(means[m]))
+
+
+def prune_table(results: dict, ratio: float) -> dict:
+  rows = results["prune"]["rows"]
+  unpruned = _by_seed(results["finetune"]["runs"]["standard"], "nll")
+  methods = sorted({r["method"] for r in rows})
+  table = []
+  for method in methods:
+    at = _rows_at(rows, ratio, method=method, layers="all")
+    table.append({"method": method, "nll": [r["nll"] for r in at],
+                  "accuracy_strict": [r["accuracy_strict"] for r in at
+                                      if "accuracy_strict" in r]})
+  table.sort(key=lambda r: np.mean(r["nll"]))
+  sweep = {}
+  for method in methods:
+    for r in rows:
+      if r["method"] == method and r["layers"] == "all":
+        sweep.setdefault(method, {}).setdefault(r["ratio"], []).append(r["nll"])
+  pairs = {}
+  by = {m: _nll_by_seed(_rows_at(rows, ratio, method=m, layers="all")) for m in methods}
+  for better, worse in (("entropy", "random"), ("random", "magnitude"),
+                        ("random", "srinivas_babu"), ("random", "stahlberg_byrne")):
+    if better in by and worse in by:
+      pairs[f"{better} < {worse}"] = verdict_from(paired_direction(by[better], by[worse]),
+                                                  "less")
+  overall = (HOLDS if pairs and all(v == HOLDS for v in pairs.values())
+             else FAILS if pairs and all(v == FAILS for v in pairs.values()) else UNSURE)
+  return {"rows": table, "unpruned_nll": list(unpruned.values()), "sweep": sweep,
+          "pairs": pairs, "verdict": overall}
+
+
+def subsets_table(results: dict, ratio: float) -> dict:
+  rows = results["layer_subsets"]["rows"]
+  subsets = []
+  for r in rows:
+    if r["layers"] not in subsets:
+      subsets.append(r["layers"])
+  table = [{"layers": s, "nll": [r["nll"] for r in rows if r["layers"] == s],
+            "widths": next(r["ffn_widths"] for r in rows if r["layers"] == s)} for s in subsets]
+  halves = [t for t in table if t["layers"] != "all"]
+  verdict = UNSURE
+  if halves and all(len(t["nll"]) > 1 for t in halves):
+    means = [np.mean(t["nll"]) for t in halves]
+    spread = np.mean([mean_std(t["nll"])[1] for t in halves])
+    by = {t["layers"]: {str(r["seed"]): r["nll"] for r in rows if r["layers"] == t["layers"]}
+          for t in halves}
+    ordered = any(paired_direction(by[a], by[b]) is not None
+                  for a in by for b in by if a < b)
+    verdict = HOLDS if (max(means) - min(means) <= 2 * spread or not ordered) else FAILS
+  return {"rows": table, "verdict": verdict, "ratio": ratio}
+
+
+def _prune_increase(rows: list[dict], ratio: float, unpruned: dict, **match) -> dict:
+  return {str(r["seed"]): r["nll"] - unpruned[str(r["seed"])]
+          for r in _rows_at(rows, ratio, **match) if str(r["seed"]) in unpruned}
+
+
+def nucl_prune_table(results: dict, ratio: float) -> dict:
+  ft = results["finetune"]
+  standard_rows = results["prune"]["rows"]
+  std_unpruned = _by_seed(ft["runs"]["standard"], "nll")
+  std_increase = _prune_increase(standard_rows, ratio, std_unpruned, method="entropy",
+                                 layers="all")
+  table = [{"model": "standard", "increase": list(std_increase.values())}]
+  verdicts = {}
+  for variant, key in ft["main"].items():
+    unpruned = _by_seed(ft["runs"][key], "nll")
+    rows = [r for r in results["nucl_prune"]["rows"] if r["variant"] == variant]
+    increase = _prune_increase(rows, ratio, unpruned)
+    table.append({"model": f"NUCL-{variant} ({key})", "increase": list(increase.values()),
+                  "nll_after": [r["nll"] for r in _rows_at(rows, ratio)]})
+    verdicts[variant] = verdict_from(paired_direction(increase, std_increase), "less")
+  values = list(verdicts.values())
+  overall = (HOLDS if values and all(v == HOLDS for v in values)
+             else FAILS if values and all(v == FAILS for v in values) else UNSURE)
+  return {"rows": table, "verdicts": verdicts, "verdict": overall}
+
+
+def scratch_table(runs: dict, claimed_key: str, baseline_key: str, metric: str) -> dict:
+  table = [{"arm": arm, "nll": [r["final"]["nll"] for r in seeds.values()],
+            "entropy": [r["final"]["entropy"] for r in seeds.values()]}
+           for arm, seeds in runs.items()]
+  direction = paired_direction(_by_seed(runs[claimed_key], metric),
+                               _by_seed(runs[baseline_key], metric))
+  return {"rows": table, "verdict": verdict_from(direction, "less")}
+
+
+def diversity_table(results: dict, ratio: float) -> dict:
+  div = results["diversity"]
+  unpruned = _by_seed(div["runs"], "nll")
+  increase = {str(r["seed"]): r["nll"] - unpruned[str(r["seed"])] for r in div["prune_rows"]}
+  std_increase = _prune_increase(results["prune"]["rows"], ratio,
+                                 _by_seed(results["finetune"]["runs"]["standard"], "nll"),
+                                 method="entropy", layers="all")
+  return {"nll": list(unpruned.values()),
+          "entropy": [r["final"]["entropy"] for r in div["runs"].values()],
+          "increase": list(increase.values()), "standard_increase": list(std_increase.values()),
+          "verdict": verdict_from(paired_direction(increase, std_increase), "less")}
+
+
+def supernodes_table(results: dict) -> dict:
+  sn = results["supernodes"]
+  shares = [s for row in sn["rows"] for s in row["lp_share"].values() if s is not None]
+  median = float(np.median(shares)) if shares else math.nan
+  costlier = [row["nll_without_supernodes"] > max(row["nll_without_random"])
+              for row in sn["rows"]]
+  concentrated = median >= 10 * sn["fraction"]
+  if len(costlier) < 2:
+    verdict = UNSURE
+  elif concentrated and all(costlier):
+    verdict = HOLDS
+  elif not concentrated and not any(costlier):
+    verdict = FAILS
+  else:
+    verdict = UNSURE
+  return {"median_share": median, "min_share": min(shares, default=math.nan),
+          "max_share": max(shares, default=math.nan),
+          "nll": [r["nll"] for r in sn["rows"]],
+          "nll_without_supernodes": [r["nll_without_supernodes"] for r in sn["rows"]],
+          "nll_without_random": [float(np.mean(r["nll_without_random"])) for r in sn["rows"]],
+          "verdict": verdict}
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+def summarize(results: dict, ratio: float) -> dict:
+  out = {}
+  if "finetune" in results:
+    out["nucl_finetune"] = finetune_table(results)
+  if "prune" in results:
+    out["pruning_order"] = prune_table(results, ratio)
+  if "layer_subsets" in results:
+    out["layer_subsets"] = subsets_table(results, ratio)
+  if "nucl_prune" in results:
+    out["nucl_then_prune"] = nucl_prune_table(results, ratio)
+  if "reallocation" in results:
+    out["reallocation"] = scratch_table(results["reallocation"]["runs"], "middle", "uniform",
+                                        "nll")
+  if "nucl_pretrain" in results:
+    out["nucl_pretrain"] = scratch_table(results["nucl_pretrain"]["runs"], "nucl_ent",
+                                         "standard", "entropy")
+  if "diversity" in results:
+    out["diversity"] = diversity_table(results, ratio)
+  if "supernodes" in results:
+    out["supernodes"] = supernodes_table(results)
+  return out
+
+
+def _verdict_of(name: str, table: dict) -> str:
+  if "verdict" in table:
+    return table["verdict"]
+  verdicts = [v["verdict"] for v in table["verdicts"].values()]
+  return (HOLDS if all(v == HOLDS for v in verdicts)
+          else FAILS if all(v == FAILS for v in verdicts) else UNSURE)
+
+
+def write_report(runner, *, wall_time_s: float) -> dict:
+  """results.json, report.md and figures/ in the runner's output directory."""
+  out: pathlib.Path = runner.out
+  results = {stage: runner.result(stage) for stage in _finished(runner)}
+  config = runner.config
+  summary = summarize(results, config.prune_ratio)
+  data = {"settings": json.loads((out / "settings.json").read_text()),
+          "wall_time_s": {"this_invocation": wall_time_s,
+                          "stages": {s: r.get("wall_time_s") for s, r in results.items()}},
+          "summary": summary, "stages": results}
+  figures = plot_figures(results, summary, out / "figures")
+  (out / "results.json").write_text(json.dumps(data, indent=1))
+  (out / "report.md").write_text(markdown(results, summary, config, figures,
+                                          relative_to=out))
+  return {"report": out / "report.md", "results": out / "results.json", "figures": figures}
+
+
+def _finished(runner) -> list[str]:
+  from maxnucl.reproduction.stages import STAGES  # pylint: disable=import-outside-toplevel
+  return [s for s in STAGES if runner.stage_path(s).exists()]
+
+
+def markdown(results: dict, summary: dict, config, figures: dict, *,
+             relative_to: pathlib.Path) -> str:
+  ratio = config.prune_ratio
+  lines = ["# Small-scale reproduction: report", ""]
+  if "data" in results:
+    d = results["data"]
+    lines += [f"Corpus: `{d['corpus_root']}`, {len(d['files'])} files "
+              f"(sha256 of their hashes `{d['files_sha256'][:16]}…`); "
+              + ", ".join(f"{s}: {v['files']} files / {v['bytes']:,} bytes"
+                          for s, v in d["splits"].items())
+              + f". SentencePiece vocabulary of {d['vocab_size']}, rows of "
+              f"{d['tokens_per_row']} tokens. Model: {config.model}. Seeds: {list(config.seeds)}.",
+              ""]
+  lines += ["## Verdicts", "", "| finding | verdict | rule |", "|---|---|---|"]
+  for name, table in summary.items():
+    lines.append(f"| {name} | **{_verdict_of(name, table)}** | {VERDICT_RULES[name]} |")
+  lines.append("")
+  if "pretrain" in results:
+    final = results["pretrain"]["run"]["final"]
+    lines += ["## Pre-training", "",
+              f"{config.pretrain_steps} steps: held-out corpus NLL {final['nll']:.3f} "
+              f"(perplexity {math.exp(final['nll']):.1f}), summed outgoing entropy "
+              f"{final['entropy']:.1f}.", ""]
+  if "nucl_finetune" in summary:
+    t = summary["nucl_finetune"]
+    lines += ["## NUCL vs standard fine-tuning (NUCL paper, Fig. 2–3)", "",
+              "| run (variant@alpha) | summed outgoing entropy | held-out corpus NLL | "
+              "arithmetic NLL | arithmetic accuracy (strict, %) |", "|---|---|---|---|---|"]
+    for r in t["rows"]:
+      lines.append(f"| {r['run']} | {fmt(r['entropy'], 1)} | {fmt(r['nll'])} | "
+                   f"{fmt(r['arithmetic_nll'])} | {fmt(r['accuracy_strict'], 1)} |")
+    lines += ["", "Per variant (first alpha, paired by seed): " + "; ".join(
+        f"{v}: {x['verdict']} (entropy {x['entropy_direction'] or 'mixed'} than standard; mean "
+        f"change of corpus NLL {x['mean_nll_change']:+.3f} (tolerance {x['tolerance']:.3f}), "
+        f"of arithmetic NLL {x['mean_arithmetic_nll_change']:+.3f} (tolerance "
+        f"{x['arithmetic_tolerance']:.3f}))"
+        for v, x in t["verdicts"].items()), ""]
+  if "pruning_order" in summary:
+    t = summary["pruning_order"]
+    lines += [f"## Pruning {ratio:.0%} of every FFN (NUCL paper, Table 4)", "",
+              f"Unpruned (standard fine-tuned): NLL {fmt(t['unpruned_nll'])}.", "",
+              "| method | held-out NLL | arithmetic accuracy (strict, %) |", "|---|---|---|"]
+    for r in t["rows"]:
+      lines.append(f"| {r['method']} | {fmt(r['nll'])} | {fmt(r['accuracy_strict'], 1)} |")
+    lines += ["", "Ordering (paired by seed): " + "; ".join(
+        f"{k}: {v}" for k, v in t["pairs"].items()), "", "Sweep (mean NLL by ratio):", "",
+              "| method | " + " | ".join(f"{x:.0%}" for x in sorted(
+                  {x for s in t["sweep"].values() for x in s})) + " |",
+              "|---|" + "---|" * len({x for s in t["sweep"].values() for x in s})]
+    ratios = sorted({x for s in t["sweep"].values() for x in s})
+    for method, by_ratio in sorted(t["sweep"].items()):
+      lines.append(f"| {method} | " + " | ".join(
+          f"{np.mean(by_ratio[x]):.3f}" if x in by_ratio else "–" for x in ratios) + " |")
+    lines.append("")
+  if "layer_subsets" in summary:
+    t = summary["layer_subsets"]
+    lines += [f"## Entropy pruning of half the layers at {ratio:.0%} (Table 5)", "",
+              "| layers | FFN widths after | held-out NLL |", "|---|---|---|"]
+    lines += [f"| {r['layers']} | {r['widths']} | {fmt(r['nll'])} |" for r in t["rows"]]
+    lines.append("")
+  if "nucl_then_prune" in summary:
+    t = summary["nucl_then_prune"]
+    lines += [f"## NUCL, then entropy pruning at {ratio:.0%}", "",
+              "| model | NLL increase from pruning |", "|---|---|"]
+    lines += [f"| {r['model']} | {fmt(r['increase'])} |" for r in t["rows"]]
+    lines += ["", "Per variant: " + "; ".join(f"{k}: {v}" for k, v in t["verdicts"].items()), ""]
+  if "reallocation" in summary:
+    widths = results["reallocation"]["widths"]
+    lines += _scratch_lines(
+        "FFN reallocation (layerwise FFN importance), from scratch",
+        f"Equal FFN parameters: uniform {widths['uniform']} vs middle {widths['middle']}; "
+        f"{config.scratch_steps} steps.", "widths", summary["reallocation"]["rows"])
+  if "nucl_pretrain" in summary:
+    lines += _scratch_lines(
+        f"NUCL during pre-training (nucl_ent, alpha {results['nucl_pretrain']['alpha']:g}), "
+        f"from scratch", f"{config.scratch_steps} steps; standard = the uniform runs above.",
+        "pre-training", summary["nucl_pretrain"]["rows"])
+  if "diversity" in summary:
+    t = summary["diversity"]
+    lines += [f"## Inter-neuron diversity term (nucl_diversity, alpha "
+              f"{results['diversity']['alpha']:g})", "",
+              f"Fine-tuned: NLL {fmt(t['nll'])}, entropy {fmt(t['entropy'], 1)}; NLL increase "
+              f"from entropy pruning at {ratio:.0%}: {fmt(t['increase'])} (standard: "
+              f"{fmt(t['standard_increase'])}).", ""]
+  if "supernodes" in summary:
+    t = summary["supernodes"]
+    lines += [f"## Supernodes (top {results['supernodes']['fraction']:.0%} of channels by LP)",
+              "", f"Share of a layer's LP mass: median {t['median_share']:.1%} (range "
+              f"{t['min_share']:.1%}–{t['max_share']:.1%}).", "",
+              "| model | NLL | without supernodes | without as many random channels |",
+              "|---|---|---|---|",
+              f"| standard fine-tuned | {fmt(t['nll'])} | {fmt(t['nll_without_supernodes'])} | "
+              f"{fmt(t['nll_without_random'])} |", ""]
+  if "export" in results:
+    e = results["export"]
+    lines += ["## Re-export to Hugging Face", "",
+              f"Best method at {ratio:.0%}: {e['method']}, global budget: per-layer widths "
+              f"{e['ffn_widths']}.", "", "| export | parameters | max |logit difference| |",
+              "|---|---|---|"]
+    lines += [f"| {m} | {x['hf_parameters']:,} | {x['max_abs_logit_diff']:.2e} |"
+              for m, x in e["exports"].items()]
+    lines.append("")
+  if figures:
+    lines += ["## Figures", ""]
+    lines += [f"![{name}]({path.relative_to(relative_to).as_posix()})"
+              for name, path in figures.items()]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _scratch_lines(title: str, intro: str, first_column: str, rows: list[dict]) -> list[str]:
+  return ([f"## {title}", "", intro, "",
+           f"| {first_column} | held-out NLL | summed outgoing entropy |", "|---|---|---|"]
+          + [f"| {r['arm']} | {fmt(r['nll'])} | {fmt(r['entropy'], 1)} |" for r in rows] + [""])
+
+
+def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  directory.mkdir(parents=True, exist_ok=True)
+  written = {}
+  if "finetune" in results:
+    ft = results["finetune"]
+    arms = {"standard": "standard", **{f"NUCL-{v}": k for v, k in ft["main"].items()}}
+    seed = sorted(ft["runs"]["standard"])[0]
+    layers = len(ft["runs"]["standard"][seed]["curve"][0]["entropy_per_layer"])
+    fig, axes = plt.subplots(1, layers, figsize=(2.6 * layers, 2.8), squeeze=False)
+    for label, key in arms.items():
+      curve = ft["runs"][key][seed]["curve"]
+      for i in range(layers):
+        axes[0][i].plot([p["step"] for p in curve], [p["entropy_per_layer"][i] for p in curve],
+                        marker="o", label=label)
+    for i in range(layers):
+      axes[0][i].set_title(f"layer {i}")
+      axes[0][i].set_xlabel("step")
+    axes[0][0].set_ylabel("summed outgoing entropy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    written["entropy per layer over fine-tuning"] = _save(fig, directory / "entropy_layers.png")
+    metrics = {"nll": "held-out corpus NLL", "arithmetic_nll": "held-out arithmetic NLL",
+               "accuracy_strict": "arithmetic accuracy (strict, %)"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for label, key in arms.items():
+      for ax, metric in zip(axes, metrics):
+        for s, run in ft["runs"][key].items():
+          points = [p for p in run["curve"] if metric in p]
+          ax.plot([p["step"] for p in points], [p[metric] for p in points],
+                  color=f"C{list(arms).index(label)}", alpha=0.8,
+                  label=label if s == seed else None)
+    for ax, title in zip(axes, metrics.values()):
+      ax.set_ylabel(title)
+      ax.set_xlabel("fine-tuning step")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    written["quality over fine-tuning"] = _save(fig, directory / "quality_curves.png")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in summary["nucl_finetune"]["rows"]:
+      ax.scatter(np.mean(r["entropy"]), np.mean(r["nll"]), s=12)
+      ax.annotate(r["run"], (np.mean(r["entropy"]), np.mean(r["nll"])), fontsize=6)
+    ax.set_xlabel("summed outgoing entropy")
+    ax.set_ylabel("held-out corpus NLL")
+    fig.tight_layout()
+    written["alpha sweep: entropy vs NLL"] = _save(fig, directory / "alpha_sweep.png")
+  if "pruning_order" in summary:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, by_ratio in sorted(summary["pruning_order"]["sweep"].items()):
+      ratios = sorted(by_ratio)
+      ax.errorbar(ratios, [np.mean(by_ratio[x]) for x in ratios],
+                  yerr=[mean_std(by_ratio[x])[1] or 0 for x in ratios], marker="o", label=method,
+                  capsize=2)
+    ax.set_xlabel("fraction of FFN neurons removed")
+    ax.set_ylabel("held-out corpus NLL")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written["pruning sweep"] = _save(fig, directory / "pruning_sweep.png")
+  if "supernodes" in results:
+    rows = results["supernodes"]["rows"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for row in rows:
+      names = list(row["lp_share"])
+      ax.plot(range(len(names)), [row["lp_share"][n] for n in names], marker="o",
+              label=f"seed {row['seed']}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("LP share of the top channels")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written["supernode LP share"] = _save(fig, directory / "supernodes.png")
+  return written
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+  fig.savefig(path, dpi=110)
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt.close(fig)
+  return path
+
+
+def machine() -> str:
+  """One line naming this machine: CPU model and count, memory, Python, jax and its backend."""
+  import os  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  try:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    memory_text = f", {memory:.0f} GiB RAM"
+  except (ValueError, OSError, AttributeError):
+    memory_text = ""
+  devices = jax.devices()
+  return (f"{os.cpu_count()} x {cpu}{memory_text}; Python {platform.python_version()}, jax "
+          f"{jax.__version__} on {devices[0].platform} ({len(devices)} device(s))")
+
+
+def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str,
+            wall_time_s: Optional[float] = None) -> pathlib.Path:
+  """docs_dir/reproduction.md from OUT/report.md (figures copied to docs_dir/figures/ with a
+  `reproduction_` prefix), headed by the command, the machine and the wall time."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  results = json.loads((out / "results.json").read_text())
+  stages_time = sum(t for t in results["wall_time_s"]["stages"].values() if t)
+  text = (out / "report.md").read_text()
+  figures = docs_dir / "figures"
+  figures.mkdir(parents=True, exist_ok=True)
+  for png in sorted((out / "figures").glob("*.png")):
+    shutil.copyfile(png, figures / f"reproduction_{png.name}")
+    text = text.replace(f"(figures/{png.name})", f"(figures/reproduction_{png.name})")
+  body = text.split("\n", 1)[1]
+  header = ["# Small-scale reproduction of the papers' findings", "",
+            "Produced by:", "", "```", command, "```", "",
+            f"Machine: {machine()}.", "",
+            f"Wall time: {stages_time / 60:.0f} min summed over the stages"
+            + (f" ({wall_time_s / 60:.0f} min for the invocation that finished it)"
+               if wall_time_s else "") + ".", "",
+            "What each stage does, the verdict rules and how to read the tables: "
+            "[the reproduction guide](reproduction-guide.md).", ""]
+  path = docs_dir / "reproduction.md"
+  path.write_text("\n".join(header) + body)
+  return path

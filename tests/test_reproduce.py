@@ -1,0 +1,156 @@
+"""tools/reproduce.py --quick: every stage runs through the real command line and leaves finite
+results, a report and plots; a rerun skips finished stages."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from maxnucl.reproduction import stages
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _reproduce(*args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(REPO / "tools" / "reproduce.py"), *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  output = tmp_path_factory.mktemp("reproduce") / "quick"
+  done = _reproduce("--quick", "--output", str(output))
+  assert done.returncode == 0, done.stderr[-3000:]
+  return output, done
+
+
+def _numbers(value, path=""):
+  if isinstance(value, bool):
+    return
+  if isinstance(value, (int, float)):
+    yield path, value
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      yield from _numbers(v, f"{path}/{k}")
+  elif isinstance(value, list):
+    for i, v in enumerate(value):
+      yield from _numbers(v, f"{path}[{i}]")
+
+
+def test_every_stage_leaves_finite_results(quick_run):
+  output, done = quick_run
+  results = json.loads((output / "results.json").read_text())
+  assert set(results["stages"]) == set(stages.STAGES)
+  for stage in stages.STAGES:
+    assert (output / "stages" / f"{stage}.json").is_file()
+  bad = [p for p, v in _numbers(results) if not math.isfinite(v)]
+  assert not bad, bad[:10]
+  s = results["stages"]
+  # what each stage must have produced
+  assert s["data"]["splits"]["train"]["files"] > 0 and s["data"]["files_sha256"]
+  assert all(f["sha256"] and f["split"] in ("train", "finetune", "validation", "test")
+             for f in s["data"]["files"])
+  assert s["pretrain"]["run"]["final"]["nll"] > 0
+  assert set(s["finetune"]["runs"]) == {"standard", "ent@0.0003", "ent@0.001", "gini@0.02",
+                                        "mstd@0.05"}
+  standard = s["finetune"]["runs"]["standard"]
+  assert set(standard) == {"0", "1"}
+  assert len(standard["0"]["curve"]) == 2 and "accuracy_strict" in standard["0"]["final"]
+  methods = {r["method"] for r in s["prune"]["rows"]}
+  assert methods == {"entropy", "random", "magnitude", "srinivas_babu", "stahlberg_byrne",
+                     "wanda_channel", "flap", "lp", "scar_prot"}
+  for row in s["prune"]["rows"]:  # the pruned checkpoints really are smaller
+    assert sum(row["ffn_widths"]) == round(4 * 128 * (1 - row["ratio"]))
+  assert {r["layers"] for r in s["layer_subsets"]["rows"]} == {"all", "bottom_half", "even"}
+  assert {r["variant"] for r in s["nucl_prune"]["rows"]} == {"ent", "gini", "mstd"}
+  widths = s["reallocation"]["widths"]
+  assert sum(widths["middle"]) == sum(widths["uniform"]) and 0 in widths["middle"]
+  assert set(s["nucl_pretrain"]["runs"]) == {"standard", "nucl_ent"}
+  assert len(s["diversity"]["prune_rows"]) == 2
+  assert all(0 < share <= 1 for row in s["supernodes"]["rows"]
+             for share in row["lp_share"].values())
+  export = s["export"]
+  assert len(set(export["ffn_widths"])) > 1  # a global budget: per-layer widths
+  for mode in ("pad", "custom_code"):
+    assert export["exports"][mode]["max_abs_logit_diff"] < 1e-4
+  assert (export["exports"]["custom_code"]["hf_parameters"]
+          < export["exports"]["pad"]["hf_parameters"])
+  # every finding has a verdict
+  assert {v.get("verdict") for v in results["summary"].values()} <= {
+      "holds", "does not hold", "inconclusive", None}
+  assert f"report:  {output / 'report.md'}" in done.stdout
+
+
+def test_report_and_plots(quick_run):
+  output, _ = quick_run
+  text = (output / "report.md").read_text()
+  for heading in ("## Verdicts", "## NUCL vs standard fine-tuning", "## Pruning 25%",
+                  "## Entropy pruning of half the layers", "## NUCL, then entropy pruning",
+                  "## FFN reallocation", "## NUCL during pre-training",
+                  "## Inter-neuron diversity term", "## Supernodes",
+                  "## Re-export to Hugging Face"):
+    assert heading in text
+  assert "± " in text and "(n=2)" in text
+  pngs = sorted((output / "figures").glob("*.png"))
+  assert len(pngs) >= 5
+  for png in pngs:
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"(figures/{png.name})" in text
+
+
+def test_rerun_skips_finished_stages_and_redoes_a_missing_one(quick_run):
+  output, _ = quick_run
+  stage_files = {p: p.stat().st_mtime_ns for p in (output / "stages").glob("*.json")}
+  logs = {p: p.stat().st_size for p in (output / "runs").glob("*/train.log")}
+  (output / "stages" / "supernodes.json").unlink()
+  done = _reproduce("--quick", "--output", str(output), "--stages", "supernodes", "export")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "stage supernodes: running" in done.stderr
+  assert "stage export: running" not in done.stderr
+  for path, mtime in stage_files.items():
+    if path.name != "supernodes.json":
+      assert path.stat().st_mtime_ns == mtime, path
+  assert (output / "stages" / "supernodes.json").exists()
+  assert {p: p.stat().st_size for p in (output / "runs").glob("*/train.log")} == logs
+
+
+def test_changed_settings_and_unknown_stages_are_refused(quick_run, tmp_path):
+  output, _ = quick_run
+  done = _reproduce("--quick", "--output", str(output), "--gin_param",
+                    "reproduce.finetune_steps = 9", "--no_report")
+  assert done.returncode == 2
+  assert "other settings (differing: ['finetune_steps'])" in done.stderr
+  done = _reproduce("--quick", "--output", str(tmp_path / "x"), "--stages", "pruning")
+  assert done.returncode == 2
+  assert "unknown stages ['pruning']" in done.stderr
+
+
+def test_a_given_corpus_directory_is_split_tokenized_and_cached(tmp_path, monkeypatch):
+  """--corpus: every UTF-8 file below the directory, whatever its suffix."""
+  rng = __import__("random").Random(0)
+  words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+           for _ in range(400)]
+  root = tmp_path / "texts"
+  for i in range(120):
+    path = root / f"part{i % 4}" / f"doc_{i}{['.txt', '.md', ''][i % 3]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12))
+                              for _ in range(20)) + "\n")
+  (root / "blob.bin").write_bytes(bytes(range(256)) * 4)  # not UTF-8: left out
+  monkeypatch.delenv("MAXNUCL_TEXT_CORPUS", raising=False)
+  config = stages.Settings(corpus_max_split_bytes={}, vocab_size=384, seq_len=32)
+  runner = stages.Reproduction(tmp_path / "out", config, corpus_root=root, progress=False)
+  data = runner.run(["data"])["data"]
+  assert data["corpus_root"] == str(root)
+  assert len(data["files"]) == 120 and data["skipped"] == 1
+  assert {f["path"].rsplit(".", 1)[-1] for f in data["files"]} >= {"txt", "md"}
+  assert all(data["rows"][name] > 0 for name in data["rows"])
+  assert (tmp_path / "out" / "data" / "vocab" / "sp.model").is_file()
+  # the recorded settings name the corpus; another corpus in the same output is refused
+  with pytest.raises(stages.ReproductionError, match="differing: \\['corpus_root'\\]"):
+    stages.Reproduction(tmp_path / "out", config, corpus_root=tmp_path, progress=False)

@@ -1,0 +1,137 @@
+"""The reproduction report's statistics and verdict rules, on constructed results."""
+
+import math
+
+import numpy as np
+import pytest
+
+from maxnucl.reproduction import report
+
+
+def _run(**final):
+  return {"final": final, "curve": []}
+
+
+def test_mean_and_sample_std_and_their_format():
+  assert report.mean_std([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1.0))
+  assert report.mean_std([4.0]) == (4.0, None)
+  assert report.fmt([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00 (n=3)"
+  assert report.fmt([4.0], 1) == "4.0 (n=1)"
+  assert report.fmt([]) == "–"
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ({"0": 1, "1": 2}, {"0": 2, "1": 3}, "less"),
+    ({"0": 3, "1": 4}, {"0": 2, "1": 3}, "greater"),
+    ({"0": 1, "1": 4}, {"0": 2, "1": 3}, None),    # mixed
+    ({"0": 1}, {"0": 2}, None),                    # one seed decides nothing
+    ({"0": 1, "1": 2, "2": 0}, {"0": 2, "1": 3}, "less"),  # only common seeds are compared
+])
+def test_paired_direction(a, b, expected):
+  assert report.paired_direction(a, b) == expected
+
+
+def _finetune(nucl_entropy, nucl_nll, std_nll=(3.0, 3.01, 3.02), nucl_arithmetic=2.0):
+  standard = {str(s): _run(entropy=100.0, nll=n, arithmetic_nll=2.0)
+              for s, n in enumerate(std_nll)}
+  nucl = {str(s): _run(entropy=e, nll=n, arithmetic_nll=nucl_arithmetic)
+          for s, (e, n) in enumerate(zip(nucl_entropy, nucl_nll))}
+  return {"finetune": {"runs": {"standard": standard, "ent@1": nucl}, "main": {"ent": "ent@1"}}}
+
+
+def test_nucl_finetune_verdicts():
+  holds = report.finetune_table(_finetune((90, 91, 92), (3.0, 3.02, 3.03)))
+  assert holds["verdicts"]["ent"]["verdict"] == report.HOLDS
+  # the tolerance is max(0.02, 2 x the standard seeds' std = 0.02)
+  assert holds["verdicts"]["ent"]["tolerance"] == pytest.approx(0.02)
+  higher_entropy = report.finetune_table(_finetune((101, 102, 103), (3.0, 3.01, 3.02)))
+  assert higher_entropy["verdicts"]["ent"]["verdict"] == report.FAILS
+  much_worse = report.finetune_table(_finetune((90, 91, 92), (3.2, 3.2, 3.2)))
+  assert much_worse["verdicts"]["ent"]["verdict"] == report.FAILS
+  somewhat_worse = report.finetune_table(_finetune((90, 91, 92), (3.04, 3.05, 3.06)))
+  assert somewhat_worse["verdicts"]["ent"]["verdict"] == report.UNSURE
+  mixed = report.finetune_table(_finetune((90, 101, 92), (3.0, 3.01, 3.02)))
+  assert mixed["verdicts"]["ent"]["verdict"] == report.UNSURE
+  # the fine-tuning task's quality counts too
+  task_lost = report.finetune_table(_finetune((90, 91, 92), (3.0, 3.01, 3.02),
+                                              nucl_arithmetic=2.1))
+  assert task_lost["verdicts"]["ent"]["verdict"] == report.FAILS
+  assert task_lost["verdicts"]["ent"]["mean_arithmetic_nll_change"] == pytest.approx(0.1)
+  task_slightly_worse = report.finetune_table(_finetune((90, 91, 92), (3.0, 3.01, 3.02),
+                                                        nucl_arithmetic=2.03))
+  assert task_slightly_worse["verdicts"]["ent"]["verdict"] == report.UNSURE
+
+
+def _prune_rows(nll_by_method, ratio=0.25):
+  return [{"method": m, "ratio": ratio, "layers": "all", "budget": "per_layer", "seed": s,
+           "nll": v, "ffn_widths": [3]} for m, values in nll_by_method.items()
+          for s, v in enumerate(values)]
+
+
+def _pruned_results(nll_by_method):
+  results = _finetune((90, 91), (3.0, 3.0), std_nll=(3.0, 3.0))
+  results["prune"] = {"rows": _prune_rows(nll_by_method)}
+  return results
+
+
+def test_pruning_order_the_papers_and_the_reverse():
+  paper = {"entropy": (3.1, 3.2), "random": (3.5, 3.6), "magnitude": (4.0, 4.1),
+           "srinivas_babu": (4.2, 4.0), "stahlberg_byrne": (3.9, 3.7)}
+  table = report.prune_table(_pruned_results(paper), 0.25)
+  assert table["verdict"] == report.HOLDS
+  assert [r["method"] for r in table["rows"]] == ["entropy", "random", "stahlberg_byrne",
+                                                   "magnitude", "srinivas_babu"]
+  reverse = {m: tuple(10 - v for v in values) for m, values in paper.items()}
+  assert report.prune_table(_pruned_results(reverse), 0.25)["verdict"] == report.FAILS
+  mixed = dict(paper, entropy=(3.1, 3.9))
+  table = report.prune_table(_pruned_results(mixed), 0.25)
+  assert table["pairs"]["entropy < random"] == report.UNSURE
+  assert table["verdict"] == report.UNSURE
+  assert report.best_method(_prune_rows(paper), 0.25) == "entropy"
+  with pytest.raises(ValueError, match="no pruning results at ratio 0.5"):
+    report.best_method(_prune_rows(paper), 0.5)
+
+
+def test_nucl_then_prune_compares_the_increase_from_pruning():
+  results = _finetune((90, 91), (3.5, 3.6), std_nll=(3.0, 3.0))
+  results["prune"] = {"rows": _prune_rows({"entropy": (3.4, 3.5)})}   # standard: +0.4, +0.5
+  results["nucl_prune"] = {"rows": [dict(r, variant="ent") for r in
+                                    _prune_rows({"entropy": (3.6, 3.7)})]}  # NUCL: +0.1, +0.1
+  table = report.nucl_prune_table(results, 0.25)
+  assert table["verdicts"] == {"ent": report.HOLDS}
+  assert table["rows"][1]["increase"] == pytest.approx([0.1, 0.1])
+
+
+def test_supernode_verdict_needs_concentration_and_costlier_removal():
+  def results(share, without, random):
+    return {"supernodes": {"fraction": 0.01, "rows": [
+        {"seed": s, "lp_share": {"layers_0": share, "layers_1": share}, "nll": 3.0,
+         "nll_without_supernodes": without, "nll_without_random": [random, random]}
+        for s in range(2)]}}
+  assert report.supernodes_table(results(0.5, 4.0, 3.1))["verdict"] == report.HOLDS
+  assert report.supernodes_table(results(0.02, 3.05, 3.1))["verdict"] == report.FAILS
+  assert report.supernodes_table(results(0.5, 3.05, 3.1))["verdict"] == report.UNSURE
+  table = report.supernodes_table(results(0.5, 4.0, 3.1))
+  assert table["median_share"] == 0.5 and not math.isnan(table["min_share"])
+
+
+def test_layer_subsets_similar_or_not():
+  def rows(means):
+    return {"layer_subsets": {"rows": [
+        {"layers": subset, "seed": s, "nll": m + d, "ffn_widths": [1]}
+        for subset, m in means.items() for s, d in enumerate((-0.05, 0.0, 0.05))]}}
+  similar = report.subsets_table(rows({"all": 3.0, "bottom_half": 3.0, "top_half": 3.01}), 0.25)
+  assert similar["verdict"] == report.HOLDS
+  apart = report.subsets_table(rows({"bottom_half": 3.0, "top_half": 4.0}), 0.25)
+  assert apart["verdict"] == report.FAILS
+
+
+def test_scratch_comparisons_are_paired_by_seed():
+  runs = {"uniform": {"0": _run(nll=3.0, entropy=9), "1": _run(nll=3.2, entropy=9)},
+          "middle": {"0": _run(nll=2.9, entropy=9), "1": _run(nll=3.1, entropy=9)}}
+  assert report.scratch_table(runs, "middle", "uniform", "nll")["verdict"] == report.HOLDS
+  # lower on average but not in every seed
+  runs["middle"]["1"] = _run(nll=3.3, entropy=9)
+  runs["middle"]["0"] = _run(nll=2.0, entropy=9)
+  assert np.mean([r["final"]["nll"] for r in runs["middle"].values()]) < 3.1
+  assert report.scratch_table(runs, "middle", "uniform", "nll")["verdict"] == report.UNSURE
