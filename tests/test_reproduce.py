@@ -154,3 +154,37 @@ def test_a_given_corpus_directory_is_split_tokenized_and_cached(tmp_path, monkey
   # the recorded settings name the corpus; another corpus in the same output is refused
   with pytest.raises(stages.ReproductionError, match="differing: \\['corpus_root'\\]"):
     stages.Reproduction(tmp_path / "out", config, corpus_root=tmp_path, progress=False)
+
+
+def test_an_interrupted_run_stops_its_training_child_and_continues(tmp_path):
+  """SIGTERM while the pre-training runs: the tool exits 143 and its training subprocess with it;
+  the rerun resumes that training from its last checkpoint instead of starting over."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "out"
+  args = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--quick", "--output",
+          str(output), "--stages", "pretrain", "--no_report"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  tool = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  first = output / "runs" / "pretrain" / "checkpoints" / "15"
+  deadline = time.time() + 300
+  while not first.exists() and time.time() < deadline and tool.poll() is None:
+    time.sleep(0.2)
+  assert first.exists(), tool.communicate()[1][-3000:]
+  tool.send_signal(signal.SIGTERM)
+  _, err = tool.communicate(timeout=120)
+  assert tool.returncode == 143, err[-3000:]
+  log = (output / "runs" / "pretrain" / "train.log").read_text()
+  assert "finished at step" not in log
+  assert not (output / "stages" / "pretrain.json").exists()
+  time.sleep(1)  # the killed trainer wrote nothing more after the tool exited
+  checkpoints = sorted(p.name for p in (output / "runs" / "pretrain" / "checkpoints").iterdir())
+  time.sleep(2)
+  assert sorted(p.name for p in (output / "runs" / "pretrain" / "checkpoints").iterdir()) \
+      == checkpoints
+  done = _reproduce("--quick", "--output", str(output), "--stages", "pretrain", "--no_report")
+  assert done.returncode == 0, done.stderr[-3000:]
+  log = (output / "runs" / "pretrain" / "train.log").read_text()
+  assert "resumed from step 15" in log and "finished at step 30" in log
+  assert (output / "stages" / "pretrain.json").exists()

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from maxnucl import gin_config
+from maxnucl import gin_config, outputs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -47,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                       force=True)
   logging.getLogger("maxnucl.reproduction").setLevel(logging.INFO)
+  outputs.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the running training run is stopped
   files = args.gin_file or ["gin/reproduce/quick.gin" if args.quick else "gin/reproduce/full.gin"]
   try:
     gin_config.parse(files, args.gin_param)
@@ -60,8 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if args.publish_docs:
         command = "python tools/reproduce.py " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:]))
-        published = report.publish(runner.out, pathlib.Path(args.publish_docs),
-                                   command=command, wall_time_s=time.perf_counter() - start)
+        published = report.publish(runner.out, pathlib.Path(args.publish_docs), command=command)
         print(f"docs:    {published}")
   except (OSError, ValueError, KeyError, stages.ReproductionError) as e:
     print(f"error: {gin_config.error_message(e)}", file=sys.stderr)

@@ -543,8 +543,7 @@ def machine() -> str:
           f"{jax.__version__} on {devices[0].platform} ({len(devices)} device(s))")
 
 
-def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str,
-            wall_time_s: Optional[float] = None) -> pathlib.Path:
+def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str) -> pathlib.Path:
   """docs_dir/reproduction.md from OUT/report.md (figures copied to docs_dir/figures/ with a
   `reproduction_` prefix), headed by the command, the machine and the wall time."""
   import shutil  # pylint: disable=import-outside-toplevel
@@ -560,9 +559,8 @@ def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str,
   header = ["# Small-scale reproduction of the papers' findings", "",
             "Produced by:", "", "```", command, "```", "",
             f"Machine: {machine()}.", "",
-            f"Wall time: {stages_time / 60:.0f} min summed over the stages"
-            + (f" ({wall_time_s / 60:.0f} min for the invocation that finished it)"
-               if wall_time_s else "") + ".", "",
+            f"Wall time: {stages_time / 60:.0f} min, the sum of the stages' times (per stage: "
+            f"results.json, `wall_time_s.stages`).", "",
             "What each stage does, the verdict rules and how to read the tables: "
             "[the reproduction guide](reproduction-guide.md).", ""]
   path = docs_dir / "reproduction.md"
