@@ -294,11 +294,15 @@ def summarize(results: dict, ratio: float) -> dict:
 
 
 def _verdict_of(name: str, table: dict) -> str:
+  """The finding's verdict; per variant (or compared pair) where they disagree."""
+  del name
+  per_variant = {k: v if isinstance(v, str) else v["verdict"]
+                 for k, v in (table.get("verdicts") or table.get("pairs") or {}).items()}
+  if per_variant and len(set(per_variant.values())) > 1:
+    return ", ".join(f"{k}: **{v}**" for k, v in per_variant.items())
   if "verdict" in table:
-    return table["verdict"]
-  verdicts = [v["verdict"] for v in table["verdicts"].values()]
-  return (HOLDS if all(v == HOLDS for v in verdicts)
-          else FAILS if all(v == FAILS for v in verdicts) else UNSURE)
+    return f"**{table['verdict']}**"
+  return f"**{next(iter(per_variant.values()))}**"
 
 
 def write_report(runner, *, wall_time_s: float) -> dict:
@@ -338,7 +342,7 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
               ""]
   lines += ["## Verdicts", "", "| finding | verdict | rule |", "|---|---|---|"]
   for name, table in summary.items():
-    lines.append(f"| {name} | **{_verdict_of(name, table)}** | {VERDICT_RULES[name]} |")
+    lines.append(f"| {name} | {_verdict_of(name, table)} | {VERDICT_RULES[name]} |")
   lines.append("")
   if "pretrain" in results:
     final = results["pretrain"]["run"]["final"]
@@ -449,10 +453,13 @@ def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
     ft = results["finetune"]
     arms = {"standard": "standard", **{f"NUCL-{v}": k for v, k in ft["main"].items()}}
     seed = sorted(ft["runs"]["standard"])[0]
+    # every fine-tune starts at the pre-trained model: its evaluation is step 0 of the curves
+    start = [{"step": 0, **results["pretrain"]["run"]["final"]}] if "pretrain" in results else []
+    curve_of = lambda key, s: start + ft["runs"][key][s]["curve"]
     layers = len(ft["runs"]["standard"][seed]["curve"][0]["entropy_per_layer"])
     fig, axes = plt.subplots(1, layers, figsize=(2.6 * layers, 2.8), squeeze=False)
     for label, key in arms.items():
-      curve = ft["runs"][key][seed]["curve"]
+      curve = curve_of(key, seed)
       for i in range(layers):
         axes[0][i].plot([p["step"] for p in curve], [p["entropy_per_layer"][i] for p in curve],
                         marker="o", label=label)
@@ -468,8 +475,8 @@ def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for label, key in arms.items():
       for ax, metric in zip(axes, metrics):
-        for s, run in ft["runs"][key].items():
-          points = [p for p in run["curve"] if metric in p]
+        for s in ft["runs"][key]:
+          points = [p for p in curve_of(key, s) if metric in p]
           ax.plot([p["step"] for p in points], [p[metric] for p in points],
                   color=f"C{list(arms).index(label)}", alpha=0.8,
                   label=label if s == seed else None)
@@ -494,9 +501,11 @@ def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
       ax.errorbar(ratios, [np.mean(by_ratio[x]) for x in ratios],
                   yerr=[mean_std(by_ratio[x])[1] or 0 for x in ratios], marker="o", label=method,
                   capsize=2)
+    unpruned = summary["pruning_order"]["unpruned_nll"]
+    if unpruned:
+      ax.axhline(float(np.mean(unpruned)), color="black", linestyle=":", label="unpruned")
     ax.set_xlabel("fraction of FFN neurons removed")
     ax.set_ylabel("held-out corpus NLL")
-    ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
     written["pruning sweep"] = _save(fig, directory / "pruning_sweep.png")
