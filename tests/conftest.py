@@ -19,8 +19,10 @@ FIXTURE_DATA = pathlib.Path(__file__).parent / "fixtures" / "data"
 
 
 def _read_datasets_from(directory, monkeypatch):
-  from maxnucl.data import sources  # pylint: disable=import-outside-toplevel
+  from maxnucl.data import corpus, sources  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv(sources.DATA_DIR_ENV, str(directory))
+  # the text_corpus tasks: a prepared corpus directory (maxnucl.data.corpus) of a few snippets
+  monkeypatch.setenv(corpus.ENV_DIRECTORY, str(FIXTURE_DATA / "text_corpus"))
   monkeypatch.setattr(sources, "_tfds_builder_prepared", lambda name: False)
   gin.clear_config()
   yield directory

@@ -41,8 +41,11 @@ def _random_tokens(cfg, seed, *lengths):
   return [list(rng.randint(3, cfg.vocab_size, size=n)) for n in lengths]
 
 
-def _full_forward_last(cfg, params, tokens):
-  return np.asarray(models.apply(cfg, params, np.asarray(tokens)[None]))[0, -1]
+def _full_forward(cfg, params, tokens):
+  """Logits [L, V] of one full (uncached) forward over `tokens`.  The model is causal, so row p
+  is the full forward's last row for the prefix tokens[:p + 1]: one forward gives the reference
+  for every decode step."""
+  return np.asarray(models.apply(cfg, params, np.asarray(tokens)[None]))[0]
 
 
 def _model(name, **overrides):
@@ -80,9 +83,10 @@ def test_cached_logits_equal_full_forward_at_every_step(which, request):
     expected = total if window is None else window
     assert caches[f"layers_{i}"].k.shape[2] == expected  # ring buffer on sliding-window layers
   positions = lengths.copy()
+  full = [_full_forward(cfg, params, sequences[r][:lengths[r] + steps]) for r in range(3)]
   for step in range(steps + 1):
     for r in range(3):
-      reference = _full_forward_last(cfg, params, sequences[r][:positions[r]])
+      reference = full[r][positions[r] - 1]
       np.testing.assert_allclose(np.asarray(logits[r]), reference, atol=CACHED_ATOL, rtol=0,
                                  err_msg=f"row {r}, step {step}")
     next_tokens = jnp.asarray([sequences[r][positions[r]] for r in range(3)])
@@ -273,8 +277,9 @@ def test_bfloat16_cached_logits_close_to_bfloat16_full_forward(hf_params):
   sequence = _random_tokens(cfg, 13, 30)[0]
   logits, caches = decoding.prefill(cfg, params, jnp.asarray([sequence[:10]]), jnp.asarray([10]),
                                     total_length=40)
+  full = _full_forward(cfg, params, sequence[:29])
   for position in range(10, 30):
-    reference = _full_forward_last(cfg, params, sequence[:position])
+    reference = full[position - 1]
     assert np.abs(np.asarray(logits[0]) - reference).max() < 0.25
     logits, caches = decoding.decode_step_jit(cfg, params, caches,
                                               jnp.asarray([sequence[position]]),

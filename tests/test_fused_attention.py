@@ -104,7 +104,8 @@ def test_on_a_batch_sharded_mesh_it_runs_per_shard_and_equals_one_device():
 def test_auto_picks_splash_on_tpu_and_chunked_or_xla_elsewhere():
   assert attentions.choose_impl("auto", 128, backend="tpu") == "splash"
   assert attentions.choose_impl("auto", 4096, backend="tpu") == "splash"
-  assert attentions.choose_impl("auto", attentions.AUTO_CHUNKED_LENGTH, backend="gpu") == "chunked"
+  assert attentions.choose_impl("auto", attentions.AUTO_CHUNKED_LENGTH, backend="gpu",
+                                softcap=50.0) == "chunked"
   assert attentions.choose_impl("auto", 512, backend="cpu") == "xla"
   assert attentions.choose_impl("splash", 16, backend="cpu") == "splash"
 

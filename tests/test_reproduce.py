@@ -56,8 +56,7 @@ def test_every_stage_leaves_finite_results(quick_run):
   assert all(f["sha256"] and f["split"] in ("train", "finetune", "validation", "test")
              for f in s["data"]["files"])
   assert s["pretrain"]["run"]["final"]["nll"] > 0
-  assert set(s["finetune"]["runs"]) == {"standard", "ent@0.0003", "ent@0.001", "gini@0.02",
-                                        "mstd@0.05"}
+  assert set(s["finetune"]["runs"]) == {"standard", "ent@0.0003", "ent@0.001", "mstd@0.05"}
   standard = s["finetune"]["runs"]["standard"]
   assert set(standard) == {"0", "1"}
   assert len(standard["0"]["curve"]) == 2 and "accuracy_strict" in standard["0"]["final"]
@@ -67,7 +66,7 @@ def test_every_stage_leaves_finite_results(quick_run):
   for row in s["prune"]["rows"]:  # the pruned checkpoints really are smaller
     assert sum(row["ffn_widths"]) == round(4 * 128 * (1 - row["ratio"]))
   assert {r["layers"] for r in s["layer_subsets"]["rows"]} == {"all", "bottom_half", "even"}
-  assert {r["variant"] for r in s["nucl_prune"]["rows"]} == {"ent", "gini", "mstd"}
+  assert {r["variant"] for r in s["nucl_prune"]["rows"]} == {"ent", "mstd"}
   widths = s["reallocation"]["widths"]
   assert sum(widths["middle"]) == sum(widths["uniform"]) and 0 in widths["middle"]
   assert set(s["nucl_pretrain"]["runs"]) == {"standard", "nucl_ent"}
