@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attention_cases
 from maxnucl import models
 from maxnucl.layers import attentions
 from maxnucl.layers.chunked_attention import _key_blocks, chunked_attention
@@ -21,37 +22,17 @@ CASES = {
 }
 
 
-def _inputs(b, t, k, g, h, packed, seed=0):
-  rng = np.random.default_rng(seed)
-  q = jnp.asarray(rng.normal(size=(b, t, k, g, h)) * 2, jnp.float32)
-  key = jnp.asarray(rng.normal(size=(b, t, k, h)) * 2, jnp.float32)
-  v = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
-  seg = np.ones((b, t), np.int32)
-  if packed:  # three documents, and right padding (segment 0) in row 0
-    seg[:, t // 3:], seg[:, 2 * t // 3:], seg[0, -4:] = 2, 3, 0
-  return q, key, v, jnp.asarray(seg)
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_outputs_and_gradients_equal_xla(case):
   b, t, k, g, h, window, softcap, block_q, block_k, packed = case
-  q, key, v, seg = _inputs(b, t, k, g, h, packed)
-
-  def xla(q, key, v):
-    return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),
-                                            scale=0.3, softcap=softcap)
+  q, key, v, seg = attention_cases.inputs(b, t, k, g, h, packed)
 
   def chunked(q, key, v):
     return chunked_attention(q, key, v, seg, scale=0.3, softcap=softcap, window=window,
                              block_q=block_q, block_k=block_k)
 
-  np.testing.assert_allclose(chunked(q, key, v), xla(q, key, v), atol=1e-5)
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, key, v)
-           for f in (xla, chunked)]
-  for name, expected, actual in zip("qkv", *grads):
-    scale = float(jnp.max(jnp.abs(expected)))
-    assert float(jnp.max(jnp.abs(actual - expected))) <= 1e-5 * scale, name
+  attention_cases.assert_equals_xla(chunked, q, key, v, seg, window=window, softcap=softcap,
+                                    tolerance=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 1, 5, 8, 13, 40])

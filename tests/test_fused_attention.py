@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attention_cases
 from maxnucl import models, sharding
 from maxnucl.layers import attentions
 from maxnucl.layers import gpu_attention
@@ -25,37 +26,17 @@ CASES = {
 }
 
 
-def _inputs(b, t, k, g, h, packed, seed=0):
-  rng = np.random.default_rng(seed)
-  q = jnp.asarray(rng.normal(size=(b, t, k, g, h)) * 2, jnp.float32)
-  key = jnp.asarray(rng.normal(size=(b, t, k, h)) * 2, jnp.float32)
-  v = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
-  seg = np.ones((b, t), np.int32)
-  if packed:  # three documents, and right padding (segment 0) in row 0
-    seg[:, t // 3:], seg[:, 2 * t // 3:], seg[0, -4:] = 2, 3, 0
-  return q, key, v, jnp.asarray(seg)
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_outputs_and_gradients_equal_xla(case):
   b, t, k, g, h, window, softcap, packed = case
-  q, key, v, seg = _inputs(b, t, k, g, h, packed)
-
-  def xla(q, key, v):
-    return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),
-                                            scale=0.3, softcap=softcap)
+  q, key, v, seg = attention_cases.inputs(b, t, k, g, h, packed)
 
   def splash(q, key, v):
     return splash_attention(q, key, v, seg, scale=0.3, softcap=softcap, window=window,
                             block=128)
 
-  np.testing.assert_allclose(splash(q, key, v), xla(q, key, v), atol=2e-5)
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, key, v)
-           for f in (xla, splash)]
-  for name, expected, actual in zip("qkv", *grads):
-    scale = float(jnp.max(jnp.abs(expected)))
-    assert float(jnp.max(jnp.abs(actual - expected))) <= 2e-5 * scale, name
+  attention_cases.assert_equals_xla(splash, q, key, v, seg, window=window, softcap=softcap,
+                                    tolerance=2e-5)
 
 
 def _model(preset, **overrides):
@@ -123,23 +104,14 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_pallas_gpu_outputs_and_gradients_equal_xla(case):
   b, t, k, g, h, window, softcap, packed, block_q, block_k = case
-  q, key, v, seg = _inputs(b, t, k, g, h, packed)
-
-  def xla(q, key, v):
-    return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),
-                                            scale=0.3, softcap=softcap)
+  q, key, v, seg = attention_cases.inputs(b, t, k, g, h, packed)
 
   def fused(q, key, v):
     return gpu_attention.flash_attention(q, key, v, seg, scale=0.3, softcap=softcap,
                                          window=window, block_q=block_q, block_k=block_k)
 
-  np.testing.assert_allclose(fused(q, key, v), xla(q, key, v), atol=1e-5)
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, key, v)
-           for f in (xla, fused)]
-  for name, expected, actual in zip("qkv", *grads):
-    scale = float(jnp.max(jnp.abs(expected)))
-    assert float(jnp.max(jnp.abs(actual - expected))) <= 1e-5 * scale, name
+  attention_cases.assert_equals_xla(fused, q, key, v, seg, window=window, softcap=softcap,
+                                    tolerance=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 1, 5, 16, 23, 60])
@@ -181,7 +153,7 @@ def test_cudnn_path_equals_xla_in_outputs_and_gradients(case):
   """On CPU jax.nn.dot_product_attention runs its XLA implementation: this checks our mapping
   (heads, causal + local window, segments as a mask, scale); cuDNN itself needs a GPU."""
   b, t, k, g, h, window, packed = case
-  q, key, v, seg = _inputs(b, t, k, g, h, packed)
+  q, key, v, seg = attention_cases.inputs(b, t, k, g, h, packed)
 
   def xla(q, key, v):
     return attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, window),

@@ -32,24 +32,38 @@ import jax.numpy as jnp
 _MASKED = -2.3819763e38  # as attentions._MASKED: finite, so no NaN anywhere
 
 
+def check_self_attention(name: str, q, k, segment_ids) -> int:
+  """The number of positions T of q [B, T, ...], after checking that k and segment_ids have it
+  too (the blockwise implementations are self-attention only)."""
+  length = q.shape[1]
+  if k.shape[1] != length or segment_ids.shape[-1] != length:
+    raise ValueError(f"{name} is self-attention: q has {length} positions, k {k.shape[1]}, "
+                     f"segment_ids {segment_ids.shape[-1]}")
+  return length
+
+
+def pad_positions(q, k, v, segment_ids, multiple: int):
+  """q, k, v [B, T, ...] and segment_ids [B, T] (as int32) padded with positions up to a multiple
+  of `multiple`; the padding is its own segment (-1), so no real position sees it."""
+  length = q.shape[1]
+  extra = -(-length // multiple) * multiple - length
+  segment_ids = segment_ids.astype(jnp.int32)
+  if extra:
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v = pad(q), pad(k), pad(v)
+    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, extra)], constant_values=-1)
+  return q, k, v, segment_ids
+
+
 def chunked_attention(q, k, v, segment_ids, *, scale: float, softcap: Optional[float] = None,
                       window: Optional[int] = None, block_q: int = 512, block_k: int = 512):
   """Self-attention of q [B, T, K, G, H] over k, v [B, T, K, H] (query head k * G + g uses kv
   head k) with packed `segment_ids` [B, T]; returns [B, T, K, G, H] in v's dtype.  Block sizes
   are capped at T; T is padded up to a multiple of them (padding is its own segment)."""
-  length = q.shape[1]
-  if k.shape[1] != length or segment_ids.shape[-1] != length:
-    raise ValueError(f"chunked_attention is self-attention: q has {length} positions, k "
-                     f"{k.shape[1]}, segment_ids {segment_ids.shape[-1]}")
+  length = check_self_attention("chunked_attention", q, k, segment_ids)
   block_q, block_k = min(block_q, length), min(block_k, length)
-  multiple = math.lcm(block_q, block_k)
-  padded = -(-length // multiple) * multiple
-  if padded != length:
-    extra = padded - length
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v = pad(q), pad(k), pad(v)
-    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, extra)], constant_values=-1)
-  out = _attention(q, k, v, segment_ids.astype(jnp.int32), float(scale),
+  q, k, v, segment_ids = pad_positions(q, k, v, segment_ids, math.lcm(block_q, block_k))
+  out = _attention(q, k, v, segment_ids, float(scale),
                    None if softcap is None else float(softcap), window, block_q, block_k)
   return out[:, :length]
 

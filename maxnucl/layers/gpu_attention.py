@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from maxnucl.layers.chunked_attention import check_self_attention, pad_positions
+
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -236,9 +238,7 @@ def flash_attention(q, k, v, segment_ids, *, scale: float, softcap: Optional[flo
                     interpret: Optional[bool] = None):
   """Self-attention with the fused kernels; [B, T, K, G, H] in v's dtype (module docstring)."""
   batch, length, kv_heads, groups, head_dim = q.shape
-  if k.shape[1] != length or segment_ids.shape[-1] != length:
-    raise ValueError(f"flash_attention is self-attention: q has {length} positions, k "
-                     f"{k.shape[1]}, segment_ids {segment_ids.shape[-1]}")
+  check_self_attention("flash_attention", q, k, segment_ids)
   if head_dim & (head_dim - 1):
     raise ValueError(f"the Pallas GPU attention needs a power-of-2 head dimension, got "
                      f"{head_dim}; use attention_impl 'chunked'")
@@ -248,14 +248,8 @@ def flash_attention(q, k, v, segment_ids, *, scale: float, softcap: Optional[flo
     window = None
   block_q = min(block_q, pl.next_power_of_2(length))
   block_k = min(block_k, pl.next_power_of_2(length))
-  multiple = math.lcm(block_q, block_k)
-  padded = -(-length // multiple) * multiple
-  segment_ids = segment_ids.astype(jnp.int32)
-  if padded != length:
-    extra = padded - length
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v = pad(q), pad(k), pad(v)
-    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, extra)], constant_values=-1)
+  q, k, v, segment_ids = pad_positions(q, k, v, segment_ids, math.lcm(block_q, block_k))
+  padded = q.shape[1]
   q_heads = q.reshape(batch, padded, kv_heads * groups, head_dim).transpose(0, 2, 1, 3)
   out = _flash(q_heads, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids,
                float(scale), None if softcap is None else float(softcap), window, block_q,

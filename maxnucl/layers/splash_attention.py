@@ -26,6 +26,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from maxnucl import sharding
+from maxnucl.layers.chunked_attention import check_self_attention, pad_positions
 
 TILE = 128
 DEFAULT_BLOCK = 512
@@ -53,19 +54,12 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, softcap: Optional[fl
                      interpret: Optional[bool] = None):
   """Self-attention with the splash kernel; [B, T, K, G, H] in v's dtype (module docstring)."""
   batch, length, kv_heads, groups, head_dim = q.shape
-  if k.shape[1] != length or segment_ids.shape[-1] != length:
-    raise ValueError(f"splash_attention is self-attention: q has {length} positions, k "
-                     f"{k.shape[1]}, segment_ids {segment_ids.shape[-1]}")
+  check_self_attention("splash_attention", q, k, segment_ids)
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
   block = min(block, -(-length // TILE) * TILE)
-  padded = -(-length // block) * block
-  segment_ids = segment_ids.astype(jnp.int32)
-  if padded != length:
-    extra = padded - length
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v = pad(q), pad(k), pad(v)
-    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, extra)], constant_values=-1)
+  q, k, v, segment_ids = pad_positions(q, k, v, segment_ids, block)
+  padded = q.shape[1]
   heads = kv_heads * groups
   # heads first, query scaled here (the kernel computes q . k)
   q_heads = (q * jnp.asarray(scale, q.dtype)).reshape(batch, padded, heads, head_dim)
