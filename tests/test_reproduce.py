@@ -118,15 +118,24 @@ def test_rerun_skips_finished_stages_and_redoes_a_missing_one(quick_run):
   assert {p: p.stat().st_size for p in (output / "runs").glob("*/train.log")} == logs
 
 
-def test_changed_settings_and_unknown_stages_are_refused(quick_run, tmp_path):
+def test_changed_settings_are_refused(quick_run, tmp_path):
   output, _ = quick_run
   done = _reproduce("--quick", "--output", str(output), "--gin_param",
                     "reproduce.finetune_steps = 9", "--no_report")
   assert done.returncode == 2
   assert "other settings (differing: ['finetune_steps'])" in done.stderr
+
+
+
+def test_unknown_stages_and_a_missing_corpus_are_refused_before_anything_is_written(tmp_path):
   done = _reproduce("--quick", "--output", str(tmp_path / "x"), "--stages", "pruning")
   assert done.returncode == 2
   assert "unknown stages ['pruning']" in done.stderr
+  done = _reproduce("--quick", "--output", str(tmp_path / "x"), "--corpus",
+                    str(tmp_path / "missing"))
+  assert done.returncode == 2
+  assert f"--corpus {tmp_path / 'missing'}: not a directory" in done.stderr
+  assert not (tmp_path / "x").exists()
 
 
 def test_a_given_corpus_directory_is_split_tokenized_and_cached(tmp_path, monkeypatch):

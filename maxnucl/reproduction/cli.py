@@ -52,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     gin_config.parse(files, args.gin_param)
     start = time.perf_counter()
+    stages.check_stages(args.stages)  # before anything is written
     runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
     runner.run(args.stages)
     if not args.no_report:

@@ -119,6 +119,12 @@ def _stable_name(value: float) -> str:
   return f"{value:g}".replace("+", "")
 
 
+def check_stages(stages: Sequence[str]) -> None:
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ReproductionError(f"unknown stages {unknown}; stages: {list(STAGES)}")
+
+
 class Reproduction:
   """Runs stages into `output_dir`, skipping finished ones (see the module docstring)."""
 
@@ -128,6 +134,8 @@ class Reproduction:
     self.out = pathlib.Path(output_dir).absolute()
     self.config = config
     self.corpus_root = pathlib.Path(corpus_root) if corpus_root else None
+    if self.corpus_root is not None and not self.corpus_root.is_dir():
+      raise corpus.CorpusError(f"--corpus {self.corpus_root}: not a directory")
     self.progress = progress
     self.out.mkdir(parents=True, exist_ok=True)
     (self.out / "stages").mkdir(exist_ok=True)
@@ -172,9 +180,7 @@ class Reproduction:
     return self.results[stage]
 
   def run(self, stages: Sequence[str] = STAGES) -> dict:
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-      raise ReproductionError(f"unknown stages {unknown}; stages: {list(STAGES)}")
+    check_stages(stages)
     for stage in STAGES:  # in dependency order
       if stage in stages:
         self.result(stage)
