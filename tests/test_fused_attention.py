@@ -3,11 +3,13 @@
   tile, windows smaller than a block, packed segments with padding, GQA/MQA/MHA, whole models,
   and a batch-sharded mesh (shard_map);
 - 'pallas_gpu' (our Triton-backend flash kernel with soft-cap, window and segments), through
-  Pallas's interpreter on CPU, including which blocks its loops visit;
+  Pallas's interpreter on CPU, including which blocks its loops visit, bfloat16 matmuls, and its
+  lowering to Triton for CUDA (cross-lowered here);
 - 'cudnn' (jax.nn.dot_product_attention, for models without a soft-cap), whose CPU fallback
   checks our mapping of heads, window and segments."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,6 +144,69 @@ def test_pallas_gpu_in_a_whole_gemma2_model_and_its_limits():
     gpu_attention.flash_attention(q, q[:, :, :, 0], q[:, :, :, 0], jnp.ones((1, 8), jnp.int32),
                                   scale=1.0)
   assert attentions.choose_impl("auto", 4096, backend="gpu", softcap=50.0) == "chunked"
+
+
+
+def _bf16_flash_grad(interpret):
+  """The gradient of a bfloat16 Gemma-2-like attention (GQA, soft-cap, window, packed) through
+  the fused kernels."""
+  q, key, v, seg = attention_cases.inputs(2, 96, 2, 2, 64, packed=True)
+  q, key, v = (x.astype(jnp.bfloat16) for x in (q, key, v))
+
+  def loss(q, key, v):
+    out = gpu_attention.flash_attention(q, key, v, seg, scale=0.125, softcap=50.0, window=40,
+                                        block_q=32, block_k=32, interpret=interpret)
+    return jnp.sum(out.astype(jnp.float32))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, key, v)
+
+
+def test_pallas_gpu_kernels_multiply_in_the_inputs_dtype_and_accumulate_in_float32():
+  """bfloat16 inputs: every matmul in the three kernels takes bfloat16 operands (the tensor
+  cores' type; float32 operands would run at a fraction of the speed) into float32."""
+  def eqns(jaxpr, primitive):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == primitive:
+        yield eqn
+      else:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          yield from eqns(sub, primitive)
+
+  grad, args = _bf16_flash_grad(interpret=True)
+  kernels = list(eqns(jax.make_jaxpr(grad)(*args).jaxpr, "pallas_call"))
+  assert len(kernels) == 3  # forward, dK/dV, dQ
+  for kernel in kernels:
+    found = list(eqns(kernel.params["jaxpr"], "dot_general"))
+    assert found, kernel.params["name_and_src_info"]
+    for eqn in found:
+      assert [x.aval.dtype for x in eqn.invars] == [jnp.bfloat16] * 2, eqn
+      assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+
+
+def test_pallas_gpu_bfloat16_gradients_agree_with_xla_in_float32():
+  grad, args = _bf16_flash_grad(interpret=True)
+  seg = attention_cases.inputs(2, 96, 2, 2, 64, packed=True)[3]
+
+  def xla(q, key, v):
+    out = attentions.dot_product_attention(q, key, v, attentions.attention_mask(seg, 40),
+                                           scale=0.125, softcap=50.0)
+    return jnp.sum(out.astype(jnp.float32))
+
+  expected = jax.grad(xla, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in args))
+  for name, e, a in zip("qkv", expected, grad(*args)):
+    error = float(jnp.max(jnp.abs(a.astype(jnp.float32) - e)))
+    assert error <= 2e-2 * float(jnp.max(jnp.abs(e))), (name, error)
+
+
+def test_pallas_gpu_lowers_to_triton_kernels_for_cuda_on_a_machine_without_one():
+  """Cross-lowering for the 'cuda' platform runs JAX's Pallas-to-Triton lowering of all three
+  kernels here: every operation in them has a Triton lowering rule.  (Triton's own compilation
+  to PTX still needs a GPU.)"""
+  grad, args = _bf16_flash_grad(interpret=False)
+  text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  for kernel in ("maxnucl_flash_forward", "maxnucl_flash_dkv", "maxnucl_flash_dq"):
+    assert f'name = "{kernel}"' in text, kernel
+  assert text.count("__gpu$xla.gpu.triton") == 3
 
 
 # ---- cuDNN (jax.nn.dot_product_attention) for models without a soft-cap ---------------------------

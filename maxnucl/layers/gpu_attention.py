@@ -12,6 +12,9 @@ FlashAttention-2's scheme, written here for these masks:
            1 - tanh(s / c)^2 multiplies dS.  Grouped heads: dK/dV per query head, summed over
            the group afterwards.
 Scores are scaled before the soft-cap (s = c * tanh(scale * q.k / c)), then masked, as `xla`.
+The matmuls take q, k, v and dO (P and dS cast down to them) in the inputs' dtype and accumulate
+in float32, as FlashAttention does: in bfloat16 training they run on the tensor cores; softmax
+statistics, the soft-cap and the accumulators stay float32.
 
 Off GPU the kernels run in Pallas's interpreter (`interpret=True`): how the CPU tests check them
 against `xla`; it is slow there and only for tests.  Shapes follow
@@ -37,9 +40,10 @@ from maxnucl.layers.chunked_attention import check_self_attention, pad_positions
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _scores(q, k, q_pos, k_pos, q_seg, k_seg, softcap, window):
-  """(capped scores, tanh(s / c) or None, mask) of a [bq, bk] tile; q is already scaled."""
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, softcap, window):
+  """(capped scores, tanh(s / c) or None, mask) of a [bq, bk] tile, in float32; q and k in their
+  own dtype (bfloat16 in training: the tensor cores' input type, accumulated in float32)."""
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
   t = None
   if softcap is not None:
     t = jnp.tanh(s / softcap)
@@ -72,17 +76,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale, soft
                     block_q, block_k):
   i = pl.program_id(0)
   head_dim = q_ref.shape[-1]
-  q = q_ref[...].astype(jnp.float32) * scale
+  q = q_ref[...]
   q_pos = block_q * i + jnp.arange(block_q)
   q_seg = seg_ref[pl.ds(block_q * i, block_q)]
 
   def body(j, carry):
     acc, m, l = carry
     keys = pl.ds(block_k * j, block_k)
-    k = k_ref[keys, :].astype(jnp.float32)
     v = v_ref[keys, :]
-    s, _, mask = _scores(q, k, q_pos, block_k * j + jnp.arange(block_k), q_seg, seg_ref[keys],
-                         softcap, window)
+    s, _, mask = _scores(q, k_ref[keys, :], q_pos, block_k * j + jnp.arange(block_k), q_seg,
+                         seg_ref[keys], scale, softcap, window)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
     correction = jnp.exp(m - m_new)
@@ -103,29 +106,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref
   j = pl.program_id(0)
   head_dim = k_ref.shape[-1]
   keys = pl.ds(block_k * j, block_k)
-  k = k_ref[keys, :].astype(jnp.float32)
-  v = v_ref[keys, :].astype(jnp.float32)
+  k = k_ref[keys, :]
+  v = v_ref[keys, :]
   k_pos = block_k * j + jnp.arange(block_k)
   k_seg = seg_ref[keys]
 
   def body(i, carry):
     dk, dv = carry
     rows = pl.ds(block_q * i, block_q)
-    q = q_ref[rows, :].astype(jnp.float32) * scale
-    do = do_ref[rows, :].astype(jnp.float32)
+    q = q_ref[rows, :]
+    do = do_ref[rows, :]
     s, t, mask = _scores(q, k, block_q * i + jnp.arange(block_q), k_pos, seg_ref[rows], k_seg,
-                         softcap, window)
+                         scale, softcap, window)
     p = jnp.where(mask, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
-    dv = dv + jnp.dot(p.T, do, preferred_element_type=jnp.float32)
+    dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
     ds = p * (jnp.dot(do, v.T, preferred_element_type=jnp.float32) - delta_ref[rows][:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
-    return dk + jnp.dot(ds.T, q, preferred_element_type=jnp.float32), dv
+    return dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32), dv
 
   first, last = _query_range(j, block_q, block_k, window, num_q_blocks)
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
   dk, dv = lax.fori_loop(first, last, body, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -133,23 +136,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
                softcap, window, block_q, block_k):
   i = pl.program_id(0)
   head_dim = q_ref.shape[-1]
-  q = q_ref[...].astype(jnp.float32) * scale
-  do = do_ref[...].astype(jnp.float32)
+  q = q_ref[...]
+  do = do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_pos = block_q * i + jnp.arange(block_q)
   q_seg = seg_ref[pl.ds(block_q * i, block_q)]
 
   def body(j, dq):
     keys = pl.ds(block_k * j, block_k)
-    k = k_ref[keys, :].astype(jnp.float32)
-    v = v_ref[keys, :].astype(jnp.float32)
+    k = k_ref[keys, :]
     s, t, mask = _scores(q, k, q_pos, block_k * j + jnp.arange(block_k), q_seg, seg_ref[keys],
-                         softcap, window)
+                         scale, softcap, window)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    ds = p * (jnp.dot(do, v.T, preferred_element_type=jnp.float32) - delta[:, None])
+    ds = p * (jnp.dot(do, v_ref[keys, :].T, preferred_element_type=jnp.float32) - delta[:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
-    return dq + jnp.dot(ds, k, preferred_element_type=jnp.float32)
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   first, last = _key_range(i, block_q, block_k, window)
   dq = lax.fori_loop(first, last, body, jnp.zeros((block_q, head_dim), jnp.float32))
