@@ -1,7 +1,7 @@
 """The fused-kernel attention paths equal the XLA reference in outputs and gradients:
 - 'splash' (the TPU kernel), run here through Pallas's interpreter on CPU: shapes off the 128
   tile, windows smaller than a block, packed segments with padding, GQA/MQA/MHA, whole models,
-  and a batch-sharded mesh (shard_map);
+  a batch-sharded mesh (shard_map), and its lowering to Mosaic for TPU (cross-lowered here);
 - 'pallas_gpu' (our Triton-backend flash kernel with soft-cap, window and segments), through
   Pallas's interpreter on CPU, including which blocks its loops visit, bfloat16 matmuls, and its
   lowering to Triton for CUDA (cross-lowered here);
@@ -39,6 +39,26 @@ def test_outputs_and_gradients_equal_xla(case):
 
   attention_cases.assert_equals_xla(splash, q, key, v, seg, window=window, softcap=softcap,
                                     tolerance=2e-5)
+
+
+
+def test_splash_lowers_to_mosaic_kernels_for_tpu_on_a_machine_without_one():
+  """Cross-lowering for the 'tpu' platform runs the Pallas-to-Mosaic lowering of the forward and
+  both backward kernels (bfloat16, grouped heads, soft-cap, window, segments) here; Mosaic's own
+  compilation still needs a TPU."""
+  q, key, v, seg = attention_cases.inputs(2, 256, 2, 2, 128, packed=True)
+
+  def loss(q, key, v):
+    out = splash_attention(q, key, v, seg, scale=0.125, softcap=50.0, window=96, block=128,
+                           interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+
+  args = [x.astype(jnp.bfloat16) for x in (q, key, v)]
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert text.count("custom_call @tpu_custom_call") == 3
+  for kernel in ("splash_mha_fwd", "splash_mha_dkv", "splash_mha_dq"):
+    assert f'kernel_name = "{kernel}' in text, kernel
 
 
 def _model(preset, **overrides):
