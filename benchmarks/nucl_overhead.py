@@ -7,7 +7,7 @@ machine's speed affects both alike; the reported overhead is median(B) / median(
 most 1.03.
 
     python benchmarks/nucl_overhead.py                                 # gemma2_tiny, CPU
-    python benchmarks/nucl_overhead.py --preset gemma2_2b --batch 2 --seq_len 2048   # a GPU
+    python benchmarks/nucl_overhead.py --preset gemma2_2b --batch 2 --seq_len 2048 --remat full  # GPU
     python benchmarks/nucl_overhead.py --json out.json                 # also write the figures
 
 Results are recorded in docs/benchmarks.md.
@@ -45,6 +45,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
+  parser.add_argument("--remat", default=None,
+                      help="remat_policy: none | full | save_dots (default: the preset's)")
   parser.add_argument("--alpha", type=float, default=100.0)
   parser.add_argument("--steps", type=int, default=30, help="timed steps of each variant")
   parser.add_argument("--warmup", type=int, default=3)
@@ -53,6 +55,8 @@ def main(argv=None) -> dict:
 
   gin.parse_config("import maxnucl.losses")
   overrides = {"dtype": args.dtype} if args.dtype else {}
+  if args.remat:
+    overrides["remat_policy"] = args.remat
   cfg = models.get_config(args.preset, **overrides)
   schedule = train.learning_rate_schedule(1000, peak_learning_rate=1e-6, warmup_steps=0)
   tx = train.create_optimizer(schedule, name="adafactor")
