@@ -1,6 +1,7 @@
 """The repository stands alone: no committed binaries, no pointers to files outside it."""
 
 import pathlib
+import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SKIPPED_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", "build", "dist",
@@ -9,6 +10,16 @@ BINARY_SUFFIXES = (".whl", ".zip", ".tar.gz", ".egg", ".pyc", ".so", ".npy", ".p
 
 
 def _files():
+  """What would be committed: in a git checkout the tracked files and the untracked ones that
+  .gitignore does not exclude (so an ignored wheel folder for a device run does not count);
+  elsewhere every file outside the usual build and environment folders."""
+  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          cwd=REPO, capture_output=True, check=False)
+  if listed.returncode == 0:
+    for name in sorted(set(listed.stdout.decode().split("\0")) - {""}):
+      if (REPO / name).is_file():
+        yield REPO / name
+    return
   for path in REPO.rglob("*"):
     parts = set(path.relative_to(REPO).parts)
     if path.is_file() and not parts & SKIPPED_DIRS and not any(
