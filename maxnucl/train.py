@@ -663,12 +663,27 @@ def _restore(manager, step, cfg, tx, state_sh) -> tuple[TrainState, dict]:
 
 # ---- metrics ------------------------------------------------------------------------------------
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without its optional `import torch` (about 2 s per
+  process where torch is installed; it only serves logging torch tensors, which maxnucl never
+  does).  Where torch is already imported, tensorboardX gets it as usual."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class _MetricsLog:
   """DIR/metrics.jsonl and TensorBoard; on resume, lines after the restored step are dropped (they
   will be written again by the resumed run)."""
 
   def __init__(self, workdir: paths.Path, resume_step: int):
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
     self.path = workdir / "metrics.jsonl"
     self.lines = [line for line in _logged_lines(self.path)
                   if json.loads(line)["step"] <= resume_step] if self.path.exists() else []

@@ -96,6 +96,28 @@ def test_metrics_jsonl_has_required_keys_and_tensorboard_files_exist(nucl_run):
   assert (workdir / "config.gin").exists() and (workdir / "operative_config.gin").exists()
 
 
+def test_the_metrics_writer_leaves_torch_unimported_and_still_writes_events(tmp_path):
+  """tensorboardX imports torch when it is installed (about 2 s in every training process);
+  the trainer's writer keeps it out, and tensorboardX still writes scalars."""
+  code = ("import sys; from maxnucl import train; w = train._summary_writer_class()(sys.argv[1]);"
+          " w.add_scalar('loss', 2.5, 7); w.close(); print('torch' in sys.modules)")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                        text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.stdout.split("\n")[-2] == "False"
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  (events,) = tmp_path.glob("events.out.tfevents.*")
+  data, scalars = events.read_bytes(), []
+  while data:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
+    length = int.from_bytes(data[:8], "little")
+    event = event_pb2.Event.FromString(data[12:12 + length])
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    data = data[16 + length:]
+  assert scalars == [(7, "loss", 2.5)]
+  import torch  # pylint: disable=import-outside-toplevel
+  assert train._summary_writer_class()(str(tmp_path / "with_torch")) is not None  # as usual
+  assert sys.modules["torch"] is torch
+
+
 def test_training_checkpoint_is_readable_by_checkpoints_load(nucl_run):
   cfg, params = checkpoints.load(nucl_run["workdir"] / "checkpoints" / "30")
   assert cfg == nucl_run["cfg"]
