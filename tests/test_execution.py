@@ -586,3 +586,20 @@ def test_check_programs_runs_in_parallel_and_keeps_the_order():
 def test_status_values_are_the_documented_ones():
   assert set(execution.STATUSES) == {"passed", "failed", "early_exit", "timeout", "memory",
                                      "killed", "output_limit", "sandbox_error"}
+
+
+def test_the_launchers_reports_are_parsed_one_thread_at_a_time():
+  """CPython 3.11's AST constructor keeps interpreter-wide state, and parallel check_program calls
+  once failed parsing a report ("SystemError: AST constructor recursion depth mismatch"): report
+  lines are parsed under one lock, and a parse waits while another holds it."""
+  import threading  # pylint: disable=import-outside-toplevel
+  run = execution._Run(capture_bytes=1024)
+  buffer = bytearray(b"{'containment': {'no_new_privs': True}, 'started': True}\n{'exit'")
+  with execution._AST_LOCK:
+    parser = threading.Thread(target=execution._parse_reports, args=(buffer, run))
+    parser.start()
+    parser.join(0.3)
+    assert parser.is_alive() and run.reports == []  # waiting for the lock
+  parser.join(10)
+  assert run.reports == [{"containment": {"no_new_privs": True}, "started": True}]
+  assert run.started and buffer == bytearray(b"{'exit'")  # the incomplete line stays

@@ -73,6 +73,7 @@ each import at the top would add to every program's start-up.
 
 from __future__ import annotations
 
+import _thread
 import builtins
 import collections
 import ctypes
@@ -100,6 +101,11 @@ ENVIRONMENT_PATH = "/usr/local/bin:/usr/bin:/bin"
 KILL_GRACE_S = 1.0  # after asking the launcher to clean up, before SIGKILL to its process group
 DRAIN_S = 0.5  # after the launcher exited, how long pipes still held by escaped processes are read
 _CHUNK = 1 << 16
+# CPython 3.11's AST constructor keeps its recursion depth in interpreter-wide state: two threads
+# parsing at once (check_program calls run in a thread pool) can fail with "SystemError: AST
+# constructor recursion depth mismatch".  The evaluator parses the launchers' reports under this
+# lock (_thread: built in, nothing imported at a sandboxed program's start-up).
+_AST_LOCK = _thread.allocate_lock()
 
 
 class SandboxError(RuntimeError):
@@ -188,8 +194,7 @@ def containment_available() -> dict:
   """What this machine's kernel offers, probed once in a throw-away process independently of any
   run: {"user_namespace", "pid_namespace", "mount_namespace", "network_namespace",
   "ipc_namespace", "landlock", "landlock_abi", "seccomp", "kernel", "unavailable" (reasons)}."""
-  import ast  # pylint: disable=import-outside-toplevel
-  return ast.literal_eval(_probe_in_subprocess())
+  return _literal(_probe_in_subprocess())
 
 
 @functools.lru_cache(maxsize=None)
@@ -347,14 +352,20 @@ def _supervise(launched, timeout_s: float, limits: Limits) -> _Run:
 
 def _parse_reports(buffer: bytearray, run: _Run) -> bool:
   """Moves the complete lines of `buffer` into run.reports; True once the program started."""
-  import ast  # pylint: disable=import-outside-toplevel
   *lines, rest = bytes(buffer).split(b"\n")
   buffer[:] = rest
   for line in lines:
-    report = ast.literal_eval(line.decode())
+    report = _literal(line.decode())
     run.reports.append(report)
     run.started = run.started or report.get("started", False)
   return run.started
+
+
+def _literal(text: str):
+  """ast.literal_eval of a report line, one thread at a time (_AST_LOCK)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  with _AST_LOCK:
+    return ast.literal_eval(text)
 
 
 def _ask_launcher_to_stop(process):
