@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA's backend optimisation level 0 for the tests' programs (conftest.py says why).
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
 def free_address() -> str:
@@ -19,7 +21,8 @@ def free_address() -> str:
 
 def cpu_env(devices: int, **extra: str) -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}",
+          **extra}
 
 
 def start(command: list[str], num_processes: int = 2, devices_each: int = 2

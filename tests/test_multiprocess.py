@@ -79,8 +79,7 @@ def _run_two(workdir, extra=()) -> list[tuple[int, str, str]]:
 
 
 def _run_one(workdir, devices=4, mesh="(1, -1, 1)", extra=()) -> tuple[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = processes.cpu_env(devices)
   cmd = [sys.executable, "-m", "maxnucl.train", "--gin_file=gin/demo_cpu.gin",
          f"--gin_param=create_mesh.shape = {mesh}", f"--workdir={workdir}", *extra]
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)

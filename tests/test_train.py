@@ -239,9 +239,10 @@ def test_accumulated_step_equals_the_whole_batch_step_with_nucl(normalization):
         np.testing.assert_allclose(acc_metrics[key], whole_metrics[key], rtol=2e-6,
                                    err_msg=f"{key}, {name} loss tokens, {a} microbatches")
       # float32 sums in another order: ~1e-6 of the largest gradient entry apart (0.5 when alpha
-      # grew with the number of microbatches).
+      # grew with the number of microbatches).  The SGD update moves params by 0.1 x gradient, so
+      # they may differ by 0.1 x the gradients' tolerance, plus their own float32 rounding.
       assert_trees_close(acc_state["opt_state"], grads, atol=5e-6 * scale)
-      assert_trees_close(acc_state["params"], whole_state["params"], atol=2e-6)
+      assert_trees_close(acc_state["params"], whole_state["params"], atol=0.1 * 5e-6 * scale + 1e-7)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
