@@ -12,8 +12,9 @@
 # Usage, from the repository root:  bash benchmarks/gpu_session.sh a|b|smoke
 # Writes $OUT (default /tmp/gpu_session): log.txt with every step's output and one JSON per step.
 # Each step has its own time limit; a step that fails or times out is logged and the next runs.
-# The device image has jax, flax, optax, orbax, torch and transformers but not gin-config: put its
-# wheel in .whl first (docs/performance.md gives the command); this script installs what is there.
+# On a GPU machine with jax, flax, optax, orbax, torch and transformers but no package index, put
+# gin-config's wheel in .whl first (docs/performance.md gives the command): this script installs
+# the wheels it finds there.
 set -uo pipefail
 part="${1:-}"
 case "$part" in a|b|smoke) ;; *) echo "usage: $0 a|b|smoke" >&2; exit 2 ;; esac
