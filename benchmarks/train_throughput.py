@@ -158,9 +158,7 @@ def _is_oom(text: str) -> bool:
 def _child(args, side, batch, seq_len) -> dict:
   command = [sys.executable, __file__, "--_side", side, "--_batch", str(batch), "--_seq_len",
              str(seq_len), *args.forward]
-  env = dict(os.environ)
-  if args.preallocate_was_unset:
-    del env["XLA_PYTHON_CLIENT_PREALLOCATE"]
+  env = dict(args.child_env)
   if side == "transformers":
     # The peer's process uses jax only to draw the shared initial weights: on the CPU, so that
     # XLA's GPU client does not reserve most of the accelerator's memory away from torch.
@@ -213,9 +211,9 @@ def main(argv=None) -> int:
   # The parent process only reads the platform and prints: the children measure.  Its XLA client
   # must not reserve most of a GPU's memory for the whole run (XLA preallocates 75 % by default);
   # the children get the environment as it was.
-  args.preallocate_was_unset = not args._side and "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
-  if args.preallocate_was_unset:
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  args.child_env = dict(os.environ)
+  if not args._side:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax  # pylint: disable=import-outside-toplevel
   on_cpu = jax.devices()[0].platform == "cpu"
   args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")

@@ -293,9 +293,8 @@ def summarize(results: dict, ratio: float) -> dict:
   return out
 
 
-def _verdict_of(name: str, table: dict) -> str:
+def _verdict_of(table: dict) -> str:
   """The finding's verdict; per variant (or compared pair) where they disagree."""
-  del name
   per_variant = {k: v if isinstance(v, str) else v["verdict"]
                  for k, v in (table.get("verdicts") or table.get("pairs") or {}).items()}
   if per_variant and len(set(per_variant.values())) > 1:
@@ -342,7 +341,7 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
               ""]
   lines += ["## Verdicts", "", "| finding | verdict | rule |", "|---|---|---|"]
   for name, table in summary.items():
-    lines.append(f"| {name} | {_verdict_of(name, table)} | {VERDICT_RULES[name]} |")
+    lines.append(f"| {name} | {_verdict_of(table)} | {VERDICT_RULES[name]} |")
   lines.append("")
   if "pretrain" in results:
     final = results["pretrain"]["run"]["final"]
