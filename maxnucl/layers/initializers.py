@@ -21,7 +21,21 @@ def param_with_axes(module: nn.Module, name: str, init: Callable, shape: Sequenc
 
 
 def fan_in_normal(fan_in_axes: Sequence[int]) -> Callable:
-  """Truncated-normal init with variance 1/fan_in, fan-in taken over `fan_in_axes`."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                          in_axis=tuple(fan_in_axes),
-                                          out_axis=())
+  """Truncated-normal init with standard deviation 1/sqrt(fan_in), fan_in = the product of the
+  dimensions on `fan_in_axes` (the axes an input is contracted over); every other axis is an
+  output axis.
+
+  JAX's `variance_scaling` counts axes that are neither in nor out as a convolution's receptive
+  field and multiplies them into the fan-in, so the output axes must be named: a `[d, m]` kernel
+  with `out_axis=()` would start with std 1/sqrt(d * m).  MaxText's `DenseGeneral` does the same
+  (`kernel_in_axis` = the contracted axes, `kernel_out_axis` = the feature axes).
+  """
+  fan_in_axes = tuple(fan_in_axes)
+
+  def init(key, shape, dtype=jnp.float32):
+    in_axes = tuple(axis % len(shape) for axis in fan_in_axes)
+    out_axes = tuple(axis for axis in range(len(shape)) if axis not in in_axes)
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes,
+                                            out_axis=out_axes)(key, shape, dtype)
+
+  return init
