@@ -19,7 +19,8 @@ per line, so they can be read, copied or run by hand.  The workflow:
            ~/maxnucl and installs it into the virtual environment ~/maxnucl_venv together with
            the jax[tpu] of the version requirements.txt pins (`tpu-vm ssh --worker=all`).
   train    starts `python -m maxnucl.train ARGS` on every worker at once, ARGS being everything
-           after `--`; its output goes to ~/maxnucl_logs/train.log on each worker (and, without
+           after `--` (a flag of train itself there, such as --dry_run, is refused: it goes
+           before `--`); its output goes to ~/maxnucl_logs/train.log on each worker (and, without
            --detach, to this terminal).  On a Cloud TPU VM the trainer needs no multi-process
            flags: JAX discovers the slice's workers itself (maxnucl/distributed.py).
   run      the same for any other program of the checkout (`-- -m maxnucl.evaluate ...`,
@@ -530,6 +531,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="all, one index (0 is process 0) or a list such as 0,2 or 1-3 "
                           "(default: %(default)s; a JAX program on the TPUs of a multi-host "
                           "slice runs on all)")
+  for cmd in (train, run):
+    # What `_refuse_launcher_flags` looks for after --: every flag of the command but --help.
+    # (argparse lists a parser's flags only in its private _actions.)
+    cmd.set_defaults(launcher_flags=frozenset(
+        flag for action in cmd._actions  # pylint: disable=protected-access
+        for flag in action.option_strings if flag not in ("-h", "--help")))
 
   status = command("status", "describe the TPU VM (or, with --queued, the queued resource)")
   delete = command("delete", "delete the TPU VM (or, with --queued, the queued resource and "
@@ -544,6 +551,16 @@ def _worker(text: str) -> str:
     raise UsageError(f"--worker {text!r}: expected all, an index such as 0, or a list such as "
                      f"0,2 or 1-3")
   return text
+
+
+def _refuse_launcher_flags(args: argparse.Namespace, python_args: Sequence[str]) -> None:
+  """A flag of train/run itself after -- would reach the program on the workers, and the
+  launcher would go ahead without it (`-- ... --dry_run` really running gcloud)."""
+  for arg in python_args:
+    flag = arg.split("=", 1)[0]
+    if flag in args.launcher_flags:
+      raise UsageError(f"{flag} after --: it is a flag of `{args.command}` itself, and everything "
+                       f"after -- goes to the program on the workers; put it before --")
 
 
 def commands_for(args: argparse.Namespace, target: Target,
@@ -599,6 +616,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if python_args and args.command not in ("train", "run"):
       raise UsageError(f"{args.command} takes no arguments after -- (only train and run do)")
+    if python_args:
+      _refuse_launcher_flags(args, python_args)
     target = resolve_target(args.name, args.zone, args.project)
     if args.command == "setup":
       setup(target, args)

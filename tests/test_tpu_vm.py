@@ -375,6 +375,24 @@ def test_train_without_trainer_arguments_and_arguments_for_other_commands_are_re
   assert fake.calls() == []
 
 
+@pytest.mark.parametrize("command,program,flag", [
+    ("train", ["--gin_file=x.gin"], "--dry_run"),
+    ("train", ["--gin_file=x.gin"], "--detach"),
+    ("train", ["--gin_file=x.gin"], "--zone=us-central1-a"),
+    ("run", ["-m", "maxnucl.evaluate"], "--dry_run"),
+    ("run", ["-m", "maxnucl.evaluate"], "--worker=0"),
+])
+def test_a_launcher_flag_after_the_double_dash_is_refused_and_gcloud_never_runs(fake, command,
+                                                                               program, flag):
+  proc = fake.run(command, *WHERE, "--", *program, flag)
+  assert proc.returncode == 2, proc.stderr
+  name = flag.split("=")[0]
+  assert proc.stderr.strip() == (f"error: {name} after --: it is a flag of `{command}` itself, "
+                                 f"and everything after -- goes to the program on the workers; "
+                                 f"put it before --")
+  assert fake.calls() == []
+
+
 @pytest.mark.parametrize("args,named", [
     (["train", "--remote_dir", "../elsewhere", "--", "--gin_file=x"], "--remote_dir"),
     (["train", "--env", "1BAD=x", "--", "--gin_file=x"], "--env"),
