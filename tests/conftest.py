@@ -17,6 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("MAXNUCL_TOLERANCE_LOG"):
+  import tolerance_log  # pylint: disable=wrong-import-position
+  tolerance_log.install(os.environ["MAXNUCL_TOLERANCE_LOG"])
+
 import pathlib  # pylint: disable=wrong-import-position
 
 import gin  # pylint: disable=wrong-import-position

@@ -20,8 +20,11 @@ def free_address() -> str:
 
 
 def cpu_env(devices: int, **extra: str) -> dict:
+  """The test process's environment with `devices` simulated CPU devices; the fast-compile flag
+  only where the test process has it (a suite run without it runs its children without it)."""
+  fast = FAST_COMPILE_FLAG if FAST_COMPILE_FLAG in os.environ.get("XLA_FLAGS", "") else ""
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {fast}".strip(),
           **extra}
 
 
