@@ -36,6 +36,11 @@ import numpy as np
 from maxnucl.layers import attentions
 from maxnucl.layers.chunked_attention import chunked_attention
 
+import arguments  # benchmarks/arguments.py
+
+IMPLS = ("xla", "chunked", "pallas_gpu", "splash", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def _attention(impl: str, segments, *, scale, softcap, window):
   """`impl`'s attention as a function of (q, k, v), q [B, T, K, G, H]."""
@@ -110,21 +115,27 @@ def main() -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split("\n\n", maxsplit=1)[1])
   parser.add_argument("--impls", nargs="+", default=["xla", "chunked", "pallas_gpu"],
-                      help="xla | chunked | pallas_gpu | splash | cudnn")
-  parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--heads", type=int, default=8, help="query heads (Gemma-2-2B: 8)")
-  parser.add_argument("--kv_heads", type=int, default=4, help="Gemma-2-2B: 4")
-  parser.add_argument("--head_dim", type=int, default=256, help="Gemma-2-2B: 256")
-  parser.add_argument("--window", type=int, default=4096, help="0: a global layer")
-  parser.add_argument("--softcap", type=float, default=50.0, help="0: none")
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--tolerance", type=float, default=2e-2)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--json", help="also write the results here")
+                      choices=IMPLS, metavar="IMPL", help=" | ".join(IMPLS))
+  parser.add_argument("--lengths", type=arguments.positive_int, nargs="+", default=[2048])
+  parser.add_argument("--batch", type=arguments.positive_int, default=1)
+  parser.add_argument("--heads", type=arguments.positive_int, default=8,
+                      help="query heads (Gemma-2-2B: 8)")
+  parser.add_argument("--kv_heads", type=arguments.positive_int, default=4, help="Gemma-2-2B: 4")
+  parser.add_argument("--head_dim", type=arguments.positive_int, default=256,
+                      help="Gemma-2-2B: 256")
+  parser.add_argument("--window", type=arguments.nonnegative_int, default=4096,
+                      help="0: a global layer")
+  parser.add_argument("--softcap", type=arguments.nonnegative_float, default=50.0,
+                      help="0: none")
+  parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+  parser.add_argument("--tolerance", type=arguments.positive_float, default=2e-2)
+  parser.add_argument("--repeats", type=arguments.positive_int, default=5)
+  parser.add_argument("--json", type=arguments.output_file, help="also write the results here")
   args = parser.parse_args()
   if args.heads % args.kv_heads:
     parser.error(f"--heads {args.heads} is not a multiple of --kv_heads {args.kv_heads}")
+  if "cudnn" in args.impls and args.softcap:
+    parser.error(f"--impls cudnn has no soft-cap: run it with --softcap 0, not {args.softcap}")
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({jax.default_backend()}; "
         f"{platform.processor() or platform.machine()}), jax {jax.__version__}; heads "

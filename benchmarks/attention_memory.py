@@ -26,6 +26,8 @@ import numpy as np
 from maxnucl.layers import attentions
 from maxnucl.layers.chunked_attention import chunked_attention
 
+import arguments  # benchmarks/arguments.py
+
 
 def gradient(impl: str, window):
   def loss(q, k, v, segments):
@@ -57,13 +59,17 @@ def measure(impl, window, length, args):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-  parser.add_argument("--heads", type=int, default=2)
-  parser.add_argument("--kv_heads", type=int, default=1)
-  parser.add_argument("--head_dim", type=int, default=32)
-  parser.add_argument("--window", type=int, default=512, help="the sliding-window layer's W")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--lengths", type=arguments.positive_int, nargs="+",
+                      default=[1024, 2048, 4096])
+  parser.add_argument("--heads", type=arguments.positive_int, default=2)
+  parser.add_argument("--kv_heads", type=arguments.positive_int, default=1)
+  parser.add_argument("--head_dim", type=arguments.positive_int, default=32)
+  parser.add_argument("--window", type=arguments.positive_int, default=512,
+                      help="the sliding-window layer's W")
+  parser.add_argument("--repeats", type=arguments.positive_int, default=3)
   args = parser.parse_args()
+  if args.heads % args.kv_heads:
+    parser.error(f"--heads {args.heads} is not a multiple of --kv_heads {args.kv_heads}")
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
         f"heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}, float32, soft-cap 50")
   print(f"{'T':>6} {'layer':>8} {'xla MiB':>9} {'chunked MiB':>12} {'ratio':>6} "

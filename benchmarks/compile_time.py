@@ -29,6 +29,8 @@ import numpy as np
 from maxnucl import losses, models
 from maxnucl.models import decoder
 
+import arguments  # benchmarks/arguments.py
+
 
 def _loss(cfg, params, batch):
   logits = models.apply(cfg, params, batch["tokens"])
@@ -81,14 +83,19 @@ def measure(cfg, batch_size: int, seq_len: int, steps: int) -> dict:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="gemma2_tiny")
-  parser.add_argument("--shallow", type=int, default=4, help="layers of the shallow model")
-  parser.add_argument("--deep", type=int, default=46, help="layers of the deep model")
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--seq_len", type=int, default=64)
-  parser.add_argument("--steps", type=int, default=0,
+  parser.add_argument("--shallow", type=arguments.positive_int, default=4,
+                      help="layers of the shallow model")
+  parser.add_argument("--deep", type=arguments.positive_int, default=46,
+                      help="layers of the deep model")
+  parser.add_argument("--batch", type=arguments.positive_int, default=2)
+  parser.add_argument("--seq_len", type=arguments.positive_int, default=64)
+  parser.add_argument("--steps", type=arguments.nonnegative_int, default=0,
                       help="also time this many gradient steps of each variant (0: compile only)")
-  parser.add_argument("--json", default=None, help="also write the figures to this file")
+  parser.add_argument("--json", type=arguments.output_file, default=None,
+                      help="also write the figures to this file")
   args = parser.parse_args(argv)
+  for depth in (args.shallow, args.deep):
+    arguments.model_config(parser, args.preset, num_layers=depth)
 
   rows = []
   for scan in (True, False):

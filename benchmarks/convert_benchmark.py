@@ -33,6 +33,7 @@ REPO = pathlib.Path(__file__).absolute().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import arguments  # noqa: E402  pylint: disable=wrong-import-position
 import workdirs  # noqa: E402  pylint: disable=wrong-import-position
 from maxnucl import outputs  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -80,8 +81,39 @@ def _child(argv: list[str]) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _child_error(argv: list[str]) -> str:
+  """The one-line error of this file's --child mode `argv` (exit 2), or '' when it passed."""
+  out = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True,
+                       text=True)
+  if out.returncode == 2:
+    return out.stderr.strip().splitlines()[-1]
+  if out.returncode:
+    raise RuntimeError(f"{argv[0]} failed:\n{out.stderr[-3000:]}")
+  return ""
+
+
+def preset_problem(preset: str, layers: str) -> str:
+  """What is wrong with --preset and --layers as a Gemma-2 config ('' if nothing); run in a
+  child, so that this process imports nothing large before the measured children (`measure`)."""
+  from maxnucl import models
+  try:
+    cfg = models.get_config(preset, num_layers=int(layers))
+  except models.ConfigError as error:
+    return str(error)
+  if cfg.family != "gemma2":
+    return (f"--preset {preset}: a {cfg.family} model; the Hugging Face converter takes "
+            f"Gemma-2 presets")
+  return ""
+
+
 def child(mode: str, src: str, dst: str) -> None:
   """One measured step in a fresh process (so ru_maxrss is this step's own peak)."""
+  if mode == "check":
+    problem = preset_problem(src, dst)
+    if problem:
+      print(problem, file=sys.stderr)
+      sys.exit(2)
+    return
   if mode == "make":
     make_hf_dir(pathlib.Path(dst), sys.argv[6], int(src), int(float(sys.argv[5]) * GiB))
     from maxnucl.conversion import hf_io
@@ -115,14 +147,18 @@ def copy_seconds(src: pathlib.Path, dst: pathlib.Path) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--workdir", default="/tmp/convert_benchmark")
-  parser.add_argument("--shard_gib", type=float, default=2.0)
+  # The check at the end reads layer 1's FFN: at least two layers.
+  parser.add_argument("--layers", type=arguments.at_least(2), default=4)
+  parser.add_argument("--workdir", type=arguments.work_directory, default="/tmp/convert_benchmark")
+  parser.add_argument("--shard_gib", type=arguments.positive_float, default=2.0)
   parser.add_argument("--preset", default="gemma2_9b", help="a Gemma-2 preset whose widths the "
                       "input has (gemma2_tiny: a smoke test)")
   parser.add_argument("--keep", action="store_true",
                       help="keep what the run wrote in --workdir (default: remove it)")
   args = parser.parse_args()
+  problem = _child_error(["check", args.preset, str(args.layers)])
+  if problem:
+    arguments.fail(parser, problem)
   written = ["hf", "copy1", "copy2", "ckpt", ".ckpt.tmp-*", "hf_out", ".hf_out.tmp-*"]
   outputs.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the cleanup runs
   with workdirs.scratch(args.workdir, written, keep=args.keep) as work:

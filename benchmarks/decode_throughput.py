@@ -31,6 +31,8 @@ import numpy as np
 from maxnucl import decoding, models
 from maxnucl.conversion import hf_gemma2
 
+import arguments  # benchmarks/arguments.py
+
 
 def hf_model(cfg, params, dtype):
   import torch  # pylint: disable=import-outside-toplevel
@@ -118,15 +120,21 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="gemma2_small")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-  parser.add_argument("--prompt_len", type=int, default=512)
-  parser.add_argument("--new_tokens", type=int, default=256)
-  parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (best kept)")
+  parser.add_argument("--batch", type=arguments.positive_int, nargs="+", default=[1, 16])
+  parser.add_argument("--prompt_len", type=arguments.positive_int, default=512)
+  # new tokens/s counts the steps after the first new token, which the prefill gives
+  parser.add_argument("--new_tokens", type=arguments.at_least(2), default=256)
+  parser.add_argument("--repeats", type=arguments.positive_int, default=2,
+                      help="timed runs per side (best kept)")
   parser.add_argument("--skip_transformers", action="store_true")
-  parser.add_argument("--json", default=None, help="also write the figures to this file")
+  parser.add_argument("--json", type=arguments.output_file, default=None,
+                      help="also write the figures to this file")
   args = parser.parse_args(argv)
 
-  cfg = models.get_config(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+  cfg = arguments.model_config(parser, args.preset, dtype=args.dtype, param_dtype=args.dtype)
+  if cfg.family != "gemma2" and not args.skip_transformers:
+    arguments.fail(parser, f"--preset {args.preset}: a {cfg.family} model, which transformers' "
+                   f"Gemma-2 cannot run; pass --skip_transformers or a Gemma-2 preset")
   if cfg.max_positions < args.prompt_len + args.new_tokens:  # e.g. gemma2_tiny (512)
     cfg = cfg.replace(max_positions=args.prompt_len + args.new_tokens)
   params = models.init(cfg, jax.random.PRNGKey(0))

@@ -29,9 +29,11 @@ import time
 
 import jax
 
-from maxnucl import models
+from maxnucl import checkpoints, models
 from maxnucl.data import sources, synthetic, vocabularies
 from maxnucl.evaluation import core, execution, gsm8k, mbpp
+
+import arguments  # benchmarks/arguments.py
 
 
 def write_standin_data(root: pathlib.Path, num_examples: int) -> None:
@@ -61,10 +63,18 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", default=None, help="default: a random gemma2_tiny")
   parser.add_argument("--vocab", default="byte")
-  parser.add_argument("--examples", type=int, default=64, help="examples per benchmark")
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--json", default=None, help="also write the figures to this file")
+  parser.add_argument("--examples", type=arguments.positive_int, default=64,
+                      help="examples per benchmark")
+  parser.add_argument("--batch_size", type=arguments.positive_int, default=16)
+  parser.add_argument("--json", type=arguments.output_file, default=None,
+                      help="also write the figures to this file")
   args = parser.parse_args(argv)
+  try:
+    vocabularies.get_tokenizer(args.vocab)
+    if args.checkpoint:
+      checkpoints.load_config(checkpoints.resolve(args.checkpoint))
+  except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: sentencepiece's
+    arguments.fail(parser, str(error))
 
   if args.checkpoint:
     model = core.LanguageModel.load(args.checkpoint, args.vocab, batch_size=args.batch_size)

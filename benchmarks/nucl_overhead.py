@@ -30,6 +30,8 @@ import numpy as np
 from maxnucl import models
 from maxnucl import train
 
+import arguments  # benchmarks/arguments.py
+
 
 def compiled_step(cfg, tx, schedule, terms, state, batch, rng):
   """train_step compiled with `total_loss.terms = terms` (gin is read while tracing)."""
@@ -42,22 +44,24 @@ def compiled_step(cfg, tx, schedule, terms, state, batch, rng):
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="gemma2_tiny")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--batch", type=arguments.positive_int, default=8)
+  parser.add_argument("--seq_len", type=arguments.positive_int, default=128)
   parser.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
   parser.add_argument("--remat", default=None,
                       help="remat_policy: none | full | save_dots (default: the preset's)")
-  parser.add_argument("--alpha", type=float, default=100.0)
-  parser.add_argument("--steps", type=int, default=30, help="timed steps of each variant")
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--json", default=None, help="also write the figures to this file")
+  parser.add_argument("--alpha", type=arguments.positive_float, default=100.0)
+  parser.add_argument("--steps", type=arguments.positive_int, default=30,
+                      help="timed steps of each variant")
+  parser.add_argument("--warmup", type=arguments.nonnegative_int, default=3)
+  parser.add_argument("--json", type=arguments.output_file, default=None,
+                      help="also write the figures to this file")
   args = parser.parse_args(argv)
 
-  gin.parse_config("import maxnucl.losses")
   overrides = {"dtype": args.dtype} if args.dtype else {}
   if args.remat:
     overrides["remat_policy"] = args.remat
-  cfg = models.get_config(args.preset, **overrides)
+  cfg = arguments.model_config(parser, args.preset, **overrides)
+  gin.parse_config("import maxnucl.losses")
   schedule = train.learning_rate_schedule(1000, peak_learning_rate=1e-6, warmup_steps=0)
   tx = train.create_optimizer(schedule, name="adafactor")
   params = models.init(cfg, jax.random.PRNGKey(0))

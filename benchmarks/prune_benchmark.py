@@ -33,8 +33,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maxnucl import checkpoints, models, outputs  # noqa: E402
+from maxnucl.pruning import METHODS  # noqa: E402
 
+import arguments  # noqa: E402  pylint: disable=wrong-import-position
 import workdirs  # noqa: E402  pylint: disable=wrong-import-position
+
+# The benchmark passes no calibration data: the data-free methods.
+DATA_FREE_METHODS = sorted(name for name, method in METHODS.items()
+                           if not method.needs_calibration)
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -90,22 +96,38 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="gemma2_9b",
                       help="model whose widths the input has (gemma2_tiny: a smoke test)")
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--vocab_size", type=int, default=256_000)
-  parser.add_argument("--method", default="entropy")
-  parser.add_argument("--ratio", type=float, default=0.25)
-  parser.add_argument("--workdir", default="/tmp/prune_bench")
+  parser.add_argument("--layers", type=arguments.positive_int, default=4)
+  parser.add_argument("--vocab_size", type=arguments.positive_int, default=256_000)
+  parser.add_argument("--method", default="entropy", choices=DATA_FREE_METHODS)
+  parser.add_argument("--ratio", type=float, default=0.25,
+                      help="fraction of each layer's FFN neurons to remove, in [0, 1)")
+  parser.add_argument("--workdir", type=arguments.work_directory, default="/tmp/prune_bench")
   parser.add_argument("--keep", action="store_true",
                       help="keep the input, the pruned output and report.json in --workdir "
                            "(default: remove what this run wrote there)")
-  parser.add_argument("--json", default=None)
+  parser.add_argument("--json", type=arguments.output_file, default=None)
   parser.add_argument("--input_layout", choices=("streaming", "orbax"), default="streaming",
                       help="input written like the converter and the pruner write "
                            "(StreamingWriter: uncompressed zarr, ~64 MiB row-block chunks) or "
                            "by checkpoints.save like the trainer's checkpoints (Orbax OCDBT, "
                            "zstd, chunks of at most 64 MiB)")
   args = parser.parse_args()
+  arguments.model_config(parser, args.preset, num_layers=args.layers, vocab_size=args.vocab_size)
+  if not 0 <= args.ratio < 1:
+    arguments.fail(parser, f"--ratio {args.ratio}: expected a fraction in [0, 1)")
   name = f"ckpt_{args.preset}_{args.input_layout}"
+  kept = pathlib.Path(args.workdir) / name
+  if kept.exists():  # a kept input is reused: it must be the one asked for
+    try:
+      cfg = checkpoints.load_config(kept)
+    except (OSError, ValueError) as error:
+      arguments.fail(parser, f"--workdir {args.workdir}: kept input {kept} cannot be read "
+                     f"({error}); delete it or pass a different --workdir")
+    if cfg.num_layers != args.layers or cfg.vocab_size != args.vocab_size:
+      arguments.fail(parser, f"--workdir {args.workdir}: kept input {kept} has "
+                     f"{cfg.num_layers} layers / vocab {cfg.vocab_size}, not --layers "
+                     f"{args.layers} / --vocab_size {args.vocab_size}; delete it or pass a "
+                     f"different --workdir")
   written = [name, f".{name}.tmp-*", f"{name}.orbax-checkpoint-tmp*", "copy", "pruned",
              ".pruned.tmp-*", "report.json"]
   outputs.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the cleanup runs
@@ -124,9 +146,6 @@ def measure(args: argparse.Namespace, work: pathlib.Path, src: pathlib.Path) -> 
     make_checkpoint(src, args.preset, args.layers, args.vocab_size, args.input_layout)
     print(f"created {src} in {time.time() - t:.1f}s", file=sys.stderr)
   cfg = checkpoints.load_config(src)
-  if cfg.num_layers != args.layers or cfg.vocab_size != args.vocab_size:
-    raise SystemExit(f"{src} has {cfg.num_layers} layers / vocab {cfg.vocab_size}; delete it "
-                     f"or pass a different --workdir")
   for p in (copy, out):
     shutil.rmtree(p, ignore_errors=True)
 

@@ -31,6 +31,8 @@ import time
 
 from maxnucl.evaluation import execution
 
+import arguments  # benchmarks/arguments.py
+
 TRIVIAL = """def add(a, b):
   return a + b
 assert add(1, 2) == 3
@@ -108,14 +110,17 @@ def timed(function, *args, **kwargs):
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--runs", type=int, default=30, help="timed runs of each variant")
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--programs", type=int, default=64, help="programs for the throughput")
-  parser.add_argument("--workers", type=int, default=os.cpu_count())
-  parser.add_argument("--timeout_s", type=float, default=3.0)
+  parser.add_argument("--runs", type=arguments.positive_int, default=30,
+                      help="timed runs of each variant")
+  parser.add_argument("--warmup", type=arguments.nonnegative_int, default=3)
+  parser.add_argument("--programs", type=arguments.positive_int, default=64,
+                      help="programs for the throughput")
+  parser.add_argument("--workers", type=arguments.positive_int, default=os.cpu_count())
+  parser.add_argument("--timeout_s", type=arguments.positive_float, default=3.0)
   parser.add_argument("--disable", nargs="*", default=[], choices=execution.FACILITIES,
                       help="containment facilities to switch off (to measure their cost)")
-  parser.add_argument("--json", default=None, help="also write the figures to this file")
+  parser.add_argument("--json", type=arguments.output_file, default=None,
+                      help="also write the figures to this file")
   args = parser.parse_args(argv)
 
   sandboxed = functools.partial(execution.check_program, timeout_s=args.timeout_s,

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
-from maxnucl import flops, gin_config, models, sharding, train, tpu_vm  # noqa: E402
+from maxnucl import flops, gin_config, models, outputs, sharding, train, tpu_vm  # noqa: E402
 
 GIB = 2.0 ** 30
 TIGHT = 0.85  # above this fraction of HBM the estimate leaves too little room to count on
@@ -69,6 +69,11 @@ def _macro_value(value):
 
 def read_run(gin_file: str, gin_params: Sequence[str] = ()) -> dict:
   """What the plan needs from a run file (and bindings), read as the trainer reads them."""
+  return with_shapes(read_settings(gin_file, gin_params))
+
+
+def read_settings(gin_file: str, gin_params: Sequence[str] = ()) -> dict:
+  """The run file's settings (GinConfigError, OSError, ... for a bad file or binding)."""
   gin.clear_config()
   try:
     gin_config.parse([gin_file], list(gin_params))
@@ -81,9 +86,15 @@ def read_run(gin_file: str, gin_params: Sequence[str] = ()) -> dict:
         "num_steps": int(gin.query_parameter("train_loop.num_steps")),
         "rules": sharding.logical_axis_rules(),
     }
-    tx = train.create_optimizer(optax.constant_schedule(1e-6))
+    run["tx"] = train.create_optimizer(optax.constant_schedule(1e-6))
   finally:
     gin.clear_config()
+  return run
+
+
+def with_shapes(run: dict) -> dict:
+  """`run` with its params' and optimizer state's shapes."""
+  cfg, tx = run["cfg"], run["tx"]
   # The shapes, once per run (tracing a 42-layer model takes seconds); placed per mesh in `plan`.
   run["abstract_params"] = models.abstract_params(cfg)
   run["logical_axes"] = models.logical_axes(cfg)
@@ -207,10 +218,21 @@ def main(argv=None) -> int:
   try:
     accelerators = [tpu_vm.parse_accelerator_type(s) for s in args.slices.split(",") if s]
   except tpu_vm.UsageError as error:
-    parser.error(str(error))
+    parser.error(str(error).replace("--accelerator_type", "--slices", 1))
+  gin_files = [f for f in args.runs.split(",") if f]
+  if not accelerators or not gin_files:
+    parser.error(f"--{'slices' if not accelerators else 'runs'}: expected at least one")
+  if args.json:
+    try:
+      outputs.check_output_file(args.json, {}, flag="--json")
+    except outputs.OutputPathError as error:
+      parser.error(str(error))
+  try:  # every run file's settings before any shape is traced
+    settings = [read_settings(gin_file, args.gin_param) for gin_file in gin_files]
+  except (OSError, ValueError, KeyError, SyntaxError) as error:
+    parser.error(" ".join(gin_config.error_message(error).split()))
   rows = []
-  for gin_file in (f for f in args.runs.split(",") if f):
-    run = read_run(gin_file, args.gin_param)
+  for run in map(with_shapes, settings):
     rows.extend(plan(run, accelerator, args.mfu) for accelerator in accelerators)
   print(markdown(rows))
   print(f"\nbatch x seq_len as in each run file; * = raised to a multiple of the host count. "

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+import arguments  # benchmarks/arguments.py
+
 CPU_DEFAULTS = {"num_layers": 2, "vocab_size": 4096, "d_model": 256, "num_heads": 4,
                 "num_kv_heads": 2, "head_dim": 64, "query_pre_attn_scalar": 64, "ffn_dim": 1024,
                 "sliding_window": 128}
@@ -187,9 +189,9 @@ def main(argv=None) -> int:
   parser.add_argument("--preset", default="gemma2_2b")
   parser.add_argument("--overrides", help="JSON ModelConfig overrides (default on CPU: a "
                       f"reduced shape, {json.dumps(CPU_DEFAULTS)}; '{{}}' = the preset as is)")
-  parser.add_argument("--seq_lens", type=int, nargs="+", default=None,
+  parser.add_argument("--seq_lens", type=arguments.positive_int, nargs="+", default=None,
                       help="default 2048 4096 on a GPU, 512 on CPU")
-  parser.add_argument("--batches", type=int, nargs="+", default=None,
+  parser.add_argument("--batches", type=arguments.positive_int, nargs="+", default=None,
                       help="candidates, largest first (default 8 4 2 1 on a GPU, 4 on CPU)")
   parser.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on a GPU, "
                       "float32 on CPU)")
@@ -197,17 +199,24 @@ def main(argv=None) -> int:
   parser.add_argument("--remat", default="none", help="none | full | save_dots (the peer: "
                       "gradient checkpointing when not none)")
   parser.add_argument("--attention_impl", default="auto")
-  parser.add_argument("--scan_layers", type=lambda s: s.lower() in ("1", "true", "yes"),
-                      default=True)
-  parser.add_argument("--learning_rate", type=float, default=1e-5)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--scan_layers", type=arguments.boolean, default=True)
+  parser.add_argument("--learning_rate", type=arguments.positive_float, default=1e-5)
+  parser.add_argument("--steps", type=arguments.positive_int, default=5)
+  parser.add_argument("--warmup", type=arguments.nonnegative_int, default=2)
   parser.add_argument("--no_peer", action="store_true", help="maxnucl only")
-  parser.add_argument("--json", help="also write the figures here")
+  parser.add_argument("--json", type=arguments.output_file, help="also write the figures here")
   parser.add_argument("--_side", help=argparse.SUPPRESS)
   parser.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--_seq_len", type=int, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.overrides is not None:
+    try:
+      overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as error:
+      parser.error(f"--overrides {args.overrides!r}: not JSON ({error})")
+    if not isinstance(overrides, dict):
+      parser.error(f"--overrides {args.overrides!r}: expected a JSON object of ModelConfig "
+                   f"fields, e.g. '{{\"num_layers\": 2}}'")
   # The parent process only reads the platform and prints: the children measure.  Its XLA client
   # must not reserve most of a GPU's memory for the whole run (XLA preallocates 75 % by default);
   # the children get the environment as it was.
@@ -227,7 +236,10 @@ def main(argv=None) -> int:
     return 0
   args.forward = [a for a in (argv if argv is not None else sys.argv[1:])]
   args.forward += ["--dtype", args.dtype, "--overrides", args.overrides or "{}"]
-  cfg = _config(args)
+  try:
+    cfg = _config(args)
+  except ValueError as error:  # ConfigError: a preset, dtype, remat, attention or override
+    arguments.fail(parser, str(error))
   from maxnucl import models  # pylint: disable=import-outside-toplevel
   print(f"model {cfg.name} {models.param_count(cfg)['total'] / 1e6:.1f}M parameters, "
         f"{cfg.num_layers} layers, d {cfg.d_model}, vocab {cfg.vocab_size}; dtype {args.dtype}, "

@@ -1,4 +1,5 @@
-"""The benchmarks leave nothing behind in their work directory unless --keep (tiny presets)."""
+"""The benchmarks refuse bad arguments in one line before any work, and leave nothing behind in
+their work directory unless --keep (tiny presets)."""
 
 import importlib.util
 import os
@@ -25,6 +26,56 @@ def _workdirs_module():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+# One bad argument for every benchmark script, and what its message must name (the cases after
+# a `#` gave a traceback before).
+BAD_ARGUMENTS = {
+    "attention_check.py": (["--repeats", "0"], "--repeats"),  # median of no times
+    "attention_memory.py": (["--kv_heads", "3"], "--kv_heads 3"),  # 2 query heads
+    "compile_time.py": (["--deep", "0"], "--deep"),
+    "convert_benchmark.py": (["--layers", "1"], "--layers"),  # its check reads layer 1
+    "decode_throughput.py": (["--preset", "gemma2_nine"], "'gemma2_nine'"),
+    "eval_throughput.py": (["--checkpoint", "no_such_checkpoint"], "no_such_checkpoint"),
+    "nucl_overhead.py": (["--remat", "sometimes"], "'sometimes'"),
+    "prune_benchmark.py": (["--preset", "gemma2_nine"], "'gemma2_nine'"),
+    "sandbox_overhead.py": (["--runs", "0", "--warmup", "0"], "--runs"),
+    "tpu_plan.py": (["--runs=no_such_run.gin"], "no_such_run.gin"),
+    "train_throughput.py": (["--overrides", "[2]"], "--overrides '[2]'"),  # not a JSON object
+    "gpu_session.sh": (["c"], "a|b|smoke"),  # not a part
+}
+HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
+
+
+def _message_lines(stderr: str) -> list[str]:
+  """stderr without argparse's usage block (the `usage:` line and its indented continuation)."""
+  lines = stderr.splitlines()
+  if len(lines) > 1 and lines[0].startswith("usage:"):
+    lines = lines[1:]
+    while lines and lines[0].startswith(" "):
+      lines = lines[1:]
+  return lines
+
+
+def test_every_benchmark_script_has_a_bad_argument_case():
+  scripts = {p.name for p in (REPO / "benchmarks").iterdir() if p.suffix in (".py", ".sh")}
+  assert scripts - HELPERS == set(BAD_ARGUMENTS)
+
+
+@pytest.mark.parametrize("script", sorted(BAD_ARGUMENTS))
+def test_a_bad_argument_is_refused_in_one_line_before_any_work(script, tmp_path):
+  runner = ["bash"] if script.endswith(".sh") else [sys.executable]
+  workdir = tmp_path / "work"
+  args, named = BAD_ARGUMENTS[script]
+  if script in ("convert_benchmark.py", "prune_benchmark.py"):
+    args = [*args, "--workdir", str(workdir)]
+  proc = subprocess.run([*runner, str(REPO / "benchmarks" / script), *args], cwd=tmp_path,
+                        env=ENV, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  [message] = _message_lines(proc.stderr)
+  assert named in message
+  assert list(tmp_path.iterdir()) == []  # neither --workdir nor anything else was made
 
 
 def test_prune_benchmark_removes_its_workdir_unless_keep(tmp_path):
