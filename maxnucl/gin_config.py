@@ -26,6 +26,7 @@ import functools
 import inspect
 import logging
 import pathlib
+import tokenize
 import types
 import typing
 from typing import Any, Sequence
@@ -60,8 +61,33 @@ def parse_files_and_bindings(gin_files: Sequence[str], gin_params: Sequence[str]
       raise FileNotFoundError(f"gin file {path} does not exist (looked in the working directory "
                               f"and in {GIN_SEARCH_PATH})")
   with _without_gin_path_not_found():
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
-                                        finalize_config=finalize_config)
+    # Files, then bindings, in two calls (gin's one call does the same), so that a syntax error
+    # is reported with the file or the binding it is in.
+    try:
+      gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
+    except (SyntaxError, tokenize.TokenError) as error:
+      raise GinConfigError(_syntax_error_message(error, "gin file", gin_files)) from None
+    try:
+      gin.parse_config_files_and_bindings(None, list(gin_params),
+                                          finalize_config=finalize_config)
+    except (SyntaxError, tokenize.TokenError) as error:
+      raise GinConfigError(_syntax_error_message(error, "gin binding", gin_params)) from None
+
+
+def _syntax_error_message(error: Exception, what: str, texts: Sequence[str]) -> str:
+  """One line naming where gin's parser stopped: `what` is "gin file" (texts: the files) or
+  "gin binding" (texts: the bindings, which gin parses as one string, a line each)."""
+  reason, location = (error.args + (None, None))[:2]
+  if isinstance(error, tokenize.TokenError):  # no position: an unclosed bracket or string
+    return f"{what}(s) {', '.join(map(repr, texts))}: {reason} (an unclosed bracket or quote?)"
+  line = getattr(location, "line_num", None)
+  if what == "gin file" and getattr(location, "filename", None):
+    content = (location.line_content or "").strip()
+    return f"gin file {location.filename}, line {line}: {reason} ({content!r})"
+  lines = "\n".join(texts).splitlines()
+  if line and 1 <= line <= len(lines):
+    return f"gin binding {lines[line - 1]!r}: {reason}"
+  return f"{what}(s) {', '.join(map(repr, texts))}: {reason}"
 
 
 @functools.cache
@@ -195,6 +221,21 @@ def check_types() -> None:
 
 
 def error_message(error: BaseException) -> str:
-  """The error's own message, without the "In call to configurable ..." lines gin appends to
-  exceptions raised inside configurables (the message already names the binding)."""
-  return str(error).split("\n  In call to configurable")[0]
+  """The error's own message as the one line a command line prints before exiting 2: without
+  the "In call to configurable ..." lines gin appends to exceptions raised inside configurables
+  (the message already names the binding), its other lines joined.  Those are the location gin
+  gives a parse error ("In bindings string line 1" / "In file ..., line 3", then the line) and
+  the details a message lists below its first line (a missing dataset's roots and expected
+  files)."""
+  lines = [line.strip() for line in
+           str(error).split("\n  In call to configurable")[0].splitlines() if line.strip()]
+  message = lines[0] if lines else type(error).__name__
+  for previous, line in zip(lines, lines[1:]):
+    if previous.startswith("In "):
+      separator = ": "
+    elif previous.endswith((".", ":", ";")):
+      separator = " "
+    else:
+      separator = "; "
+    message += separator + line
+  return message
