@@ -227,6 +227,23 @@ def test_train_sentencepiece_tool_writes_a_gemma_compatible_model(tmp_path):
   assert batch["tokens"].max() < tokenizer.vocab_size
 
 
+def test_train_sentencepiece_tool_replaces_a_model_only_with_overwrite(tmp_path, capsys):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("Ada has 3 coins and gets 4 more.\n" * 20)
+  args = [str(corpus), "--output", str(tmp_path / "sp"), "--vocab_size", "300"]
+  assert cli.main(["train_sentencepiece", *args]) == 0
+  model = (tmp_path / "sp.model").read_bytes()
+  (tmp_path / "sp.model").write_bytes(b"the user's")
+  capsys.readouterr()
+  assert cli.main(["train_sentencepiece", *args]) == 2
+  assert capsys.readouterr().err.strip() == (f"error: --output {tmp_path / 'sp'}: "
+                                             f"{tmp_path / 'sp'}.model exists; pass --overwrite "
+                                             f"to replace it")
+  assert (tmp_path / "sp.model").read_bytes() == b"the user's"
+  assert cli.main(["train_sentencepiece", *args, "--overwrite"]) == 0
+  assert (tmp_path / "sp.model").read_bytes() == model  # the same text, the same model
+
+
 @pytest.mark.parametrize("gin_file, source", [
     ("synthetic.gin", "synthetic_arithmetic"), ("gsm8k.gin", "gsm8k"), ("mbpp.gin", "mbpp"),
     ("superglue.gin", "super_glue_v102_proportional")])

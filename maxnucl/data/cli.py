@@ -1,7 +1,7 @@
 """Command lines of the data package (thin wrappers; tests call the library functions).
 
   python -m maxnucl.data cache --source gsm8k --split train --cache_dir /data/cache --seq_len 1024
-  python -m maxnucl.data train_sentencepiece --output /tmp/sp --vocab_size 384 a.txt b.txt
+  python -m maxnucl.data train_sentencepiece --output /tmp/sp --vocab_size 384 a.txt b.txt [--overwrite]
   python -m maxnucl.data list
 """
 
@@ -83,7 +83,13 @@ def train_sentencepiece_main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--output", required=True, help="model prefix; writes <output>.model")
   parser.add_argument("--vocab_size", type=int, default=384)
   parser.add_argument("--model_type", default="bpe", choices=("bpe", "unigram", "char", "word"))
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing <output>.model and <output>.vocab")
   args = parser.parse_args(argv)
+  for suffix in (".model", ".vocab"):
+    if os.path.lexists(f"{args.output}{suffix}") and not args.overwrite:
+      raise FileExistsError(f"--output {args.output}: {args.output}{suffix} exists; pass "
+                            f"--overwrite to replace it")
   path = vocabularies.train_sentencepiece(args.text_files, args.output,
                                           vocab_size=args.vocab_size, model_type=args.model_type)
   print(path)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
+import tempfile
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
@@ -122,6 +124,7 @@ def train_sentencepiece(text_files: Iterable[str | os.PathLike], model_prefix: s
   written `<model_prefix>.model` (a `<model_prefix>.vocab` is written beside it).
   """
   import sentencepiece  # pylint: disable=import-outside-toplevel
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
 
   files = [str(f) for f in text_files]
   for f in files:
@@ -129,15 +132,52 @@ def train_sentencepiece(text_files: Iterable[str | os.PathLike], model_prefix: s
       raise FileNotFoundError(f"SentencePiece training text file not found: {f}")
   if not files:
     raise ValueError("train_sentencepiece needs at least one text file")
+  reserved = 4 + (256 if byte_fallback else 0)  # pad, eos, bos, unk (and the byte pieces)
+  if not isinstance(vocab_size, int) or vocab_size <= reserved:
+    raise ValueError(f"vocab_size {vocab_size}: expected more than {reserved} (the special "
+                     f"tokens{' and the 256 byte-fallback pieces' if byte_fallback else ''}) "
+                     f"plus a piece for each character of the training text")
   model_prefix = pathlib.Path(model_prefix)
   texts = {"training text file" + (f" {i + 1}" if i else ""): f for i, f in enumerate(files)}
   if model_prefix.parent.is_dir():  # (a new directory holds no training text)
     for suffix in (".model", ".vocab"):  # never overwrite a training text, symlinks resolved
       outputs.check_output_file(f"{model_prefix}{suffix}", texts, flag="--output")
-  model_prefix.parent.mkdir(parents=True, exist_ok=True)
-  sentencepiece.SentencePieceTrainer.train(
-      input=",".join(files), model_prefix=str(model_prefix), vocab_size=vocab_size,
-      model_type=model_type, character_coverage=character_coverage,
-      byte_fallback=byte_fallback, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=3,
-      max_sentence_length=max_sentence_length, hard_vocab_limit=False, minloglevel=2)
+  # Trained in a temporary directory: a run that fails (or is refused by SentencePiece) leaves
+  # nothing behind, not even the output's new parent directory.
+  with tempfile.TemporaryDirectory(prefix="maxnucl-sentencepiece-") as tmp:
+    trained = pathlib.Path(tmp) / "sp"
+    try:
+      sentencepiece.SentencePieceTrainer.train(
+          input=",".join(files), model_prefix=str(trained), vocab_size=vocab_size,
+          model_type=model_type, character_coverage=character_coverage,
+          byte_fallback=byte_fallback, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=3,
+          max_sentence_length=max_sentence_length, hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as error:  # its checks of the options against the text
+      raise ValueError(_sentencepiece_refusal(error, files, vocab_size)) from None
+    # The model records the prefix it was trained under: the output's, as if trained in place.
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(pathlib.Path(f"{trained}.model").read_bytes())
+    proto.trainer_spec.model_prefix = str(model_prefix)
+    contents = {".vocab": pathlib.Path(f"{trained}.vocab").read_bytes(),
+                ".model": proto.SerializeToString()}
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, content in contents.items():  # each appears by one rename, the model last
+      staged = model_prefix.parent / f".{model_prefix.name}{suffix}.tmp-{os.getpid()}"
+      try:
+        staged.write_bytes(content)
+        os.replace(staged, f"{model_prefix}{suffix}")
+      finally:
+        staged.unlink(missing_ok=True)
   return pathlib.Path(f"{model_prefix}.model")
+
+
+def _sentencepiece_refusal(error: RuntimeError, files: Sequence[str], vocab_size: int) -> str:
+  """SentencePiece's `INTERNAL: file.cc(N) [condition] reason` as a sentence about the input."""
+  text = " ".join(str(error).split())
+  needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", text)
+  if needed:
+    return (f"vocab_size {vocab_size} is too small for the training text: its characters and "
+            f"the special tokens need at least {needed.group(1)} pieces")
+  if "sentences_.empty()" in text:
+    return f"the training text ({', '.join(files)}) holds no sentences"
+  return f"SentencePiece cannot train on {', '.join(files)} with vocab_size {vocab_size}: {text}"
