@@ -1,7 +1,11 @@
 """Specification of the dataset readers and text formats, on fixture files in released formats."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import gin
 import pytest
@@ -132,6 +136,35 @@ def test_gin_data_dir_binding_is_searched_before_the_environment(tmp_path, monke
   gin.bind_parameter("data_roots.data_dir", str(tmp_path))
   assert catalog.get_task("gsm8k").examples("test") == [
       {"inputs": "Question: 1+1?\nAnswer: ", "targets": "#### 2"}]
+
+
+def test_a_dataset_missing_from_tfds_is_reported_without_tfds_warnings_or_tensorflow(tmp_path):
+  """Looking for a dataset that is in no data root nor in TFDS's data_dir (here empty, and one
+  holding only an unprepared folder) gives the one error, not TFDS's "Variant folder ... has no
+  dataset_info.json" warning, and never imports TensorFlow for it (a fresh process, logging as
+  the command lines set it up)."""
+  (tmp_path / "tfds_partial" / "super_glue" / "cb").mkdir(parents=True)
+  code = textwrap.dedent("""
+      import logging, sys
+      import gin
+      from maxnucl.data import catalog, sources
+      logging.basicConfig(level=logging.WARNING)
+      for task, data_dir in (("gsm8k", "tfds_empty"), ("super_glue_cb_v102", "tfds_partial")):
+        gin.bind_parameter("tfds_data_dir.data_dir", f"{sys.argv[1]}/{data_dir}")
+        try:
+          catalog.get_task(task).examples("test")
+        except sources.DatasetNotFoundError:
+          print("not found:", task)
+      print("tensorflow imported:", "tensorflow" in sys.modules)
+      """)
+  (tmp_path / "tfds_empty").mkdir()
+  env = {**os.environ, sources.DATA_DIR_ENV: str(tmp_path / "no_data")}
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                        text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines() == ["not found: gsm8k", "not found: super_glue_cb_v102",
+                                      "tensorflow imported: False"]
+  assert done.stderr == ""
 
 
 def test_missing_dataset_names_dataset_places_and_expected_files(tmp_path, monkeypatch):

@@ -119,7 +119,20 @@ def _field_error(record: Record, message: str) -> MalformedRecordError:
 
 # ---- TFDS (only when the builder is already prepared; imports TensorFlow) -----------------------
 
+_TFDS_DATASET_INFO = "dataset_info.json"  # what TFDS writes into each prepared version's folder
+
+
 def _tfds_builder_prepared(name: str) -> bool:
+  """Whether TFDS has `name` ("gsm8k", "super_glue/boolq") prepared in its data_dir.  TFDS (and
+  with it TensorFlow) is asked only where a local data_dir holds a prepared version of it,
+  `<data_dir>/<name>/<version>/dataset_info.json`: TFDS's own check logs a warning ("Variant
+  folder ... has no dataset_info.json") for every dataset that is not there, which a user who
+  never ran `tfds build` cannot act on.  A URL data_dir is left to TFDS."""
+  data_dir = tfds_data_dir() or os.environ.get("TFDS_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), "tensorflow_datasets")  # TFDS's default
+  if "://" not in str(data_dir) and not any(
+      pathlib.Path(data_dir, name).glob(f"*/{_TFDS_DATASET_INFO}")):
+    return False
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
