@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from maxnucl import models, sharding
-from maxnucl import ffn
+from maxnucl import compilation, ffn, models, sharding
 from maxnucl.layers.attentions import KVCache
 from maxnucl.models.config import ModelConfig
 from maxnucl.models.decoder import Decoder, output_logits
@@ -173,7 +172,9 @@ def _is_stop(tokens, stop_ids):
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "total_length", "max_new_tokens", "sampling"))
+@compilation.announced_jit(
+    what=lambda a: f"prefill ({a['cfg'].name}, batch {compilation.shape_text(a['tokens'])})",
+    static_argnames=("cfg", "total_length", "max_new_tokens", "sampling"))
 def _start(cfg, params, tokens, lengths, active, rng, stop_ids, *, total_length, max_new_tokens,
            sampling):
   """Prefill, and the first new token of every row."""
@@ -185,7 +186,10 @@ def _start(cfg, params, tokens, lengths, active, rng, stop_ids, *, total_length,
           "done": ~active | _is_stop(first, stop_ids), "caches": caches}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
+@compilation.announced_jit(
+    what=lambda a: (f"decoding ({a['cfg'].name}, batch {a['state']['out'].shape[0]}, up to "
+                    f"{a['state']['out'].shape[1]} new tokens)"),
+    static_argnames=("cfg", "sampling"), donate_argnames=("state",))
 def _extend(cfg, params, state, stop_ids, end, *, sampling):
   """Decode steps `state["step"]`, ... up to `end` (exclusive), or until every row is done."""
 
@@ -333,7 +337,9 @@ class TokenScores:
     return float(np.sum(self.logprobs, dtype=np.float64))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+@compilation.announced_jit(
+    what=lambda a: f"scoring ({a['cfg'].name}, batch {compilation.shape_text(a['tokens'])})",
+    static_argnames=("cfg", "chunk"))
 def _score_batch(cfg, params, tokens, lengths, target_positions, targets, *, chunk):
   """log p(targets[b, j] | tokens[b, :target_positions[b, j] + 1]) and whether it is the argmax;
   logits are formed only at the target positions, `chunk` positions at a time."""

@@ -52,6 +52,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxnucl import checkpoints
+from maxnucl import compilation
 from maxnucl import distributed
 from maxnucl import flops
 from maxnucl import losses
@@ -282,11 +283,20 @@ def train_loop(workdir: str | os.PathLike, *,
                       batch_sh), out_shardings=replicated)
     entropy_fn = jax.jit(lambda p: jnp.sum(losses.outgoing_entropy(p, cfg)),
                          in_shardings=(state_sh["params"],), out_shardings=replicated)
-    t0 = time.perf_counter()
-    step_fn = step_fn.lower(state, _abstract_batch(train_iter, batch_sh), rng).compile()
-    log.info("compiled train_step in %.1fs", time.perf_counter() - t0)
-
-    eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
+    # Compiled before the loop, each between two lines (compilation.compile_announced).
+    abstract_batch = _abstract_batch(train_iter, batch_sh)
+    shape = f"{cfg.name}, batch {train_iter.batch_size}×{train_iter.seq_len}"
+    step_fn = compilation.compile_announced(step_fn, state, abstract_batch, rng,
+                                            what=f"the train step ({shape})")
+    eval_data = []
+    if eval_every:
+      eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh)
+      eval_fn = compilation.compile_announced(eval_fn, state["params"], abstract_batch,
+                                              what=f"the eval step ({shape})")
+      if primary:
+        print(f"eval_loss: {perplexity.scored_tokens(train_iter.metadata['loss_on_inputs'])}, "
+              f"{eval_batches} batches of {train_iter.metadata['source']} {eval_split}",
+              flush=True)
     benchmarks = _benchmarks(eval_tasks, train_iter)
     tasks_every = eval_tasks_every or eval_every
     metrics_log = _MetricsLog(workdir, resume_step or 0) if primary else _NoMetricsLog()

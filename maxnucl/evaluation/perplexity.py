@@ -17,8 +17,9 @@ over the `activation_batch` mesh axes, and the jitted NLL returns replicated sum
 process can read back (multi-process runs included).
 
 The `Perplexity` benchmark reads a registered task's split (packed rows of `seq_len` tokens, as
-the trainer sees them; `loss_on_inputs` counts the prompt tokens too) or a local text file
-(tokenized with the model's vocabulary after BOS, cut into rows of `seq_len` predicted tokens).
+the trainer sees them) or a local text file (tokenized with the model's vocabulary after BOS, cut
+into rows of `seq_len` predicted tokens).  Like the trainer's `eval_loss`, it scores a task's
+target tokens only by default; `loss_on_inputs = True` counts the prompt tokens too.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import losses, models, sharding
+from maxnucl import compilation, losses, models, sharding
 from maxnucl.data import caching, catalog, packing, pipeline, vocabularies
 from maxnucl.evaluation.core import EvaluationError, LanguageModel
 from maxnucl.models.config import ModelConfig
@@ -53,7 +54,12 @@ def row_nll(params: dict, batch: dict, *, cfg: ModelConfig) -> tuple[jax.Array, 
   return jax.vmap(one_row)(logits, batch["targets"], mask), jnp.sum(mask, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+def _describe_nll_step(arguments: dict) -> str:
+  return (f"the NLL step ({arguments['cfg'].name}, batch "
+          f"{compilation.shape_text(arguments['batch']['tokens'])})")
+
+
+@compilation.announced_jit(what=_describe_nll_step, static_argnames=("cfg",))
 def _row_nll_jit(params, batch, *, cfg):
   return row_nll(params, batch, cfg=cfg)
 
@@ -118,8 +124,8 @@ def nll_step(cfg: ModelConfig, mesh: Optional[Mesh] = None,
   if mesh is None:
     return functools.partial(_row_nll_jit, cfg=cfg)
   rules = sharding.logical_axis_rules() if rules is None else rules
-  jitted = jax.jit(functools.partial(row_nll, cfg=cfg),
-                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+  jitted = compilation.AnnouncedJit(functools.partial(row_nll, cfg=cfg), _describe_nll_step,
+                                    out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   def step(params, batch):
     with sharding.activate(mesh, rules):
@@ -128,6 +134,12 @@ def nll_step(cfg: ModelConfig, mesh: Optional[Mesh] = None,
 
 
 # ---- held-out NLL -------------------------------------------------------------------------------
+
+def scored_tokens(loss_on_inputs: bool) -> str:
+  """Which tokens a held-out NLL averages over, as the trainer and the evaluator print it."""
+  return ("NLL over input and target tokens" if loss_on_inputs
+          else "NLL over target tokens only (inputs not scored)")
+
 
 def summarize(nll_sum: float, tokens: float) -> dict[str, float]:
   if tokens <= 0:
@@ -183,7 +195,7 @@ class Perplexity:
   source: str = "synthetic_arithmetic"
   split: Optional[str] = None  # default: the task's validation split, else test
   seq_len: int = 512
-  loss_on_inputs: bool = True  # count prompt tokens too (False: targets only, as training)
+  loss_on_inputs: bool = False  # targets only, as the trainer's eval_loss (True: prompts too)
   cache_dir: Optional[str] = None  # a task's cached rows (tools/cache_tasks.py)
   name: str = "perplexity"
   vocab: Optional[str] = None  # the model's vocabulary ('byte' or a SentencePiece file)
@@ -200,6 +212,19 @@ class Perplexity:
 
   def settings(self) -> dict:
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "cache_dir")}
+
+  def describe(self) -> str:
+    """One line: which tokens of which data are scored."""
+    if self.source not in catalog.TASKS and self.source not in catalog.MIXTURES:
+      return (f"perplexity: NLL over every token of {self.source} after BOS, rows of "
+              f"{self.seq_len} tokens")
+    loss_on_inputs, seq_len = self.loss_on_inputs, self.seq_len
+    if self.cache_dir:  # cached rows are scored as they were built
+      index = caching.CachedRows(
+          caching.cache_split_dir(self.cache_dir, self.source, self._split())).index
+      loss_on_inputs, seq_len = index["loss_on_inputs"], index["seq_len"]
+    return (f"perplexity: {scored_tokens(loss_on_inputs)} of {self.source} {self._split()}, "
+            f"rows of {seq_len} tokens")
 
   def _rows(self) -> dict[str, np.ndarray]:
     vocab = self.vocab or vocabularies.BYTE_VOCAB_NAME
