@@ -6,8 +6,10 @@
 Writes OUT/results.json (every metric, example counts, checkpoint, settings, the gin config,
 elapsed time) and OUT/predictions.jsonl (one record per example: id, prompt, raw output,
 extracted answer, reference, correct/score).  Rerunning the same command after an interruption
-resumes: examples already in predictions.jsonl are skipped.  Protocols and metrics:
-docs/evaluation.md.
+resumes: examples already in predictions.jsonl are skipped (a larger --limit adds to them).  An
+OUT that holds an evaluation of other settings (benchmark settings, checkpoint, a smaller
+--limit) is refused (exit 2, nothing changed) unless --overwrite is given, which evaluates afresh
+and replaces OUT when done.  Protocols and metrics: docs/evaluation.md.
 
 `--mesh_shape 1,-1,1` (or `evaluate.mesh_shape` in gin) restores the checkpoint straight into
 its shardings on that (data, fsdp, tensor) mesh, for a model too large for one device.  Several
@@ -19,6 +21,7 @@ files and prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pathlib
 import sys
@@ -63,25 +66,38 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
                         benchmark: Optional[core.Benchmark] = None,
                         limit: Optional[int] = None, vocab: Optional[str] = None,
                         batch_size: Optional[int] = None, dtype: Optional[str] = None,
-                        progress: bool = True, mesh_shape: Any = None) -> dict:
+                        progress: bool = True, mesh_shape: Any = None,
+                        overwrite: bool = False) -> dict:
   """Run the gin-configured (or given) benchmark on `checkpoint`; returns results.json's dict.
-  Explicit arguments override the gin bindings.  With several processes every one calls this;
-  process 0 writes the files, and all return when it is done."""
+  Explicit arguments override the gin bindings.  `output` holding an evaluation of other
+  settings (benchmark, its settings, checkpoint, a smaller limit) is refused before the model is
+  loaded; with the same settings (or a larger limit) it is resumed.  `overwrite`: evaluate afresh in a temporary folder that
+  replaces `output` when done.  With several processes every one calls this; process 0 writes
+  the files, and all return when it is done."""
   settings = evaluation_settings()
   benchmark = benchmark or settings["benchmark"]
   vocab = vocab or settings["vocab"]
+  limit = limit if limit is not None else settings["limit"]
   if getattr(benchmark, "vocab", "unset") is None:  # perplexity: tokenize with the model's
     benchmark.vocab = vocab
   mesh = sharding.mesh_for_flag(mesh_shape if mesh_shape is not None else settings["mesh_shape"])
   path = checkpoints.resolve(checkpoint)
-  # results go beside the checkpoint, never into it (symlinks resolved); checked before loading
-  outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=False)
+  # results go beside the checkpoint, never into it (symlinks resolved); a replaced output must
+  # not contain it either; checked before loading
+  outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=overwrite)
+  if not overwrite:
+    run = core.run_record(benchmark, str(path), limit)
+    core.from_primary(lambda: core.check_resumable(output, run))
+  primary = distributed.is_primary()
+  if primary and hasattr(benchmark, "describe"):
+    print(benchmark.describe(), flush=True)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
-  results = core.run_benchmark(benchmark, model, output,
-                               limit=limit if limit is not None else settings["limit"],
-                               progress=progress, checkpoint=str(path),
-                               gin_config=gin.config_str())
+  replace = overwrite and primary and pathlib.Path(output).exists()
+  with (outputs.TemporaryOutput(output, overwrite=True) if replace
+        else contextlib.nullcontext(output)) as target:
+    results = core.run_benchmark(benchmark, model, target, limit=limit, progress=progress,
+                                 checkpoint=str(path), gin_config=gin.config_str())
   distributed.sync("maxnucl-evaluate: done")  # nobody exits while another process still works
   return results
 
@@ -103,6 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="evaluate afresh and replace what --output holds when done (without "
+                           "it, an --output of other settings is refused, the same resumed)")
   parser.add_argument("--mesh_shape", default=None, metavar="DATA,FSDP,TENSOR",
                       help="restore the model sharded on this device mesh, e.g. 1,-1,1 "
                            "(overrides evaluate.mesh_shape; default: one device)")
@@ -117,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
                                   vocab=args.vocab, batch_size=args.batch_size,
                                   dtype=args.dtype, progress=not args.no_progress,
-                                  mesh_shape=args.mesh_shape)
+                                  mesh_shape=args.mesh_shape, overwrite=args.overwrite)
   except (OSError, ValueError, KeyError, SyntaxError) as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 2

@@ -1,11 +1,15 @@
 """What the command lines print while they work: every compilation is announced before it starts
-and timed after it ends, before the first step or result; the demo opens with no warning."""
+and timed after it ends, before the first step or result; the trainer and the evaluator say
+which tokens their held-out NLL scores (and score the same ones); the demo opens with no
+warning."""
 
+import json
 import re
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import processes
@@ -53,6 +57,41 @@ def test_demo_opens_without_a_warning(demo):
   opening = lines[:6]
   assert lines[0] == "compiling the train step (gemma2_tiny, batch 16×64)…", opening
   assert not [line for line in opening if re.search("warn|tensorflow|absl", line, re.I)], opening
+
+
+def test_trainer_and_evaluator_score_the_same_tokens_and_agree_on_the_nll(demo):
+  workdir, train_lines = demo
+  scored = "NLL over target tokens only (inputs not scored)"
+  assert f"eval_loss: {scored}, 4 batches of synthetic_arithmetic test" in train_lines
+  eval_loss = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
+  # The trainer's data: the first 4 batches of 16 rows of 64 tokens of the test split; the
+  # perplexity benchmark's default tokens (no loss_on_inputs binding).
+  lines = _run(["-m", "maxnucl.evaluate", "--gin_file=gin/eval/perplexity.gin",
+                f"--checkpoint={workdir}", f"--output={workdir / 'perplexity'}",
+                "--gin_param=perplexity.split = 'test'", "--gin_param=perplexity.seq_len = 64",
+                "--limit", "64", "--batch_size", "16", "--no_progress"])
+  assert lines[0] == f"perplexity: {scored} of synthetic_arithmetic test, rows of 64 tokens"
+  results_line = next(i for i, l in enumerate(lines) if l.startswith("perplexity on "))
+  assert _announced(lines, "the NLL step (gemma2_tiny, batch 16×64)") < results_line
+  metrics = json.loads((workdir / "perplexity" / "results.json").read_text())["metrics"]
+  # Both sum the same per-token float32 NLLs l_i >= 0 (the same `row_nll`, in two compiled
+  # programs) in different orders: the trainer adds a batch's 16 row sums in float32, the
+  # evaluator adds rows in float64.  A float32 sum of N terms is within (N - 1) * eps * sum|l_i|
+  # = (N - 1) * eps * N * NLL of the exact one (eps = float32's 2^-23), so the two means, over
+  # the same N tokens, differ by at most 2 * N * eps * NLL.
+  tokens = metrics["tokens"]
+  assert metrics["nll"] == pytest.approx(
+      eval_loss, rel=2 * tokens * float(np.finfo(np.float32).eps), abs=0)
+
+
+def test_evaluator_announces_prefill_and_decoding_before_its_results(demo):
+  workdir, _ = demo
+  lines = _run(["-m", "maxnucl.evaluate", "--gin_file=gin/eval/synthetic_arithmetic.gin",
+                f"--checkpoint={workdir}", f"--output={workdir / 'arithmetic'}", "--limit", "4",
+                "--batch_size", "4", "--no_progress"])
+  results_line = lines.index(next(l for l in lines if l.startswith("synthetic_arithmetic on ")))
+  assert _announced(lines, "prefill (gemma2_tiny, batch 4×128)") < results_line
+  assert _announced(lines, "decoding (gemma2_tiny, batch 4, up to 64 new tokens)") < results_line
 
 
 def test_generate_announces_its_compilations_before_the_text(demo):

@@ -67,6 +67,16 @@ def test_gsm8k_prompt_has_fixed_train_exemplars_then_the_question(offline_data):
   assert gsm8k.GSM8K(num_shots=2, seed=3).few_shot_prefix() == prefix  # fixed by the seed
 
 
+def test_synthetic_arithmetic_results_are_named_after_it_with_gsm8k_metrics(tmp_path):
+  results = core.run_benchmark(gsm8k.GSM8K(**ARITHMETIC), _CountingModel(), tmp_path, limit=4,
+                               progress=False)
+  assert results["benchmark"] == "synthetic_arithmetic"
+  assert json.loads((tmp_path / core.RESULTS).read_text())["benchmark"] == "synthetic_arithmetic"
+  assert set(results["metrics"]) == {"accuracy_strict", "accuracy_flexible", "num_examples"}
+  assert evaluate.format_results(results).startswith("synthetic_arithmetic on ")
+  assert gsm8k.GSM8K().name == "gsm8k"
+
+
 def test_trained_model_scores_above_zero_and_untrained_scores_zero(arithmetic_checkpoint):
   """The CPU demo's model answers some held-out arithmetic problems; the same model with its
   initial (random) weights answers none."""
@@ -134,6 +144,52 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
   other = gsm8k.GSM8K(**{**ARITHMETIC, "max_new_tokens": 99})
   with pytest.raises(core.EvaluationError, match="settings"):
     core.run_benchmark(other, _CountingModel(), tmp_path, limit=4, progress=False)
+
+
+def _folder_bytes(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_command_refuses_other_settings_into_an_existing_result_unless_overwrite(tmp_path,
+                                                                                 capsys):
+  """A finished evaluation is not replaced by one of a smaller --limit (exit 2, the folder byte
+  for byte as it was) unless --overwrite; the same settings resume it, a larger limit extends
+  it."""
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  checkpoints.save(tmp_path / "ckpt", cfg, models.init(cfg, jax.random.PRNGKey(6)))
+  (tmp_path / "doc.txt").write_text("Outgoing connections of feed-forward neurons.\n" * 5)
+  out = tmp_path / "eval"
+  flags = ["--gin_file=gin/eval/perplexity.gin", "--gin_param=perplexity.seq_len = 64",
+           f"--gin_param=perplexity.source = '{tmp_path / 'doc.txt'}'", "--batch_size", "4",
+           f"--checkpoint={tmp_path / 'ckpt'}", f"--output={out}", "--no_progress"]
+
+  def run(*extra):
+    gin.clear_config()
+    code = evaluate.main(flags + list(extra))
+    gin.clear_config()
+    return code, capsys.readouterr()
+
+  assert run()[0] == 0
+  finished = _folder_bytes(out)
+  assert json.loads(finished[pathlib.Path(core.RESULTS)])["num_examples"] == 4
+  code, printed = run("--limit", "2")
+  assert code == 2 and _folder_bytes(out) == finished
+  assert printed.err == (f"error: {out} holds the evaluation of other settings (limit: None "
+                         f"there, 2 now); pass --overwrite to replace it, or choose another "
+                         f"--output\n")
+  code, _ = run()  # the same settings: everything resumed
+  resumed = json.loads((out / core.RESULTS).read_text())
+  assert code == 0 and resumed["num_resumed"] == resumed["num_examples"] == 4
+  code, _ = run("--limit", "2", "--overwrite")
+  replaced = json.loads((out / core.RESULTS).read_text())
+  assert code == 0 and replaced["num_examples"] == 2 and replaced["num_resumed"] == 0
+  assert len((out / core.PREDICTIONS).read_text().splitlines()) == 2
+  assert json.loads((out / core.RUN).read_text())["limit"] == 2
+  code, _ = run()  # no limit: the 2 predictions reused, the other 2 added
+  extended = json.loads((out / core.RESULTS).read_text())
+  assert code == 0 and extended["num_resumed"] == 2 and extended["num_examples"] == 4
+  assert extended["metrics"] == json.loads(finished[pathlib.Path(core.RESULTS)])["metrics"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "doc.txt", "eval"]
 
 
 # ---- the one held-out NLL ---------------------------------------------------------------------
@@ -245,6 +301,7 @@ def test_two_processes_resume_and_evaluate_perplexity_like_one(tmp_path):
     assert code == 0, err[-3000:]
   assert "perplexity" in outputs[0][1]
   assert processes.printed_lines(outputs[1][1]) == []
+  assert "compiling the NLL step" in outputs[0][2] and "compil" not in outputs[1][2]
   results = json.loads((tmp_path / "two_processes" / core.RESULTS).read_text())
   assert results["num_resumed"] == 2 and results["num_examples"] == 5
   assert results["metrics"]["tokens"] == expected["one_process"]["tokens"]
@@ -285,7 +342,7 @@ def test_command_writes_results_and_predictions(arithmetic_checkpoint, tmp_path)
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads((out / core.RESULTS).read_text())
-  assert results["benchmark"] == "gsm8k" and results["num_examples"] == 12
+  assert results["benchmark"] == "synthetic_arithmetic" and results["num_examples"] == 12
   assert set(results["metrics"]) >= {"accuracy_strict", "accuracy_flexible"}
   assert results["checkpoint"] == str(arithmetic_checkpoint) and results["elapsed_s"] > 0
   assert "gsm8k.source = 'synthetic_arithmetic'" in results["gin_config"]
@@ -294,6 +351,7 @@ def test_command_writes_results_and_predictions(arithmetic_checkpoint, tmp_path)
   assert set(records[0]) >= {"id", "prompt", "output", "answer_strict", "answer_flexible",
                              "reference", "correct_strict", "correct_flexible"}
   assert "accuracy_strict" in result.stdout
+  assert f"synthetic_arithmetic on {arithmetic_checkpoint}" in result.stdout
   # The same command again: everything is resumed, nothing re-evaluated, same metrics.
   again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -328,11 +386,13 @@ def test_training_logs_benchmark_metrics_at_eval_steps(tmp_path, offline_data):
   train.train_loop(tmp_path, mesh=sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
   gin.clear_config()
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  with_tasks = [r["step"] for r in records if "gsm8k/accuracy_strict" in r]
+  with_tasks = [r["step"] for r in records if "synthetic_arithmetic/accuracy_strict" in r]
   assert with_tasks == [2, 4]
+  assert not [k for r in records for k in r if k.startswith("gsm8k")]  # named after the data
   assert all("perplexity/nll" in r for r in records if r["step"] in (2, 4))
-  assert (tmp_path / "eval" / "gsm8k" / "step_4" / core.PREDICTIONS).exists()
-  lines = (tmp_path / "eval" / "gsm8k" / "step_2" / core.PREDICTIONS).read_text().splitlines()
+  eval_dir = tmp_path / "eval" / "synthetic_arithmetic"
+  assert (eval_dir / "step_4" / core.PREDICTIONS).exists()
+  lines = (eval_dir / "step_2" / core.PREDICTIONS).read_text().splitlines()
   assert len(lines) == 6
 
 
@@ -344,7 +404,7 @@ def test_pruning_report_has_benchmark_metrics_before_and_after(arithmetic_checkp
   report = prune.prune_ffn_neurons(arithmetic_checkpoint, tmp_path / "pruned", method="entropy",
                                    ratio=0.5, eval_tasks=["gsm8k"], eval_task_limit=40)
   gin.clear_config()
-  entry = report["eval_tasks"]["gsm8k"]
+  entry = report["eval_tasks"]["synthetic_arithmetic"]
   assert entry["examples"] == 40
   direct = core.run_benchmark(gsm8k.GSM8K(**ARITHMETIC),
                               core.LanguageModel.load(str(arithmetic_checkpoint), "byte"), "",

@@ -9,6 +9,8 @@ prediction records with the model (one JSON object per example: id, prompt, raw 
 extracted answer, reference, correct/score, ...), and reduces all records to metrics.
 `run_benchmark` appends each finished chunk to `predictions.jsonl` (flushed and fsynced), so an
 interrupted run continues where it stopped: examples whose id is already there are skipped.
+`run.json` records what decides them (`run_record`: benchmark, settings, checkpoint, limit); a
+folder holding a run of other settings or a larger limit is refused (`check_resumable`).
 With several processes (maxnucl.distributed) every process runs the same loop (the model calls
 are collective); process 0 alone reads and writes the files and shows the progress bar, and
 sends the predictions it resumes to the others so that all evaluate the same examples.
@@ -114,6 +116,9 @@ class Benchmark(Protocol):
   def settings(self) -> dict:
     """The settings that decide the predictions (a resumed run must use the same)."""
 
+  # Optionally `describe() -> str`: one line saying what is evaluated and how, which
+  # `python -m maxnucl.evaluate` prints before it starts.
+
 
 def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | os.PathLike, *,
                   limit: Optional[int] = None, chunk_size: Optional[int] = None,
@@ -136,7 +141,8 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   primary = distributed.is_primary()
   done: dict[str, dict] = {}
   if write_files:
-    done = _from_primary(lambda: _resumed_records(output_dir, benchmark, checkpoint))
+    run = run_record(benchmark, checkpoint, limit)
+    done = from_primary(lambda: _resumed_records(output_dir, run))
   write_files = write_files and primary
   todo = [e for e in examples if str(e["id"]) not in done]
   resumed = len(examples) - len(todo)
@@ -171,14 +177,14 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   return results
 
 
-def _resumed_records(output_dir: pathlib.Path, benchmark: Benchmark, checkpoint: str
-                     ) -> dict[str, dict]:
+def _resumed_records(output_dir: pathlib.Path, run: dict) -> dict[str, dict]:
+  check_resumable(output_dir, run)
   output_dir.mkdir(parents=True, exist_ok=True)
-  _check_run(output_dir, benchmark, checkpoint)
+  _write_json_atomically(output_dir / RUN, run)  # new, the same, or a larger limit
   return read_predictions(output_dir / PREDICTIONS)
 
 
-def _from_primary(compute):
+def from_primary(compute):
   """`compute()` (JSON-serialisable) as process 0 computes it, on every process.  An
   EvaluationError or OSError raised there is raised there and, as an EvaluationError with its
   message, on every other process (none is left waiting).  A single process just calls it."""
@@ -226,23 +232,46 @@ def read_predictions(path: pathlib.Path) -> dict[str, dict]:
   return out
 
 
-def _check_run(output_dir: pathlib.Path, benchmark: Benchmark, checkpoint: str) -> None:
-  """A resumed run must evaluate the same checkpoint with the same settings."""
-  run = {"benchmark": benchmark.name, "settings": benchmark.settings(),
-         "checkpoint": str(checkpoint)}
-  path = output_dir / RUN
-  if path.exists():
-    previous = json.loads(path.read_text())
-    if previous != json.loads(json.dumps(run)):
-      changed = sorted(k for k in set(previous) | set(run)
-                       if json.dumps(previous.get(k), sort_keys=True)
-                       != json.dumps(run.get(k), sort_keys=True))
-      raise EvaluationError(
-          f"{output_dir} holds predictions of another run ({', '.join(changed)} differ: "
-          f"{ {k: previous.get(k) for k in changed} } there, { {k: run.get(k) for k in changed} } "
-          f"now); use a new --output directory or delete {output_dir}")
-    return
-  _write_json_atomically(path, run)
+def run_record(benchmark: Benchmark, checkpoint: str, limit: Optional[int]) -> dict:
+  """What decides a run's predictions and results (OUTPUT_DIR/run.json): a run resumes only the
+  predictions of the same."""
+  return {"benchmark": benchmark.name, "settings": benchmark.settings(),
+          "checkpoint": str(checkpoint), "limit": limit}
+
+
+def conflicting_settings(output_dir: str | os.PathLike, run: dict) -> dict[str, tuple]:
+  """{setting: (value in OUTPUT_DIR/run.json, value in `run`)} of the settings that keep `run`
+  from resuming what the folder holds, a benchmark's own as "settings.<name>" ({} when it holds
+  no run).  A larger (or no) limit does not conflict: it reuses the predictions and adds more."""
+  path = pathlib.Path(output_dir) / RUN
+  if not path.exists():
+    return {}
+  there, now = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(run)))
+  changed = {k: (there.get(k), now.get(k)) for k in sorted(set(there) | set(now))
+             if json.dumps(there.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)}
+  if "limit" in changed:
+    limit_there, limit_now = changed["limit"]
+    if limit_now is None or (limit_there is not None and limit_now > limit_there):
+      del changed["limit"]
+  return changed
+
+
+def check_resumable(output_dir: str | os.PathLike, run: dict) -> None:
+  """Refuse (EvaluationError, one line naming the folder and the differing settings) to write
+  `run` into a folder that holds a run it cannot resume: its results would be replaced by those
+  of fewer examples or other settings, or its predictions mixed with others."""
+  changed = conflicting_settings(output_dir, run)
+  if changed:
+    differences = "; ".join(f"{k}: {there!r} there, {now!r} now"
+                            for k, (there, now) in changed.items())
+    raise EvaluationError(f"{output_dir} holds the evaluation of other settings ({differences}); "
+                          f"pass --overwrite to replace it, or choose another --output")
+
+
+def _flat(run: dict) -> dict:
+  out = {k: v for k, v in run.items() if k != "settings"}
+  out.update({f"settings.{k}": v for k, v in (run.get("settings") or {}).items()})
+  return out
 
 
 def _write_json_atomically(path: pathlib.Path, data: Any) -> None:

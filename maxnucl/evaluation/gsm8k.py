@@ -10,7 +10,9 @@ Metrics (percent):
   accuracy_flexible  the last number in the output.
 Numbers are compared as numbers after removing "," and "$" and a trailing ".": "1,000.00" equals
 "1000".  `source = "synthetic_arithmetic"` evaluates the built-in arithmetic problems instead
-(same answer format; `question_template` "Q: {question}\\nA: " matches how they are trained).
+(same answer format; `question_template` "Q: {question}\\nA: " matches how they are trained);
+the results are then named after them: "synthetic_arithmetic" in results.json, the printed
+results and the metric keys (`synthetic_arithmetic/accuracy_strict` in training).
 """
 
 from __future__ import annotations
@@ -82,7 +84,6 @@ class GSM8K:
   question_template: str = "Question: {question}\nAnswer: "
   max_new_tokens: int = 256
   stop_strings: Sequence[str] = ("Question:",)
-  name: str = "gsm8k"
 
   def __post_init__(self):
     self.stop_strings = tuple(self.stop_strings)
@@ -98,8 +99,19 @@ class GSM8K:
       return synthetic.arithmetic_problems(settings["seed"], split, settings[split])
     return sources.read_gsm8k(split)
 
+  @property
+  def name(self) -> str:
+    """What the results are called (results.json, metric keys, eval/ folders): the data
+    evaluated, "gsm8k" or "synthetic_arithmetic" (scored with GSM8K's format and metrics)."""
+    return self.source
+
   def settings(self) -> dict:
-    return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+    return dataclasses.asdict(self)
+
+  def describe(self) -> str:
+    """One line: what is evaluated and how."""
+    return (f"{self.name}: {self.split} split, {self.num_shots}-shot, greedy; GSM8K's metrics: "
+            f"accuracy_strict (the number after '####'), accuracy_flexible (the last number)")
 
   def few_shot_prefix(self) -> str:
     if not self.num_shots:
