@@ -10,7 +10,8 @@ training step directory.  With a mesh, every array is restored directly into its
 host ever holds the whole model.
 
 Whole-tree API:   save(path, cfg, params), load(path, mesh=, rules=, dtype=), load_config(path),
-                  stored_arrays(path), resolve(path) (a training workdir -> its latest step)
+                  stored_arrays(path), resolve(path) (a training workdir -> its latest step),
+                  training_vocab(path) (the vocabulary a training workdir records)
 Streaming API (one tensor in memory at a time; converters and the pruner use it):
   read_array(path, key_path, dtype=None, axes=None)        one stored array (np.ndarray), e.g.
                                                           ("layers_3", "mlp", "out"); axes:
@@ -61,7 +62,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import models, outputs, paths, sharding
+from maxnucl import gin_config, models, outputs, paths, sharding
 from maxnucl.models.config import ModelConfig
 
 PARAMS = "params"
@@ -463,6 +464,27 @@ def resolve(path: str | os.PathLike) -> paths.Path:
   raise CheckpointError(f"{path} is neither a maxnucl checkpoint (no {MODEL_CONFIG}/ directory) "
                         f"nor a training workdir (no {'committed ' if url else ''}"
                         f"checkpoints/<step>/{MODEL_CONFIG}/)")
+
+
+# A training workdir's record of its gin config (maxnucl.train): the values used, else as given.
+RECORDED_CONFIGS = ("operative_config.gin", "config.gin")
+
+
+def training_vocab(path: str | os.PathLike) -> Optional[tuple[str, paths.Path]]:
+  """(vocabulary, the file that records it) of the training run that wrote `path`: a training
+  workdir, its `checkpoints/` directory or one of its steps, whose recorded gin config binds
+  `create_data_iterator.vocab` ('byte' or a SentencePiece model file, as the run was given it);
+  None for a checkpoint outside a workdir or a config that records none."""
+  step = resolve(path)
+  if step.parent.name != "checkpoints":
+    return None
+  for name in RECORDED_CONFIGS:
+    record = step.parent.parent / name
+    if record.is_file():
+      vocab = gin_config.recorded_binding(record.read_text(), "create_data_iterator", "vocab")
+      if isinstance(vocab, str):
+        return vocab, record
+  return None
 
 
 def _existing(path) -> paths.Path:

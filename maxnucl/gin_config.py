@@ -15,6 +15,9 @@ Gin itself refuses a binding of an unknown configurable or parameter.  It accept
     configurable (macros resolved) with the parameter's annotation and names the binding.
 Values of the right type that make no sense (`checkpoint_every = 0`) are refused where they are
 used, before any work (e.g. `train.train_loop`).
+
+`recorded_binding(text, "create_data_iterator", "vocab")` reads one value back from a run's
+recorded config (WORKDIR/operative_config.gin), macros resolved, without importing anything.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Sequence
 
 import gin
 from gin import config as gin_internals
+from gin import config_parser
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent
 GIN_SEARCH_PATH = _PACKAGE if (_PACKAGE / "gin").is_dir() else _PACKAGE.parent
@@ -239,3 +243,34 @@ def error_message(error: BaseException) -> str:
       separator = "; "
     message += separator + line
   return message
+
+
+# ---- a run's recorded configuration ---------------------------------------------------------------
+
+class _Unresolved(config_parser.ParserDelegate):
+  """Parses references without looking anything up: nothing needs to be imported or registered."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return ("@", scoped_configurable_name, evaluate)
+
+  def macro(self, macro_name):
+    return ("%", macro_name)
+
+
+def recorded_binding(gin_text: str, selector: str, param: str) -> Any:
+  """The value that a recorded gin config (a training workdir's operative_config.gin or
+  config.gin) binds to `selector.param` outside any scope, a macro resolved; None when it binds
+  none.  Only parsed: the configurables it names need not be importable."""
+  macros, value = {}, None
+  for statement in config_parser.ConfigParser(gin_text, _Unresolved()):
+    if not isinstance(statement, config_parser.BindingStatement) or statement.scope:
+      continue
+    if not statement.arg_name:  # NAME = value: a macro
+      macros[statement.selector] = statement.value
+    elif statement.arg_name == param and statement.selector.rsplit(".", 1)[-1] == selector:
+      value = statement.value
+  seen = set()
+  while isinstance(value, tuple) and value[:1] == ("%",) and value[1] not in seen:
+    seen.add(value[1])
+    value = macros.get(value[1])
+  return value

@@ -1,10 +1,12 @@
 """Convert Gemma-2 checkpoints between Hugging Face, DeepMind `gemma` and maxnucl; inspect them.
 
   maxnucl-convert hf-to-maxnucl --input HF_DIR --output CKPT [--dtype bfloat16]
-  maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR [--ffn_widths_export pad]
+  maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR [--vocab tokenizer.model]
+      [--ffn_widths_export pad]
   maxnucl-convert gemma-to-maxnucl --input DM_CKPT --output CKPT --size 9b
   maxnucl-convert inspect CKPT_OR_HF_DIR [--json]
 
+A maxnucl input (maxnucl-to-hf, inspect) may also be a training workdir: its latest checkpoint.
 All conversions stream (one tensor in memory at a time), never touch their input, refuse an
 existing output unless --overwrite, and leave nothing under the output name if interrupted.
 Every path may be a URL, gs://bucket/dir or file:///dir: a URL output counts as complete only
@@ -31,8 +33,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from maxnucl import checkpoints, models, outputs, paths  # noqa: E402
 from maxnucl.conversion import convert, hf_gemma2, hf_io  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
+from maxnucl.data import vocabularies  # noqa: E402
 
 SIZES = {"2b": "gemma2_2b", "9b": "gemma2_9b", "27b": "gemma2_27b"}
+NO_VOCAB = "none"  # maxnucl-to-hf --vocab none: no tokenizer files
 
 
 def _parse_size(text: str) -> int:
@@ -53,10 +57,38 @@ def hf_to_maxnucl(args) -> None:
 
 
 def maxnucl_to_hf(args) -> None:
+  given = None if args.vocab == NO_VOCAB else args.vocab
+  outputs.check_output_path(args.output, convert.maxnucl_to_hf_inputs(args.input, given),
+                            overwrite=args.overwrite)  # before the input is read
+  vocab, source = _export_vocab(args)
   files = convert.maxnucl_to_hf(args.input, args.output, max_shard_bytes=args.max_shard_size,
                                 overwrite=args.overwrite,
-                                ffn_widths_export=args.ffn_widths_export)
+                                ffn_widths_export=args.ffn_widths_export, vocab=vocab)
   print(f"wrote Hugging Face directory {args.output} ({len(files)} safetensors file(s))")
+  if vocab is None:
+    print(f"no tokenizer written: {source}; give --vocab (byte or a SentencePiece "
+          f"tokenizer.model) to write one")
+  else:
+    written = sorted(p.name for p in paths.as_path(args.output).iterdir()
+                     if p.name.startswith("tokenizer"))
+    print(f"tokenizer of vocabulary {vocab!r} ({source}): {', '.join(written)}")
+
+
+def _export_vocab(args) -> tuple[str | None, str]:
+  """(--vocab, or else the vocabulary the input's training workdir records; where it is from)."""
+  if args.vocab == NO_VOCAB:
+    return None, "--vocab none"
+  if args.vocab is not None:
+    return args.vocab, "--vocab"
+  recorded = checkpoints.training_vocab(args.input)
+  if recorded is None:
+    return None, f"{args.input} records no vocabulary (not in a training workdir)"
+  vocab, record = recorded
+  if vocab != vocabularies.BYTE_VOCAB_NAME and not paths.as_path(vocab).is_file():
+    raise convert.ConversionError(
+        f"{record} records the vocabulary {vocab}, which is not a file here; give --vocab "
+        f"PATH (or --vocab none for no tokenizer)")
+  return vocab, f"recorded in {record}"
 
 
 def gemma_to_maxnucl(args) -> None:
@@ -104,8 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=hf_to_maxnucl)
 
   p = conversion("maxnucl-to-hf", "maxnucl Gemma-2 checkpoint -> Hugging Face directory "
-                 "(config.json + sharded safetensors) for transformers.Gemma2ForCausalLM",
-                 "maxnucl checkpoint directory", "Hugging Face directory to create")
+                 "(config.json + sharded safetensors, and the tokenizer) for "
+                 "transformers.Gemma2ForCausalLM and AutoTokenizer",
+                 "maxnucl checkpoint directory, or a training workdir (its latest step)",
+                 "Hugging Face directory to create")
+  p.add_argument("--vocab", default=None,
+                 help="the model's vocabulary, 'byte' or a SentencePiece model file "
+                      "(tokenizer.model): write its Hugging Face tokenizer (tokenizer.json, "
+                      "tokenizer_config.json; a SentencePiece model is copied as "
+                      "tokenizer.model), encoding as maxnucl does; 'none': no tokenizer "
+                      "(default: the vocabulary the input's training workdir records in "
+                      "operative_config.gin, else none)")
   p.add_argument("--max_shard_size", type=_parse_size, default=convert.DEFAULT_MAX_SHARD_BYTES,
                  help="largest safetensors shard, e.g. 5GB, 500MB, 1GiB (default 5GiB)")
   p.add_argument("--ffn_widths_export", choices=list(hf_gemma2.FFN_WIDTHS_EXPORTS),
@@ -135,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("inspect", help="arrays, parameter counts, FFN widths and outgoing-"
                      "connection entropy of a maxnucl checkpoint or Hugging Face directory",
                      description="Summarise a checkpoint, reading one tensor at a time.")
-  p.add_argument("path", help="maxnucl checkpoint or Hugging Face directory")
+  p.add_argument("path", help="maxnucl checkpoint, training workdir (its latest step) or "
+                 "Hugging Face directory")
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
   p.set_defaults(fn=inspect)
   return parser

@@ -2,7 +2,8 @@
 
     hf_to_maxnucl(hf_dir, ckpt, dtype=None, overwrite=False)      safetensors -> maxnucl
     maxnucl_to_hf(ckpt, hf_dir, max_shard_bytes=..., overwrite=False,
-                  ffn_widths_export="refuse")                        maxnucl -> safetensors
+                  ffn_widths_export="refuse", vocab=None)           maxnucl -> safetensors
+                                                                    (+ tokenizer files)
     gemma_to_maxnucl(dm_dir, ckpt, cfg, dtype=None, overwrite=False)    DeepMind flat Orbax -> maxnucl
 
 Each one holds about one tensor in memory at a time (inputs are memory-mapped or read leaf by
@@ -31,7 +32,8 @@ import jax
 import numpy as np
 
 from maxnucl import checkpoints, models, outputs, paths
-from maxnucl.conversion import deepmind_gemma, hf_gemma2, hf_io
+from maxnucl.conversion import deepmind_gemma, hf_gemma2, hf_io, hf_tokenizer
+from maxnucl.data import vocabularies
 from maxnucl.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -138,9 +140,14 @@ def _check_tied(reader: hf_io.SafetensorsReader, embedding: str, rows: int = 819
 
 def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                  ffn_widths_export: str = "refuse") -> list[paths.Path]:
+                  ffn_widths_export: str = "refuse", vocab: Optional[str] = None
+                  ) -> list[paths.Path]:
   """Write a maxnucl Gemma-2 checkpoint as a Hugging Face directory (config.json + safetensors).
 
+  ckpt: a checkpoint or a training workdir (its latest step, `checkpoints.resolve`).
+  vocab: the model's vocabulary, 'byte' or a SentencePiece model file: its Hugging Face
+  tokenizer files are written too (`hf_tokenizer.tokenizer_files`; AutoTokenizer then encodes as
+  maxnucl's tokenizer does); None: no tokenizer.
   ffn_widths_export: how a model whose layers' FFN widths differ (or include 0, a pruned model)
   is written, `hf_gemma2.FFN_WIDTHS_EXPORTS`: "refuse" (the default: an error naming the other
   two), "pad" (every layer zero-padded to the widest width: a plain Gemma2ForCausalLM computing
@@ -148,8 +155,11 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
   AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).  A model whose layers share
   one nonzero width is a plain Gemma-2 in every mode.  Returns the safetensors files written.
   """
-  output = outputs.check_output_path(output, {"input checkpoint": ckpt}, overwrite=overwrite)
+  output = outputs.check_output_path(output, maxnucl_to_hf_inputs(ckpt, vocab),
+                                     overwrite=overwrite)
+  ckpt = checkpoints.resolve(ckpt)
   cfg = checkpoints.load_config(ckpt)
+  tokenizer = {} if vocab is None else _tokenizer_files(vocab, cfg)
   stored = checkpoints.stored_arrays(ckpt)
   dtypes = {dtype for _, dtype in stored.values()}
   if len(dtypes) != 1 or not dtypes <= set(DTYPES):
@@ -204,8 +214,35 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
     (tmp / "config.json").write_text(json.dumps(export.config, indent=2))
     for name, text in export.files.items():
       (tmp / name).write_text(text)
+    for name, content in tokenizer.items():
+      (tmp / name).write_bytes(content)
     files = hf_io.write_sharded(tmp, specs, get_tensor, max_shard_bytes)
   return [output / f.name for f in files]
+
+
+def maxnucl_to_hf_inputs(ckpt: str | os.PathLike, vocab: Optional[str]) -> dict[str, Any]:
+  """What maxnucl_to_hf reads, for `outputs.check_output_path`."""
+  model_file = vocab not in (None, vocabularies.BYTE_VOCAB_NAME)
+  return {"input checkpoint": ckpt, "--vocab file": vocab if model_file else None}
+
+
+def _tokenizer_files(vocab: str, cfg: ModelConfig) -> dict[str, bytes]:
+  """The Hugging Face tokenizer files of `vocab`, checked against the model: every id has an
+  embedding, and pad, eos and bos are the ids config.json declares."""
+  try:
+    tokenizer = vocabularies.get_tokenizer(vocab)
+    files = hf_tokenizer.tokenizer_files(vocab, model_max_length=cfg.max_positions)
+  except (ValueError, OSError) as e:
+    raise ConversionError(f"--vocab {vocab}: {e}") from None
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ConversionError(f"--vocab {vocab}: {tokenizer.vocab_size} tokens, but model "
+                          f"{cfg.name!r} has only {cfg.vocab_size} embeddings")
+  for role in ("pad", "eos", "bos"):
+    ids = getattr(tokenizer, f"{role}_id"), getattr(cfg, f"{role}_id")
+    if ids[0] != ids[1]:
+      raise ConversionError(f"--vocab {vocab}: {role} id {ids[0]}, but model {cfg.name!r} "
+                            f"declares {role}_id {ids[1]}")
+  return files
 
 
 # ---- DeepMind gemma -> maxnucl --------------------------------------------------------------------
