@@ -49,14 +49,18 @@ def _row_blocks(w: np.ndarray, transpose: bool = False) -> Iterator[np.ndarray]:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-  """A JSON-able summary of a maxnucl checkpoint or a Hugging Face Gemma-2 directory."""
+  """A JSON-able summary of a maxnucl checkpoint (or a training workdir's latest one,
+  `checkpoints.resolve`) or a Hugging Face Gemma-2 directory."""
   path = paths.as_path(path)
   if (path / checkpoints.MODEL_CONFIG).is_dir():
     return _inspect_maxnucl(path)
   if (path / "config.json").exists():
     return _inspect_hf(path)
-  raise FileNotFoundError(f"{path}: neither a maxnucl checkpoint ({checkpoints.MODEL_CONFIG}/, "
-                          f"{checkpoints.PARAMS}/) nor a Hugging Face directory (config.json)")
+  try:
+    step = checkpoints.resolve(path)
+  except checkpoints.CheckpointError as e:  # neither a checkpoint nor a workdir
+    raise FileNotFoundError(f"{e}, nor a Hugging Face directory (config.json)") from None
+  return _inspect_maxnucl(step)
 
 
 def _summary(fmt, path, cfg, arrays, entropy) -> dict[str, Any]:

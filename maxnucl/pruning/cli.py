@@ -55,7 +55,8 @@ def prune_main(argv=None) -> int:
   Methods: see --method above or maxnucl/pruning/scores.py.
   """
   parser = _parser(prune_main)
-  parser.add_argument("--input", required=True, help="input checkpoint (only read)")
+  parser.add_argument("--input", required=True,
+                      help="input checkpoint, or a training workdir: its latest step (only read)")
   parser.add_argument("--output", required=True, help="output checkpoint directory")
   parser.add_argument("--method", required=True, help=f"one of {sorted(METHODS)}")
   parser.add_argument("--ratio", required=True, help="fraction of FFN neurons to remove, [0, 1)")
@@ -141,7 +142,8 @@ def analyze_main(argv=None) -> int:
   LP concentration (share of LP mass in the top 1% channels per layer) needs --calibration.
   """
   parser = _parser(analyze_main)
-  parser.add_argument("--input", required=True)
+  parser.add_argument("--input", required=True,
+                      help="checkpoint, or a training workdir: its latest step (only read)")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--methods", default="entropy,magnitude,random",
                       help="comma list of pruning methods to compare (empty: none)")

@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from maxnucl import checkpoints, ffn, paths
+from maxnucl import checkpoints, ffn
 from maxnucl.models.config import ModelConfig
 
 FFN_KEYS = ffn.FFN_KEYS  # U [d, m], V [d, m], W [m, d]
@@ -43,10 +43,11 @@ MAX_LAZY_CHUNK_BYTES = 256 << 20
 
 
 class CheckpointReader:
-  """Reads a maxnucl checkpoint one tensor at a time (never the whole tree unless asked)."""
+  """Reads a maxnucl checkpoint one tensor at a time (never the whole tree unless asked); `path`
+  may be a training workdir, meaning its latest checkpoint (`checkpoints.resolve`)."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = paths.as_path(path)
+    self.path = checkpoints.resolve(path)
     self.cfg: ModelConfig = checkpoints.load_config(self.path)
     self.stored: dict[Key, tuple[tuple[int, ...], str]] = checkpoints.stored_arrays(self.path)
 

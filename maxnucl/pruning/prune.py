@@ -248,7 +248,7 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   full_params = None
   stats = None
   report: dict[str, Any] = {
-      "input": str(input_path), "output": str(output_path), "method": method,
+      "input": str(reader.path), "output": str(output_path), "method": method,
       "method_params": _parse_method_params(method_obj, method_params), "ratio": ratio,
       "layers_spec": layers, "selected_layers": selected, "budget": budget, "seed": seed}
   if mesh is not None:
