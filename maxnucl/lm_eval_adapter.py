@@ -10,7 +10,10 @@ ARC, PIQA, MMLU, TriviaQA, ...) on a maxnucl checkpoint, scored by `maxnucl.deco
 
 `maxnucl-lm-eval` (or `python -m maxnucl.lm_eval_adapter`) is lm-eval's own command line, every
 flag unchanged, with this model registered: lm-eval finds only its built-in models and those that
-an import has registered, so its plain `lm_eval` command cannot know "maxnucl".
+an import has registered, so its plain `lm_eval` command cannot know "maxnucl".  Its --help ends
+with this model's arguments.  A run's results (--output_path) are named after the checkpoint, as
+lm-eval names an hf model's after `pretrained`: OUTPUT_PATH/<checkpoint path, '/' -> '__'>/, and
+"model_name" in results_*.json is the checkpoint as given.
 
 model_args (comma-separated key=value):
   checkpoint     checkpoint directory or training workdir (its latest step)       (required)
@@ -26,6 +29,8 @@ Requires the `eval` extra: pip install -e ".[eval]".
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from typing import Optional
 
@@ -36,6 +41,7 @@ try:
   from lm_eval import utils as lm_utils
   from lm_eval.api.model import TemplateLM
   from lm_eval.api.registry import register_model
+  from lm_eval.loggers import evaluation_tracker
   from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 except ImportError as e:  # an optional dependency
   raise ImportError(f"maxnucl's lm-evaluation-harness model needs lm-eval ({e}): "
@@ -181,10 +187,55 @@ class MaxnuclLM(TemplateLM):
     return results
 
 
+# ---- lm-eval's run records and command line ----------------------------------------------------
+
+def _name_runs_after_the_checkpoint() -> None:
+  """lm-eval names a run (its results folder under --output_path, "model_name") after the
+  model_args pretrained/path/model/...; one of the "maxnucl" model, which has none of them, got
+  a random name.  From here on it is named after its `checkpoint`."""
+  tracker = evaluation_tracker.GeneralConfigTracker
+  log_experiment_args = tracker.log_experiment_args
+  if getattr(log_experiment_args, "names_maxnucl_runs", False):
+    return
+
+  @functools.wraps(log_experiment_args)
+  def log_with_checkpoint_name(self, *args, **kwargs):
+    log_experiment_args(self, *args, **kwargs)
+    call = inspect.signature(log_experiment_args).bind(self, *args, **kwargs).arguments
+    model_args = call.get("model_args") or {}
+    if isinstance(model_args, str):
+      model_args = lm_utils.simple_parse_args_string(model_args)
+    if call.get("model_source") == "maxnucl" and model_args.get("checkpoint"):
+      self.model_name = str(model_args["checkpoint"])
+      self.model_name_sanitized = lm_utils.sanitize_model_name(self.model_name)
+
+  log_with_checkpoint_name.names_maxnucl_runs = True
+  tracker.log_experiment_args = log_with_checkpoint_name
+
+
+_name_runs_after_the_checkpoint()
+
+
+def model_help() -> str:
+  """What `maxnucl-lm-eval --help` adds to lm-eval's help: the "maxnucl" model and its
+  model_args (this module's docstring from its command-line paragraph on)."""
+  example = __doc__[__doc__.index("    maxnucl-lm-eval"):__doc__.index("\n\n    import lm_eval")]
+  details = __doc__[__doc__.index("`maxnucl-lm-eval`"):].rstrip()
+  return f'the model "maxnucl" (a maxnucl checkpoint):\n{example}\n\n{details}'
+
+
+
 def main() -> None:
-  """lm-eval's command line with the "maxnucl" model registered."""
-  from lm_eval.__main__ import cli_evaluate  # pylint: disable=import-outside-toplevel
-  cli_evaluate()
+  """lm-eval's command line with the "maxnucl" model registered and described in --help."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  from lm_eval._cli import HarnessCLI
+  from lm_eval.utils import setup_logging
+
+  setup_logging()
+  cli = HarnessCLI()
+  for parser in (cli._parser, cli._subparsers.choices["run"]):  # lm-eval-harness 0.4.13's
+    parser.epilog = f"{parser.epilog or ''}\n{model_help()}\n"
+  cli.execute(cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The lm-evaluation-harness adapter: the harness, offline, on small local tasks (task YAMLs over
 jsonl files written here) gives exactly the native `decoding.score` / `generate` results."""
 
+import inspect
 import json
 import math
 import os
@@ -138,19 +139,42 @@ def test_rolling_loglikelihood_equals_native_rolling_score(setup, harness):
       expected, rel=1e-5)
 
 
-def test_command_line_runs_the_harness_with_the_maxnucl_model(setup, harness, tmp_path):
+SCRIPT = pathlib.Path(sys.executable).parent / "maxnucl-lm-eval"  # the installed entry point
+
+
+def test_command_line_runs_the_harness_and_names_the_results_after_the_checkpoint(
+    setup, harness, tmp_path):
+  """lm-eval names an hf run after `pretrained` (OUTPUT/<pretrained, '/' -> '__'>/); a maxnucl
+  run is named after its checkpoint the same way, not randomly."""
   root, _, _ = setup
-  script = pathlib.Path(sys.executable).parent / "maxnucl-lm-eval"  # the installed entry point
+  checkpoint = root / "ckpt"
   result = subprocess.run(
-      [str(script), "--model", "maxnucl", "--model_args", f"checkpoint={root / 'ckpt'},vocab=byte",
+      [str(SCRIPT), "--model", "maxnucl", "--model_args", f"checkpoint={checkpoint},vocab=byte",
        "--tasks", "maxnucl_test_mc", "--include_path", str(root / "tasks"), "--batch_size", "2",
        "--output_path", str(tmp_path)],
       capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
   written = list(tmp_path.rglob("results_*.json"))
   assert len(written) == 1
-  acc = json.loads(written[0].read_text())["results"]["maxnucl_test_mc"]["acc,none"]
+  assert written[0].parent == tmp_path / str(checkpoint).replace("/", "__")
+  results = json.loads(written[0].read_text())
+  assert results["model_name"] == str(checkpoint)
+  acc = results["results"]["maxnucl_test_mc"]["acc,none"]
   assert acc == harness["results"]["maxnucl_test_mc"]["acc,none"]
+
+
+def test_help_describes_the_maxnucl_model_and_every_model_argument():
+  arguments = [name for name in inspect.signature(maxnucl.lm_eval_adapter.MaxnuclLM).parameters
+               if name not in ("batch_size", "harness_args")]  # --batch_size is lm-eval's own
+  assert arguments[0] == "checkpoint" and "add_bos_token" in arguments
+  for command in (["--help"], ["run", "--help"]):
+    result = subprocess.run([str(SCRIPT), *command], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--model maxnucl --model_args checkpoint=" in result.stdout, command
+    described = {line.split()[0] for line in result.stdout.splitlines()
+                 if line.startswith("  ") and not line.startswith("   ")}
+    assert set(arguments) <= described, (command, set(arguments) - described)
 
 
 def test_unknown_model_argument_is_named(setup):
