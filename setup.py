@@ -26,7 +26,10 @@ class BuildPyWithGinFiles(build_py.build_py):
       self.copy_file(str(source), str(target))
 
 
-EVAL = ["lm_eval==0.4.13", "datasets==5.2.0"]
+# lm-eval, and what its hf backend (`lm_eval --model hf`, e.g. on a maxnucl-to-hf export) imports
+# but lm-eval does not install: torch, transformers and accelerate.
+EVAL = ["lm_eval==0.4.13", "datasets==5.2.0", "torch==2.13.0", "transformers==5.23.0",
+        "accelerate==1.16.0"]
 
 setuptools.setup(
     name="maxnucl",
@@ -39,7 +42,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["maxnucl", "maxnucl.*"]),
     install_requires=_requirements(),
     extras_require={
-        # lm-evaluation-harness: the "maxnucl" model for the harness's tasks (maxnucl-lm-eval).
+        # lm-evaluation-harness: the "maxnucl" model for the harness's tasks (maxnucl-lm-eval),
+        # and its hf backend on an exported checkpoint.
         "eval": EVAL,
         # torch (CPU build) and transformers are the reference implementation in tests only; the
         # tests run the harness too.
