@@ -1,9 +1,10 @@
-"""The documentation runs: every ```python block of README.md and docs/*.md is executed.
+"""The documentation runs: every ```python block of README.md and docs/*.md is executed, and the
+shell commands of the pages in COMMAND_PAGES.
 
-Each block runs as written, in a fresh namespace and a fresh temporary working directory, after
-the reviewed rewrites of SUBSTITUTIONS (a 2.6B-parameter preset becomes the 0.3M `gemma2_tiny`, a
-documented path becomes a fixture prepared here).  An HTML comment on the line right before a
-fence (invisible on GitHub) says more about its block:
+Each ```python block runs as written, in a fresh namespace and a fresh temporary working
+directory, after the reviewed rewrites of SUBSTITUTIONS (a 2.6B-parameter preset becomes the 0.3M
+`gemma2_tiny`, a documented path becomes a fixture prepared here).  An HTML comment on the line
+right before a fence (invisible on GitHub) says more about its block:
 
     <!-- inputs: cfg, params, logits, batch -->   names the block uses as "your data", described
                                                   in the prose around it; bound from INPUTS
@@ -12,14 +13,39 @@ fence (invisible on GitHub) says more about its block:
 
 Every other ```python block runs; a failure names the file and line of the block and of the
 failing statement.
+
+The ```bash blocks of COMMAND_PAGES run too, one page at a time, every command in order (a later
+one reads what an earlier one wrote), with bash in a temporary directory that holds tiny stand-ins
+for what the page names (`command_world`: a 2-layer `gemma2_tiny` exported as the Hugging Face
+`/work/gemma-2-9b` with a SentencePiece `tokenizer.model`, GSM8K-format files, calibration
+arrays).  The rewrites of COMMAND_SUBSTITUTIONS map the page's paths there and shrink its runs
+(2000 training steps become 1, an evaluation looks at 2 examples); tools/tpu_vm.py commands run
+with --dry_run (the gcloud calls are printed, not made).  A command that cannot run here is in
+COMMANDS_NOT_RUN with its reason; every other command must exit 0.  Where the pages' commands
+cannot run here:
+  - docs/performance.md, docs/benchmarks.md: accelerator measurements and benchmarks that write
+    gigabytes and run for minutes (benchmarks/gpu_session.sh smoke checks the GPU ones on CPU;
+    tests/test_benchmarks.py runs the conversion and pruning benchmarks on tiny shapes);
+  - docs/gemma2.md, docs/models.md, docs/losses.md: no shell commands (gin snippets and the
+    Python blocks that run above);
+  - the downloads of real Gemma-2 weights, datasets and lm-eval tasks, Google Cloud (gcloud,
+    buckets, TPU VMs), the installation itself, and several processes at once.
+The pages of the conversion, decoding, training, evaluation and reproduction docs are not in
+COMMAND_PAGES yet.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import json
+import os
 import pathlib
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 import textwrap
 import traceback
 from typing import Optional
@@ -27,6 +53,7 @@ from typing import Optional
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from maxnucl import checkpoints, models, sharding, train
@@ -259,3 +286,241 @@ def test_markers_and_line_numbers_are_read():
     python_blocks("text\n```python\nx = 1\n", "doc.md")
   with pytest.raises(ValueError, match=r"doc.md:1: .* needs a reason"):
     python_blocks("<!-- not executed: -->\n```python\nx = 1\n```\n", "doc.md")
+
+
+# ---- shell commands -------------------------------------------------------------------------------
+
+COMMAND_PAGES = ("docs/getting-started.md", "docs/data.md", "docs/pruning.md", "docs/tpu.md")
+SHELL_INFO = ("bash", "sh", "shell")
+
+# Commands of COMMAND_PAGES that do not run here: (page, the command's beginning) -> why.
+COMMANDS_NOT_RUN = {
+    ("docs/getting-started.md", "git clone"): "network",
+    ("docs/getting-started.md", "python3 -m venv"): "the installation these tests run in",
+    ("docs/getting-started.md", "pip install"): "installs packages (network)",
+    ("docs/getting-started.md", "huggingface-cli"): "downloads Gemma-2 (license, network)",
+    ("docs/getting-started.md", "cp /tmp/gsm/"): "copies what `git clone` downloads",
+    ("docs/getting-started.md", "curl "): "network",
+    ("docs/getting-started.md", "python -m maxnucl.evaluate --gin_file=gin/eval/mbpp.gin ..."):
+        "arguments elided ('...'): the GSM8K commands show them",
+    ("docs/getting-started.md", "python -m maxnucl.evaluate --gin_file=gin/eval/superglue.gin ..."):
+        "arguments elided ('...'): the GSM8K commands show them",
+    ("docs/getting-started.md", "maxnucl-lm-eval"): "lm-eval downloads its tasks' data",
+    ("docs/pruning.md", "python tools/prune_checkpoint.py --input CKPT --output OUT --method lp"):
+        "several processes at once (tests/test_pruning_sharded.py runs them)",
+    ("docs/tpu.md", "gcloud "): "Google Cloud (network, credentials)",
+    ("docs/tpu.md", "export CLOUDSDK_"): "set by the test itself (the block is gcloud's)",
+    ("docs/tpu.md", "git ls-files"): "packs the checkout by hand; `tpu_vm.py setup` runs here",
+    ("docs/tpu.md", "python tools/convert_checkpoint.py hf-to-maxnucl --input /work/gemma-2-9b "
+                    "--output gs://"): "a Cloud Storage bucket",
+    ("docs/tpu.md", "python tools/convert_checkpoint.py inspect gs://"): "a Cloud Storage bucket",
+    ("docs/tpu.md", "tensorboard "): "a server",
+    ("docs/tpu.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2"):
+        "two processes at once (tests/test_multiprocess.py runs this command)",
+}
+
+# The reviewed rewrites of a page's commands before they run, in order: (page or None for every
+# page, regex, replacement).  In the replacements {root} is the world's directory, {repo} this
+# checkout, {fixtures} tests/fixtures/data and {line} the command's line in the page, filled in
+# after every rewrite.  Each must apply to some command of its page.
+COMMAND_SUBSTITUTIONS = (
+    (None, r"(?<![\w.:/])/work/", r"{root}/work/"),
+    (None, r"\bpython (tools|benchmarks)/", r"python {repo}/\1/"),
+    (None, r"\[(--[^\]]*)\]", r"\1"),  # optional arguments: run with them
+    ("docs/getting-started.md", r"^(python -m maxnucl\.train .*)$",
+     r"\1 --gin_param='train_loop.num_steps = 1' --gin_param='train_loop.eval_batches = 1' "
+     r"--gin_param='train_loop.progress_bar = False'"),
+    ("docs/getting-started.md", r"checkpoints/2000", r"checkpoints/1"),
+    ("docs/getting-started.md", r"^(python -m maxnucl\.evaluate .*)$", r"\1 --limit 2 --no_progress"),
+    ("docs/getting-started.md", r"--eval_task_limit 200", r"--eval_task_limit 2"),
+    ("docs/data.md", r"(?<![\w.:/])/tmp/", r"{root}/tmp/"),
+    ("docs/data.md", r"\bcorpus/\*\.txt", r"{root}/corpus/*.txt"),
+    ("docs/data.md", r"/data/released", r"{fixtures}"),
+    ("docs/data.md", r"/data/maxnucl_cache", r"{root}/data/maxnucl_cache"),
+    ("docs/data.md", r"/ckpt/gemma/tokenizer\.model", r"{root}/work/gemma-2-9b/tokenizer.model"),
+    ("docs/pruning.md", r"\bCKPT_pruned\b", r"{root}/ckpt_pruned"),
+    ("docs/pruning.md", r"\bCKPT\b", r"{root}/ckpt"),
+    ("docs/pruning.md", r"--output OUT\b", r"--output {root}/out_{line}"),
+    ("docs/tpu.md", r"^(python \S*tools/tpu_vm\.py \w+)", r"\1 --dry_run"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One command of a ```bash block: its first line in the page and its text (continuation lines
+  joined, a quoted string spanning lines kept whole, comments left to bash)."""
+  path: str
+  line: int
+  text: str
+
+  @property
+  def where(self) -> str:
+    return f"{self.path}:{self.line}"
+
+
+def shell_commands(text: str, path: str) -> list[Command]:
+  """The commands of the ```bash / ```sh blocks of a markdown text."""
+  lines = text.splitlines()
+  commands, i = [], 0
+  while i < len(lines):
+    fence = _FENCE.match(lines[i])
+    if not fence:
+      i += 1
+      continue
+    end = i + 1
+    while end < len(lines) and not re.fullmatch(r"\s*`{3,}\s*", lines[end]):
+      end += 1
+    if fence.group(3).lower() in SHELL_INFO:
+      start, pending = None, ""
+      for number in range(i + 1, end):
+        line = lines[number].strip()
+        if start is None:
+          if not line or line.startswith("#"):
+            continue
+          start = number + 1
+        pending = f"{pending} {line}" if pending and not pending.endswith("\n") else pending + line
+        if pending.endswith("\\"):
+          pending = pending[:-1].rstrip()
+          continue
+        try:
+          shlex.split(pending, comments=True)
+        except ValueError:  # a quoted string goes on on the next line
+          pending += "\n"
+          continue
+        commands.append(Command(path, start, pending.strip()))
+        start, pending = None, ""
+    i = end + 1
+  return commands
+
+
+def _not_run_reason(command: Command) -> Optional[str]:
+  for (path, beginning), reason in COMMANDS_NOT_RUN.items():
+    if path == command.path and command.text.startswith(beginning):
+      return reason
+  return None
+
+
+def _rewritten(command: Command, fields: dict, used: set) -> str:
+  text = command.text
+  for index, (path, pattern, replacement) in enumerate(COMMAND_SUBSTITUTIONS):
+    if path not in (None, command.path):
+      continue
+    text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+    if count:
+      used.add(index)
+  for name, value in dict(fields, line=command.line).items():
+    text = text.replace("{" + name + "}", str(value))
+  return text
+
+
+@pytest.fixture(scope="module")
+def command_world(tmp_path_factory):
+  """What the commands of COMMAND_PAGES read, as tiny stand-ins: `work/gemma-2-9b` (a 2-layer
+  gemma2_tiny exported to Hugging Face, with a SentencePiece tokenizer.model), `work/data/gsm8k`
+  (generated problems in GSM8K's files), `ckpt` (the same model as a maxnucl checkpoint),
+  `corpus/*.txt`, and token rows `calib.jsonl`, `calib.npy`, `heldout.npy`."""
+  from maxnucl.conversion import convert  # pylint: disable=import-outside-toplevel
+  from maxnucl.data import synthetic, vocabularies  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("command_world")
+  (root / "work" / "data" / "gsm8k").mkdir(parents=True)
+  for split, count in (("train", 32), ("test", 8)):
+    problems = synthetic.arithmetic_problems(0, split, count)
+    (root / "work" / "data" / "gsm8k" / f"{split}.jsonl").write_text(
+        "".join(json.dumps(p) + "\n" for p in problems))
+  (root / "corpus").mkdir()
+  (root / "corpus" / "problems.txt").write_text("".join(
+      f"{p['question']} {p['answer']}\n" for p in synthetic.arithmetic_problems(0, "train", 200)))
+  tokenizer = vocabularies.train_sentencepiece([root / "corpus" / "problems.txt"],
+                                               root / "sentencepiece", vocab_size=384)
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  checkpoints.save(root / "ckpt", cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  convert.maxnucl_to_hf(root / "ckpt", root / "work" / "gemma-2-9b")
+  shutil.copy(tokenizer, root / "work" / "gemma-2-9b" / "tokenizer.model")
+  rows = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(8, 33))
+  np.save(root / "calib.npy", rows)
+  np.save(root / "heldout.npy", rows[::-1].copy())
+  (root / "calib.jsonl").write_text("".join(json.dumps(r.tolist()) + "\n" for r in rows))
+  return root
+
+
+def _page_commands(path: str) -> list[Command]:
+  return shell_commands((REPO / path).read_text(encoding="utf-8"), path)
+
+
+@pytest.mark.parametrize("path", COMMAND_PAGES)
+def test_documented_commands_run(path, command_world, tmp_path):
+  root = tmp_path / "world"
+  shutil.copytree(command_world, root)
+  fields = {"root": root, "repo": REPO, "fixtures": REPO / "tests" / "fixtures" / "data"}
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
+             PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+             MAXNUCL_DATA_DIR=str(root / "work" / "data"),
+             CLOUDSDK_CORE_PROJECT="my-nucl-project", CLOUDSDK_COMPUTE_ZONE="us-west4-a")
+  used = set()
+  for command in _page_commands(path):
+    if _not_run_reason(command):
+      continue
+    text = _rewritten(command, fields, used)
+    export = re.fullmatch(r"export (\w+)=(\S+)", text)
+    if export:  # for the commands after it, as in the reader's shell
+      env[export.group(1)] = export.group(2)
+      continue
+    done = subprocess.run(["bash", "-c", text], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (f"{command.where}: `{text}` exited {done.returncode}:\n"
+                                  f"{done.stdout[-1500:]}{done.stderr[-3000:]}")
+  unused = [COMMAND_SUBSTITUTIONS[i][1] for i, (page, _, _) in enumerate(COMMAND_SUBSTITUTIONS)
+            if page == path and i not in used]
+  assert not unused, f"COMMAND_SUBSTITUTIONS {unused} match no command of {path}: remove them"
+
+
+def test_every_not_run_command_is_in_its_page():
+  commands = [c for path in COMMAND_PAGES for c in _page_commands(path)]
+  stale = [key for key in COMMANDS_NOT_RUN
+           if not any(c.path == key[0] and c.text.startswith(key[1]) for c in commands)]
+  assert not stale, f"COMMANDS_NOT_RUN entries that match no command any more: {stale}"
+  for command in commands:
+    reason = _not_run_reason(command)
+    if reason:
+      print(f"not run: {command.where}: {reason}")
+
+
+def test_the_command_pages_show_their_commands_in_bash_blocks():
+  """A command in an untyped block or indented code would be skipped unnoticed: in
+  COMMAND_PAGES every line that starts a maxnucl command sits in a ```bash block."""
+  for path in COMMAND_PAGES:
+    lines = (REPO / path).read_text(encoding="utf-8").splitlines()
+    in_bash, bash_lines = False, set()
+    fence_open = False
+    for number, line in enumerate(lines, 1):
+      fence = _FENCE.match(line)
+      if fence and not fence_open:
+        fence_open, in_bash = True, fence.group(3).lower() in SHELL_INFO
+        continue
+      if fence_open and re.fullmatch(r"\s*`{3,}\s*", line):
+        fence_open = in_bash = False
+        continue
+      if in_bash:
+        bash_lines.add(number)
+    stray = [f"{path}:{n}" for n, line in enumerate(lines, 1)
+             if re.match(r"\s*(python (-m maxnucl|tools/|benchmarks/)|maxnucl-)", line)
+             and n not in bash_lines]
+    assert not stray, f"commands outside ```bash blocks: {stray}"
+
+
+def test_shell_commands_are_read_with_their_lines():
+  text = textwrap.dedent("""\
+      ```bash
+      # a comment
+      python tools/x.py --a 1 \\
+          --b "two words"   # trailing
+      gcloud ssh --command='
+        echo hi'
+      ```
+      ```
+      python not/in/bash.py
+      ```
+      """)
+  assert [(c.where, c.text) for c in shell_commands(text, "doc.md")] == [
+      ("doc.md:3", 'python tools/x.py --a 1 --b "two words"   # trailing'),
+      ("doc.md:5", "gcloud ssh --command='\necho hi'")]
