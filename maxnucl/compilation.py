@@ -63,8 +63,9 @@ class AnnouncedJit:
 
   A call whose static arguments, or whose other arguments' shapes, dtypes or shardings, are new
   compiles with `compile_announced`, naming the program by `what(arguments)` (the call's
-  arguments by parameter name, defaults included); later calls with the same signature run that compiled program.
-  Inside another traced function (tracers among the arguments) it is plain `jax.jit`.
+  arguments by parameter name, defaults included); later calls with the same signature run that
+  compiled program.  Inside another traced function (tracers among the arguments) it is plain
+  `jax.jit`.
   """
 
   def __init__(self, fun: Callable, what: Callable[[dict], str], *,

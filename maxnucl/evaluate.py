@@ -71,9 +71,9 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   """Run the gin-configured (or given) benchmark on `checkpoint`; returns results.json's dict.
   Explicit arguments override the gin bindings.  `output` holding an evaluation of other
   settings (benchmark, its settings, checkpoint, a smaller limit) is refused before the model is
-  loaded; with the same settings (or a larger limit) it is resumed.  `overwrite`: evaluate afresh in a temporary folder that
-  replaces `output` when done.  With several processes every one calls this; process 0 writes
-  the files, and all return when it is done."""
+  loaded; with the same settings (or a larger limit) it is resumed.  `overwrite`: evaluate
+  afresh in a temporary folder that replaces `output` when done.  With several processes every
+  one calls this; process 0 writes the files, and all return when it is done."""
   settings = evaluation_settings()
   benchmark = benchmark or settings["benchmark"]
   vocab = vocab or settings["vocab"]
