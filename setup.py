@@ -28,8 +28,9 @@ class BuildPyWithGinFiles(build_py.build_py):
 
 # lm-eval, and what its hf backend (`lm_eval --model hf`, e.g. on a maxnucl-to-hf export) imports
 # but lm-eval does not install: torch, transformers and accelerate.
-EVAL = ["lm_eval==0.4.13", "datasets==5.2.0", "torch==2.13.0", "transformers==5.23.0",
-        "accelerate==1.16.0"]
+# The Hugging Face reference (torch's CPU build; maxnucl.dependencies says who needs it).
+HF = ["torch==2.13.0", "transformers==5.23.0"]
+EVAL = ["lm_eval==0.4.13", "datasets==5.2.0", *HF, "accelerate==1.16.0"]
 
 setuptools.setup(
     name="maxnucl",
@@ -45,13 +46,14 @@ setuptools.setup(
         # lm-evaluation-harness: the "maxnucl" model for the harness's tasks (maxnucl-lm-eval),
         # and its hf backend on an exported checkpoint.
         "eval": EVAL,
+        # transformers loading what maxnucl exports: the reproduction's export stage.
+        "hf": HF,
         # torch (CPU build) and transformers are the reference implementation in tests only; the
         # tests run the harness too.
         # T5's own metric code is the reference for SuperGLUE's metrics: `t5` itself is installed
         # with --no-deps (README, .ci/run); babel is the one module it imports that nothing else
         # here installs.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.23.0", "babel==2.18.0",
-                 *EVAL],
+        "test": ["pytest==9.2.0", "babel==2.18.0", *HF, *EVAL],
     },
     cmdclass={"build_py": BuildPyWithGinFiles},
     # The mains of `python -m maxnucl.X` and `python tools/X.py` (README: "Command-line entry

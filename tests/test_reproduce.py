@@ -55,7 +55,14 @@ def test_every_stage_leaves_finite_results(quick_run):
   assert s["data"]["splits"]["train"]["files"] > 0 and s["data"]["files_sha256"]
   assert all(f["sha256"] and f["split"] in ("train", "finetune", "validation", "test")
              for f in s["data"]["files"])
-  assert s["pretrain"]["run"]["final"]["nll"] > 0
+  # one pre-training per seed, and each seed's fine-tunes start from its own
+  assert set(s["pretrain"]["runs"]) == {"0", "1"}
+  assert all(run["final"]["nll"] > 0 for run in s["pretrain"]["runs"].values())
+  assert (s["pretrain"]["runs"]["0"]["final"]["entropy_per_layer"]
+          != s["pretrain"]["runs"]["1"]["final"]["entropy_per_layer"])
+  for seed in ("0", "1"):
+    gin_text = (output / "runs" / f"ft_standard_s{seed}" / "run.gin").read_text()
+    assert f"/runs/pretrain_s{seed}/checkpoints/" in gin_text
   assert set(s["finetune"]["runs"]) == {"standard", "ent@0.0003", "ent@0.001", "mstd@0.05"}
   standard = s["finetune"]["runs"]["standard"]
   assert set(standard) == {"0", "1"}
@@ -65,6 +72,15 @@ def test_every_stage_leaves_finite_results(quick_run):
                      "wanda_channel", "flap", "lp", "scar_prot"}
   for row in s["prune"]["rows"]:  # the pruned checkpoints really are smaller
     assert sum(row["ffn_widths"]) == round(4 * 128 * (1 - row["ratio"]))
+  # every evaluation keeps its per-row NLL sums (the report's bootstrap resamples them)
+  row = s["prune"]["rows"][0]
+  assert sum(row["nll_rows"]["sums"]) / sum(row["nll_rows"]["tokens"]) == pytest.approx(
+      row["nll"], rel=1e-12)
+  # the premise of entropy pruning: a rank correlation per layer of every standard model
+  for premise in s["prune"]["premise"].values():
+    assert len(premise["per_layer"]) == 4
+    assert all(-1 <= rho <= 1 for rho in premise["per_layer"].values())
+  assert set(s["nucl_prune"]["premise"]) == {"ent", "mstd"} and s["diversity"]["premise"]
   assert {r["layers"] for r in s["layer_subsets"]["rows"]} == {"all", "bottom_half", "even"}
   assert {r["variant"] for r in s["nucl_prune"]["rows"]} == {"ent", "mstd"}
   widths = s["reallocation"]["widths"]
@@ -81,7 +97,7 @@ def test_every_stage_leaves_finite_results(quick_run):
           < export["exports"]["pad"]["hf_parameters"])
   # every finding has a verdict
   assert {v.get("verdict") for v in results["summary"].values()} <= {
-      "holds", "does not hold", "inconclusive", None}
+      "holds", "does not hold", "inconclusive", "not testable at this scale", None}
   assert f"report:  {output / 'report.md'}" in done.stdout
 
 
@@ -95,6 +111,14 @@ def test_report_and_plots(quick_run):
                   "## Re-export to Hugging Face"):
     assert heading in text
   assert "± " in text and "(n=2)" in text
+  # the verdict table names each finding's source and the figures it rests on
+  verdicts = text.split("## Verdicts", 1)[1].split("\n## ", 1)[0]
+  assert "| finding | source | verdict | measured | rule |" in verdicts
+  for finding in ("nucl_then_prune", "reallocation"):
+    assert any(line.startswith(f"| {finding} | new in this study")
+               for line in verdicts.splitlines()), finding
+  assert "arithmetic NLL" in verdicts and "rho(entropy, LP)" in verdicts
+  assert "95 % bootstrap" in verdicts
   pngs = sorted((output / "figures").glob("*.png"))
   assert len(pngs) >= 5
   for png in pngs:
@@ -124,6 +148,18 @@ def test_changed_settings_are_refused(quick_run, tmp_path):
                     "reproduce.finetune_steps = 9", "--no_report")
   assert done.returncode == 2
   assert "other settings (differing: ['finetune_steps'])" in done.stderr
+
+
+def test_an_output_of_the_earlier_layout_is_refused(tmp_path):
+  """A directory written when every seed shared one pre-trained model (no "layout" in its
+  settings.json) is not mixed with per-seed pre-training."""
+  config = stages.Settings()
+  settings = json.loads(json.dumps(__import__("dataclasses").asdict(config)))
+  settings["corpus_root"] = None
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "settings.json").write_text(json.dumps(settings))
+  with pytest.raises(stages.ReproductionError, match="differing: \\['layout'\\]"):
+    stages.Reproduction(tmp_path / "out", config, progress=False)
 
 
 
@@ -175,7 +211,7 @@ def test_an_interrupted_run_stops_its_training_child_and_continues(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   tool = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  first = output / "runs" / "pretrain" / "checkpoints" / "15"
+  first = output / "runs" / "pretrain_s0" / "checkpoints" / "15"
   deadline = time.time() + 300
   while not first.exists() and time.time() < deadline and tool.poll() is None:
     time.sleep(0.2)
@@ -183,16 +219,17 @@ def test_an_interrupted_run_stops_its_training_child_and_continues(tmp_path):
   tool.send_signal(signal.SIGTERM)
   _, err = tool.communicate(timeout=120)
   assert tool.returncode == 143, err[-3000:]
-  log = (output / "runs" / "pretrain" / "train.log").read_text()
+  log = (output / "runs" / "pretrain_s0" / "train.log").read_text()
   assert "finished at step" not in log
   assert not (output / "stages" / "pretrain.json").exists()
   time.sleep(1)  # the killed trainer wrote nothing more after the tool exited
-  checkpoints = sorted(p.name for p in (output / "runs" / "pretrain" / "checkpoints").iterdir())
+  checkpoints = sorted(p.name for p in (output / "runs" / "pretrain_s0" / "checkpoints").iterdir())
   time.sleep(2)
-  assert sorted(p.name for p in (output / "runs" / "pretrain" / "checkpoints").iterdir()) \
+  assert sorted(p.name for p in (output / "runs" / "pretrain_s0" / "checkpoints").iterdir()) \
       == checkpoints
   done = _reproduce("--quick", "--output", str(output), "--stages", "pretrain", "--no_report")
   assert done.returncode == 0, done.stderr[-3000:]
-  log = (output / "runs" / "pretrain" / "train.log").read_text()
+  log = (output / "runs" / "pretrain_s0" / "train.log").read_text()
   assert "resumed from step 15" in log and "finished at step 30" in log
+  assert (output / "runs" / "pretrain_s1" / "checkpoints" / "30").is_dir()
   assert (output / "stages" / "pretrain.json").exists()

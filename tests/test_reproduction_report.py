@@ -135,3 +135,98 @@ def test_scratch_comparisons_are_paired_by_seed():
   runs["middle"]["0"] = _run(nll=2.0, entropy=9)
   assert np.mean([r["final"]["nll"] for r in runs["middle"].values()]) < 3.1
   assert report.scratch_table(runs, "middle", "uniform", "nll")["verdict"] == report.UNSURE
+
+
+def test_fine_tuning_curves_start_at_step_zero_from_their_own_seeds_pretraining():
+  """The pre-trained model is step 0 of every fine-tuning curve, not its own last pre-training
+  step (1200 in the full study), and seed s starts from pre-training s."""
+  results = _finetune((90, 91, 92), (3.0, 3.0, 3.0))
+  for runs in results["finetune"]["runs"].values():
+    for run in runs.values():
+      run["curve"] = [{"step": 100, "nll": 2.9}, {"step": 200, "nll": 2.8}]
+  results["pretrain"] = {"runs": {str(s): _run(step=1200, nll=4.0 + s) for s in range(3)}}
+  curves = report.finetune_curves(results)
+  for key, by_seed in curves.items():
+    for seed, points in by_seed.items():
+      assert [p["step"] for p in points] == [0, 100, 200], key
+      assert points[0]["nll"] == 4.0 + int(seed)
+
+
+def _evaluation(values, tokens=None):
+  values = np.asarray(values, np.float64)
+  tokens = np.ones_like(values) if tokens is None else np.asarray(tokens, np.float64)
+  return {"nll": float((values * tokens).sum() / tokens.sum()),
+          "nll_rows": {"sums": (values * tokens).tolist(), "tokens": tokens.tolist()}}
+
+
+def test_bootstrap_interval_has_the_width_of_the_standard_error():
+  """Rows with per-token NLLs of standard deviation sd: the 95 % interval of their mean is
+  +-1.96 sd / sqrt(n) (the bootstrap's percentile error with 2000 draws is a few per cent of
+  that; 15 % allows for it and for the sample sd's own error at n = 400)."""
+  rng = np.random.default_rng(1)
+  values = rng.normal(3.0, 0.5, size=400)
+  low, high = report.bootstrap_interval([_evaluation(values)])
+  expected_half_width = 1.96 * values.std(ddof=1) / np.sqrt(values.size)
+  assert low < values.mean() < high
+  assert abs((high - low) / 2 / expected_half_width - 1) < 0.15
+  # identical rows leave nothing to resample: the interval is the value itself
+  assert report.bootstrap_interval([_evaluation([2.5] * 50)]) == (2.5, 2.5)
+  # paired: a model against itself differs by exactly 0 in every draw
+  assert report.bootstrap_interval([_evaluation(values)], baselines=[_evaluation(values)]) \
+      == (0.0, 0.0)
+  # a token-weighted mean: rows of more tokens count more
+  weighted = report.bootstrap_interval([_evaluation([1.0, 3.0], tokens=[3, 1])], draws=4000)
+  assert 1.0 <= weighted[0] < 1.5 < weighted[1] <= 3.0
+  assert report.bootstrap_interval([{"nll": 3.0}]) is None  # no per-row sums stored
+
+
+def test_rank_correlation_is_spearmans():
+  """Against the textbook formula 1 - 6 sum d^2 / (n (n^2 - 1)) for distinct values."""
+  from maxnucl.reproduction import stages  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=200), rng.normal(size=200)
+  b = a + rng.normal(size=200)
+  d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
+  n = a.size
+  assert stages.rank_correlation(a, b) == pytest.approx(1 - 6 * (d ** 2).sum() / (n * (n * n - 1)),
+                                                        abs=1e-12)
+  assert stages.rank_correlation(a, a ** 3) == pytest.approx(1.0)  # monotone: 1
+  assert stages.rank_correlation(a, -a) == pytest.approx(-1.0)
+
+
+def _premise(rho):
+  return {str(s): {"per_layer": {"layers_0": rho}, "mean": rho} for s in range(2)}
+
+
+def test_entropy_pruning_verdicts_need_their_premise():
+  """Where outgoing entropy does not rank LP importance (|rho| < 0.1), an entropy-pruning claim
+  is not testable on that model, whatever the pruning did; with the premise, the verdict
+  stands."""
+  paper = {"entropy": (3.1, 3.2), "random": (3.5, 3.6), "magnitude": (4.0, 4.1)}
+  results = _pruned_results(paper)
+  results["prune"]["premise"] = _premise(-0.03)
+  table = report.prune_table(results, 0.25)
+  assert table["pairs"]["entropy < random"] == report.NOT_TESTABLE
+  assert table["pairs"]["random < magnitude"] == report.HOLDS  # not an entropy claim
+  assert table["verdict"] == report.UNSURE
+  results["prune"]["premise"] = _premise(-0.4)
+  assert report.prune_table(results, 0.25)["pairs"]["entropy < random"] == report.HOLDS
+  # NUCL, then prune: gated on the NUCL models' own premise
+  results = _finetune((90, 91), (3.5, 3.6), std_nll=(3.0, 3.0))
+  results["prune"] = {"rows": _prune_rows({"entropy": (3.4, 3.5)}), "premise": _premise(-0.4)}
+  results["nucl_prune"] = {"rows": [dict(r, variant="ent") for r in
+                                    _prune_rows({"entropy": (3.6, 3.7)})],
+                           "premise": {"ent": _premise(0.05)}}
+  assert report.nucl_prune_table(results, 0.25)["verdicts"] == {"ent": report.NOT_TESTABLE}
+  results["nucl_prune"]["premise"] = {"ent": _premise(-0.3)}
+  assert report.nucl_prune_table(results, 0.25)["verdicts"] == {"ent": report.HOLDS}
+
+
+def test_the_verdict_table_states_nucls_cost_and_each_findings_source():
+  results = _finetune((90, 91, 92), (3.0, 3.01, 3.02), nucl_arithmetic=2.1)
+  summary = report.summarize(results, 0.25)
+  text = report.measured("nucl_finetune", summary["nucl_finetune"])
+  assert "arithmetic NLL +0.100" in text and "(a cost)" in text and "entropy -9%" in text  # (90, 91, 92) vs 100
+  assert report.SOURCES["nucl_then_prune"].startswith("new in this study")
+  assert report.SOURCES["reallocation"].startswith("new in this study")
+  assert set(report.SOURCES) == set(report.VERDICT_RULES)

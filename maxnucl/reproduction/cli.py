@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from maxnucl import gin_config, outputs
+from maxnucl import dependencies, gin_config, outputs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     gin_config.parse(files, args.gin_param)
     start = time.perf_counter()
-    stages.check_stages(args.stages)  # before anything is written
+    stages.check_stages(args.stages, args.output)  # before anything is written
     runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
     runner.run(args.stages)
     if not args.no_report:
@@ -64,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             a for a in (argv if argv is not None else sys.argv[1:]))
         published = report.publish(runner.out, pathlib.Path(args.publish_docs), command=command)
         print(f"docs:    {published}")
-  except (OSError, ValueError, KeyError, stages.ReproductionError) as e:
+  except (OSError, ValueError, KeyError, stages.ReproductionError,
+          dependencies.MissingDependency) as e:
     print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
     return 2
   return 0

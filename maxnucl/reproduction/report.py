@@ -2,12 +2,21 @@
 OUTPUT/report.md and OUTPUT/figures/*.png.
 
 Every comparison that decides a finding is paired by seed: seed s of one arm and seed s of the
-other share the data order (and, after fine-tuning, the pre-trained start).  A verdict is
+other share the data order and, after fine-tuning, the pre-trained start (each seed has its own
+pre-training).  A verdict is
   holds          the claimed direction in every seed (and, where the claim is "quality is kept",
                  a mean change within the tolerance),
   does not hold  the opposite direction in every seed,
-  inconclusive   anything else (mixed seeds, or fewer than two seeds).
-The rules per finding are in `VERDICT_RULES` and printed in the report.
+  inconclusive   anything else (mixed seeds, or fewer than two seeds),
+  not testable at this scale
+                 an entropy-pruning claim on a model whose neurons' outgoing entropy does not rank
+                 their loss-proxy importance (|Spearman rho| < PREMISE_MIN_CORRELATION): entropy
+                 pruning is then random pruning by another name, and no outcome speaks to the
+                 claim.
+The rules per finding are in `VERDICT_RULES`, where each comes from in `SOURCES`; both are
+printed in the report.  Next to the seed spread, every held-out NLL carries a 95 % bootstrap
+interval over the evaluation rows (`bootstrap_interval`): how much the figure would move on
+other held-out text of the same kind.
 """
 
 from __future__ import annotations
@@ -20,8 +29,27 @@ from typing import Optional, Sequence
 import numpy as np
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+NOT_TESTABLE = "not testable at this scale"
 # Tolerance for "quality is kept": the larger of this many nats and twice the seed spread.
 NLL_TOLERANCE = 0.02
+# Entropy pruning can only beat random pruning where a neuron's outgoing entropy ranks its
+# importance.  With m = 768 neurons a layer, |rho| < 0.1 is within ~3 standard errors of no
+# relation at all (1/sqrt(m - 1) = 0.036): the premise is absent.
+PREMISE_MIN_CORRELATION = 0.1
+BOOTSTRAP_DRAWS = 2000
+
+# Where each finding comes from: a claim of the papers, or a question this study asks itself.
+SOURCES = {
+    "nucl_finetune": "NUCL paper (Fig. 2-3, Table 1)",
+    "pruning_order": "NUCL paper (Table 4)",
+    "layer_subsets": "NUCL paper (Table 5)",
+    "nucl_then_prune": "new in this study (not claimed by the papers)",
+    "reallocation": "new in this study: a 3.5M-parameter from-scratch test of the layerwise "
+                    "FFN-importance abstract's claim (285M-1.2B models)",
+    "nucl_pretrain": "new in this study (the NUCL paper names it a limitation)",
+    "diversity": "new in this study (the NUCL paper names it a limitation)",
+    "supernodes": "SCAR paper (supernodes)",
+}
 
 VERDICT_RULES = {
     "nucl_finetune": "NUCL lowers summed outgoing entropy vs standard fine-tuning in every seed, "
@@ -30,18 +58,22 @@ VERDICT_RULES = {
                      "hold if entropy is higher in every seed or either NLL rises by more than "
                      "3 x its tolerance.",
     "pruning_order": "At the main ratio, held-out NLL after pruning: entropy < random and random "
-                     "< magnitude, Srinivas-Babu, Stahlberg-Byrne, each pair in every seed.",
+                     "< magnitude, Srinivas-Babu, Stahlberg-Byrne, each pair in every seed; "
+                     "entropy < random is not testable where |Spearman rho| of outgoing entropy "
+                     "and LP importance is < 0.1 (mean over layers and seeds).",
     "layer_subsets": "Pruning bottom half / top half / even / odd layers gives similar NLL: the "
                      "range of the subset means is within 2 x the mean seed std, or no pair is "
                      "ordered the same way in every seed.",
     "nucl_then_prune": "The NLL increase from entropy pruning is smaller for the NUCL model "
-                       "than for the standard model of the same seed, in every seed.",
+                       "than for the standard model of the same seed, in every seed; not "
+                       "testable where the NUCL models' |rho(entropy, LP)| is < 0.1.",
     "reallocation": "FFNs concentrated in the middle layers give lower held-out NLL than "
                     "uniform widths at equal FFN parameters, in every seed.",
     "nucl_pretrain": "NUCL during pre-training gives lower summed outgoing entropy than plain "
                      "pre-training in every seed (its NLL cost is reported).",
     "diversity": "The diversity-term model's NLL increase from entropy pruning is smaller than "
-                 "the standard model's, in every seed.",
+                 "the standard model's, in every seed; not testable where its |rho(entropy, "
+                 "LP)| is < 0.1.",
     "supernodes": "The top 1% of channels by LP carry >= 10% of a layer's LP mass (median over "
                   "layers and seeds; 1% if uniform), and removing them raises NLL more than "
                   "removing as many random channels (every draw, every seed).",
@@ -85,6 +117,51 @@ def verdict_from(direction: Optional[str], claimed: str) -> str:
   return HOLDS if direction == claimed else FAILS
 
 
+def bootstrap_interval(evaluations: Sequence[dict], key: str = "nll",
+                       baselines: Optional[Sequence[dict]] = None,
+                       draws: int = BOOTSTRAP_DRAWS) -> Optional[tuple[float, float]]:
+  """95 % percentile-bootstrap interval of the mean over `evaluations` (one per seed) of their
+  held-out `key` NLL per token, resampling the evaluation rows (the same draw of rows for every
+  model: they were all scored on the same rows).  With `baselines` (paired by position), of the
+  mean difference evaluation - baseline.  None where the per-row sums are missing."""
+  rows = [e.get(f"{key}_rows") for e in evaluations]
+  if baselines is not None:
+    rows += [b.get(f"{key}_rows") for b in baselines]
+  if not rows or any(r is None for r in rows):
+    return None
+  count = len(rows[0]["sums"])
+  rng = np.random.default_rng(0)
+  picks = rng.integers(0, count, size=(draws, count))
+  per_model = [np.asarray(r["sums"])[picks].sum(1) / np.asarray(r["tokens"])[picks].sum(1)
+               for r in rows]
+  value = np.mean(per_model[:len(evaluations)], axis=0)
+  if baselines is not None:
+    value = value - np.mean(per_model[len(evaluations):], axis=0)
+  low, high = np.percentile(value, [2.5, 97.5])
+  return float(low), float(high)
+
+
+def fmt_ci(interval: Optional[tuple[float, float]], digits: int = 3) -> str:
+  """" [low, high]" or "" without an interval."""
+  if interval is None:
+    return ""
+  return f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def premise_of(premise: Optional[dict]) -> Optional[float]:
+  """The mean over seeds of the per-model mean Spearman rho(outgoing entropy, LP)."""
+  if not premise:
+    return None
+  return float(np.mean([p["mean"] for p in premise.values()]))
+
+
+def gated(verdict: str, rho: Optional[float]) -> str:
+  """`verdict` of an entropy-pruning claim, or NOT_TESTABLE where its premise is absent."""
+  if rho is not None and abs(rho) < PREMISE_MIN_CORRELATION:
+    return NOT_TESTABLE
+  return verdict
+
+
 # ---- per-finding tables --------------------------------------------------------------------------
 
 def _by_seed(runs: dict, key: str) -> dict:
@@ -95,12 +172,14 @@ def finetune_table(results: dict) -> dict:
   ft = results["finetune"]
   rows = []
   for key, runs in ft["runs"].items():
+    finals = [r["final"] for r in runs.values()]
     rows.append({"run": key, "seeds": len(runs),
-                 "entropy": [r["final"]["entropy"] for r in runs.values()],
-                 "nll": [r["final"]["nll"] for r in runs.values()],
-                 "arithmetic_nll": [r["final"]["arithmetic_nll"] for r in runs.values()],
-                 "accuracy_strict": [r["final"].get("accuracy_strict", math.nan)
-                                     for r in runs.values()]})
+                 "entropy": [f["entropy"] for f in finals],
+                 "nll": [f["nll"] for f in finals],
+                 "nll_ci": bootstrap_interval(finals, "nll"),
+                 "arithmetic_nll": [f["arithmetic_nll"] for f in finals],
+                 "arithmetic_nll_ci": bootstrap_interval(finals, "arithmetic_nll"),
+                 "accuracy_strict": [f.get("accuracy_strict", math.nan) for f in finals]})
   standard = ft["runs"]["standard"]
   quality = ("nll", "arithmetic_nll")  # held-out corpus and fine-tuning task
   baseline = {m: _by_seed(standard, m) for m in quality}
@@ -110,8 +189,14 @@ def finetune_table(results: dict) -> dict:
   for variant, key in ft["main"].items():
     runs = ft["runs"][key]
     direction = paired_direction(_by_seed(runs, "entropy"), _by_seed(standard, "entropy"))
+    common = [s for s in runs if s in standard]
     change = {m: float(np.mean([runs[s]["final"][m] - baseline[m][s]
                                 for s in runs if s in baseline[m]])) for m in quality}
+    change_ci = {m: bootstrap_interval([runs[s]["final"] for s in common], m,
+                                       [standard[s]["final"] for s in common])
+                 for m in quality}
+    entropy_change = float(np.mean([runs[s]["final"]["entropy"] / standard[s]["final"]["entropy"]
+                                    - 1 for s in common]))
     kept = all(change[m] <= tolerance[m] for m in quality)
     lost = any(change[m] > 3 * tolerance[m] for m in quality)
     if direction == "less" and kept:
@@ -121,8 +206,10 @@ def finetune_table(results: dict) -> dict:
     else:
       verdict = UNSURE
     verdicts[variant] = {"verdict": verdict, "alpha_run": key, "entropy_direction": direction,
-                         "mean_nll_change": change["nll"],
+                         "mean_entropy_change": entropy_change,
+                         "mean_nll_change": change["nll"], "nll_change_ci": change_ci["nll"],
                          "mean_arithmetic_nll_change": change["arithmetic_nll"],
+                         "arithmetic_nll_change_ci": change_ci["arithmetic_nll"],
                          "tolerance": tolerance["nll"],
                          "arithmetic_tolerance": tolerance["arithmetic_nll"]}
   return {"rows": rows, "verdicts": verdicts}
@@ -155,6 +242,7 @@ def prune_table(results: dict, ratio: float) -> dict:
   for method in methods:
     at = _rows_at(rows, ratio, method=method, layers="all")
     table.append({"method": method, "nll": [r["nll"] for r in at],
+                  "nll_ci": bootstrap_interval(at),
                   "accuracy_strict": [r["accuracy_strict"] for r in at
                                       if "accuracy_strict" in r]})
   table.sort(key=lambda r: np.mean(r["nll"]))
@@ -165,15 +253,20 @@ def prune_table(results: dict, ratio: float) -> dict:
         sweep.setdefault(method, {}).setdefault(r["ratio"], []).append(r["nll"])
   pairs = {}
   by = {m: _nll_by_seed(_rows_at(rows, ratio, method=m, layers="all")) for m in methods}
+  rho = premise_of(results["prune"].get("premise"))
   for better, worse in (("entropy", "random"), ("random", "magnitude"),
                         ("random", "srinivas_babu"), ("random", "stahlberg_byrne")):
     if better in by and worse in by:
-      pairs[f"{better} < {worse}"] = verdict_from(paired_direction(by[better], by[worse]),
-                                                  "less")
-  overall = (HOLDS if pairs and all(v == HOLDS for v in pairs.values())
-             else FAILS if pairs and all(v == FAILS for v in pairs.values()) else UNSURE)
+      verdict = verdict_from(paired_direction(by[better], by[worse]), "less")
+      pairs[f"{better} < {worse}"] = gated(verdict, rho) if better == "entropy" else verdict
   return {"rows": table, "unpruned_nll": list(unpruned.values()), "sweep": sweep,
-          "pairs": pairs, "verdict": overall}
+          "pairs": pairs, "verdict": _overall(pairs.values()), "premise_rho": rho}
+
+
+def _overall(verdicts) -> str:
+  """One verdict for several: their common value, else inconclusive."""
+  verdicts = set(verdicts)
+  return verdicts.pop() if len(verdicts) == 1 else UNSURE
 
 
 def subsets_table(results: dict, ratio: float) -> dict:
@@ -183,6 +276,7 @@ def subsets_table(results: dict, ratio: float) -> dict:
     if r["layers"] not in subsets:
       subsets.append(r["layers"])
   table = [{"layers": s, "nll": [r["nll"] for r in rows if r["layers"] == s],
+            "nll_ci": bootstrap_interval([r for r in rows if r["layers"] == s]),
             "widths": next(r["ffn_widths"] for r in rows if r["layers"] == s)} for s in subsets]
   halves = [t for t in table if t["layers"] != "all"]
   verdict = UNSURE
@@ -202,29 +296,42 @@ def _prune_increase(rows: list[dict], ratio: float, unpruned: dict, **match) -> 
           for r in _rows_at(rows, ratio, **match) if str(r["seed"]) in unpruned}
 
 
+def _increase_ci(pruned_rows: list[dict], unpruned_runs: dict):
+  """Bootstrap interval of the mean NLL increase from pruning, paired by seed."""
+  pruned = [r for r in pruned_rows if str(r["seed"]) in unpruned_runs]
+  return bootstrap_interval(pruned, "nll",
+                            [unpruned_runs[str(r["seed"])]["final"] for r in pruned])
+
+
 def nucl_prune_table(results: dict, ratio: float) -> dict:
   ft = results["finetune"]
   standard_rows = results["prune"]["rows"]
   std_unpruned = _by_seed(ft["runs"]["standard"], "nll")
   std_increase = _prune_increase(standard_rows, ratio, std_unpruned, method="entropy",
                                  layers="all")
-  table = [{"model": "standard", "increase": list(std_increase.values())}]
+  table = [{"model": "standard", "increase": list(std_increase.values()),
+            "increase_ci": _increase_ci(_rows_at(standard_rows, ratio, method="entropy",
+                                                 layers="all"), ft["runs"]["standard"]),
+            "premise_rho": premise_of(results["prune"].get("premise"))}]
   verdicts = {}
+  premises = results["nucl_prune"].get("premise", {})
   for variant, key in ft["main"].items():
     unpruned = _by_seed(ft["runs"][key], "nll")
     rows = [r for r in results["nucl_prune"]["rows"] if r["variant"] == variant]
     increase = _prune_increase(rows, ratio, unpruned)
+    rho = premise_of(premises.get(variant))
     table.append({"model": f"NUCL-{variant} ({key})", "increase": list(increase.values()),
-                  "nll_after": [r["nll"] for r in _rows_at(rows, ratio)]})
-    verdicts[variant] = verdict_from(paired_direction(increase, std_increase), "less")
-  values = list(verdicts.values())
-  overall = (HOLDS if values and all(v == HOLDS for v in values)
-             else FAILS if values and all(v == FAILS for v in values) else UNSURE)
-  return {"rows": table, "verdicts": verdicts, "verdict": overall}
+                  "increase_ci": _increase_ci(_rows_at(rows, ratio), ft["runs"][key]),
+                  "nll_after": [r["nll"] for r in _rows_at(rows, ratio)], "premise_rho": rho})
+    verdicts[variant] = gated(verdict_from(paired_direction(increase, std_increase), "less"),
+                              rho)
+  return {"rows": table, "verdicts": verdicts,
+          "verdict": _overall(verdicts.values()) if verdicts else UNSURE}
 
 
 def scratch_table(runs: dict, claimed_key: str, baseline_key: str, metric: str) -> dict:
   table = [{"arm": arm, "nll": [r["final"]["nll"] for r in seeds.values()],
+            "nll_ci": bootstrap_interval([r["final"] for r in seeds.values()]),
             "entropy": [r["final"]["entropy"] for r in seeds.values()]}
            for arm, seeds in runs.items()]
   direction = paired_direction(_by_seed(runs[claimed_key], metric),
@@ -239,10 +346,12 @@ def diversity_table(results: dict, ratio: float) -> dict:
   std_increase = _prune_increase(results["prune"]["rows"], ratio,
                                  _by_seed(results["finetune"]["runs"]["standard"], "nll"),
                                  method="entropy", layers="all")
+  rho = premise_of(div.get("premise"))
   return {"nll": list(unpruned.values()),
           "entropy": [r["final"]["entropy"] for r in div["runs"].values()],
           "increase": list(increase.values()), "standard_increase": list(std_increase.values()),
-          "verdict": verdict_from(paired_direction(increase, std_increase), "less")}
+          "increase_ci": _increase_ci(div["prune_rows"], div["runs"]), "premise_rho": rho,
+          "verdict": gated(verdict_from(paired_direction(increase, std_increase), "less"), rho)}
 
 
 def supernodes_table(results: dict) -> dict:
@@ -260,8 +369,12 @@ def supernodes_table(results: dict) -> dict:
     verdict = FAILS
   else:
     verdict = UNSURE
+  removal_ci = bootstrap_interval(
+      [{"nll_rows": r["nll_without_supernodes_rows"]} for r in sn["rows"]
+       if "nll_without_supernodes_rows" in r],
+      "nll", [{"nll_rows": r["nll_rows"]} for r in sn["rows"] if "nll_rows" in r])
   return {"median_share": median, "min_share": min(shares, default=math.nan),
-          "max_share": max(shares, default=math.nan),
+          "max_share": max(shares, default=math.nan), "removal_increase_ci": removal_ci,
           "nll": [r["nll"] for r in sn["rows"]],
           "nll_without_supernodes": [r["nll_without_supernodes"] for r in sn["rows"]],
           "nll_without_random": [float(np.mean(r["nll_without_random"])) for r in sn["rows"]],
@@ -339,24 +452,28 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
               + f". SentencePiece vocabulary of {d['vocab_size']}, rows of "
               f"{d['tokens_per_row']} tokens. Model: {config.model}. Seeds: {list(config.seeds)}.",
               ""]
-  lines += ["## Verdicts", "", "| finding | verdict | rule |", "|---|---|---|"]
+  lines += ["## Verdicts", "",
+            "Intervals in brackets: 95 % bootstrap over the held-out evaluation rows.", "",
+            "| finding | source | verdict | measured | rule |", "|---|---|---|---|---|"]
   for name, table in summary.items():
-    lines.append(f"| {name} | {_verdict_of(table)} | {VERDICT_RULES[name]} |")
+    lines.append(f"| {name} | {SOURCES[name]} | {_verdict_of(table)} | "
+                 f"{measured(name, table)} | {VERDICT_RULES[name]} |")
   lines.append("")
   if "pretrain" in results:
-    final = results["pretrain"]["run"]["final"]
+    finals = [run["final"] for run in results["pretrain"]["runs"].values()]
     lines += ["## Pre-training", "",
-              f"{config.pretrain_steps} steps: held-out corpus NLL {final['nll']:.3f} "
-              f"(perplexity {math.exp(final['nll']):.1f}), summed outgoing entropy "
-              f"{final['entropy']:.1f}.", ""]
+              f"{config.pretrain_steps} steps, one run per seed: held-out corpus NLL "
+              f"{fmt([f['nll'] for f in finals])}{fmt_ci(bootstrap_interval(finals))}, summed "
+              f"outgoing entropy {fmt([f['entropy'] for f in finals], 1)}.", ""]
   if "nucl_finetune" in summary:
     t = summary["nucl_finetune"]
     lines += ["## NUCL vs standard fine-tuning (NUCL paper, Fig. 2–3)", "",
               "| run (variant@alpha) | summed outgoing entropy | held-out corpus NLL | "
               "arithmetic NLL | arithmetic accuracy (strict, %) |", "|---|---|---|---|---|"]
     for r in t["rows"]:
-      lines.append(f"| {r['run']} | {fmt(r['entropy'], 1)} | {fmt(r['nll'])} | "
-                   f"{fmt(r['arithmetic_nll'])} | {fmt(r['accuracy_strict'], 1)} |")
+      lines.append(f"| {r['run']} | {fmt(r['entropy'], 1)} | {fmt(r['nll'])}"
+                   f"{fmt_ci(r['nll_ci'])} | {fmt(r['arithmetic_nll'])}"
+                   f"{fmt_ci(r['arithmetic_nll_ci'])} | {fmt(r['accuracy_strict'], 1)} |")
     lines += ["", "Per variant (first alpha, paired by seed): " + "; ".join(
         f"{v}: {x['verdict']} (entropy {x['entropy_direction'] or 'mixed'} than standard; mean "
         f"change of corpus NLL {x['mean_nll_change']:+.3f} (tolerance {x['tolerance']:.3f}), "
@@ -369,9 +486,11 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
               f"Unpruned (standard fine-tuned): NLL {fmt(t['unpruned_nll'])}.", "",
               "| method | held-out NLL | arithmetic accuracy (strict, %) |", "|---|---|---|"]
     for r in t["rows"]:
-      lines.append(f"| {r['method']} | {fmt(r['nll'])} | {fmt(r['accuracy_strict'], 1)} |")
+      lines.append(f"| {r['method']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} | "
+                   f"{fmt(r['accuracy_strict'], 1)} |")
     lines += ["", "Ordering (paired by seed): " + "; ".join(
-        f"{k}: {v}" for k, v in t["pairs"].items()), "", "Sweep (mean NLL by ratio):", "",
+        f"{k}: {v}" for k, v in t["pairs"].items()) + _premise_text(t["premise_rho"]), "",
+              "Sweep (mean NLL by ratio):", "",
               "| method | " + " | ".join(f"{x:.0%}" for x in sorted(
                   {x for s in t["sweep"].values() for x in s})) + " |",
               "|---|" + "---|" * len({x for s in t["sweep"].values() for x in s})]
@@ -384,13 +503,15 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
     t = summary["layer_subsets"]
     lines += [f"## Entropy pruning of half the layers at {ratio:.0%} (Table 5)", "",
               "| layers | FFN widths after | held-out NLL |", "|---|---|---|"]
-    lines += [f"| {r['layers']} | {r['widths']} | {fmt(r['nll'])} |" for r in t["rows"]]
+    lines += [f"| {r['layers']} | {r['widths']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} |"
+              for r in t["rows"]]
     lines.append("")
   if "nucl_then_prune" in summary:
     t = summary["nucl_then_prune"]
     lines += [f"## NUCL, then entropy pruning at {ratio:.0%}", "",
-              "| model | NLL increase from pruning |", "|---|---|"]
-    lines += [f"| {r['model']} | {fmt(r['increase'])} |" for r in t["rows"]]
+              "| model | NLL increase from pruning | rho(outgoing entropy, LP) |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {fmt(r['increase'])}{fmt_ci(r['increase_ci'])} | "
+              f"{_rho(r['premise_rho'])} |" for r in t["rows"]]
     lines += ["", "Per variant: " + "; ".join(f"{k}: {v}" for k, v in t["verdicts"].items()), ""]
   if "reallocation" in summary:
     widths = results["reallocation"]["widths"]
@@ -408,8 +529,9 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
     lines += [f"## Inter-neuron diversity term (nucl_diversity, alpha "
               f"{results['diversity']['alpha']:g})", "",
               f"Fine-tuned: NLL {fmt(t['nll'])}, entropy {fmt(t['entropy'], 1)}; NLL increase "
-              f"from entropy pruning at {ratio:.0%}: {fmt(t['increase'])} (standard: "
-              f"{fmt(t['standard_increase'])}).", ""]
+              f"from entropy pruning at {ratio:.0%}: {fmt(t['increase'])}"
+              f"{fmt_ci(t['increase_ci'])} (standard: {fmt(t['standard_increase'])})."
+              + _premise_text(t["premise_rho"]), ""]
   if "supernodes" in summary:
     t = summary["supernodes"]
     lines += [f"## Supernodes (top {results['supernodes']['fraction']:.0%} of channels by LP)",
@@ -418,7 +540,9 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
               "| model | NLL | without supernodes | without as many random channels |",
               "|---|---|---|---|",
               f"| standard fine-tuned | {fmt(t['nll'])} | {fmt(t['nll_without_supernodes'])} | "
-              f"{fmt(t['nll_without_random'])} |", ""]
+              f"{fmt(t['nll_without_random'])} |", "",
+              f"NLL increase from removing the supernodes: 95 % interval"
+              f"{fmt_ci(t['removal_increase_ci'])}.", ""]
   if "export" in results:
     e = results["export"]
     lines += ["## Re-export to Hugging Face", "",
@@ -439,7 +563,61 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
 def _scratch_lines(title: str, intro: str, first_column: str, rows: list[dict]) -> list[str]:
   return ([f"## {title}", "", intro, "",
            f"| {first_column} | held-out NLL | summed outgoing entropy |", "|---|---|---|"]
-          + [f"| {r['arm']} | {fmt(r['nll'])} | {fmt(r['entropy'], 1)} |" for r in rows] + [""])
+          + [f"| {r['arm']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} | {fmt(r['entropy'], 1)} |"
+             for r in rows] + [""])
+
+
+def _rho(rho: Optional[float]) -> str:
+  return "–" if rho is None else f"{rho:+.2f}"
+
+
+def _premise_text(rho: Optional[float]) -> str:
+  if rho is None:
+    return ""
+  testable = ("the premise holds" if abs(rho) >= PREMISE_MIN_CORRELATION else
+              f"|rho| < {PREMISE_MIN_CORRELATION}: entropy does not rank importance here, so "
+              f"entropy pruning is {NOT_TESTABLE}")
+  return (f". Premise of entropy pruning: Spearman rho(outgoing entropy, LP importance) = "
+          f"{rho:+.2f} (mean over layers and seeds; {testable})")
+
+
+def _change(value: float, interval) -> str:
+  return f"{value:+.3f}{fmt_ci(interval)}"
+
+
+def measured(name: str, table: dict) -> str:
+  """The figures a finding's verdict rests on, for the verdict table (costs included)."""
+  if name == "nucl_finetune":
+    return "; ".join(
+        f"{v}: entropy {x['mean_entropy_change']:+.0%}, corpus NLL "
+        f"{_change(x['mean_nll_change'], x['nll_change_ci'])}, arithmetic NLL "
+        f"{_change(x['mean_arithmetic_nll_change'], x['arithmetic_nll_change_ci'])}"
+        + (" (a cost)" if x["mean_arithmetic_nll_change"] > 0 else "")
+        for v, x in table["verdicts"].items())
+  if name == "pruning_order":
+    nll = {r["method"]: np.mean(r["nll"]) for r in table["rows"]}
+    shown = [m for m in ("entropy", "random", "magnitude") if m in nll]
+    return (", ".join(f"{m} {nll[m]:.3f}" for m in shown) + " (NLL after pruning); rho(entropy, "
+            f"LP) {_rho(table['premise_rho'])}")
+  if name == "layer_subsets":
+    means = [np.mean(r["nll"]) for r in table["rows"] if r["layers"] != "all"]
+    return f"subset NLLs {min(means):.3f}–{max(means):.3f}" if means else "–"
+  if name == "nucl_then_prune":
+    return "; ".join(f"{r['model'].split(' ')[0]} +{np.mean(r['increase']):.3f}"
+                     f"{fmt_ci(r['increase_ci'])} (rho {_rho(r['premise_rho'])})"
+                     for r in table["rows"])
+  if name in ("reallocation", "nucl_pretrain"):
+    return "; ".join(f"{r['arm']}: NLL {np.mean(r['nll']):.3f}{fmt_ci(r['nll_ci'])}, entropy "
+                     f"{np.mean(r['entropy']):.0f}" for r in table["rows"])
+  if name == "diversity":
+    return (f"increase +{np.mean(table['increase']):.3f}{fmt_ci(table['increase_ci'])} vs "
+            f"standard +{np.mean(table['standard_increase']):.3f}; rho "
+            f"{_rho(table['premise_rho'])}")
+  if name == "supernodes":
+    return (f"median LP share {table['median_share']:.0%}; NLL "
+            f"{np.mean(table['nll']):.3f} -> {np.mean(table['nll_without_supernodes']):.3f} "
+            f"without supernodes, {np.mean(table['nll_without_random']):.3f} without random")
+  return "–"
 
 
 def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
@@ -452,9 +630,8 @@ def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
     ft = results["finetune"]
     arms = {"standard": "standard", **{f"NUCL-{v}": k for v, k in ft["main"].items()}}
     seed = sorted(ft["runs"]["standard"])[0]
-    # every fine-tune starts at the pre-trained model: its evaluation is step 0 of the curves
-    start = [{"step": 0, **results["pretrain"]["run"]["final"]}] if "pretrain" in results else []
-    curve_of = lambda key, s: start + ft["runs"][key][s]["curve"]
+    curves = finetune_curves(results)
+    curve_of = lambda key, s: curves[key][s]
     layers = len(ft["runs"]["standard"][seed]["curve"][0]["entropy_per_layer"])
     fig, axes = plt.subplots(1, layers, figsize=(2.6 * layers, 2.8), squeeze=False)
     for label, key in arms.items():
@@ -521,6 +698,16 @@ def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
     fig.tight_layout()
     written["supernode LP share"] = _save(fig, directory / "supernodes.png")
   return written
+
+
+def finetune_curves(results: dict) -> dict[str, dict[str, list[dict]]]:
+  """{run key: {seed: evaluation points}} of the fine-tunes, each headed by its seed's
+  pre-trained model as step 0 (the pre-training record's own step is its last pre-training
+  step, not the fine-tune's start)."""
+  pretrained = results.get("pretrain", {}).get("runs", {})
+  return {key: {seed: ([{**pretrained[seed]["final"], "step": 0}] if seed in pretrained else [])
+                + run["curve"] for seed, run in runs.items()}
+          for key, runs in results["finetune"]["runs"].items()}
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:

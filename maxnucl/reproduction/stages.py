@@ -13,9 +13,11 @@ evaluated, so a rerun skips what is finished and redoes only the unfinished piec
 
 Stages (what each tests: docs/reproduction.md):
   data           corpus files -> splits, SentencePiece vocabulary, cached packed rows
-  pretrain       a small Gemma-2 trained from scratch on the corpus
+  pretrain       a small Gemma-2 trained from scratch on the corpus, once per seed
   finetune       standard vs NUCL (ent, gini, mstd; alpha sweep) fine-tuning, seeds
-  prune          every pruning method at `prune_ratios` on the standard fine-tuned models
+  prune          every pruning method at `prune_ratios` on the standard fine-tuned models, and
+                 the premise of entropy pruning: the rank correlation of each neuron's outgoing
+                 entropy with its loss-proxy importance
   layer_subsets  entropy pruning of bottom/top half, even/odd layers
   nucl_prune     entropy pruning of the NUCL fine-tuned models vs the standard ones
   diversity      fine-tuning with the inter-neuron diversity term, and pruning it
@@ -44,7 +46,7 @@ import jax
 import numpy as np
 import tqdm
 
-from maxnucl import checkpoints, ffn, losses, models
+from maxnucl import checkpoints, dependencies, ffn, losses, models
 from maxnucl.conversion import convert
 from maxnucl.data import corpus, pipeline, vocabularies
 from maxnucl.evaluation import core, gsm8k, perplexity
@@ -63,6 +65,12 @@ REQUIRES = {"data": (), "pretrain": ("data",), "finetune": ("pretrain",),
             "nucl_pretrain": ("reallocation",), "supernodes": ("finetune",),
             "export": ("prune",)}
 VARIANT_TERMS = {"ent": "nucl_ent", "gini": "nucl_gini", "mstd": "nucl_mstd"}
+# What a stage imports beyond maxnucl's core, and why (maxnucl.dependencies names the extra).
+IMPORTS = {"export": (("torch", "transformers"),
+                      "loads the exported model with transformers to compare its logits")}
+# The layout of an output directory: stored in settings.json, so that a directory written by an
+# earlier layout (one pre-trained model shared by every seed) is refused rather than mixed in.
+LAYOUT = 2
 
 
 class ReproductionError(RuntimeError):
@@ -119,10 +127,33 @@ def _stable_name(value: float) -> str:
   return f"{value:g}".replace("+", "")
 
 
-def check_stages(stages: Sequence[str]) -> None:
+def check_stages(stages: Sequence[str],
+                 output_dir: Optional[str | os.PathLike] = None) -> None:
+  """Refuse unknown stages, and stages whose optional imports are missing
+  (`dependencies.MissingDependency`), before anything is written.  With `output_dir`, stages
+  already finished there (and so skipped) need nothing."""
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ReproductionError(f"unknown stages {unknown}; stages: {list(STAGES)}")
+  done = pathlib.Path(output_dir) / "stages" if output_dir is not None else None
+  pending = [s for s in with_requirements(stages)
+             if done is None or not (done / f"{s}.json").exists()]
+  for stage in pending:
+    if stage in IMPORTS:
+      modules, purpose = IMPORTS[stage]
+      dependencies.require(modules, f"the reproduction's {stage} stage ({purpose})")
+
+
+def with_requirements(stages: Sequence[str]) -> list[str]:
+  """`stages` and every stage they need, in running order."""
+  needed = set()
+  pending = list(stages)
+  while pending:
+    stage = pending.pop()
+    if stage not in needed:
+      needed.add(stage)
+      pending.extend(REQUIRES[stage])
+  return [s for s in STAGES if s in needed]
 
 
 class Reproduction:
@@ -149,6 +180,7 @@ class Reproduction:
     path = self.out / "settings.json"
     current = json.loads(json.dumps(dataclasses.asdict(self.config)))
     current["corpus_root"] = str(self.corpus_root) if self.corpus_root else None
+    current["layout"] = LAYOUT
     if path.exists():
       saved = json.loads(path.read_text())
       if saved != current:
@@ -180,7 +212,7 @@ class Reproduction:
     return self.results[stage]
 
   def run(self, stages: Sequence[str] = STAGES) -> dict:
-    check_stages(stages)
+    check_stages(stages, self.out)
     for stage in STAGES:  # in dependency order
       if stage in stages:
         self.result(stage)
@@ -340,20 +372,22 @@ class Reproduction:
   # ---- stages: training -------------------------------------------------------------------------
 
   def stage_pretrain(self) -> dict:
+    """One pre-training per seed (its own initialisation and data order), so that the seeds of
+    every later comparison are independent replicates of the whole pipeline."""
     c = self.config
-    run = self.train_and_evaluate("pretrain", source="text_corpus", steps=c.pretrain_steps,
-                                  learning_rate=c.pretrain_learning_rate, seed=0, accuracy=False)
-    return {"run": run}
+    runs = {str(s): self.train_and_evaluate(
+        f"pretrain_s{s}", source="text_corpus", steps=c.pretrain_steps,
+        learning_rate=c.pretrain_learning_rate, seed=s, accuracy=False) for s in c.seeds}
+    return {"runs": runs}
 
-  @property
-  def pretrained(self) -> str:
-    return str(checkpoints.resolve(self.out / "runs" / "pretrain"))
+  def pretrained(self, seed: int) -> str:
+    return str(checkpoints.resolve(self.out / "runs" / f"pretrain_s{seed}"))
 
   def _finetune(self, name: str, seed: int, terms: Optional[dict]) -> dict:
     c = self.config
     return self.train_and_evaluate(
         name, source="text_corpus_finetune_arithmetic", steps=c.finetune_steps,
-        learning_rate=c.finetune_learning_rate, seed=seed, init_checkpoint=self.pretrained,
+        learning_rate=c.finetune_learning_rate, seed=seed, init_checkpoint=self.pretrained(seed),
         terms=terms)
 
   def stage_finetune(self) -> dict:
@@ -413,7 +447,26 @@ class Reproduction:
     rows = [self.prune_and_evaluate(base, f"standard_s{seed}", method=method, ratio=ratio,
                                     seed=int(seed), accuracy=ratio == c.prune_ratio)
             for seed, base, method, ratio in self._bar(jobs, "prune")]
-    return {"rows": rows}
+    return {"rows": rows, "premise": self.premise(self.finetuned("standard"))}
+
+  def premise(self, bases: dict[str, str]) -> dict[str, dict]:
+    """Per seed: the Spearman rank correlation of each FFN neuron's outgoing entropy with its
+    loss-proxy importance (LP, the calibration statistic of `lp` and SCAR), per layer and
+    averaged.  Entropy pruning removes the highest-entropy neurons first, which can beat random
+    removal only where entropy ranks importance: a correlation near 0 leaves the claim
+    untestable on this model (maxnucl.reproduction.report.PREMISE_MIN_CORRELATION)."""
+    c = self.config
+    result = {}
+    for seed, base in bases.items():
+      cfg, params = checkpoints.load(checkpoints.resolve(base))
+      batches = calibration.iterate_batches(
+          "text_corpus", num_examples=c.calibration_examples, batch_size=c.batch_size,
+          seq_len=c.seq_len, split="train", cache_dir=str(self.cache_dir), vocab=self.vocab)
+      stats = calibration.collect_stats(cfg, params, batches)
+      per_layer = {name: rank_correlation(ffn.row_entropy(params[name]["mlp"][ffn.OUT]),
+                                          stats[name].loss_proxy) for name in stats}
+      result[seed] = {"per_layer": per_layer, "mean": float(np.mean(list(per_layer.values())))}
+    return result
 
   def stage_layer_subsets(self) -> dict:
     c = self.config
@@ -433,16 +486,20 @@ class Reproduction:
     rows = [{"variant": variant, **self.prune_and_evaluate(
         base, f"{variant}_s{seed}", method="entropy", ratio=ratio, seed=int(seed))}
             for variant, seed, base, ratio in self._bar(jobs, "prune NUCL models")]
-    return {"rows": rows}
+    premise = {variant: self.premise(self.finetuned(key))
+               for variant, key in self.result("finetune")["main"].items()}
+    return {"rows": rows, "premise": premise}
 
   def stage_diversity(self) -> dict:
     c = self.config
     runs = {str(s): self._finetune(f"ft_diversity_a{_stable_name(c.diversity_alpha)}_s{s}", s,
                                    {"nucl_diversity": c.diversity_alpha}) for s in c.seeds}
-    rows = [self.prune_and_evaluate(str(checkpoints.resolve(run["workdir"])), f"diversity_s{seed}", method="entropy",
+    bases = {seed: str(checkpoints.resolve(run["workdir"])) for seed, run in runs.items()}
+    rows = [self.prune_and_evaluate(base, f"diversity_s{seed}", method="entropy",
                                     ratio=c.prune_ratio, seed=int(seed))
-            for seed, run in runs.items()]
-    return {"runs": runs, "prune_rows": rows, "alpha": c.diversity_alpha}
+            for seed, base in bases.items()]
+    return {"runs": runs, "prune_rows": rows, "alpha": c.diversity_alpha,
+            "premise": self.premise(bases)}
 
   # ---- stages: from scratch ---------------------------------------------------------------------
 
@@ -484,8 +541,8 @@ class Reproduction:
       stats = calibration.collect_stats(cfg, params, batches)
       shares = analysis.lp_concentration(stats, c.supernode_fraction)
       supernodes = {name: _top(stats[name].loss_proxy, c.supernode_fraction) for name in stats}
-      base_nll = self.evaluator.quality(cfg, params)["nll"]
-      removed = self.evaluator.quality(cfg, _zero_channels(params, supernodes))["nll"]
+      base = self.evaluator.quality(cfg, params)
+      removed = self.evaluator.quality(cfg, _zero_channels(params, supernodes))
       rng = np.random.default_rng(1000 + int(seed))
       random_nll = []
       for _ in range(c.supernode_random_draws):
@@ -494,7 +551,9 @@ class Reproduction:
         random_nll.append(self.evaluator.quality(cfg, _zero_channels(params, picks))["nll"])
       rows.append({"seed": int(seed), "lp_share": {k: v["share"] for k, v in shares.items()},
                    "num_supernodes": {k: v["num_supernodes"] for k, v in shares.items()},
-                   "nll": base_nll, "nll_without_supernodes": removed,
+                   "nll": base["nll"], "nll_rows": base["nll_rows"],
+                   "nll_without_supernodes": removed["nll"],
+                   "nll_without_supernodes_rows": removed["nll_rows"],
                    "nll_without_random": random_nll})
     return {"rows": rows, "fraction": c.supernode_fraction}
 
@@ -543,10 +602,23 @@ class Evaluator:
     self.arithmetic = rows("synthetic_arithmetic", "test", config.eval_rows)
 
   def quality(self, cfg, params) -> dict:
+    """Held-out corpus and arithmetic NLL (per token), each with its per-row NLL sums and token
+    counts (`*_rows`: what the report's bootstrap intervals resample), and outgoing entropy."""
     entropy = np.asarray(jax.device_get(losses.outgoing_entropy(params, cfg)), np.float64)
-    return {"nll": perplexity.heldout_nll(cfg, params, self.corpus)["nll"],
-            "arithmetic_nll": perplexity.heldout_nll(cfg, params, self.arithmetic)["nll"],
-            "entropy_per_layer": entropy.tolist(), "entropy": float(entropy.sum())}
+    result = {"entropy_per_layer": entropy.tolist(), "entropy": float(entropy.sum())}
+    for name, batches in (("nll", self.corpus), ("arithmetic_nll", self.arithmetic)):
+      sums, tokens = self._row_nll(cfg, params, batches)
+      result[name] = float(sums.sum() / tokens.sum())
+      result[f"{name}_rows"] = {"sums": sums.tolist(), "tokens": tokens.tolist()}
+    return result
+
+  @staticmethod
+  def _row_nll(cfg, params, batches) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and loss tokens of every held-out row that has any (padding rows dropped)."""
+    step = perplexity.nll_step(cfg)
+    sums, tokens = zip(*(jax.device_get(step(params, batch)) for batch in batches))
+    sums, tokens = np.concatenate(sums).astype(np.float64), np.concatenate(tokens)
+    return sums[tokens > 0], tokens[tokens > 0].astype(np.int64)
 
   def accuracy(self, cfg, params) -> dict:
     benchmark = gsm8k.GSM8K(source="synthetic_arithmetic", num_shots=0,
@@ -557,6 +629,13 @@ class Evaluator:
     model = core.LanguageModel(cfg, params, self.tokenizer, batch_size=32)
     metrics = benchmark.metrics(benchmark.predict(model, examples))
     return {k: metrics[k] for k in ("accuracy_strict", "accuracy_flexible")}
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman's rank correlation of two equal-length vectors (Pearson's of their ranks, ties
+  ranked by position: the scores compared here are continuous)."""
+  ranks = [np.argsort(np.argsort(np.asarray(v, np.float64), kind="stable")) for v in (a, b)]
+  return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
 
 
 def _top(values: np.ndarray, fraction: float) -> np.ndarray:
