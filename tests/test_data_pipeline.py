@@ -199,7 +199,9 @@ def test_mixture_samples_tasks_in_proportion_to_rates():
   total = sum(rates.values())
   for name, count in zip(names, counts):
     expected = rates[name] / total
-    assert abs(count / num - expected) < 4 * np.sqrt(expected * (1 - expected) / num) + 1e-4, name
+    # 8 binomial standard errors: a chance failure has probability < 1e-14
+    np.testing.assert_allclose(count / num, expected, rtol=0, err_msg=name,
+                               atol=8 * np.sqrt(expected * (1 - expected) / num))
   assert set(names) == set(rates)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from maxnucl import models
 from maxnucl.layers.embeddings import Embedder
+from tolerances import decoder_terms, gradient_terms, magnitude, rounding_atol
 
 FAMILIES = ["gemma2_tiny", "palm_tiny"]
 
@@ -28,8 +29,9 @@ def test_packed_row_equals_each_example_alone(name):
   logits = np.asarray(models.apply(cfg, params, packed, segment_ids=segments))
   alone_a = np.asarray(models.apply(cfg, params, a[None]))
   alone_b = np.asarray(models.apply(cfg, params, b[None]))
-  np.testing.assert_allclose(logits[0, :23], alone_a[0], atol=1e-5)
-  np.testing.assert_allclose(logits[0, 23:40], alone_b[0], atol=1e-5)
+  atol = rounding_atol(magnitude(alone_a, alone_b), decoder_terms(cfg, 48))
+  np.testing.assert_allclose(logits[0, :23], alone_a[0], atol=atol)
+  np.testing.assert_allclose(logits[0, 23:40], alone_b[0], atol=atol)
   assert np.all(np.isfinite(logits))
 
 
@@ -217,8 +219,10 @@ def test_remat_gives_same_gradients():
     return jnp.mean(models.apply(c, p, tokens) ** 2)
   plain = jax.grad(loss)(params, cfg)
   remat = jax.grad(loss)(params, cfg.replace(remat_policy="full"))
+  # the recomputed forward may be fused differently: the roundings of a gradient's path
+  atol = rounding_atol(magnitude(*jax.tree.leaves(plain)), gradient_terms(cfg, 12, 12))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
 
 
 def test_apply_with_ffn_returns_inner_activations_and_their_gradient_proxy():

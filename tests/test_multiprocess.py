@@ -17,10 +17,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import processes
-from maxnucl import distributed
+from maxnucl import distributed, models
+from tolerances import EPS32, decoder_terms, gradient_terms, magnitude, rounding_atol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--gin_param=train_loop.num_steps = 4", "--gin_param=train_loop.log_every = 1",
@@ -92,10 +94,17 @@ def _losses(workdir) -> dict[int, float]:
   return {json.loads(l)["step"]: json.loads(l)["loss"] for l in lines}
 
 
-def _assert_close(actual: dict, expected: dict, steps, rtol=1e-5):
+def _assert_close(actual: dict, expected: dict, steps, resumed_at: int = 0):
+  """The demo's losses (gemma2_tiny, 16 x 64 tokens): another mesh sums in other orders, so the
+  loss of step k carries the roundings of a loss and of the k - 1 gradients before it (of those
+  after `resumed_at`: a restored checkpoint is exact)."""
+  cfg, tokens = models.get_config("gemma2_tiny"), 16 * 64
+  loss_terms = decoder_terms(cfg, 64) + cfg.vocab_size + tokens
   for step in steps:
-    assert abs(actual[step] - expected[step]) <= rtol * abs(expected[step]), (
-        f"step {step}: {actual[step]} vs {expected[step]}")
+    updates = step - 1 - resumed_at
+    np.testing.assert_allclose(
+        actual[step], expected[step], err_msg=f"step {step}",
+        rtol=EPS32 * (loss_terms + updates * gradient_terms(cfg, 64, tokens)))
 
 
 def _crash_after_step_2(source, target):
@@ -140,7 +149,7 @@ def test_two_processes_resume_exactly(runs, tmp_path):
   _crash_after_step_2(root / "two", tmp_path / "w")
   (rc, out, _), _ = _run_two(tmp_path / "w", SHORT)
   assert "resumed from step 2" in out
-  _assert_close(_losses(tmp_path / "w"), _losses(root / "two"), [3, 4], rtol=1e-6)
+  _assert_close(_losses(tmp_path / "w"), _losses(root / "two"), [3, 4], resumed_at=2)
 
 
 def test_two_process_checkpoint_restores_on_one_process_with_another_mesh(runs, tmp_path):
@@ -148,7 +157,7 @@ def test_two_process_checkpoint_restores_on_one_process_with_another_mesh(runs, 
   _crash_after_step_2(root / "two", tmp_path / "w")
   out, _ = _run_one(tmp_path / "w", devices=4, mesh="(2, 1, 2)", extra=SHORT)
   assert "resumed from step 2" in out
-  _assert_close(_losses(tmp_path / "w"), _losses(root / "two"), [3, 4])
+  _assert_close(_losses(tmp_path / "w"), _losses(root / "two"), [3, 4], resumed_at=2)
 
 
 def test_one_process_checkpoint_restores_on_two_processes(runs, tmp_path):
@@ -156,7 +165,7 @@ def test_one_process_checkpoint_restores_on_two_processes(runs, tmp_path):
   _crash_after_step_2(root / "one", tmp_path / "w")
   (rc, out, _), _ = _run_two(tmp_path / "w", SHORT)
   assert "resumed from step 2" in out
-  _assert_close(_losses(tmp_path / "w"), _losses(root / "one"), [3, 4])
+  _assert_close(_losses(tmp_path / "w"), _losses(root / "one"), [3, 4], resumed_at=2)
 
 
 def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
@@ -291,7 +300,7 @@ local = decoding.generate(cfg, params, prompts, 12, stop_token_ids=[7])  # this 
 scores = decoding.score(cfg, placed, prompts, [[3, 4], [5], [6, 7, 8]], mesh=mesh, rules=rules)
 local_scores = decoding.score(cfg, params, prompts, [[3, 4], [5], [6, 7, 8]])
 assert sharded == local, (sharded, local)
-assert np.allclose(scores, local_scores, rtol=1e-5), (scores, local_scores)
+print("SCORES", list(map(float, scores)), list(map(float, local_scores)))
 print("OK", jax.process_index(), len(mesh.devices.flat), sharded)
 """
 
@@ -302,5 +311,11 @@ def test_generation_and_scoring_span_two_processes():
   for code, _, stderr in results:
     assert code == 0, stderr[-3000:]
   lines = [next(l for l in stdout.splitlines() if l.startswith("OK")) for _, stdout, _ in results]
+  cfg = models.get_config("gemma2_tiny")
+  for _, stdout, _ in results:  # summed log-probabilities of up to 3 tokens after 17
+    scores = next(l for l in stdout.splitlines() if l.startswith("SCORES"))[len("SCORES "):]
+    sharded, local = (json.loads(part) for part in scores.replace("] [", "]|[").split("|"))
+    np.testing.assert_allclose(sharded, local, rtol=0, atol=rounding_atol(
+        magnitude(local), decoder_terms(cfg, 20) + cfg.vocab_size + 3))
   assert lines[0].split()[2] == "4"                  # the mesh spans both processes
   assert lines[0].split(" ", 3)[3] == lines[1].split(" ", 3)[3]   # the same tokens on both

@@ -13,6 +13,7 @@ import pytest
 
 from maxnucl import losses, models
 from test_losses import edge_case_matrix, model_and_batch, random_params, tiny_cfg
+from tolerances import rounding_atol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,17 @@ def np_similarity(w):
   u = r / np.linalg.norm(r, axis=1, keepdims=True)
   cosine = u @ u.T  # [m, m]
   return (cosine.sum() - np.trace(cosine)) / (m * (m - 1))
+
+
+def similarity_atol(w):
+  """The term is (|sum_i u_i|^2 - m) / (m (m - 1)), u_i the unit rows: the sums of n and m terms
+  round relative to |sum_i u_i|^2 + m, and the subtraction keeps that absolute error."""
+  a = np.abs(np.asarray(w, np.float64))
+  m, n = a.shape
+  a[a.max(axis=1) <= losses.ZERO_ROW_MAX_ABS] = 1.0
+  u = a / np.linalg.norm(a, axis=1, keepdims=True)
+  size = (np.sum(u.sum(axis=0) ** 2) + m) / (m * (m - 1))
+  return rounding_atol(size, 2 * n + m + 4)
 
 
 def term(params, cfg):
@@ -52,28 +64,30 @@ def test_equals_brute_force_cosine_matrix_on_random_matrices(shape):
   w = (rng.normal(size=shape) * np.exp(rng.normal(size=(shape[0], 1)))).astype(np.float32)
   got = losses.mean_pairwise_similarity(jnp.asarray(w))
   assert got.shape == () and got.dtype == jnp.float32
-  np.testing.assert_allclose(got, np_similarity(w), rtol=2e-6)
+  np.testing.assert_allclose(got, np_similarity(w), rtol=0, atol=similarity_atol(w))
 
 
 def test_equals_brute_force_on_edge_case_rows_including_zero_huge_and_tiny_rows():
   w = edge_case_matrix()
   np.testing.assert_allclose(losses.mean_pairwise_similarity(jnp.asarray(w)), np_similarity(w),
-                             rtol=2e-6)
+                             rtol=0, atol=similarity_atol(w))
 
 
 def test_identical_rows_give_one_and_disjoint_supports_give_zero():
   row = np.array([0.5, -2.0, 0.0, 1.0, 3.0], np.float32)
   same = np.stack([row, -row, 1e20 * row, 1e-20 * row])  # equal up to scale and signs
-  np.testing.assert_allclose(losses.mean_pairwise_similarity(jnp.asarray(same)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(losses.mean_pairwise_similarity(jnp.asarray(same)), 1.0, rtol=0,
+                             atol=similarity_atol(same))
   disjoint = np.zeros((6, 18), np.float32)
   for i in range(6):
     disjoint[i, 3 * i:3 * i + 3] = [1.0, -3.0, 0.25 * (i + 1)]
   np.testing.assert_allclose(losses.mean_pairwise_similarity(jnp.asarray(disjoint)), 0.0,
-                             atol=1e-8)
+                             atol=similarity_atol(disjoint))
   # Two pairs of identical rows, the pairs with disjoint supports: 4 of 12 ordered pairs have 1.
   a, b = [1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0]
   pairs = jnp.array([a, [-2.0, -4.0, 0.0, 0.0], b, [0.0, 0.0, 6.0, -2.0]])
-  np.testing.assert_allclose(losses.mean_pairwise_similarity(pairs), 4 / 12, rtol=1e-6)
+  np.testing.assert_allclose(losses.mean_pairwise_similarity(pairs), 4 / 12, rtol=0,
+                             atol=similarity_atol(pairs))
 
 
 def test_fewer_than_two_rows_give_zero_and_non_matrices_are_refused():

@@ -8,9 +8,12 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from maxnucl import checkpoints
 from maxnucl.reproduction import stages
+from tolerances import decoder_terms, rounding_atol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,8 +94,12 @@ def test_every_stage_leaves_finite_results(quick_run):
              for share in row["lp_share"].values())
   export = s["export"]
   assert len(set(export["ffn_widths"])) > 1  # a global budget: per-layer widths
-  for mode in ("pad", "custom_code"):
-    assert export["exports"][mode]["max_abs_logit_diff"] < 1e-4
+  exported, = (output / "pruned" / "standard_s0").glob("*_global_s0/checkpoint")
+  cfg, _ = checkpoints.load(exported)
+  for mode in ("pad", "custom_code"):  # transformers and maxnucl: a logit's roundings apart
+    result = export["exports"][mode]
+    np.testing.assert_allclose(result["max_abs_logit_diff"], 0.0, atol=rounding_atol(
+        result["max_abs_logit"], decoder_terms(cfg, result["tokens_compared"])))
   assert (export["exports"]["custom_code"]["hf_parameters"]
           < export["exports"]["pad"]["hf_parameters"])
   # every finding has a verdict

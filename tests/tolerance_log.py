@@ -37,8 +37,8 @@ def _ratio(actual, expected, atol: float, rtol: float) -> float:
   finite = np.isfinite(a) & np.isfinite(e)
   if not finite.any():
     return 0.0
-  difference = np.abs(a - e)[finite]
-  bound = atol + rtol * np.abs(e)[finite]
+  difference = np.abs(a[finite] - e[finite])
+  bound = atol + rtol * np.abs(e[finite])
   with np.errstate(divide="ignore", invalid="ignore"):
     ratios = np.where(difference == 0, 0.0, difference / bound)
   return float(ratios.max())

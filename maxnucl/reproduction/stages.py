@@ -679,7 +679,9 @@ def export_and_compare(checkpoint: pathlib.Path, target: pathlib.Path, mode: str
   with torch.no_grad():
     theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
   size = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
-  return {"mode": mode, "path": str(target), "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+  return {"mode": mode, "path": str(target),
+          "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+          "max_abs_logit": float(np.abs(ours).max()),
           "hf_parameters": int(sum(p.numel() for p in hf.parameters())),
           "safetensors_bytes": int(size), "tokens_compared": int(ids.size)}
 
