@@ -67,7 +67,7 @@ setuptools.setup(
         "maxnucl-convert = maxnucl.conversion.cli:main",
         "maxnucl-prune = maxnucl.pruning.cli:prune_main",
         "maxnucl-analyze = maxnucl.pruning.cli:analyze_main",
-        "maxnucl-lm-eval = maxnucl.lm_eval_adapter:main",
+        "maxnucl-lm-eval = maxnucl.lm_eval_cli:main",
         "maxnucl-tpu-vm = maxnucl.tpu_vm:main",
         "maxnucl-reproduce = maxnucl.reproduction.cli:main",
     ]},

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 from typing import Optional
 
@@ -47,7 +48,7 @@ except ImportError as e:  # an optional dependency
   raise ImportError(f"maxnucl's lm-evaluation-harness model needs lm-eval ({e}): "
                     f"pip install -e \".[eval]\"") from e
 
-from maxnucl import decoding, sharding
+from maxnucl import checkpoints, decoding, sharding
 from maxnucl.generate import load_model, load_tokenizer
 
 # Arguments the harness passes to every model; JAX chooses its own devices.
@@ -225,7 +226,7 @@ def model_help() -> str:
 
 
 
-def main() -> None:
+def main() -> int:
   """lm-eval's command line with the "maxnucl" model registered and described in --help."""
   # pylint: disable=import-outside-toplevel,protected-access
   from lm_eval._cli import HarnessCLI
@@ -235,7 +236,30 @@ def main() -> None:
   cli = HarnessCLI()
   for parser in (cli._parser, cli._subparsers.choices["run"]):  # lm-eval-harness 0.4.13's
     parser.epilog = f"{parser.epilog or ''}\n{model_help()}\n"
-  cli.execute(cli.parse_args())
+  args = cli.parse_args()
+  try:
+    _check_model_args(args)
+    cli.execute(args)
+  except (OSError, ValueError) as e:  # checkpoints.CheckpointError is a ValueError
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _check_model_args(args) -> None:
+  """The maxnucl model's checkpoint and vocabulary exist (refused before the harness loads its
+  tasks and datasets)."""
+  model_args = getattr(args, "model_args", None)
+  if getattr(args, "model", None) != "maxnucl" or not isinstance(model_args, dict):
+    return
+  if "checkpoint" not in model_args:
+    raise ValueError("--model_args: the maxnucl model needs checkpoint=DIR (a checkpoint or a "
+                     "training workdir)")
+  checkpoints.resolve(model_args["checkpoint"])
+  vocab = str(model_args.get("vocab", "byte"))
+  if vocab != "byte" and not os.path.isfile(vocab):
+    raise FileNotFoundError(f"--model_args vocab={vocab}: no such SentencePiece model file "
+                            f"(or 'byte')")
 
 
 if __name__ == "__main__":

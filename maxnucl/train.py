@@ -233,7 +233,6 @@ def train_loop(workdir: str | os.PathLike, *,
                   keep_checkpoints=keep_checkpoints, eval_batches=eval_batches,
                   eval_every=(eval_every, 0), eval_tasks_every=(eval_tasks_every, 0))
   workdir = paths.as_path(workdir)  # a local path or a URL (gs://, file://)
-  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.create_mesh() if mesh is None else mesh
   rules = sharding.logical_axis_rules()
   cfg = models.configured_model()
@@ -251,6 +250,9 @@ def train_loop(workdir: str | os.PathLike, *,
     raise TrainingError(f"train_loop.eval_tasks writes predictions to a local workdir only, not "
                         f"{workdir}; evaluate the checkpoints afterwards with python -m "
                         f"maxnucl.evaluate")
+  # Created once every setting, the data and the initial checkpoint have been checked: a refused
+  # run leaves no empty workdir behind.
+  workdir.mkdir(parents=True, exist_ok=True)
   manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
   primary = distributed.is_primary()  # the one process that prints and writes logs
   if primary:

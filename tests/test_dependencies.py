@@ -65,3 +65,14 @@ def test_with_requirements_adds_what_a_stage_needs_in_running_order():
                                                    "export"]
   assert stages.with_requirements(["nucl_pretrain"]) == ["data", "reallocation",
                                                           "nucl_pretrain"]
+
+
+def test_lm_eval_console_script_without_the_eval_extra_is_refused_in_one_line(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "maxnucl.lm_eval_cli", "--model", "maxnucl",
+                         "--model_args", f"checkpoint={tmp_path}", "--tasks", "arc_easy"],
+                        cwd=tmp_path, capture_output=True, text=True,
+                        env=without(tmp_path, "lm_eval"), timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "lm_eval" in lines[0] and '"maxnucl[eval]"' in lines[0], lines
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
