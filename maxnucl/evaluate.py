@@ -102,6 +102,17 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   return results
 
 
+def _positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1 (--limit 0 evaluated nothing and wrote an empty result)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+  return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m maxnucl.evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,10 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="checkpoint directory, or a training workdir (its latest step)")
   parser.add_argument("--output", required=True, help="directory for results.json and "
                       "predictions.jsonl (an interrupted run in it is resumed)")
-  parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+  parser.add_argument("--limit", type=_positive_int, default=None,
+                      help="evaluate the first N examples (N >= 1)")
   parser.add_argument("--vocab", default=None, help="'byte' or a SentencePiece model file "
                       "(default: evaluate.vocab in gin, 'byte')")
-  parser.add_argument("--batch_size", type=int, default=None)
+  parser.add_argument("--batch_size", type=_positive_int, default=None)
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--overwrite", action="store_true",

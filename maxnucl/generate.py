@@ -67,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="cast params and compute to this dtype (default: as stored)")
   args = parser.parse_args(argv)
   try:
+    for f in args.prompt_file:
+      if not pathlib.Path(f).is_file():
+        parser.error(f"--prompt_file {f}: no such file")
     prompts = list(args.prompt) + [pathlib.Path(f).read_text() for f in args.prompt_file]
     if not prompts:
       parser.error("give at least one --prompt or --prompt_file")
