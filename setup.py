@@ -26,10 +26,10 @@ class BuildPyWithGinFiles(build_py.build_py):
       self.copy_file(str(source), str(target))
 
 
-# lm-eval, and what its hf backend (`lm_eval --model hf`, e.g. on a maxnucl-to-hf export) imports
-# but lm-eval does not install: torch, transformers and accelerate.
 # The Hugging Face reference (torch's CPU build; maxnucl.dependencies says who needs it).
 HF = ["torch==2.13.0", "transformers==5.23.0"]
+# lm-eval, and what its hf backend (`lm_eval --model hf`, e.g. on a maxnucl-to-hf export) imports
+# but lm-eval does not install: torch, transformers and accelerate.
 EVAL = ["lm_eval==0.4.13", "datasets==5.2.0", *HF, "accelerate==1.16.0"]
 
 setuptools.setup(

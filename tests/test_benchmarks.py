@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from cli_messages import message_lines
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -36,6 +38,7 @@ BAD_ARGUMENTS = {
     "compile_time.py": (["--deep", "0"], "--deep"),
     "convert_benchmark.py": (["--layers", "1"], "--layers"),  # its check reads layer 1
     "decode_throughput.py": (["--preset", "gemma2_nine"], "'gemma2_nine'"),
+    "demo_figures.py": (["--docs", "no_such_page.md"], "no_such_page.md"),
     "eval_throughput.py": (["--checkpoint", "no_such_checkpoint"], "no_such_checkpoint"),
     "nucl_overhead.py": (["--remat", "sometimes"], "'sometimes'"),
     "prune_benchmark.py": (["--preset", "gemma2_nine"], "'gemma2_nine'"),
@@ -45,16 +48,6 @@ BAD_ARGUMENTS = {
     "gpu_session.sh": (["c"], "a|b|smoke"),  # not a part
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
-
-
-def _message_lines(stderr: str) -> list[str]:
-  """stderr without argparse's usage block (the `usage:` line and its indented continuation)."""
-  lines = stderr.splitlines()
-  if len(lines) > 1 and lines[0].startswith("usage:"):
-    lines = lines[1:]
-    while lines and lines[0].startswith(" "):
-      lines = lines[1:]
-  return lines
 
 
 def test_every_benchmark_script_has_a_bad_argument_case():
@@ -73,7 +66,7 @@ def test_a_bad_argument_is_refused_in_one_line_before_any_work(script, tmp_path)
                         env=ENV, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
-  [message] = _message_lines(proc.stderr)
+  [message] = message_lines(proc.stderr)
   assert named in message
   assert list(tmp_path.iterdir()) == []  # neither --workdir nor anything else was made
 

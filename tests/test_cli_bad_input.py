@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from cli_messages import message_lines
+
 BIN = pathlib.Path(sys.executable).parent  # where `pip install -e .` put the console scripts
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -67,16 +69,6 @@ def _entries(root: pathlib.Path) -> list[str]:
   return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def _message_lines(stderr: str) -> list[str]:
-  """stderr without argparse's usage block (the `usage:` line and its indented continuation)."""
-  lines = stderr.splitlines()
-  if len(lines) > 1 and lines[0].startswith("usage:"):
-    lines = lines[1:]
-    while lines and lines[0].startswith(" "):
-      lines = lines[1:]
-  return lines
-
-
 def test_every_console_script_has_a_bad_input_case():
   setup_py = (pathlib.Path(__file__).resolve().parent.parent / "setup.py").read_text()
   assert all(f'"{script} = ' in setup_py for script in CONSOLE_SCRIPTS)
@@ -96,6 +88,6 @@ def test_bad_input_exits_2_in_one_line_and_leaves_nothing_behind(script, args, n
                         text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
-  [message] = _message_lines(proc.stderr)
+  [message] = message_lines(proc.stderr)
   assert named.replace("OUT", str(out)) in message
   assert _entries(tmp_path) == before
