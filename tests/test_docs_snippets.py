@@ -14,24 +14,27 @@ right before a fence (invisible on GitHub) says more about its block:
 Every other ```python block runs; a failure names the file and line of the block and of the
 failing statement.
 
-The ```bash blocks of COMMAND_PAGES run too, one page at a time, every command in order (a later
-one reads what an earlier one wrote), with bash in a temporary directory that holds tiny stand-ins
-for what the page names (`command_world`: a 2-layer `gemma2_tiny` exported as the Hugging Face
-`/work/gemma-2-9b` with a SentencePiece `tokenizer.model`, GSM8K-format files, calibration
-arrays).  The rewrites of COMMAND_SUBSTITUTIONS map the page's paths there and shrink its runs
-(2000 training steps become 1, an evaluation looks at 2 examples); tools/tpu_vm.py commands run
-with --dry_run (the gcloud calls are printed, not made).  A command that cannot run here is in
-COMMANDS_NOT_RUN with its reason; every other command must exit 0.  Where the pages' commands
-cannot run here:
+The ```bash blocks of COMMAND_PAGES (README.md and the getting-started, data, pruning, TPU,
+conversion, decoding, training, evaluation and reproduction-guide pages) run too, one page at a
+time, every command in order (a later one reads what an earlier one wrote), with bash in a
+temporary directory that holds tiny stand-ins for what the page names (`command_world`: a 2-layer
+`gemma2_tiny` exported as the Hugging Face `/work/gemma-2-9b` with a SentencePiece
+`tokenizer.model`, the same model in DeepMind's layout, a pruned model with per-layer widths, the
+CPU demo's workdir, GSM8K-, MBPP- and SuperGLUE-format files, calibration arrays).  The rewrites
+of COMMAND_SUBSTITUTIONS map the page's paths there and shrink its runs (2000 training steps
+become 1, an evaluation looks at 2 examples, a benchmark at a few programs); tools/tpu_vm.py
+commands run with --dry_run (the gcloud calls are printed, not made).  A command that cannot run
+here is in COMMANDS_NOT_RUN with its reason; every other command must exit 0.  Where the pages'
+commands cannot run here:
   - docs/performance.md, docs/benchmarks.md: accelerator measurements and benchmarks that write
     gigabytes and run for minutes (benchmarks/gpu_session.sh smoke checks the GPU ones on CPU;
     tests/test_benchmarks.py runs the conversion and pruning benchmarks on tiny shapes);
   - docs/gemma2.md, docs/models.md, docs/losses.md: no shell commands (gin snippets and the
     Python blocks that run above);
+  - the reproduction (tools/reproduce.py): its shortest run, --quick, trains more than a dozen
+    models, minutes (tests/test_reproduce.py runs it);
   - the downloads of real Gemma-2 weights, datasets and lm-eval tasks, Google Cloud (gcloud,
     buckets, TPU VMs), the installation itself, and several processes at once.
-The pages of the conversion, decoding, training, evaluation and reproduction docs are not in
-COMMAND_PAGES yet.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import traceback
 from typing import Optional
 
@@ -60,6 +64,7 @@ from maxnucl import checkpoints, models, sharding, train
 from maxnucl.data import catalog
 from maxnucl.losses import registry
 from maxnucl.pruning import scores
+import processes  # tests/processes.py
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DOC_FILES = ("README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")))
@@ -290,11 +295,32 @@ def test_markers_and_line_numbers_are_read():
 
 # ---- shell commands -------------------------------------------------------------------------------
 
-COMMAND_PAGES = ("docs/getting-started.md", "docs/data.md", "docs/pruning.md", "docs/tpu.md")
+COMMAND_PAGES = ("README.md", "docs/getting-started.md", "docs/data.md", "docs/pruning.md",
+                 "docs/tpu.md", "docs/conversion.md", "docs/decoding.md", "docs/training.md",
+                 "docs/evaluation.md", "docs/reproduction-guide.md")
 SHELL_INFO = ("bash", "sh", "shell")
+
+_REPRODUCE_QUICK = ("trains more than a dozen models, minutes (tests/test_reproduce.py runs it, "
+                    "its rerun and --stages)")
+_REPRODUCE_FULL = "a full reproduction (about an hour), or a part or the report of one"
 
 # Commands of COMMAND_PAGES that do not run here: (page, the command's beginning) -> why.
 COMMANDS_NOT_RUN = {
+    ("README.md", 'python3 -m venv .venv && . .venv/bin/activate && pip install -q -e ".[test]"'):
+        "the installation and the whole suite, this test included",
+    ("README.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2"):
+        "two processes at once (tests/test_multiprocess.py runs this command)",
+    ("README.md", "pip install"): "installs packages (network)",
+    ("README.md", "maxnucl-lm-eval"):
+        "lm-eval downloads its tasks' data (tests/test_lm_eval.py runs it on local task files)",
+    ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/mbpp.gin ..."):
+        "arguments elided ('...'): docs/evaluation.md's MBPP command runs",
+    ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/superglue.gin ..."):
+        "arguments elided ('...'): docs/evaluation.md's SuperGLUE command runs",
+    ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/perplexity.gin ..."):
+        "arguments elided ('...'): docs/evaluation.md's perplexity commands run",
+    ("README.md", "python tools/reproduce.py --output"): _REPRODUCE_FULL,
+    ("README.md", "python tools/reproduce.py --quick"): _REPRODUCE_QUICK,
     ("docs/getting-started.md", "git clone"): "network",
     ("docs/getting-started.md", "python3 -m venv"): "the installation these tests run in",
     ("docs/getting-started.md", "pip install"): "installs packages (network)",
@@ -317,19 +343,32 @@ COMMANDS_NOT_RUN = {
     ("docs/tpu.md", "tensorboard "): "a server",
     ("docs/tpu.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2"):
         "two processes at once (tests/test_multiprocess.py runs this command)",
+    ("docs/decoding.md", "maxnucl-lm-eval"):
+        "lm-eval downloads its tasks' data (tests/test_lm_eval.py runs it on local task files)",
+    ("docs/decoding.md", "lm_eval --model hf"):
+        "lm-eval downloads wikitext (tests/test_lm_eval_hf.py runs the hf backend on an export)",
+    ("docs/training.md", "python -m maxnucl.train --gin_file=F "):
+        "the synopsis of the command above it: F, F2, 'x.y = z' and DIR stand for yours",
+    ("docs/evaluation.md", "python -m maxnucl.evaluate --gin_file=gin/eval/perplexity.gin "
+                           "--checkpoint=CKPT --output=OUT --mesh_shape 1,-1,1 --coordinator"):
+        "four processes on four hosts (tests/test_evaluation.py runs two)",
+    ("docs/reproduction-guide.md", "python tools/reproduce.py --output"): _REPRODUCE_FULL,
+    ("docs/reproduction-guide.md", "python tools/reproduce.py --quick"): _REPRODUCE_QUICK,
 }
 
-# The reviewed rewrites of a page's commands before they run, in order: (page or None for every
-# page, regex, replacement).  In the replacements {root} is the world's directory, {repo} this
-# checkout, {fixtures} tests/fixtures/data and {line} the command's line in the page, filled in
-# after every rewrite.  Each must apply to some command of its page.
+# The reviewed rewrites of a page's commands before they run, in order: (None for every page, a
+# page or a tuple of pages, regex, replacement).  In the replacements {root} is the world's
+# directory, {repo} this checkout, {fixtures} tests/fixtures/data and {line} the command's line in
+# the page, filled in after every rewrite.  Each must apply to some command of each of its pages.
+_TRAIN_ONE_STEP = ("--gin_param='train_loop.num_steps = 1' "
+                   "--gin_param='train_loop.eval_batches = 1' "
+                   "--gin_param='train_loop.progress_bar = False'")
+_BEFORE_COMMENT = r"[^#\n]*?)(\s+#[^\n]*)?$"  # the rest of a command line, its comment apart
 COMMAND_SUBSTITUTIONS = (
     (None, r"(?<![\w.:/])/work/", r"{root}/work/"),
     (None, r"\bpython (tools|benchmarks)/", r"python {repo}/\1/"),
     (None, r"\[(--[^\]]*)\]", r"\1"),  # optional arguments: run with them
-    ("docs/getting-started.md", r"^(python -m maxnucl\.train .*)$",
-     r"\1 --gin_param='train_loop.num_steps = 1' --gin_param='train_loop.eval_batches = 1' "
-     r"--gin_param='train_loop.progress_bar = False'"),
+    ("docs/getting-started.md", r"^(python -m maxnucl\.train .*)$", r"\1 " + _TRAIN_ONE_STEP),
     ("docs/getting-started.md", r"checkpoints/2000", r"checkpoints/1"),
     ("docs/getting-started.md", r"^(python -m maxnucl\.evaluate .*)$", r"\1 --limit 2 --no_progress"),
     ("docs/getting-started.md", r"--eval_task_limit 200", r"--eval_task_limit 2"),
@@ -339,10 +378,64 @@ COMMAND_SUBSTITUTIONS = (
     ("docs/data.md", r"/data/maxnucl_cache", r"{root}/data/maxnucl_cache"),
     ("docs/data.md", r"/ckpt/gemma/tokenizer\.model", r"{root}/work/gemma-2-9b/tokenizer.model"),
     ("docs/pruning.md", r"\bCKPT_pruned\b", r"{root}/ckpt_pruned"),
-    ("docs/pruning.md", r"\bCKPT\b", r"{root}/ckpt"),
+    ("docs/pruning.md", r"\bCKPT\b", r"{root}/ckpt_tiny"),
     ("docs/pruning.md", r"--output OUT\b", r"--output {root}/out_{line}"),
     ("docs/tpu.md", r"^(python \S*tools/tpu_vm\.py \w+)", r"\1 --dry_run"),
+    # README: the quick start's installation is the one these tests run in; the rest runs.
+    ("README.md", r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e \. && ",
+     r""),
+    (("README.md", "docs/training.md"), r"\bpython -m maxnucl\.train (?!--help)",
+     r"python -m maxnucl.train " + _TRAIN_ONE_STEP + " "),
+    # the Gemma-2 recipe on rows of 128 tokens, not 1024 (docs/getting-started.md runs 1024)
+    (("README.md", "docs/training.md"), r"--gin_file=gin/gemma2_9b_gsm8k\.gin\b",
+     r"\g<0> --gin_param='DATA_SEQ_LEN = 128'"),
+    (("README.md", "docs/training.md"), r"(?<![\w.:/])/(tmp|runs)/", r"{root}/\1/"),
+    (("README.md", "docs/training.md"), r"'/ckpt/gemma2_9b'", r"'{root}/ckpt_tiny'"),
+    (("README.md", "docs/training.md"), r"/ckpt/gemma-2-9b/", r"{root}/work/gemma-2-9b/"),
+    ("README.md", r"=/data\b", r"={root}/work/data"),
+    (("README.md", "docs/decoding.md", "docs/evaluation.md"), r"(?<![\w/.-])gemma-2-9b/",
+     r"{root}/work/gemma-2-9b/"),
+    # DeepMind's release of the model that the line above converts: the stand-in is no preset
+    # (--config, the alternative to --size), written beside that conversion, not over it.
+    ("README.md", r"--input gemma2-9b/ --output ckpt/gemma2_9b --size 9b",
+     r"--input {root}/dm_gemma --output ckpt/gemma2_9b_dm --config {root}/dm_config.json"),
+    # a pruned model whose widths differ (the README's own pruning, below, keeps one width)
+    ("README.md", r"--input ckpt/pruned\b", r"--input {root}/ckpt_pruned_widths"),
+    ("README.md", r"\bCKPT_pruned\b", r"{root}/ckpt_pruned"),
+    ("README.md", r"\bCKPT\b", r"ckpt/gemma2_9b"),
+    # the NUCL fine-tuned Gemma-2: the workdir of the README's recipe command
+    ("README.md", r"--checkpoint=ckpt/gemma2_9b_nucl\b", r"--checkpoint={root}/runs/g9_gsm8k"),
+    (("README.md", "docs/evaluation.md"), r"^(python -m maxnucl\.evaluate " + _BEFORE_COMMENT,
+     r"\1 --limit 2 --no_progress\2"),
+    (("docs/decoding.md", "docs/evaluation.md"), r"(?<![\w.:/])/tmp/maxnucl_demo\b",
+     r"{root}/demo_workdir"),
+    ("docs/decoding.md", r"\bckpt/gemma2_9b\b", r"{root}/ckpt_tiny"),
+    ("docs/evaluation.md", r"\bCKPT_pruned\b", r"{root}/ckpt_pruned"),
+    ("docs/evaluation.md", r"\bCKPT\b", r"{root}/ckpt_tiny"),
+    ("docs/evaluation.md", r"--output=OUT\b", r"--output={root}/out_{line}"),
+    ("docs/evaluation.md", r"--eval_task_limit 200", r"--eval_task_limit 2"),
+    # MBPP's 512 new tokens would fill the stand-in's 512 positions
+    ("docs/evaluation.md", r"^(python -m maxnucl\.evaluate --gin_file=gin/eval/mbpp\.gin "
+     + _BEFORE_COMMENT, r"\1 --gin_param='mbpp.max_new_tokens = 32'\2"),
+    ("docs/evaluation.md", r"^(python \S*benchmarks/sandbox_overhead\.py " + _BEFORE_COMMENT,
+     r"\1 --runs 2 --warmup 0 --programs 4\2"),
+    # conversion.md's synopses: the first of the alternatives a|b|c, the placeholders the world's.
+    ("docs/conversion.md", r"--size 2b\|9b\|27b", r"--config {root}/dm_config.json"),
+    ("docs/conversion.md", r"(?<=\s)([\w.]+)(?:\|[\w.]+)+(?=\s|$)", r"\1"),
+    ("docs/conversion.md", r"--vocab tokenizer\.model\b",
+     r"--vocab {root}/work/gemma-2-9b/tokenizer.model"),
+    ("docs/conversion.md", r"--vocab_size V\b", r"--vocab_size 384"),
+    ("docs/conversion.md", r"--input HF_DIR\b", r"--input {root}/work/gemma-2-9b"),
+    ("docs/conversion.md", r"--output HF_DIR\b", r"--output {root}/hf_{line}"),
+    ("docs/conversion.md", r"\bCKPT_pruned\b", r"{root}/ckpt_pruned_widths"),
+    ("docs/conversion.md", r"\bCKPT_OR_(WORKDIR|HF_DIR)\b", r"{root}/ckpt_conv"),
+    ("docs/conversion.md", r"--output CKPT\b", r"--output {root}/ckpt_conv"),
+    ("docs/conversion.md", r"\bDM_CKPT\b", r"{root}/dm_gemma"),
 )
+
+
+def _on_page(pages, path: str) -> bool:
+  return pages is None or path == pages or (isinstance(pages, tuple) and path in pages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,8 +495,8 @@ def _not_run_reason(command: Command) -> Optional[str]:
 
 def _rewritten(command: Command, fields: dict, used: set) -> str:
   text = command.text
-  for index, (path, pattern, replacement) in enumerate(COMMAND_SUBSTITUTIONS):
-    if path not in (None, command.path):
+  for index, (pages, pattern, replacement) in enumerate(COMMAND_SUBSTITUTIONS):
+    if not _on_page(pages, command.path):
       continue
     text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
     if count:
@@ -413,12 +506,37 @@ def _rewritten(command: Command, fields: dict, used: set) -> str:
   return text
 
 
+def _deepmind_layout(cfg, params, padded_vocab: int) -> dict:
+  """The params of a Gemma-2 in DeepMind `gemma`'s flat Orbax layout (9b's (2, m, d) gating, the
+  embedding padded to `padded_vocab` rows), as maxnucl/conversion/deepmind_gemma.py reads it."""
+  embedding = np.asarray(params["embedder"]["embedding"])
+  flat = {"transformer/embedder": {"input_embedding": np.concatenate(
+              [embedding, np.zeros((padded_vocab - len(embedding), cfg.d_model), np.float32)])},
+          "transformer/final_norm": {"scale": params["final_norm"]["scale"]}}
+  for i in range(cfg.num_layers):
+    p, dm = params[f"layers_{i}"], f"transformer/layer_{i}"
+    flat[f"{dm}/attn/q_einsum"] = {"w": np.asarray(p["attn"]["q"]).transpose(1, 0, 2)}
+    flat[f"{dm}/attn/kv_einsum"] = {"w": np.stack([np.asarray(p["attn"][kv]).transpose(1, 0, 2)
+                                                   for kv in ("k", "v")])}
+    flat[f"{dm}/attn/attn_vec_einsum"] = {"w": p["attn"]["o"]}
+    flat[f"{dm}/mlp/gating_einsum"] = {"w": np.stack([np.asarray(p["mlp"]["gate"]).T,
+                                                      np.asarray(p["mlp"]["up"]).T])}
+    flat[f"{dm}/mlp/linear"] = {"w": p["mlp"]["out"]}
+    for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+      flat[f"{dm}/{norm}"] = {"scale": p[norm]["scale"]}
+  return flat
+
+
 @pytest.fixture(scope="module")
-def command_world(tmp_path_factory):
+def command_world(tmp_path_factory, demo_workdir):
   """What the commands of COMMAND_PAGES read, as tiny stand-ins: `work/gemma-2-9b` (a 2-layer
-  gemma2_tiny exported to Hugging Face, with a SentencePiece tokenizer.model), `work/data/gsm8k`
-  (generated problems in GSM8K's files), `ckpt` (the same model as a maxnucl checkpoint),
-  `corpus/*.txt`, and token rows `calib.jsonl`, `calib.npy`, `heldout.npy`."""
+  gemma2_tiny exported to Hugging Face, with a SentencePiece tokenizer.model), `ckpt_tiny` (the
+  same model as a maxnucl checkpoint), `dm_gemma` and `dm_config.json` (it in DeepMind's layout,
+  and its config), `ckpt_pruned_widths` (a pruned model whose layers' widths differ, one of them
+  0), `demo_workdir` (the README's CPU demo, untrained: see demo_workdir), `work/data`
+  (generated problems in GSM8K's files, the MBPP and SuperGLUE fixtures), `corpus/*.txt`, and
+  token rows `calib.jsonl`, `calib.npy`, `heldout.npy`."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from maxnucl.conversion import convert  # pylint: disable=import-outside-toplevel
   from maxnucl.data import synthetic, vocabularies  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("command_world")
@@ -427,14 +545,23 @@ def command_world(tmp_path_factory):
     problems = synthetic.arithmetic_problems(0, split, count)
     (root / "work" / "data" / "gsm8k" / f"{split}.jsonl").write_text(
         "".join(json.dumps(p) + "\n" for p in problems))
+  for dataset in ("mbpp", "super_glue"):
+    shutil.copytree(REPO / "tests" / "fixtures" / "data" / dataset,
+                    root / "work" / "data" / dataset)
+  shutil.copytree(demo_workdir, root / "demo_workdir")
   (root / "corpus").mkdir()
   (root / "corpus" / "problems.txt").write_text("".join(
       f"{p['question']} {p['answer']}\n" for p in synthetic.arithmetic_problems(0, "train", 200)))
   tokenizer = vocabularies.train_sentencepiece([root / "corpus" / "problems.txt"],
                                                root / "sentencepiece", vocab_size=384)
   cfg = models.get_config("gemma2_tiny", num_layers=2)
-  checkpoints.save(root / "ckpt", cfg, models.init(cfg, jax.random.PRNGKey(0)))
-  convert.maxnucl_to_hf(root / "ckpt", root / "work" / "gemma-2-9b")
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  checkpoints.save(root / "ckpt_tiny", cfg, params)
+  convert.maxnucl_to_hf(root / "ckpt_tiny", root / "work" / "gemma-2-9b")
+  ocp.PyTreeCheckpointer().save(root / "dm_gemma", _deepmind_layout(cfg, params, 400))
+  (root / "dm_config.json").write_text(cfg.to_json())
+  pruned = cfg.replace(ffn_widths=(96, 0))
+  checkpoints.save(root / "ckpt_pruned_widths", pruned, models.init(pruned, jax.random.PRNGKey(1)))
   shutil.copy(tokenizer, root / "work" / "gemma-2-9b" / "tokenizer.model")
   rows = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(8, 33))
   np.save(root / "calib.npy", rows)
@@ -447,15 +574,24 @@ def _page_commands(path: str) -> list[Command]:
   return shell_commands((REPO / path).read_text(encoding="utf-8"), path)
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """One JAX compilation cache for every page's commands: the pages run the same programs again
+  (the demo's training, the Gemma-2 recipe's step), as the reproduction's runs share theirs."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
 @pytest.mark.parametrize("path", COMMAND_PAGES)
-def test_documented_commands_run(path, command_world, tmp_path):
+def test_documented_commands_run(path, command_world, compilation_cache, tmp_path):
   root = tmp_path / "world"
   shutil.copytree(command_world, root)
   fields = {"root": root, "repo": REPO, "fixtures": REPO / "tests" / "fixtures" / "data"}
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
-             PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-             MAXNUCL_DATA_DIR=str(root / "work" / "data"),
-             CLOUDSDK_CORE_PROJECT="my-nucl-project", CLOUDSDK_COMPUTE_ZONE="us-west4-a")
+  # One CPU device, as a reader's machine; XLA's fast compilation where the suite has it.
+  env = processes.cpu_env(
+      1, TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+      PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+      MAXNUCL_DATA_DIR=str(root / "work" / "data"),
+      CLOUDSDK_CORE_PROJECT="my-nucl-project", CLOUDSDK_COMPUTE_ZONE="us-west4-a")
   used = set()
   for command in _page_commands(path):
     if _not_run_reason(command):
@@ -465,12 +601,14 @@ def test_documented_commands_run(path, command_world, tmp_path):
     if export:  # for the commands after it, as in the reader's shell
       env[export.group(1)] = export.group(2)
       continue
+    start = time.perf_counter()
     done = subprocess.run(["bash", "-c", text], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
+    print(f"{command.where}: exit {done.returncode} in {time.perf_counter() - start:.1f} s")
     assert done.returncode == 0, (f"{command.where}: `{text}` exited {done.returncode}:\n"
                                   f"{done.stdout[-1500:]}{done.stderr[-3000:]}")
-  unused = [COMMAND_SUBSTITUTIONS[i][1] for i, (page, _, _) in enumerate(COMMAND_SUBSTITUTIONS)
-            if page == path and i not in used]
+  unused = [COMMAND_SUBSTITUTIONS[i][1] for i, (pages, _, _) in enumerate(COMMAND_SUBSTITUTIONS)
+            if pages is not None and _on_page(pages, path) and i not in used]
   assert not unused, f"COMMAND_SUBSTITUTIONS {unused} match no command of {path}: remove them"
 
 
