@@ -226,7 +226,7 @@ def test_the_verdict_table_states_nucls_cost_and_each_findings_source():
   results = _finetune((90, 91, 92), (3.0, 3.01, 3.02), nucl_arithmetic=2.1)
   summary = report.summarize(results, 0.25)
   text = report.measured("nucl_finetune", summary["nucl_finetune"])
-  assert "arithmetic NLL +0.100" in text and "(a cost)" in text and "entropy -9%" in text  # (90, 91, 92) vs 100
+  assert "arithmetic NLL +0.100" in text and "(a cost)" in text and "entropy -9.0%" in text  # (90, 91, 92) vs 100
   assert report.SOURCES["nucl_then_prune"].startswith("new in this study")
   assert report.SOURCES["reallocation"].startswith("new in this study")
   assert set(report.SOURCES) == set(report.VERDICT_RULES)

@@ -44,8 +44,8 @@ SOURCES = {
     "pruning_order": "NUCL paper (Table 4)",
     "layer_subsets": "NUCL paper (Table 5)",
     "nucl_then_prune": "new in this study (not claimed by the papers)",
-    "reallocation": "new in this study: a 3.5M-parameter from-scratch test of the layerwise "
-                    "FFN-importance abstract's claim (285M-1.2B models)",
+    "reallocation": "new in this study: a from-scratch test at this scale of the layerwise "
+                    "FFN-importance abstract's claim (made for 285M-1.2B models)",
     "nucl_pretrain": "new in this study (the NUCL paper names it a limitation)",
     "diversity": "new in this study (the NUCL paper names it a limitation)",
     "supernodes": "SCAR paper (supernodes)",
@@ -441,78 +441,117 @@ def _finished(runner) -> list[str]:
 
 def markdown(results: dict, summary: dict, config, figures: dict, *,
              relative_to: pathlib.Path) -> str:
-  ratio = config.prune_ratio
+  """report.md: the setup, the verdict table, one section per finished stage, the figures."""
   lines = ["# Small-scale reproduction: report", ""]
-  if "data" in results:
-    d = results["data"]
-    lines += [f"Corpus: `{d['corpus_root']}`, {len(d['files'])} files "
-              f"(sha256 of their hashes `{d['files_sha256'][:16]}…`); "
-              + ", ".join(f"{s}: {v['files']} files / {v['bytes']:,} bytes"
-                          for s, v in d["splits"].items())
-              + f". SentencePiece vocabulary of {d['vocab_size']}, rows of "
-              f"{d['tokens_per_row']} tokens. Model: {config.model}. Seeds: {list(config.seeds)}.",
-              ""]
-  lines += ["## Verdicts", "",
-            "Intervals in brackets: 95 % bootstrap over the held-out evaluation rows.", "",
-            "| finding | source | verdict | measured | rule |", "|---|---|---|---|---|"]
+  for section in (_setup_lines, _verdict_lines, _pretrain_lines, _finetune_lines, _prune_lines,
+                  _subsets_lines, _nucl_prune_lines, _from_scratch_lines, _diversity_lines,
+                  _supernode_lines, _export_lines):
+    lines += section(results, summary, config)
+  if figures:
+    lines += ["## Figures", ""]
+    lines += [f"![{name}]({path.relative_to(relative_to).as_posix()})"
+              for name, path in figures.items()]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _setup_lines(results: dict, summary: dict, config) -> list[str]:
+  if "data" not in results:
+    return []
+  d = results["data"]
+  return [f"Corpus: `{d['corpus_root']}`, {len(d['files'])} files "
+          f"(sha256 of their hashes `{d['files_sha256'][:16]}…`); "
+          + ", ".join(f"{s}: {v['files']} files / {v['bytes']:,} bytes"
+                      for s, v in d["splits"].items())
+          + f". SentencePiece vocabulary of {d['vocab_size']}, rows of "
+          f"{d['tokens_per_row']} tokens. Model: {config.model}. Seeds: {list(config.seeds)}.",
+          ""]
+
+
+def _verdict_lines(results: dict, summary: dict, config) -> list[str]:
+  lines = ["## Verdicts", "",
+           "Intervals in brackets: 95 % bootstrap over the held-out evaluation rows.", "",
+           "| finding | source | verdict | measured | rule |", "|---|---|---|---|---|"]
   for name, table in summary.items():
     lines.append(f"| {name} | {SOURCES[name]} | {_verdict_of(table)} | "
                  f"{measured(name, table)} | {VERDICT_RULES[name]} |")
-  lines.append("")
-  if "pretrain" in results:
-    finals = [run["final"] for run in results["pretrain"]["runs"].values()]
-    lines += ["## Pre-training", "",
-              f"{config.pretrain_steps} steps, one run per seed: held-out corpus NLL "
-              f"{fmt([f['nll'] for f in finals])}{fmt_ci(bootstrap_interval(finals))}, summed "
-              f"outgoing entropy {fmt([f['entropy'] for f in finals], 1)}.", ""]
-  if "nucl_finetune" in summary:
-    t = summary["nucl_finetune"]
-    lines += ["## NUCL vs standard fine-tuning (NUCL paper, Fig. 2–3)", "",
-              "| run (variant@alpha) | summed outgoing entropy | held-out corpus NLL | "
-              "arithmetic NLL | arithmetic accuracy (strict, %) |", "|---|---|---|---|---|"]
-    for r in t["rows"]:
-      lines.append(f"| {r['run']} | {fmt(r['entropy'], 1)} | {fmt(r['nll'])}"
-                   f"{fmt_ci(r['nll_ci'])} | {fmt(r['arithmetic_nll'])}"
-                   f"{fmt_ci(r['arithmetic_nll_ci'])} | {fmt(r['accuracy_strict'], 1)} |")
-    lines += ["", "Per variant (first alpha, paired by seed): " + "; ".join(
-        f"{v}: {x['verdict']} (entropy {x['entropy_direction'] or 'mixed'} than standard; mean "
-        f"change of corpus NLL {x['mean_nll_change']:+.3f} (tolerance {x['tolerance']:.3f}), "
-        f"of arithmetic NLL {x['mean_arithmetic_nll_change']:+.3f} (tolerance "
-        f"{x['arithmetic_tolerance']:.3f}))"
-        for v, x in t["verdicts"].items()), ""]
-  if "pruning_order" in summary:
-    t = summary["pruning_order"]
-    lines += [f"## Pruning {ratio:.0%} of every FFN (NUCL paper, Table 4)", "",
-              f"Unpruned (standard fine-tuned): NLL {fmt(t['unpruned_nll'])}.", "",
-              "| method | held-out NLL | arithmetic accuracy (strict, %) |", "|---|---|---|"]
-    for r in t["rows"]:
-      lines.append(f"| {r['method']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} | "
-                   f"{fmt(r['accuracy_strict'], 1)} |")
-    lines += ["", "Ordering (paired by seed): " + "; ".join(
-        f"{k}: {v}" for k, v in t["pairs"].items()) + _premise_text(t["premise_rho"]), "",
-              "Sweep (mean NLL by ratio):", "",
-              "| method | " + " | ".join(f"{x:.0%}" for x in sorted(
-                  {x for s in t["sweep"].values() for x in s})) + " |",
-              "|---|" + "---|" * len({x for s in t["sweep"].values() for x in s})]
-    ratios = sorted({x for s in t["sweep"].values() for x in s})
-    for method, by_ratio in sorted(t["sweep"].items()):
-      lines.append(f"| {method} | " + " | ".join(
-          f"{np.mean(by_ratio[x]):.3f}" if x in by_ratio else "–" for x in ratios) + " |")
-    lines.append("")
-  if "layer_subsets" in summary:
-    t = summary["layer_subsets"]
-    lines += [f"## Entropy pruning of half the layers at {ratio:.0%} (Table 5)", "",
-              "| layers | FFN widths after | held-out NLL |", "|---|---|---|"]
-    lines += [f"| {r['layers']} | {r['widths']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} |"
-              for r in t["rows"]]
-    lines.append("")
-  if "nucl_then_prune" in summary:
-    t = summary["nucl_then_prune"]
-    lines += [f"## NUCL, then entropy pruning at {ratio:.0%}", "",
-              "| model | NLL increase from pruning | rho(outgoing entropy, LP) |", "|---|---|---|"]
-    lines += [f"| {r['model']} | {fmt(r['increase'])}{fmt_ci(r['increase_ci'])} | "
-              f"{_rho(r['premise_rho'])} |" for r in t["rows"]]
-    lines += ["", "Per variant: " + "; ".join(f"{k}: {v}" for k, v in t["verdicts"].items()), ""]
+  return lines + [""]
+
+
+def _pretrain_lines(results: dict, summary: dict, config) -> list[str]:
+  if "pretrain" not in results:
+    return []
+  finals = [run["final"] for run in results["pretrain"]["runs"].values()]
+  return ["## Pre-training", "",
+          f"{config.pretrain_steps} steps, one run per seed: held-out corpus NLL "
+          f"{fmt([f['nll'] for f in finals])}{fmt_ci(bootstrap_interval(finals))}, summed "
+          f"outgoing entropy {fmt([f['entropy'] for f in finals], 1)}.", ""]
+
+
+def _finetune_lines(results: dict, summary: dict, config) -> list[str]:
+  if "nucl_finetune" not in summary:
+    return []
+  t = summary["nucl_finetune"]
+  lines = ["## NUCL vs standard fine-tuning (NUCL paper, Fig. 2–3)", "",
+           "| run (variant@alpha) | summed outgoing entropy | held-out corpus NLL | "
+           "arithmetic NLL | arithmetic accuracy (strict, %) |", "|---|---|---|---|---|"]
+  for r in t["rows"]:
+    lines.append(f"| {r['run']} | {fmt(r['entropy'], 1)} | {fmt(r['nll'])}"
+                 f"{fmt_ci(r['nll_ci'])} | {fmt(r['arithmetic_nll'])}"
+                 f"{fmt_ci(r['arithmetic_nll_ci'])} | {fmt(r['accuracy_strict'], 1)} |")
+  return lines + ["", "Per variant (first alpha, paired by seed): " + "; ".join(
+      f"{v}: {x['verdict']} (entropy {x['entropy_direction'] or 'mixed'} than standard; mean "
+      f"change of corpus NLL {x['mean_nll_change']:+.3f} (tolerance {x['tolerance']:.3f}), "
+      f"of arithmetic NLL {x['mean_arithmetic_nll_change']:+.3f} (tolerance "
+      f"{x['arithmetic_tolerance']:.3f}))"
+      for v, x in t["verdicts"].items()), ""]
+
+
+def _prune_lines(results: dict, summary: dict, config) -> list[str]:
+  if "pruning_order" not in summary:
+    return []
+  t = summary["pruning_order"]
+  lines = [f"## Pruning {config.prune_ratio:.0%} of every FFN (NUCL paper, Table 4)", "",
+           f"Unpruned (standard fine-tuned): NLL {fmt(t['unpruned_nll'])}.", "",
+           "| method | held-out NLL | arithmetic accuracy (strict, %) |", "|---|---|---|"]
+  for r in t["rows"]:
+    lines.append(f"| {r['method']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} | "
+                 f"{fmt(r['accuracy_strict'], 1)} |")
+  ratios = sorted({x for s in t["sweep"].values() for x in s})
+  lines += ["", "Ordering (paired by seed): " + "; ".join(
+      f"{k}: {v}" for k, v in t["pairs"].items()) + _premise_text(t["premise_rho"]), "",
+            "Sweep (mean NLL by ratio):", "",
+            "| method | " + " | ".join(f"{x:.0%}" for x in ratios) + " |",
+            "|---|" + "---|" * len(ratios)]
+  for method, by_ratio in sorted(t["sweep"].items()):
+    lines.append(f"| {method} | " + " | ".join(
+        f"{np.mean(by_ratio[x]):.3f}" if x in by_ratio else "–" for x in ratios) + " |")
+  return lines + [""]
+
+
+def _subsets_lines(results: dict, summary: dict, config) -> list[str]:
+  if "layer_subsets" not in summary:
+    return []
+  return ([f"## Entropy pruning of half the layers at {config.prune_ratio:.0%} (Table 5)", "",
+           "| layers | FFN widths after | held-out NLL |", "|---|---|---|"]
+          + [f"| {r['layers']} | {r['widths']} | {fmt(r['nll'])}{fmt_ci(r['nll_ci'])} |"
+             for r in summary["layer_subsets"]["rows"]] + [""])
+
+
+def _nucl_prune_lines(results: dict, summary: dict, config) -> list[str]:
+  if "nucl_then_prune" not in summary:
+    return []
+  t = summary["nucl_then_prune"]
+  return ([f"## NUCL, then entropy pruning at {config.prune_ratio:.0%}", "",
+           "| model | NLL increase from pruning | rho(outgoing entropy, LP) |", "|---|---|---|"]
+          + [f"| {r['model']} | {fmt(r['increase'])}{fmt_ci(r['increase_ci'])} | "
+             f"{_rho(r['premise_rho'])} |" for r in t["rows"]]
+          + ["", "Per variant: " + "; ".join(f"{k}: {v}" for k, v in t["verdicts"].items()),
+             ""])
+
+
+def _from_scratch_lines(results: dict, summary: dict, config) -> list[str]:
+  lines = []
   if "reallocation" in summary:
     widths = results["reallocation"]["widths"]
     lines += _scratch_lines(
@@ -524,40 +563,46 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
         f"NUCL during pre-training (nucl_ent, alpha {results['nucl_pretrain']['alpha']:g}), "
         f"from scratch", f"{config.scratch_steps} steps; standard = the uniform runs above.",
         "pre-training", summary["nucl_pretrain"]["rows"])
-  if "diversity" in summary:
-    t = summary["diversity"]
-    lines += [f"## Inter-neuron diversity term (nucl_diversity, alpha "
-              f"{results['diversity']['alpha']:g})", "",
-              f"Fine-tuned: NLL {fmt(t['nll'])}, entropy {fmt(t['entropy'], 1)}; NLL increase "
-              f"from entropy pruning at {ratio:.0%}: {fmt(t['increase'])}"
-              f"{fmt_ci(t['increase_ci'])} (standard: {fmt(t['standard_increase'])})."
-              + _premise_text(t["premise_rho"]), ""]
-  if "supernodes" in summary:
-    t = summary["supernodes"]
-    lines += [f"## Supernodes (top {results['supernodes']['fraction']:.0%} of channels by LP)",
-              "", f"Share of a layer's LP mass: median {t['median_share']:.1%} (range "
-              f"{t['min_share']:.1%}–{t['max_share']:.1%}).", "",
-              "| model | NLL | without supernodes | without as many random channels |",
-              "|---|---|---|---|",
-              f"| standard fine-tuned | {fmt(t['nll'])} | {fmt(t['nll_without_supernodes'])} | "
-              f"{fmt(t['nll_without_random'])} |", "",
-              f"NLL increase from removing the supernodes: 95 % interval"
-              f"{fmt_ci(t['removal_increase_ci'])}.", ""]
-  if "export" in results:
-    e = results["export"]
-    lines += ["## Re-export to Hugging Face", "",
-              f"Best method at {ratio:.0%}: {e['method']}, global budget: per-layer widths "
-              f"{e['ffn_widths']}.", "", "| export | parameters | max |logit difference| |",
-              "|---|---|---|"]
-    lines += [f"| {m} | {x['hf_parameters']:,} | {x['max_abs_logit_diff']:.2e} |"
-              for m, x in e["exports"].items()]
-    lines.append("")
-  if figures:
-    lines += ["## Figures", ""]
-    lines += [f"![{name}]({path.relative_to(relative_to).as_posix()})"
-              for name, path in figures.items()]
-    lines.append("")
-  return "\n".join(lines)
+  return lines
+
+
+def _diversity_lines(results: dict, summary: dict, config) -> list[str]:
+  if "diversity" not in summary:
+    return []
+  t = summary["diversity"]
+  return [f"## Inter-neuron diversity term (nucl_diversity, alpha "
+          f"{results['diversity']['alpha']:g})", "",
+          f"Fine-tuned: NLL {fmt(t['nll'])}, entropy {fmt(t['entropy'], 1)}; NLL increase "
+          f"from entropy pruning at {config.prune_ratio:.0%}: {fmt(t['increase'])}"
+          f"{fmt_ci(t['increase_ci'])} (standard: {fmt(t['standard_increase'])})."
+          + _premise_text(t["premise_rho"]), ""]
+
+
+def _supernode_lines(results: dict, summary: dict, config) -> list[str]:
+  if "supernodes" not in summary:
+    return []
+  t = summary["supernodes"]
+  return [f"## Supernodes (top {results['supernodes']['fraction']:.0%} of channels by LP)",
+          "", f"Share of a layer's LP mass: median {t['median_share']:.1%} (range "
+          f"{t['min_share']:.1%}–{t['max_share']:.1%}).", "",
+          "| model | NLL | without supernodes | without as many random channels |",
+          "|---|---|---|---|",
+          f"| standard fine-tuned | {fmt(t['nll'])} | {fmt(t['nll_without_supernodes'])} | "
+          f"{fmt(t['nll_without_random'])} |", "",
+          f"NLL increase from removing the supernodes: 95 % interval"
+          f"{fmt_ci(t['removal_increase_ci'])}.", ""]
+
+
+def _export_lines(results: dict, summary: dict, config) -> list[str]:
+  if "export" not in results:
+    return []
+  e = results["export"]
+  return (["## Re-export to Hugging Face", "",
+           f"Best method at {config.prune_ratio:.0%}: {e['method']}, global budget: per-layer "
+           f"widths {e['ffn_widths']}.", "", "| export | parameters | max |logit difference| |",
+           "|---|---|---|"]
+          + [f"| {m} | {x['hf_parameters']:,} | {x['max_abs_logit_diff']:.2e} |"
+             for m, x in e["exports"].items()] + [""])
 
 
 def _scratch_lines(title: str, intro: str, first_column: str, rows: list[dict]) -> list[str]:
@@ -589,7 +634,7 @@ def measured(name: str, table: dict) -> str:
   """The figures a finding's verdict rests on, for the verdict table (costs included)."""
   if name == "nucl_finetune":
     return "; ".join(
-        f"{v}: entropy {x['mean_entropy_change']:+.0%}, corpus NLL "
+        f"{v}: entropy {x['mean_entropy_change']:+.1%}, corpus NLL "
         f"{_change(x['mean_nll_change'], x['nll_change_ci'])}, arithmetic NLL "
         f"{_change(x['mean_arithmetic_nll_change'], x['arithmetic_nll_change_ci'])}"
         + (" (a cost)" if x["mean_arithmetic_nll_change"] > 0 else "")
@@ -621,83 +666,93 @@ def measured(name: str, table: dict) -> str:
 
 
 def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
+  """{title: PNG path} of the figures the finished stages allow, written into `directory`."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   directory.mkdir(parents=True, exist_ok=True)
   written = {}
   if "finetune" in results:
-    ft = results["finetune"]
-    arms = {"standard": "standard", **{f"NUCL-{v}": k for v, k in ft["main"].items()}}
-    seed = sorted(ft["runs"]["standard"])[0]
-    curves = finetune_curves(results)
-    curve_of = lambda key, s: curves[key][s]
-    layers = len(ft["runs"]["standard"][seed]["curve"][0]["entropy_per_layer"])
-    fig, axes = plt.subplots(1, layers, figsize=(2.6 * layers, 2.8), squeeze=False)
-    for label, key in arms.items():
-      curve = curve_of(key, seed)
-      for i in range(layers):
-        axes[0][i].plot([p["step"] for p in curve], [p["entropy_per_layer"][i] for p in curve],
-                        marker="o", label=label)
-    for i in range(layers):
-      axes[0][i].set_title(f"layer {i}")
-      axes[0][i].set_xlabel("step")
-    axes[0][0].set_ylabel("summed outgoing entropy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    written["entropy per layer over fine-tuning"] = _save(fig, directory / "entropy_layers.png")
-    metrics = {"nll": "held-out corpus NLL", "arithmetic_nll": "held-out arithmetic NLL",
-               "accuracy_strict": "arithmetic accuracy (strict, %)"}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for label, key in arms.items():
-      for ax, metric in zip(axes, metrics):
-        for s in ft["runs"][key]:
-          points = [p for p in curve_of(key, s) if metric in p]
-          ax.plot([p["step"] for p in points], [p[metric] for p in points],
-                  color=f"C{list(arms).index(label)}", alpha=0.8,
-                  label=label if s == seed else None)
-    for ax, title in zip(axes, metrics.values()):
-      ax.set_ylabel(title)
-      ax.set_xlabel("fine-tuning step")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    written["quality over fine-tuning"] = _save(fig, directory / "quality_curves.png")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in summary["nucl_finetune"]["rows"]:
-      ax.scatter(np.mean(r["entropy"]), np.mean(r["nll"]), s=12)
-      ax.annotate(r["run"], (np.mean(r["entropy"]), np.mean(r["nll"])), fontsize=6)
-    ax.set_xlabel("summed outgoing entropy")
-    ax.set_ylabel("held-out corpus NLL")
-    fig.tight_layout()
-    written["alpha sweep: entropy vs NLL"] = _save(fig, directory / "alpha_sweep.png")
+    written.update(_plot_finetuning(plt, results, summary, directory))
   if "pruning_order" in summary:
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method, by_ratio in sorted(summary["pruning_order"]["sweep"].items()):
-      ratios = sorted(by_ratio)
-      ax.errorbar(ratios, [np.mean(by_ratio[x]) for x in ratios],
-                  yerr=[mean_std(by_ratio[x])[1] or 0 for x in ratios], marker="o", label=method,
-                  capsize=2)
-    unpruned = summary["pruning_order"]["unpruned_nll"]
-    if unpruned:
-      ax.axhline(float(np.mean(unpruned)), color="black", linestyle=":", label="unpruned")
-    ax.set_xlabel("fraction of FFN neurons removed")
-    ax.set_ylabel("held-out corpus NLL")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written["pruning sweep"] = _save(fig, directory / "pruning_sweep.png")
+    written["pruning sweep"] = _plot_pruning_sweep(plt, summary["pruning_order"], directory)
   if "supernodes" in results:
-    rows = results["supernodes"]["rows"]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for row in rows:
-      names = list(row["lp_share"])
-      ax.plot(range(len(names)), [row["lp_share"][n] for n in names], marker="o",
-              label=f"seed {row['seed']}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("LP share of the top channels")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written["supernode LP share"] = _save(fig, directory / "supernodes.png")
+    written["supernode LP share"] = _plot_supernodes(plt, results["supernodes"], directory)
   return written
+
+
+def _plot_finetuning(plt, results: dict, summary: dict, directory: pathlib.Path) -> dict:
+  """Entropy per layer and quality over fine-tuning (from step 0, the pre-trained model), and
+  the alpha sweep's entropy against NLL."""
+  ft = results["finetune"]
+  arms = {"standard": "standard", **{f"NUCL-{v}": k for v, k in ft["main"].items()}}
+  seed = sorted(ft["runs"]["standard"])[0]
+  curves = finetune_curves(results)
+  layers = len(ft["runs"]["standard"][seed]["curve"][0]["entropy_per_layer"])
+  written = {}
+  fig, axes = plt.subplots(1, layers, figsize=(2.6 * layers, 2.8), squeeze=False)
+  for label, key in arms.items():
+    curve = curves[key][seed]
+    for i in range(layers):
+      axes[0][i].plot([p["step"] for p in curve], [p["entropy_per_layer"][i] for p in curve],
+                      marker="o", label=label)
+  for i in range(layers):
+    axes[0][i].set_title(f"layer {i}")
+    axes[0][i].set_xlabel("step")
+  axes[0][0].set_ylabel("summed outgoing entropy")
+  axes[0][-1].legend(fontsize=7)
+  written["entropy per layer over fine-tuning"] = _save(fig, directory / "entropy_layers.png")
+  metrics = {"nll": "held-out corpus NLL", "arithmetic_nll": "held-out arithmetic NLL",
+             "accuracy_strict": "arithmetic accuracy (strict, %)"}
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+  for label, key in arms.items():
+    for ax, metric in zip(axes, metrics):
+      for s in ft["runs"][key]:
+        points = [p for p in curves[key][s] if metric in p]
+        ax.plot([p["step"] for p in points], [p[metric] for p in points],
+                color=f"C{list(arms).index(label)}", alpha=0.8,
+                label=label if s == seed else None)
+  for ax, title in zip(axes, metrics.values()):
+    ax.set_ylabel(title)
+    ax.set_xlabel("fine-tuning step")
+  axes[-1].legend(fontsize=7)
+  written["quality over fine-tuning"] = _save(fig, directory / "quality_curves.png")
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for r in summary["nucl_finetune"]["rows"]:
+    ax.scatter(np.mean(r["entropy"]), np.mean(r["nll"]), s=12)
+    ax.annotate(r["run"], (np.mean(r["entropy"]), np.mean(r["nll"])), fontsize=6)
+  ax.set_xlabel("summed outgoing entropy")
+  ax.set_ylabel("held-out corpus NLL")
+  written["alpha sweep: entropy vs NLL"] = _save(fig, directory / "alpha_sweep.png")
+  return written
+
+
+def _plot_pruning_sweep(plt, table: dict, directory: pathlib.Path) -> pathlib.Path:
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for method, by_ratio in sorted(table["sweep"].items()):
+    ratios = sorted(by_ratio)
+    ax.errorbar(ratios, [np.mean(by_ratio[x]) for x in ratios],
+                yerr=[mean_std(by_ratio[x])[1] or 0 for x in ratios], marker="o", label=method,
+                capsize=2)
+  if table["unpruned_nll"]:
+    ax.axhline(float(np.mean(table["unpruned_nll"])), color="black", linestyle=":",
+               label="unpruned")
+  ax.set_xlabel("fraction of FFN neurons removed")
+  ax.set_ylabel("held-out corpus NLL")
+  ax.legend(fontsize=7)
+  return _save(fig, directory / "pruning_sweep.png")
+
+
+def _plot_supernodes(plt, stage: dict, directory: pathlib.Path) -> pathlib.Path:
+  fig, ax = plt.subplots(figsize=(5, 3))
+  for row in stage["rows"]:
+    names = list(row["lp_share"])
+    ax.plot(range(len(names)), [row["lp_share"][n] for n in names], marker="o",
+            label=f"seed {row['seed']}")
+  ax.set_xlabel("layer")
+  ax.set_ylabel("LP share of the top channels")
+  ax.legend(fontsize=7)
+  return _save(fig, directory / "supernodes.png")
 
 
 def finetune_curves(results: dict) -> dict[str, dict[str, list[dict]]]:
@@ -711,6 +766,7 @@ def finetune_curves(results: dict) -> dict[str, dict[str, list[dict]]]:
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
+  fig.tight_layout()
   fig.savefig(path, dpi=110)
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   plt.close(fig)
