@@ -26,6 +26,7 @@ from maxnucl.conversion import convert, deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.conversion import inspect as inspect_lib
 import interrupting
 from hf_reference import hf_logits, maxnucl_from_hf, tiny_hf_gemma2
+from tolerances import decoder_terms, magnitude, rounding_atol
 
 REPO = pathlib.Path(__file__).absolute().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -70,6 +71,13 @@ def _logits(ckpt):
   return np.asarray(models.apply(cfg, params, TOKENS))
 
 
+def _logit_atol(ckpt, *logits):
+  """Two float32 computations of the logits of TOKENS (maxnucl's and transformers', or two
+  orders of the same sums) differ by their rounding along a logit's path (tests/tolerances.py)."""
+  cfg = checkpoints.load_config(ckpt)
+  return rounding_atol(magnitude(*logits), decoder_terms(cfg, TOKENS.shape[1]))
+
+
 def _flat(params):
   return {tuple(k.key for k in path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -99,7 +107,9 @@ def _run_cli(*args):
 
 def test_hf_to_maxnucl_logits_equal_transformers(converted, reference_logits, hf_dir):
   ckpt, before = converted
-  np.testing.assert_allclose(_logits(ckpt), reference_logits, atol=1e-4, rtol=0)
+  logits = _logits(ckpt)
+  np.testing.assert_allclose(logits, reference_logits, rtol=0,
+                             atol=_logit_atol(ckpt, logits, reference_logits))
   assert _checksums(hf_dir) == before  # the input is never modified
 
 
@@ -170,7 +180,9 @@ def test_maxnucl_to_hf_loads_in_transformers_and_round_trips_bit_exactly(convert
   assert len(files) > 1 and (tmp_path / "hf" / hf_io.INDEX_FILE).exists()  # sharded + index
   model = transformers.Gemma2ForCausalLM.from_pretrained(
       tmp_path / "hf", attn_implementation="eager", dtype=torch.float32).eval()
-  np.testing.assert_allclose(hf_logits(model, TOKENS), _logits(ckpt), atol=1e-4, rtol=0)
+  logits, reference = hf_logits(model, TOKENS), _logits(ckpt)
+  np.testing.assert_allclose(logits, reference, rtol=0,
+                             atol=_logit_atol(ckpt, logits, reference))
   convert.hf_to_maxnucl(tmp_path / "hf", tmp_path / "back")
   cfg, params = checkpoints.load(ckpt)
   cfg_back, params_back = checkpoints.load(tmp_path / "back")
@@ -223,7 +235,9 @@ def test_deepmind_layout_converts_to_equal_logits(hf_model, reference_logits, co
   convert.gemma_to_maxnucl(tmp_path / "dm", tmp_path / "ckpt", cfg)
   _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1],
                            checkpoints.load(converted[0])[1])
-  np.testing.assert_allclose(_logits(tmp_path / "ckpt"), reference_logits, atol=1e-4, rtol=0)
+  logits = _logits(tmp_path / "ckpt")
+  np.testing.assert_allclose(logits, reference_logits, rtol=0,
+                             atol=_logit_atol(tmp_path / "ckpt", logits, reference_logits))
 
 
 def test_gemma_to_maxnucl_cli_with_config_file(hf_model, converted, tmp_path):

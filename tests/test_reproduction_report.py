@@ -222,6 +222,15 @@ def test_entropy_pruning_verdicts_need_their_premise():
   assert report.nucl_prune_table(results, 0.25)["verdicts"] == {"ent": report.HOLDS}
 
 
+def test_the_premise_reading_follows_the_sign_of_rho():
+  """Entropy pruning removes the highest-entropy neurons: rho < 0 is its premise, rho > 0 a
+  reversal (it removes the important neurons), |rho| < 0.1 no ranking at all."""
+  assert "the premise holds" in report._premise_text(-0.4)  # pylint: disable=protected-access
+  assert "reversed" in report._premise_text(0.4)  # pylint: disable=protected-access
+  assert report.NOT_TESTABLE in report._premise_text(0.05)  # pylint: disable=protected-access
+  assert report._premise_text(None) == ""  # pylint: disable=protected-access
+
+
 def test_the_verdict_table_states_nucls_cost_and_each_findings_source():
   results = _finetune((90, 91, 92), (3.0, 3.01, 3.02), nucl_arithmetic=2.1)
   summary = report.summarize(results, 0.25)

@@ -18,6 +18,7 @@ import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
 EPS_BF16 = 2.0 ** -7                      # bfloat16 keeps 8 significant bits
+EPS64 = float(np.finfo(np.float64).eps)  # 2**-52: float64 references (numpy, t5)
 
 
 def rounding_atol(magnitude: float, terms: int, eps: float = EPS32) -> float:

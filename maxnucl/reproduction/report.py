@@ -519,7 +519,7 @@ def _prune_lines(results: dict, summary: dict, config) -> list[str]:
                  f"{fmt(r['accuracy_strict'], 1)} |")
   ratios = sorted({x for s in t["sweep"].values() for x in s})
   lines += ["", "Ordering (paired by seed): " + "; ".join(
-      f"{k}: {v}" for k, v in t["pairs"].items()) + _premise_text(t["premise_rho"]), "",
+      f"{k}: {v}" for k, v in t["pairs"].items()) + _premise_text(t["premise_rho"]) + ".", "",
             "Sweep (mean NLL by ratio):", "",
             "| method | " + " | ".join(f"{x:.0%}" for x in ratios) + " |",
             "|---|" + "---|" * len(ratios)]
@@ -574,8 +574,8 @@ def _diversity_lines(results: dict, summary: dict, config) -> list[str]:
           f"{results['diversity']['alpha']:g})", "",
           f"Fine-tuned: NLL {fmt(t['nll'])}, entropy {fmt(t['entropy'], 1)}; NLL increase "
           f"from entropy pruning at {config.prune_ratio:.0%}: {fmt(t['increase'])}"
-          f"{fmt_ci(t['increase_ci'])} (standard: {fmt(t['standard_increase'])})."
-          + _premise_text(t["premise_rho"]), ""]
+          f"{fmt_ci(t['increase_ci'])} (standard: {fmt(t['standard_increase'])})"
+          + _premise_text(t["premise_rho"]) + ".", ""]
 
 
 def _supernode_lines(results: dict, summary: dict, config) -> list[str]:
@@ -617,13 +617,20 @@ def _rho(rho: Optional[float]) -> str:
 
 
 def _premise_text(rho: Optional[float]) -> str:
+  """Entropy pruning removes the highest-entropy neurons: its premise is rho < 0 (high outgoing
+  entropy, low importance).  rho > 0 is a measured reversal: it removes the important ones."""
   if rho is None:
     return ""
-  testable = ("the premise holds" if abs(rho) >= PREMISE_MIN_CORRELATION else
-              f"|rho| < {PREMISE_MIN_CORRELATION}: entropy does not rank importance here, so "
-              f"entropy pruning is {NOT_TESTABLE}")
-  return (f". Premise of entropy pruning: Spearman rho(outgoing entropy, LP importance) = "
-          f"{rho:+.2f} (mean over layers and seeds; {testable})")
+  if abs(rho) < PREMISE_MIN_CORRELATION:
+    reading = (f"|rho| < {PREMISE_MIN_CORRELATION}: entropy does not rank importance here, so "
+               f"entropy pruning is {NOT_TESTABLE}")
+  elif rho < 0:
+    reading = "the premise holds: the highest-entropy neurons are the least important"
+  else:
+    reading = ("the premise is reversed: the highest-entropy neurons are the most important, "
+               "and entropy pruning removes them")
+  return (f"; premise of entropy pruning: Spearman rho(outgoing entropy, LP importance) = "
+          f"{rho:+.2f} (mean over layers and seeds; {reading})")
 
 
 def _change(value: float, interval) -> str:
