@@ -11,6 +11,7 @@ from maxnucl import models
 from maxnucl.data import packing
 from maxnucl.data import synthetic
 from maxnucl.data import vocabularies
+from tolerances import decoder_terms, magnitude, rounding_atol
 
 BOS, EOS = vocabularies.BOS_ID, vocabularies.EOS_ID
 
@@ -91,6 +92,12 @@ def _summed_nll(logits, rows):
   return float(jnp.sum(nll * rows["loss_mask"])), float(rows["loss_mask"].sum())
 
 
+def _stand_in_terms(length=256, width=16):
+  """Roundings along a stand-in logit: the masked mean over up to `length` positions (a sum and
+  a division), the position's addition and tanh, the output projection over `width`."""
+  return length + 1 + 2 + width
+
+
 def _stand_in_causal_model(vocab_size=384, width=16):
   """Prediction at t depends only on tokens <= t of its own segment, and on its position."""
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -114,9 +121,11 @@ def _real_model():
       cfg, params, tokens, segment_ids=segment_ids, positions=positions))
 
 
-@pytest.mark.parametrize("model_factory", [_stand_in_causal_model, _real_model],
-                         ids=["stand_in", "gemma2_tiny"])
-def test_packed_loss_equals_unpacked(model_factory):
+@pytest.mark.parametrize("model_factory,logit_terms", [
+    (_stand_in_causal_model, _stand_in_terms()),
+    (_real_model, decoder_terms(models.get_config("gemma2_tiny"), 256)),
+], ids=["stand_in", "gemma2_tiny"])
+def test_packed_loss_equals_unpacked(model_factory, logit_terms):
   model = model_factory()
   examples = _examples(9)
   packed = packing.pack_segments(examples, seq_len=256, pack=True)
@@ -124,14 +133,20 @@ def test_packed_loss_equals_unpacked(model_factory):
   assert len(packed["tokens"]) < len(unpacked["tokens"])  # several examples per row
   padding = packing.empty_rows(len(unpacked["tokens"]) - len(packed["tokens"]), 256)
   packed = {k: np.concatenate([packed[k], padding[k]]) for k in packed}  # one shape, one compile
-  losses = []
+  losses, largest_logit = [], 0.0
   for rows in (packed, unpacked):
     logits = model(jnp.asarray(rows["tokens"]), jnp.asarray(rows["segment_ids"]),
                    jnp.asarray(rows["positions"]))
     losses.append(_summed_nll(logits, rows))
+    largest_logit = max(largest_logit, magnitude(logits))
   (packed_sum, packed_count), (unpacked_sum, unpacked_count) = losses
   assert packed_count == unpacked_count
-  np.testing.assert_allclose(packed_sum / packed_count, unpacked_sum / unpacked_count, rtol=1e-5)
+  # A token's NLL: a logit's path and the log-softmax over the vocabulary, relative to log Z <=
+  # the largest logit + log V; the mean: a float32 sum of non-negative NLLs over every position.
+  mean, (num_rows, length, vocab) = unpacked_sum / unpacked_count, logits.shape
+  atol = (rounding_atol(largest_logit + np.log(vocab), logit_terms + vocab)
+          + rounding_atol(mean, num_rows * length))
+  np.testing.assert_allclose(packed_sum / packed_count, mean, rtol=0, atol=atol)
 
 
 def test_short_examples_are_not_truncated():

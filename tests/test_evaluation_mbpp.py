@@ -9,6 +9,7 @@ import pytest
 
 from maxnucl import models
 from maxnucl.evaluation import core, mbpp
+from tolerances import EPS64, rounding_atol
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "evaluation"
 RECORDS = {r["task_id"]: r for r in map(json.loads,
@@ -94,7 +95,9 @@ def test_wrong_and_hostile_programs_fail_and_the_evaluation_continues(mbpp_data,
   assert by_id["task-13"]["status"] == "timeout"
   assert by_id["task-16"]["status"] == "early_exit"
   assert outside.read_text() == "precious"  # the sandbox could not delete it
-  assert results["metrics"]["pass_at_1"] == pytest.approx(100.0 / 6)
+  # a float64 mean of 6 zeros and ones, times 100: 6 additions, the division and the product
+  assert results["metrics"]["pass_at_1"] == pytest.approx(100.0 / 6, rel=0,
+                                                          abs=rounding_atol(100.0, 8, EPS64))
 
 
 def test_tiny_model_end_to_end(mbpp_data, arithmetic_checkpoint, tmp_path):

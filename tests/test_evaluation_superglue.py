@@ -16,8 +16,24 @@ import pytest
 from maxnucl import models
 from maxnucl.data import catalog, sources, vocabularies
 from maxnucl.evaluation import core, metrics, superglue
+from tolerances import EPS64, rounding_atol
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "evaluation"
+
+# Metrics are float64 arithmetic on integer counts (exact): two computations of one (ours and
+# T5's scikit-learn / numpy, or a worked-out fraction) differ by the roundings of the mean over
+# the examples and of the formula: at most 16 operations (scikit-learn's macro F1 over 3
+# classes: precision, recall, F1 per class, their mean; times 100).
+FORMULA_OPS = 16
+# The fixtures' runs: at most 8 examples a task, each scored with up to 5 operations (SQuAD F1)
+# and summed, the formula's, a task score's mean of 2 metrics and the average of 8 task scores.
+FIXTURE_TERMS = 8 * 6 + FORMULA_OPS + 2 + 8
+
+
+def approx64(expected, terms, scale=100.0):
+  """pytest.approx within `terms` float64 roundings of values up to `scale` (100 for a
+  percentage, 1 for a fraction): tests/tolerances.py with EPS64."""
+  return pytest.approx(expected, rel=0, abs=rounding_atol(scale, terms, EPS64))
 
 
 @pytest.fixture
@@ -73,14 +89,16 @@ def test_cb_macro_f1_counts_a_class_never_predicted_as_zero():
   predictions = [0, 1, 1, 0, 0, 1]
   # class 0: TP 1 FP 2 FN 1 -> 2/5; class 1: TP 2 FP 1 FN 0 -> 4/5; class 2: TP 0 -> 0.
   assert metrics.mean_multiclass_f1(references, predictions, 3) == (
-      pytest.approx((2 / 5 + 4 / 5 + 0) / 3))
+      approx64((2 / 5 + 4 / 5 + 0) / 3, len(references) + FORMULA_OPS, scale=1.0))
   # A class absent from references and predictions alike also counts (F1 0), as in T5.
-  assert metrics.mean_multiclass_f1([0, 1], [0, 1], 3) == pytest.approx(2 / 3)
+  assert metrics.mean_multiclass_f1([0, 1], [0, 1], 3) == approx64(2 / 3, 2 + FORMULA_OPS,
+                                                                   scale=1.0)
 
 
 def test_binary_f1_counts_an_invalid_prediction_against_the_reference():
   # TP: i0; FN: i1 (predicted 0), i2 (invalid, reference 1); FP: i3 (invalid, reference 0).
-  assert metrics.binary_f1([1, 1, 1, 0, 0], [1, 0, -1, -1, 0]) == pytest.approx(2 / (2 + 1 + 2))
+  assert metrics.binary_f1([1, 1, 1, 0, 0], [1, 0, -1, -1, 0]) == approx64(
+      2 / (2 + 1 + 2), 5 + FORMULA_OPS, scale=1.0)
   assert metrics.binary_f1([0, 0], [0, 0]) == 0.0
 
 
@@ -88,16 +106,19 @@ def test_matthews_correlation_of_a_binary_confusion_matrix():
   # TP 3, TN 2, FP 1, FN 2: (3*2 - 1*2) / sqrt(4 * 5 * 3 * 4)
   references = [1, 1, 1, 1, 1, 0, 0, 0]
   predictions = [1, 1, 1, 0, 0, 0, 0, 1]
-  assert metrics.matthews_correlation(references, predictions) == pytest.approx(4 / 240 ** 0.5)
+  assert metrics.matthews_correlation(references, predictions) == approx64(
+      4 / 240 ** 0.5, len(references) + FORMULA_OPS, scale=1.0)
   assert metrics.matthews_correlation([0, 1, 0], [0, 0, 0]) == 0.0  # constant prediction
-  assert metrics.matthews_correlation([0, 1, 1, 0], [1, 0, 0, 1]) == pytest.approx(-1.0)
+  assert metrics.matthews_correlation([0, 1, 1, 0], [1, 0, 0, 1]) == approx64(
+      -1.0, 4 + FORMULA_OPS, scale=1.0)
 
 
 def test_multirc_exact_match_needs_every_answer_of_a_question_right():
   groups = ["p0/q0", "p0/q0", "p0/q0", "p0/q1", "p0/q1", "p1/q2"]
   references = [1, 0, 1, 1, 0, 0]
   predictions = [1, 0, 0, 1, 0, 0]  # q0 has one wrong answer out of three
-  assert metrics.grouped_exact_match(groups, references, predictions) == pytest.approx(2 / 3)
+  assert metrics.grouped_exact_match(groups, references, predictions) == approx64(
+      2 / 3, len(references) + FORMULA_OPS, scale=1.0)
   # Same question idx in two paragraphs: two groups when the group names the paragraph.
   assert metrics.grouped_exact_match(["0/0", "1/0"], [1, 1], [1, 0]) == 0.5
 
@@ -106,7 +127,8 @@ def test_squad_normalisation_ignores_case_punctuation_articles_and_spacing():
   assert metrics.normalize_squad("  The Eiffel-Tower, in  Paris! ") == "eiffeltower in paris"
   assert metrics.squad_exact_match("an apple", "Apple.") == 1.0
   # prediction "paris" vs "Paris Saint-Germain" -> tokens {paris} vs {paris, saintgermain}
-  assert metrics.squad_f1("Paris Saint-Germain", "paris") == pytest.approx(2 * 1 * 0.5 / 1.5)
+  assert metrics.squad_f1("Paris Saint-Germain", "paris") == approx64(2 * 1 * 0.5 / 1.5,
+                                                                     FORMULA_OPS, scale=1.0)
   assert metrics.squad_f1("Paris", "London") == 0.0
 
 
@@ -117,7 +139,7 @@ def test_record_scores_the_best_of_several_gold_answers():
   assert metrics.max_over_references(metrics.squad_exact_match, answers, "tower") == 0.0
   # "tower in paris" (3 tokens): vs "eiffel tower" P 1/3 R 1/2 -> 0.4; vs "paris" P 1/3 R 1 -> 0.5
   assert metrics.max_over_references(metrics.squad_f1, answers, "the tower in Paris") == (
-      pytest.approx(0.5))
+      approx64(0.5, FORMULA_OPS, scale=1.0))
   with pytest.raises(ValueError, match="no reference answers"):
     metrics.max_over_references(metrics.squad_f1, [], "x")
 
@@ -154,17 +176,19 @@ def test_classification_metrics_equal_t5s_on_random_labels(t5):
     num_classes = 2 if trial % 2 else 3
     references = [rng.randrange(num_classes) for _ in range(n)]
     predictions = _random_labels(rng, n, num_classes)
-    assert 100 * metrics.accuracy(references, predictions) == pytest.approx(
-        t5.metrics.accuracy(references, predictions)["accuracy"])
-    assert 100 * metrics.matthews_correlation(references, predictions) == pytest.approx(
-        mcc(references, predictions)["matthews_corrcoef"], abs=1e-9)
+    terms = n + FORMULA_OPS
+    assert 100 * metrics.accuracy(references, predictions) == approx64(
+        t5.metrics.accuracy(references, predictions)["accuracy"], terms)
+    assert 100 * metrics.matthews_correlation(references, predictions) == approx64(
+        mcc(references, predictions)["matthews_corrcoef"], terms)
     if num_classes == 3:
-      assert 100 * metrics.mean_multiclass_f1(references, predictions, 3) == pytest.approx(
-          f1_3class(references, predictions)["mean_3class_f1"])
+      assert 100 * metrics.mean_multiclass_f1(references, predictions, 3) == approx64(
+          f1_3class(references, predictions)["mean_3class_f1"], terms)
     else:
-      assert 100 * metrics.binary_f1(references, predictions) == pytest.approx(
+      assert 100 * metrics.binary_f1(references, predictions) == approx64(
           t5.metrics.multirc_f1_over_all_answers(
-              [{"value": v} for v in references], [{"value": v} for v in predictions])["f1"])
+              [{"value": v} for v in references], [{"value": v} for v in predictions])["f1"],
+          terms)
 
 
 def test_multirc_exact_match_equals_t5s_group_mean_of_all_match(t5):
@@ -178,7 +202,7 @@ def test_multirc_exact_match_equals_t5s_group_mean_of_all_match(t5):
     expected = t5_em([{"value": r, "group": g} for r, g in zip(references, groups)],
                      [{"value": p} for p in predictions])["exact_match"]
     assert 100 * metrics.grouped_exact_match(groups, references, predictions) == (
-        pytest.approx(expected))
+        approx64(expected, n + FORMULA_OPS))
 
 
 def test_record_f1_and_em_equal_t5s_deduplicated_squad(t5):
@@ -196,7 +220,8 @@ def test_record_f1_and_em_equal_t5s_deduplicated_squad(t5):
     for ours, theirs in ((metrics.squad_f1, "f1"), (metrics.squad_exact_match, "em")):
       value = sum(metrics.max_over_references(ours, a, p)
                   for a, p in zip(answers, predictions)) / n
-      assert 100 * value == pytest.approx(expected[theirs])
+      # a mean of n answers' scores of up to 5 operations each (SQuAD F1)
+      assert 100 * value == approx64(expected[theirs], 6 * n + FORMULA_OPS)
 
 
 def test_wsc_names_referent_equals_t5s_wsc_simple(t5):
@@ -298,10 +323,10 @@ def test_constant_answers_give_the_hand_computed_metrics(superglue_data):
   results = run(superglue.SuperGLUE(), FakeModel(answer=constant_answer))
   got = results["metrics"]
   for key, value in EXPECTED_CONSTANT.items():
-    assert got[key] == pytest.approx(value), key
+    assert got[key] == approx64(value, FIXTURE_TERMS), key
   scores = [50, (50 + 200 / 9) / 2, 50, (1000 / 13 + 25) / 2, (500 / 9 + 100 / 3) / 2, 50, 75, 75]
-  assert got["average"] == pytest.approx(sum(scores) / 8)
-  assert got["cb/score"] == pytest.approx(scores[1])
+  assert got["average"] == approx64(sum(scores) / 8, FIXTURE_TERMS)
+  assert got["cb/score"] == approx64(scores[1], FIXTURE_TERMS)
   counts = {"boolq": 6, "cb": 6, "copa": 4, "multirc": 8, "record": 3, "rte": 4, "wic": 4,
             "wsc": 4, "axb": 4, "axg": 4}
   assert {t: got[f"{t}/num_examples"] for t in counts} == counts
@@ -311,7 +336,7 @@ def test_stop_strings_cut_the_generated_answer(superglue_data):
   model = FakeModel(answer=lambda prompt: "True. Because the passage says so")
   results = run(superglue.SuperGLUE(tasks=("boolq",), stop_strings=["."], max_new_tokens=7),
                 model)
-  assert results["metrics"]["boolq/accuracy"] == pytest.approx(50)
+  assert results["metrics"]["boolq/accuracy"] == approx64(50, FIXTURE_TERMS)
   assert model.calls == [("generate", 6, 7, (".",))]
 
 
@@ -333,9 +358,10 @@ def test_right_answers_score_100_on_every_metric(superglue_data, method):
                     score=lambda context, continuation: 0.0 if continuation == target[context]
                     else -1.0)
   got = run(benchmark, model, chunk_size=1000)["metrics"]
-  assert {k: v for k, v in got.items() if not k.endswith("num_examples")} == pytest.approx(
+  assert {k: v for k, v in got.items() if not k.endswith("num_examples")} == approx64(
       {**{k: 100.0 for k in EXPECTED_CONSTANT},
-       **{f"{t}/score": 100.0 for t in superglue.AVERAGED_TASKS}, "average": 100.0})
+       **{f"{t}/score": 100.0 for t in superglue.AVERAGED_TASKS}, "average": 100.0},
+      FIXTURE_TERMS)
   assert len(model.calls) == 1  # one batched call for the whole chunk
 
 
@@ -356,12 +382,12 @@ def test_rank_classification_picks_the_highest_loglikelihood(superglue_data):
   assert model.calls == [("loglikelihoods", sum(len(e["candidates"]) for e in chunk))
                          for chunk in core.chunked(examples, 10)]
   got = results["metrics"]
-  assert got["boolq/accuracy"] == pytest.approx(100 * 3 / 6)  # always True
-  assert got["cb/accuracy"] == pytest.approx(100 * 2 / 6)  # always contradiction
-  assert got["copa/accuracy"] == pytest.approx(100 * 2 / 4)  # always choice2
+  assert got["boolq/accuracy"] == approx64(100 * 3 / 6, FIXTURE_TERMS)  # always True
+  assert got["cb/accuracy"] == approx64(100 * 2 / 6, FIXTURE_TERMS)  # always contradiction
+  assert got["copa/accuracy"] == approx64(100 * 2 / 4, FIXTURE_TERMS)  # always choice2
   assert got["axb/matthews"] == 0.0  # always not_entailment
   assert got["record/em"] == 0.0  # always "CNN"
-  assert got["wsc/accuracy"] == pytest.approx(100 * 2 / 4)  # always True
+  assert got["wsc/accuracy"] == approx64(100 * 2 / 4, FIXTURE_TERMS)  # always True
 
 
 def test_rank_records_hold_every_candidates_loglikelihood(superglue_data):
@@ -434,7 +460,7 @@ def test_benchmark_metrics_equal_t5s_metrics_on_random_outputs(superglue_data, t
       else:
         expected[f"{task}/accuracy"] = m.accuracy(labels, predicted)["accuracy"]
   ours = benchmark.metrics(predictions)
-  assert {k: ours[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+  assert {k: ours[k] for k in expected} == approx64(expected, FIXTURE_TERMS)
   assert set(expected) == {k for k in ours if not k.endswith(("/num_examples", "/score"))
                            and k != "average"}
 
@@ -442,7 +468,8 @@ def test_benchmark_metrics_equal_t5s_metrics_on_random_outputs(superglue_data, t
 def test_average_needs_all_eight_tasks(superglue_data):
   results = run(superglue.SuperGLUE(tasks=("cb", "axb")), FakeModel(answer=constant_answer))
   assert "average" not in results["metrics"]
-  assert results["metrics"]["cb/f1_macro"] == pytest.approx(EXPECTED_CONSTANT["cb/f1_macro"])
+  assert results["metrics"]["cb/f1_macro"] == approx64(EXPECTED_CONSTANT["cb/f1_macro"],
+                                                       FIXTURE_TERMS)
 
 
 def test_unlabelled_test_split_gets_predictions_but_no_metrics(offline_data):

@@ -6,6 +6,14 @@ import numpy as np
 import pytest
 
 from maxnucl import ffn, losses
+from tolerances import EPS32, EPS64, magnitude, rounding_atol
+
+
+def _entropy_terms(columns):
+  """Roundings of a row's entropy -sum r log r: |w|'s cast and division by the row's max, the
+  normalising sum (columns), the log, r log r (2), their sum (columns), the division and the
+  final addition.  Its terms -r log r are >= 0, so the entropy itself is their magnitude."""
+  return 2 * columns + 7
 
 
 def test_row_entropy_definition_and_zero_row_rule():
@@ -13,8 +21,9 @@ def test_row_entropy_definition_and_zero_row_rule():
                 [1.0, -1.0, 2.0, 0.0], [1e-40, 0.0, -1e-40, 0.0]])
   h = ffn.row_entropy(w)
   r = np.array([0.25, 0.25, 0.5])
-  np.testing.assert_allclose(h, [np.log(4), 0.0, np.log(4), -(r * np.log(r)).sum(), np.log(4)],
-                             rtol=1e-12)
+  expected = [np.log(4), 0.0, np.log(4), -(r * np.log(r)).sum(), np.log(4)]
+  np.testing.assert_allclose(h, expected, rtol=0,  # float64 (tests/tolerances.py)
+                             atol=rounding_atol(magnitude(expected), _entropy_terms(4), EPS64))
 
 
 def test_row_entropy_equals_the_loss_entropy_rows_including_zero_rows():
@@ -23,9 +32,10 @@ def test_row_entropy_equals_the_loss_entropy_rows_including_zero_rows():
   w[3] = 0.0
   w[7, :40] = 0.0  # a row with exact zeros
   w[11] = 1e-38  # below the zero-row threshold
-  np.testing.assert_allclose(ffn.row_entropy(w, block_rows=64),
-                             np.asarray(losses.nucl_rows(jnp.asarray(w, jnp.float32), "ent")),
-                             rtol=2e-6, atol=2e-6)
+  expected = ffn.row_entropy(w, block_rows=64)  # float64; the loss's rows are float32
+  np.testing.assert_allclose(np.asarray(losses.nucl_rows(jnp.asarray(w, jnp.float32), "ent")),
+                             expected, rtol=0,
+                             atol=rounding_atol(magnitude(expected), _entropy_terms(48), EPS32))
 
 
 def test_layer_names_round_trip_and_bad_names_are_named():

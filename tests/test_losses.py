@@ -10,6 +10,8 @@ import pytest
 
 from maxnucl import losses
 from maxnucl.models.config import get_config
+from tolerances import (EPS32, EPS64, EPS_BF16, central_difference_atol, magnitude,
+                        rounding_atol, typical_rounding_atol)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("ent", "gini", "mstd")
@@ -18,12 +20,18 @@ VARIANTS = ("ent", "gini", "mstd")
 # ---- independent float64 references (the paper's equations as written) ------------------------
 
 
+def np_distributions(w):
+  """Eq. 2 in float64: the rows' outgoing distributions r [m, n]; a zero row is uniform (the
+  documented convention)."""
+  a = np.abs(np.asarray(w, np.float64))
+  z = a.sum(axis=1, keepdims=True)
+  return np.where(z > 0, a / np.where(z > 0, z, 1.0), 1.0 / a.shape[1])
+
+
 def np_rows(w, variant):
   """Eq. 2-5 in float64; a zero row is the uniform distribution (the documented convention)."""
-  a = np.abs(np.asarray(w, np.float64))
-  n = a.shape[1]
-  z = a.sum(axis=1, keepdims=True)
-  r = np.where(z > 0, a / np.where(z > 0, z, 1.0), 1.0 / n)  # Eq. 2
+  r = np_distributions(w)  # Eq. 2
+  n = r.shape[1]
   if variant == "ent":  # Eq. 3
     with np.errstate(divide="ignore", invalid="ignore"):
       return -np.sum(np.where(r > 0, r * np.log(r), 0.0), axis=1)
@@ -88,6 +96,183 @@ def np_token_losses(logits, batch):
   return log_z - target_logit, log_z**2, np.asarray(batch["loss_mask"], np.float64)
 
 
+# ---- tolerances: the roundings along each computation (tests/tolerances.py, tests/README.md) ----
+
+
+def entry_sensitivities(w, variant):
+  """Per row of w, sum_j |d value / d ln|w_j||: a relative change of at most eps of every |w_j|
+  (a rounding of s = |w| / max|w|, of a cast to float32 or to bfloat16) moves the row's value by
+  at most eps times this, to first order.  With r the row's distribution (Eq. 2) the derivatives
+  are -r_j (log r_j + ent) for ent, -2 r_j (r_j - sum r^2) for gini and
+  -r_j (x_j - sum_k x_k r_k) / (n std) for mstd (x = r - 1/n, std = -mstd); at mstd's kink, a
+  uniform row, the value moves by at most the rms of the change of r, 2 eps rms(r)."""
+  r = np_distributions(w)
+  n = r.shape[1]
+  values = np_rows(w, variant)
+  if variant == "ent":
+    surprisal = -np.log(np.where(r > 0, r, 1.0))
+    return np.sum(r * np.abs(surprisal - values[:, None]), axis=1)
+  if variant == "gini":
+    return np.sum(2 * r * np.abs(r - np.sum(r**2, axis=1, keepdims=True)), axis=1)
+  x, std = r - 1.0 / n, -values
+  slope = np.sum(r * np.abs(x - np.sum(x * r, axis=1, keepdims=True)), axis=1)
+  kink = std == 0
+  return np.where(kink, 2 * np.sqrt(np.mean(r**2, axis=1)),
+                  slope / (n * np.where(kink, 1.0, std)))
+
+
+def row_bounds(w, variant, entry_roundings=1, eps=EPS32):
+  """Per row of w [m, n], the largest |computed - exact| of its value as maxnucl/losses/nucl.py
+  computes it: `entry_roundings` relative roundings of every entry (1: s = |w| / max|w|; 2 when w
+  was rounded before, e.g. cast to float32) through `entry_sensitivities`, plus the path's own:
+    ent = log z - T, T = sum s log s / z: z's sum (n; a relative error of z is absolute in log z
+      and moves T by T times it), the logs (2 each), the products, T's sum (n), the division and
+      the subtraction: 2n + 8 roundings of values up to 1 + log n (log z and T are <= log n);
+    gini = 1 - sum r^2, r = s / z: z's sum (n, twice in r^2), the division (2, twice: XLA may
+      multiply by 1 / z), the square and the sum (n): 3n + 5 of sum r^2; the subtraction: 1 of 1;
+    mstd = -sqrt(mean x^2), x = r - 1/n: z's sum (n: it scales r, which moves x by at most
+      n eps rms(r) in rms), the division (2), 1/n and the subtraction (1 each): n + 4 of rms(r);
+      the squares, the mean (n + 1) and the sqrt: n / 2 + 2 of |mstd| (relative)."""
+  r = np_distributions(w)
+  n = r.shape[1]
+  if variant == "ent":
+    path = [rounding_atol(1 + np.log(n), 2 * n + 8, eps)] * len(r)
+  elif variant == "gini":
+    path = [rounding_atol(q, 3 * n + 5, eps) + rounding_atol(1.0, 1, eps)
+            for q in np.sum(r**2, axis=1)]
+  else:
+    rms, std = np.sqrt(np.mean(r**2, axis=1)), np.sqrt(np.mean((r - 1.0 / n) ** 2, axis=1))
+    path = [rounding_atol(a, n + 4, eps) + rounding_atol(b, (n + 1) // 2 + 2, eps)
+            for a, b in zip(rms, std)]
+  return np.array([p + rounding_atol(s, entry_roundings, eps)
+                   for p, s in zip(path, entry_sensitivities(w, variant))])
+
+
+def nucl_rows_atol(w, variant, entry_roundings=1, eps=EPS32):
+  """The largest of w's `row_bounds`: an atol for nucl_rows(w) against the exact rows."""
+  return float(np.max(row_bounds(w, variant, entry_roundings, eps)))
+
+
+def nucl_atol(matrices, variant, entry_roundings=1, eps=EPS32):
+  """nucl (Eq. 6) of the matrices against the exact sum: every row's `row_bounds`, plus the sums'
+  R roundings (R rows in all) of values up to sum |row value|."""
+  values = np.concatenate([np_rows(m, variant) for m in matrices])
+  rows = sum(float(np.sum(row_bounds(m, variant, entry_roundings, eps))) for m in matrices)
+  return rows + rounding_atol(np.sum(np.abs(values)), len(values), eps)
+
+
+def bf16_weights_atol(matrices, variant):
+  """nucl of bfloat16 weights against nucl of their float32 originals: the cast changes each |w|
+  by a relative EPS_BF16 at most, which moves each row by EPS_BF16 times its
+  `entry_sensitivities` (first order); plus both float32 computations' `nucl_atol`."""
+  shift = sum(float(np.sum(entry_sensitivities(m, variant))) for m in matrices)
+  return rounding_atol(shift, 1, EPS_BF16) + 2 * nucl_atol(matrices, variant)
+
+
+def near_uniform_mstd_atol(w):
+  """mstd of rows within a small relative noise of uniform, where `row_bounds`' term for z's sum
+  (n eps rms(r), about eps / n: more than mstd itself) proves nothing.  r - 1/n cancels there, so
+  the error is counted against that: a relative error d of z = sum s scales r by 1 - d, which
+  (sum_j (r_j - 1/n) = 0) moves mstd by d |mstd| and, through the shift d/n of the mean, by
+  d^2 / (2 n^2 |mstd|); d is the random-sign model's sqrt(n) eps for the n additions
+  (typical_rounding_atol; the worst case n eps would allow eps^2 / 2|mstd|, several times mstd).
+  The entries' roundings (s, the division: 3 with XLA's 1 / z) and 1/n's (1) move mstd by at most
+  their rms, 4 eps rms(r); the subtraction is exact (Sterbenz: r_j and 1/n are within a factor of
+  2); the squares, the mean and the sqrt: n / 2 + 2 of |mstd|."""
+  r = np_distributions(w)
+  n = r.shape[1]
+  shift = typical_rounding_atol(1.0 / n, n)  # d / n
+  bounds = [rounding_atol(rms, 4) + rounding_atol(std, (n + 1) // 2 + 2)
+            + typical_rounding_atol(std, n) + shift**2 / (2 * std)
+            for rms, std in zip(np.sqrt(np.mean(r**2, axis=1)),
+                                np.sqrt(np.mean((r - 1.0 / n) ** 2, axis=1)))]
+  return float(np.max(bounds))
+
+
+def nucl_gradient_atol(w, variant):
+  """jax.grad of the sum of w's row values against the exact gradient: the forward path and the
+  backward path through the same reductions (twice `row_bounds`' path: 2n + 8 for ent, 3n + 6 for
+  gini, n + n/2 + 6 for mstd) and the entries' roundings there and back (4), each rounding values
+  up to the backward's largest intermediate B / sum_j |w_ij|, d value / d w_k being
+  (g_k - sum_j g_j r_j) / sum_j |w_ij| with g = d value / d r; B bounds both pieces: for ent
+  (Listing 1's pieces 1, log s_k + 1 and T) 2 + log n + max |log r_j|, for gini
+  2 max r + 2 sum r^2, for mstd 2 max |x| / (n std)."""
+  a = np.abs(np.asarray(w, np.float64))
+  r = np_distributions(w)
+  n = r.shape[1]
+  path = {"ent": 2 * n + 8, "gini": 3 * n + 6, "mstd": n + (n + 1) // 2 + 6}[variant]
+  if variant == "ent":
+    largest = 2 + np.log(n) + np.max(-np.log(np.where(r > 0, r, 1.0)), axis=1)
+  elif variant == "gini":
+    largest = 2 * np.max(r, axis=1) + 2 * np.sum(r**2, axis=1)
+  else:
+    x = r - 1.0 / n
+    std = np.sqrt(np.mean(x**2, axis=1))
+    largest = np.where(std > 0, 2 * np.max(np.abs(x), axis=1) / (n * np.where(std > 0, std, 1.0)),
+                       0.0)
+  scale = np.max(largest / np.where(a.sum(axis=1) > 0, a.sum(axis=1), np.inf))
+  return rounding_atol(scale, 2 * path + 4)
+
+
+def third_derivative_scale(f, x, rel_step=1e-2):
+  """Twice the largest |d^3 f / dx_k^3| over the nonzero entries of x, each estimated by the third
+  difference (f(x + 2H) - 2 f(x + H) + 2 f(x - H) - f(x - 2H)) / 2H^3 at H = rel_step |x_k|: the
+  stencil stays on x_k's side of 0, where this file's functions of |w| are smooth; twice, for
+  the change of f''' between the stencil and x_k +- h."""
+  x = np.asarray(x, np.float64)
+  largest = 0.0
+  for index in zip(*np.nonzero(x)):
+    step = np.zeros_like(x)
+    step[index] = rel_step * abs(x[index])
+    third = (f(x + 2 * step) - 2 * f(x + step) + 2 * f(x - step) - f(x - 2 * step)) \
+        / (2 * step[index] ** 3)
+    largest = max(largest, abs(third))
+  return 2 * largest
+
+
+def log_z_atol(logits, extra_roundings=0):
+  """A token's float32 log Z = max + log sum_v exp(x_v - max) (token_log_z) against the exact one:
+  the subtractions x_v - max (1, of up to the logits' range 2 max|x|; exp makes it a relative
+  error), exp (2) and the sum over the vocabulary (V) are relative errors of Z, absolute in
+  log Z; the log (2, of log Z - max <= log V), the addition of the max (1, of |log Z| <= max|x| +
+  log V) and `extra_roundings` of each logit (they move log Z by as much): V + 6 + extra
+  roundings of values up to 1 + 2 max|x| + log V."""
+  vocab = np.shape(logits)[-1]
+  return rounding_atol(1 + 2 * magnitude(logits) + np.log(vocab), vocab + 6 + extra_roundings)
+
+
+def nll_token_atol(logits, logit_roundings=0):
+  """A token's NLL log Z - x_target: `log_z_atol`, the logits' roundings once more for the
+  target's and the subtraction (1)."""
+  return log_z_atol(logits, 2 * logit_roundings + 1)
+
+
+def z2_token_atol(logits, logit_roundings=0):
+  """A token's log(Z)^2: log Z's error e times 2 |log Z| (and e^2), and the square's rounding."""
+  x = np.asarray(logits, np.float64)
+  log_z = magnitude(x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)))
+  e = log_z_atol(logits, logit_roundings)
+  return 2 * log_z * e + e * e + rounding_atol(log_z**2, 1)
+
+
+def reduce_tokens_atol(token_atol, values, mask, normalization="mean"):
+  """reduce_tokens of per-token values, each within token_atol: the masked sum over T positions
+  (the products and T additions: T + 1 roundings of sum |v m|) and for "mean" the division by
+  sum m (1; the count of a 0/1 mask is exact)."""
+  weighted = np.abs(np.asarray(values, np.float64) * mask)
+  count = float(np.sum(mask))
+  if normalization == "sum":
+    return count * token_atol + rounding_atol(np.sum(weighted), weighted.size + 1)
+  return token_atol + rounding_atol(np.sum(weighted) / count, weighted.size + 2)
+
+
+def weighted_sum_atol(*parts):
+  """A float32 sum of k parts w_k v_k, parts given as pairs (w_k, v_k): k products and k - 1
+  additions, each rounding values up to sum |w_k v_k|."""
+  size = sum(abs(weight) * magnitude(value) for weight, value in parts)
+  return rounding_atol(size, 2 * len(parts) - 1)
+
+
 # ---- nucl_rows ----------------------------------------------------------------------------------
 
 
@@ -97,14 +282,15 @@ def test_nucl_rows_match_float64_equations_on_random_matrices(variant, shape):
   w = np.random.default_rng(shape[1]).normal(size=shape).astype(np.float32)
   got = losses.nucl_rows(jnp.asarray(w), variant)
   assert got.shape == (shape[0],) and got.dtype == jnp.float32
-  np.testing.assert_allclose(got, np_rows(w, variant), rtol=2e-5, atol=1e-7)
+  # float32 against float64 on the same w: the float32 path's roundings (row_bounds).
+  np.testing.assert_allclose(got, np_rows(w, variant), rtol=0, atol=nucl_rows_atol(w, variant))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nucl_rows_match_float64_equations_on_edge_cases(variant):
-  w = edge_case_matrix()
+  w = edge_case_matrix()  # row_bounds, as for random matrices
   np.testing.assert_allclose(losses.nucl_rows(jnp.asarray(w), variant), np_rows(w, variant),
-                             rtol=2e-5, atol=1e-6)
+                             rtol=0, atol=nucl_rows_atol(w, variant))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -150,22 +336,32 @@ def test_nucl_term_gradients_match_float64_central_differences(variant):
   def term(params):
     return losses.LOSS_TERMS[f"nucl_{variant}"](params, None, None, cfg)
 
+  def reference(w):
+    return np_rows(w, variant).sum()
+
   gin.clear_config()  # nucl's gin defaults: target ffn_out, all layers
   grads = jax.grad(term)({f"layers_{i}": {"mlp": {"out": jnp.asarray(w)}}
                           for i, w in enumerate(out)})
+  h = 1e-6
   for i, w in enumerate(out):
-    expected = central_differences(lambda w: np_rows(w, variant).sum(), w)
+    expected = central_differences(reference, w, h)
     got = np.asarray(grads[f"layers_{i}"]["mlp"]["out"])
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-6 * np.abs(expected).max(),
-                               err_msg=f"layers_{i}")
+    # The float32 gradient's rounding, and the float64 differences' truncation (h^2 |f'''| / 6)
+    # and rounding (the reference's own float64 rounding, divided by 2h).
+    atol = nucl_gradient_atol(w, variant) + central_difference_atol(
+        h, third_derivative_scale(reference, w), nucl_atol([w], variant, eps=EPS64))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=f"layers_{i}")
     assert got[np.asarray(w) == 0].tolist() == [0.0] * int(np.sum(w == 0))
 
 
 def test_zero_row_is_treated_as_uniform():
   n = 10
   w = jnp.zeros((2, n)).at[1].set(1e-38)  # all zero; all below ZERO_ROW_MAX_ABS
-  np.testing.assert_allclose(losses.nucl_rows(w, "ent"), [np.log(n)] * 2, rtol=1e-6)
-  np.testing.assert_allclose(losses.nucl_rows(w, "gini"), [1 - 1 / n] * 2, rtol=1e-6)
+  # The rows' general bounds (row_bounds) for the uniform rows they stand for.
+  np.testing.assert_allclose(losses.nucl_rows(w, "ent"), [np.log(n)] * 2, rtol=0,
+                             atol=nucl_rows_atol(w, "ent"))
+  np.testing.assert_allclose(losses.nucl_rows(w, "gini"), [1 - 1 / n] * 2, rtol=0,
+                             atol=nucl_rows_atol(w, "gini"))
   np.testing.assert_array_equal(losses.nucl_rows(w, "mstd"), [0.0, 0.0])
   for variant in VARIANTS:
     grads = jax.grad(lambda w: jnp.sum(losses.nucl_rows(w, variant)))(w)
@@ -174,21 +370,26 @@ def test_zero_row_is_treated_as_uniform():
 
 def test_one_hot_rows_are_minimal():
   n = 8
-  w = jnp.eye(n)
-  np.testing.assert_allclose(losses.nucl_rows(w, "ent"), np.zeros(n), atol=1e-7)
-  np.testing.assert_allclose(losses.nucl_rows(w, "gini"), np.zeros(n), atol=1e-7)
+  w = jnp.eye(n)  # row_bounds, as for any row
+  np.testing.assert_allclose(losses.nucl_rows(w, "ent"), np.zeros(n), rtol=0,
+                             atol=nucl_rows_atol(w, "ent"))
+  np.testing.assert_allclose(losses.nucl_rows(w, "gini"), np.zeros(n), rtol=0,
+                             atol=nucl_rows_atol(w, "gini"))
   np.testing.assert_allclose(losses.nucl_rows(w, "mstd"),
                              -np.sqrt(n - 1) / n * np.ones(n),
-                             rtol=1e-6)
+                             rtol=0, atol=nucl_rows_atol(w, "mstd"))
 
 
 def test_nucl_rows_are_scale_invariant():
   w = np.random.default_rng(3).normal(size=(6, 20)).astype(np.float32)
   for variant in VARIANTS:
     base = losses.nucl_rows(jnp.asarray(w), variant)
+    # Both float32, each within its row bounds of the exact rows; w * scale has one rounding per
+    # entry more than w (the product).
+    atol = nucl_rows_atol(w, variant, entry_roundings=2) + nucl_rows_atol(w, variant)
     for scale in (1e-30, 1e30):
       np.testing.assert_allclose(losses.nucl_rows(jnp.asarray(w * scale), variant), base,
-                                 rtol=1e-5, atol=1e-7)
+                                 rtol=0, atol=atol)
 
 
 def test_listing1_entropy_form_equals_eq3():
@@ -197,9 +398,17 @@ def test_listing1_entropy_form_equals_eq3():
   a = np.abs(rng.normal(size=(9, 33))) * np.exp(rng.normal(size=(9, 1)) * 5)
   z = a.sum(axis=1)
   listing1 = np.log(z) + np.sum(-a * np.log(a), axis=1) / z
-  np.testing.assert_allclose(listing1, np_rows(a, "ent"), rtol=1e-12)
+  # Both float64.  Listing 1: z's sum (n, absolute in log z), log z (2), log a (2), the products
+  # and their sum (1 + n, of sum |a log a| / z <= max |log a|), the division and the addition
+  # (2): 2n + 7 roundings of values up to 1 + max(|log z|, |log a|); Eq. 3: its row bound.
+  n = a.shape[1]
+  listing1_atol = rounding_atol(1 + max(magnitude(np.log(z)), magnitude(np.log(a))), 2 * n + 7,
+                                EPS64)
+  np.testing.assert_allclose(listing1, np_rows(a, "ent"), rtol=0,
+                             atol=listing1_atol + nucl_rows_atol(a, "ent", eps=EPS64))
+  # float32 (its rounding dominates): a's cast and s = |a| / max|a| round each entry (2).
   np.testing.assert_allclose(losses.nucl_rows(jnp.asarray(a, jnp.float32), "ent"), listing1,
-                             rtol=2e-5)
+                             rtol=0, atol=nucl_rows_atol(a, "ent", entry_roundings=2))
 
 
 def test_eq9_equals_eq5_in_exact_arithmetic_and_near_uniform_rows_keep_their_mstd():
@@ -208,11 +417,18 @@ def test_eq9_equals_eq5_in_exact_arithmetic_and_near_uniform_rows_keep_their_mst
   a = np.abs(rng.normal(size=(4, n)))
   r = a / a.sum(axis=1, keepdims=True)
   eq9 = -np.sqrt((np.sum(r**2, axis=1) - 1 / n) / n)
-  np.testing.assert_allclose(eq9, np_rows(a, "mstd"), rtol=1e-9)
+  # Both float64.  Eq. 9's sum r^2 (r: n + 1 roundings, twice in r^2; the squares and the sum:
+  # 3n + 3) less 1/n (2) cancels to n mstd^2, so mstd^2 is off by (3n + 5) eps sum r^2 / n, which
+  # the sqrt halves and divides by |mstd| (and 2 of |mstd|: / n, sqrt); Eq. 5: its row bound.
+  eq9_atol = max(rounding_atol(q / (2 * n * abs(m)), 3 * n + 5, EPS64)
+                 + rounding_atol(abs(m), 2, EPS64) for q, m in zip(np.sum(r**2, axis=1), eq9))
+  np.testing.assert_allclose(eq9, np_rows(a, "mstd"), rtol=0,
+                             atol=eq9_atol + nucl_rows_atol(a, "mstd", eps=EPS64))
   # A row that is uniform up to 1e-4 relative noise: Eq. 9 in float32 rounds it to 0; ours not.
   near = (1.0 + 1e-4 * rng.normal(size=(1, n))).astype(np.float32)
   got = losses.nucl_rows(jnp.asarray(near), "mstd")
-  np.testing.assert_allclose(got, np_rows(near, "mstd"), rtol=1e-3)
+  np.testing.assert_allclose(got, np_rows(near, "mstd"), rtol=0,
+                             atol=near_uniform_mstd_atol(near))
   assert float(got[0]) < 0
 
 
@@ -295,10 +511,14 @@ def test_attn_out_rows_are_the_n_times_h_inner_dims():
 def test_nucl_sums_rows_over_the_chosen_layers():
   cfg = tiny_cfg(num_layers=4)
   params = random_params(cfg)
-  per_layer = [np_rows(params[f"layers_{i}"]["mlp"]["out"], "mstd").sum() for i in range(4)]
-  np.testing.assert_allclose(losses.nucl(params, cfg, "mstd"), sum(per_layer), rtol=1e-5)
+  out = [params[f"layers_{i}"]["mlp"]["out"] for i in range(4)]
+  per_layer = [np_rows(w, "mstd").sum() for w in out]
+  # float32 against float64: each row's row_bounds and the sum over the chosen layers' rows.
+  np.testing.assert_allclose(losses.nucl(params, cfg, "mstd"), sum(per_layer), rtol=0,
+                             atol=nucl_atol(out, "mstd"))
   np.testing.assert_allclose(losses.nucl(params, cfg, "mstd", layers=[1, 3]),
-                             per_layer[1] + per_layer[3], rtol=1e-5)
+                             per_layer[1] + per_layer[3], rtol=0,
+                             atol=nucl_atol([out[1], out[3]], "mstd"))
 
 
 def test_layer_without_mlp_contributes_nothing_and_bad_layer_index_is_named():
@@ -311,8 +531,9 @@ def test_layer_without_mlp_contributes_nothing_and_bad_layer_index_is_named():
     losses.nucl(params, cfg, "gini", layers=[3])
   with pytest.raises(ValueError, match="target 'ffn'"):
     losses.nucl(params, cfg, "gini", target="ffn")
-  np.testing.assert_allclose(losses.nucl(params, cfg, "gini", layers=np.array([0, 2])),
-                             losses.nucl(params, cfg, "gini"), rtol=1e-6)
+  # The same matrices summed in the same order: the same float32 operations, bit for bit.
+  np.testing.assert_array_equal(losses.nucl(params, cfg, "gini", layers=np.array([0, 2])),
+                                losses.nucl(params, cfg, "gini"))
 
 
 # ---- NLL and z-loss -----------------------------------------------------------------------------
@@ -321,14 +542,18 @@ def test_layer_without_mlp_contributes_nothing_and_bad_layer_index_is_named():
 def test_nll_mean_and_sum_normalisation_match_numpy_and_respect_the_mask():
   logits, batch = random_batch(np.random.default_rng(7))
   tok, _, mask = np_token_losses(logits, batch)
-  np.testing.assert_allclose(losses.nll(logits, batch), (tok * mask).sum() / mask.sum(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(losses.nll(logits, batch, "sum"), (tok * mask).sum(), rtol=1e-5)
-  # Changing logits at masked-out positions changes nothing.
+  np.testing.assert_allclose(losses.nll(logits, batch), (tok * mask).sum() / mask.sum(), rtol=0,
+                             atol=reduce_tokens_atol(nll_token_atol(logits), tok, mask))
+  np.testing.assert_allclose(losses.nll(logits, batch, "sum"), (tok * mask).sum(), rtol=0,
+                             atol=reduce_tokens_atol(nll_token_atol(logits), tok, mask, "sum"))
+  # Changing logits at masked-out positions changes nothing: their losses are multiplied by 0,
+  # the same float32 sum of the same values.
   noisy = jnp.where(batch["loss_mask"][..., None] > 0, logits, logits + 100.0)
-  np.testing.assert_allclose(losses.nll(noisy, batch), losses.nll(logits, batch), rtol=1e-6)
-  weighted = dict(batch, loss_mask=batch["loss_mask"] * 0.25)  # fractional weights: same mean
-  np.testing.assert_allclose(losses.nll(logits, weighted), losses.nll(logits, batch), rtol=1e-6)
+  np.testing.assert_array_equal(losses.nll(noisy, batch), losses.nll(logits, batch))
+  # Fractional weights: same mean.  Scaling by a power of 2 commutes with rounding, so the sums
+  # and the quotient are those of the 0/1 mask, bit for bit.
+  weighted = dict(batch, loss_mask=batch["loss_mask"] * 0.25)
+  np.testing.assert_array_equal(losses.nll(logits, weighted), losses.nll(logits, batch))
   empty = dict(batch, loss_mask=jnp.zeros_like(batch["loss_mask"]))
   assert float(losses.nll(logits, empty)) == 0.0
 
@@ -337,16 +562,19 @@ def test_nll_is_float32_for_bfloat16_logits():
   logits, batch = random_batch(np.random.default_rng(8))
   got = losses.nll(logits.astype(jnp.bfloat16), batch)
   assert got.dtype == jnp.float32
-  tok, _, mask = np_token_losses(logits.astype(jnp.bfloat16).astype(jnp.float32), batch)
-  np.testing.assert_allclose(got, (tok * mask).sum() / mask.sum(), rtol=1e-5)
+  rounded = logits.astype(jnp.bfloat16).astype(jnp.float32)  # the reference sees the same values
+  tok, _, mask = np_token_losses(rounded, batch)
+  np.testing.assert_allclose(got, (tok * mask).sum() / mask.sum(), rtol=0,
+                             atol=reduce_tokens_atol(nll_token_atol(rounded), tok, mask))
 
 
 def test_z_loss_matches_numpy_with_both_normalisations():
   logits, batch = random_batch(np.random.default_rng(9))
   _, z2, mask = np_token_losses(logits, batch)
-  np.testing.assert_allclose(losses.z_loss(logits, batch), (z2 * mask).sum() / mask.sum(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(losses.z_loss(logits, batch, "sum"), (z2 * mask).sum(), rtol=1e-5)
+  np.testing.assert_allclose(losses.z_loss(logits, batch), (z2 * mask).sum() / mask.sum(), rtol=0,
+                             atol=reduce_tokens_atol(z2_token_atol(logits), z2, mask))
+  np.testing.assert_allclose(losses.z_loss(logits, batch, "sum"), (z2 * mask).sum(), rtol=0,
+                             atol=reduce_tokens_atol(z2_token_atol(logits), z2, mask, "sum"))
 
 
 def test_nll_errors_name_the_missing_key_and_bad_normalisation():
@@ -377,12 +605,15 @@ def test_total_loss_is_nll_plus_alpha_times_terms_with_raw_metrics():
                                      terms={"nucl_mstd": 100.0, "nucl_gini": 0.5},
                                      z_loss_weight=1e-4)
   assert set(metrics) == {"nll", "nucl_mstd", "nucl_gini", "z_loss", "loss"}
-  np.testing.assert_allclose(metrics["nll"], losses.nll(logits, batch), rtol=1e-6)
-  np.testing.assert_allclose(metrics["nucl_mstd"], losses.nucl(params, cfg, "mstd"), rtol=1e-6)
-  np.testing.assert_allclose(metrics["z_loss"], losses.z_loss(logits, batch), rtol=1e-6)
-  expected = (metrics["nll"] + 1e-4 * metrics["z_loss"] + 100.0 * metrics["nucl_mstd"]
-              + 0.5 * metrics["nucl_gini"])
-  np.testing.assert_allclose(total, expected, rtol=1e-6)
+  # Raw metrics: the same functions of the same arrays, the same float32 operations, bit for bit.
+  np.testing.assert_array_equal(metrics["nll"], losses.nll(logits, batch))
+  np.testing.assert_array_equal(metrics["nucl_mstd"], losses.nucl(params, cfg, "mstd"))
+  np.testing.assert_array_equal(metrics["z_loss"], losses.z_loss(logits, batch))
+  parts = [(1.0, metrics["nll"]), (1e-4, metrics["z_loss"]), (100.0, metrics["nucl_mstd"]),
+           (0.5, metrics["nucl_gini"])]
+  expected = sum(weight * value for weight, value in parts)
+  # Two float32 sums of the same parts, each within weighted_sum_atol of the exact one.
+  np.testing.assert_allclose(total, expected, rtol=0, atol=2 * weighted_sum_atol(*parts))
   assert metrics["loss"] is total and total.dtype == jnp.float32
 
 
@@ -395,7 +626,17 @@ def test_total_loss_under_jit_equals_eager():
 
   eager_total, eager_metrics = loss(params, batch)
   jit_total, jit_metrics = jax.jit(loss)(params, batch)
-  np.testing.assert_allclose(jit_total, eager_total, rtol=1e-5)
+  # jit may fuse and order the reductions otherwise: each side is within its bound of the exact
+  # total; the logits carry logits_fn's 2 roundings (the product and the sum).
+  logits = logits_fn(params)
+  tok, z2, mask = np_token_losses(logits, batch)
+  out = [params[f"layers_{i}"]["mlp"]["out"] for i in range(cfg.num_layers)]
+  each = (reduce_tokens_atol(nll_token_atol(logits, 2), tok, mask)
+          + 1e-4 * reduce_tokens_atol(z2_token_atol(logits, 2), z2, mask)
+          + 10.0 * nucl_atol(out, "mstd")
+          + weighted_sum_atol((1.0, eager_metrics["nll"]), (1e-4, eager_metrics["z_loss"]),
+                              (10.0, eager_metrics["nucl_mstd"])))
+  np.testing.assert_allclose(jit_total, eager_total, rtol=0, atol=2 * each)
   assert set(jit_metrics) == set(eager_metrics)
 
 
@@ -432,8 +673,9 @@ def test_unknown_term_is_named_and_a_registered_term_is_used():
       losses.register_term("loss")(_l2)
     total, metrics = losses.total_loss(params, logits_fn(params), batch, cfg,
                                        terms={"test_embedding_l2": 2.0})
+    parts = [(1.0, metrics["nll"]), (2.0, metrics["test_embedding_l2"])]
     np.testing.assert_allclose(total, metrics["nll"] + 2.0 * metrics["test_embedding_l2"],
-                               rtol=1e-6)
+                               rtol=0, atol=2 * weighted_sum_atol(*parts))
   finally:
     del losses.LOSS_TERMS["test_embedding_l2"]
 
@@ -449,10 +691,12 @@ def test_gin_snippet_switches_on_nucl_with_variant_alpha_and_target(variant):
     total, metrics = losses.total_loss(params, logits_fn(params), batch, cfg)
   finally:
     gin.clear_config()
-  expected = np_rows(np.asarray(params["layers_1"]["mlp"]["up"]).T, variant).sum()
-  np.testing.assert_allclose(metrics[f"nucl_{variant}"], expected, rtol=1e-5)
+  up = np.asarray(params["layers_1"]["mlp"]["up"]).T
+  np.testing.assert_allclose(metrics[f"nucl_{variant}"], np_rows(up, variant).sum(), rtol=0,
+                             atol=nucl_atol([up], variant))
+  parts = [(1.0, metrics["nll"]), (alpha, metrics[f"nucl_{variant}"])]
   np.testing.assert_allclose(total, metrics["nll"] + alpha * metrics[f"nucl_{variant}"],
-                             rtol=1e-6)
+                             rtol=0, atol=2 * weighted_sum_atol(*parts))
 
 
 def test_gin_rejects_binding_the_variant_which_the_term_name_picks():
@@ -472,9 +716,11 @@ def test_outgoing_entropy_is_per_layer_sum_of_row_entropies_and_zero_without_mlp
   params = random_params(cfg)
   got = losses.outgoing_entropy(params, cfg)
   assert got.shape == (3,) and got.dtype == jnp.float32
-  expected = [np_rows(params["layers_0"]["mlp"]["out"], "ent").sum(), 0.0,
-              np_rows(params["layers_2"]["mlp"]["out"], "ent").sum()]
-  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert float(got[1]) == 0.0
+  for i in (0, 2):  # float32 against float64: each row's row_bounds and the sum over the rows
+    w = params[f"layers_{i}"]["mlp"]["out"]
+    np.testing.assert_allclose(got[i], np_rows(w, "ent").sum(), rtol=0, atol=nucl_atol([w], "ent"),
+                               err_msg=f"layers_{i}")
   rows = losses.outgoing_entropy_rows(params, cfg)
   assert {k: v.shape for k, v in rows.items()} == {"layers_0": (256,), "layers_1": (0,),
                                                     "layers_2": (64,)}
@@ -485,14 +731,23 @@ def test_bfloat16_params_give_float32_results_close_to_float32_params():
   p32 = random_params(cfg, seed=12)
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
   p16_as_32 = jax.tree.map(lambda x: x.astype(jnp.float32), p16)
+  out32 = [p32[f"layers_{i}"]["mlp"]["out"] for i in range(cfg.num_layers)]
+  out16 = [p16_as_32[f"layers_{i}"]["mlp"]["out"] for i in range(cfg.num_layers)]
   for variant in VARIANTS:
     got = losses.nucl(p16, cfg, variant)
     assert got.dtype == jnp.float32
-    # Same values as float32 params holding the bf16-rounded weights, and close to the originals.
-    np.testing.assert_allclose(got, losses.nucl(p16_as_32, cfg, variant), rtol=1e-6)
-    np.testing.assert_allclose(got, losses.nucl(p32, cfg, variant), rtol=1e-2)
+    # Same values as float32 params holding the bf16-rounded weights (the same float32 operations
+    # on the same values, in two compiled programs: each within nucl_atol of the exact value),
+    # and close to the originals (the bf16 rounding of each weight: bf16_weights_atol).
+    np.testing.assert_allclose(got, losses.nucl(p16_as_32, cfg, variant), rtol=0,
+                               atol=2 * nucl_atol(out16, variant))
+    np.testing.assert_allclose(got, losses.nucl(p32, cfg, variant), rtol=0,
+                               atol=bf16_weights_atol(out32, variant))
     grads = jax.jit(jax.grad(lambda p: losses.nucl(p, cfg, variant)))(p16)
     assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree.leaves(grads))
   ent16 = losses.outgoing_entropy(p16, cfg)
   assert ent16.dtype == jnp.float32
-  np.testing.assert_allclose(ent16, losses.outgoing_entropy(p32, cfg), rtol=1e-3)
+  ent32 = losses.outgoing_entropy(p32, cfg)
+  for i, w in enumerate(out32):  # each layer's weights rounded to bf16: bf16_weights_atol
+    np.testing.assert_allclose(ent16[i], ent32[i], rtol=0, atol=bf16_weights_atol([w], "ent"),
+                               err_msg=f"layers_{i}")

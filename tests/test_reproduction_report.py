@@ -6,14 +6,30 @@ import numpy as np
 import pytest
 
 from maxnucl.reproduction import report
+from tolerances import EPS64, rounding_atol
 
 
 def _run(**final):
   return {"final": final, "curve": []}
 
 
+def _std_atol(values):
+  """float64 sample std of decimal `values`: each value's representation, the mean (n additions,
+  a division) and the deviations round relative to the largest |value|; the squares, their sum,
+  the division and the root add fewer."""
+  n = len(values)
+  return rounding_atol(max(abs(v) for v in values), 3 * n + 4, EPS64)
+
+
+def _approx_difference(expected, larger):
+  """A difference of float64 decimals: their representations and the subtraction (3 roundings)
+  relative to the larger one."""
+  return pytest.approx(expected, rel=0, abs=rounding_atol(larger, 3, EPS64))
+
+
 def test_mean_and_sample_std_and_their_format():
-  assert report.mean_std([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1.0))
+  values = [1.0, 2.0, 3.0]
+  assert report.mean_std(values) == (2.0, pytest.approx(1.0, rel=0, abs=_std_atol(values)))
   assert report.mean_std([4.0]) == (4.0, None)
   assert report.fmt([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00 (n=3)"
   assert report.fmt([4.0], 1) == "4.0 (n=1)"
@@ -43,7 +59,8 @@ def test_nucl_finetune_verdicts():
   holds = report.finetune_table(_finetune((90, 91, 92), (3.0, 3.02, 3.03)))
   assert holds["verdicts"]["ent"]["verdict"] == report.HOLDS
   # the tolerance is max(0.02, 2 x the standard seeds' std = 0.02)
-  assert holds["verdicts"]["ent"]["tolerance"] == pytest.approx(0.02)
+  assert holds["verdicts"]["ent"]["tolerance"] == pytest.approx(
+      0.02, rel=0, abs=2 * _std_atol((3.0, 3.01, 3.02)))
   higher_entropy = report.finetune_table(_finetune((101, 102, 103), (3.0, 3.01, 3.02)))
   assert higher_entropy["verdicts"]["ent"]["verdict"] == report.FAILS
   much_worse = report.finetune_table(_finetune((90, 91, 92), (3.2, 3.2, 3.2)))
@@ -56,7 +73,10 @@ def test_nucl_finetune_verdicts():
   task_lost = report.finetune_table(_finetune((90, 91, 92), (3.0, 3.01, 3.02),
                                               nucl_arithmetic=2.1))
   assert task_lost["verdicts"]["ent"]["verdict"] == report.FAILS
-  assert task_lost["verdicts"]["ent"]["mean_arithmetic_nll_change"] == pytest.approx(0.1)
+  # a mean over 3 seeds of 2.1 - 2.0: the decimals' representations (2.1, 0.1), each difference,
+  # and the mean's 3 additions and division
+  assert task_lost["verdicts"]["ent"]["mean_arithmetic_nll_change"] == pytest.approx(
+      0.1, rel=0, abs=rounding_atol(2.1, 2 + 3 + 3 + 1, EPS64))
   task_slightly_worse = report.finetune_table(_finetune((90, 91, 92), (3.0, 3.01, 3.02),
                                                         nucl_arithmetic=2.03))
   assert task_slightly_worse["verdicts"]["ent"]["verdict"] == report.UNSURE
@@ -99,7 +119,7 @@ def test_nucl_then_prune_compares_the_increase_from_pruning():
                                     _prune_rows({"entropy": (3.6, 3.7)})]}  # NUCL: +0.1, +0.1
   table = report.nucl_prune_table(results, 0.25)
   assert table["verdicts"] == {"ent": report.HOLDS}
-  assert table["rows"][1]["increase"] == pytest.approx([0.1, 0.1])
+  assert table["rows"][1]["increase"] == [_approx_difference(0.1, 3.7)] * 2
 
 
 def test_supernode_verdict_needs_concentration_and_costlier_removal():
@@ -188,10 +208,14 @@ def test_rank_correlation_is_spearmans():
   b = a + rng.normal(size=200)
   d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
   n = a.size
+  # float64: Pearson's sums of n products (the covariance, each variance) round relative to
+  # n x the ranks' stds (Cauchy-Schwarz), i.e. n each relative to 1, then a root and a division;
+  # the formula rounds 3 times
+  atol = rounding_atol(1.0, 3 * n + 5, EPS64)
   assert stages.rank_correlation(a, b) == pytest.approx(1 - 6 * (d ** 2).sum() / (n * (n * n - 1)),
-                                                        abs=1e-12)
-  assert stages.rank_correlation(a, a ** 3) == pytest.approx(1.0)  # monotone: 1
-  assert stages.rank_correlation(a, -a) == pytest.approx(-1.0)
+                                                        rel=0, abs=atol)
+  assert stages.rank_correlation(a, a ** 3) == pytest.approx(1.0, rel=0, abs=atol)  # monotone: 1
+  assert stages.rank_correlation(a, -a) == pytest.approx(-1.0, rel=0, abs=atol)
 
 
 def _premise(rho):

@@ -70,3 +70,11 @@ def gradient_terms(cfg, length: int, tokens: int) -> int:
   """Roundings along a gradient of a mean loss: the forward path, the backward path through the
   same reductions, the log-softmax over the vocabulary, and the sum over `tokens` loss tokens."""
   return 2 * decoder_terms(cfg, length) + cfg.vocab_size + tokens
+
+
+def central_difference_atol(h: float, third_derivative: float, value_atol: float) -> float:
+  """The largest error of a central difference (f(x + h) - f(x - h)) / 2h against f'(x): the
+  truncation h^2 / 6 x |f'''| (Taylor's remainder; `third_derivative` bounds |f'''| within h of
+  x) plus the rounding of the two evaluations of f (each off by at most `value_atol`, e.g.
+  `rounding_atol(|f|, terms, EPS64)` for a float64 f) divided by 2h."""
+  return h * h / 6.0 * float(third_derivative) + float(value_atol) / h
