@@ -29,8 +29,7 @@ from typing import Any, Optional, Sequence
 
 import gin
 
-from maxnucl import checkpoints, distributed, gin_config, outputs, sharding
-from maxnucl.data import vocabularies
+from maxnucl import checkpoints, distributed, generate, gin_config, outputs, sharding
 from maxnucl.evaluation import core
 from maxnucl.evaluation.gsm8k import GSM8K
 from maxnucl.evaluation.mbpp import MBPP
@@ -49,7 +48,7 @@ def get_benchmark(name: str) -> core.Benchmark:
 
 
 @gin.configurable("evaluate")
-def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: str = vocabularies.BYTE_VOCAB_NAME,
+def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: Optional[str] = None,
                         batch_size: int = 16, dtype: Optional[str] = None,
                         limit: Optional[int] = None,
                         mesh_shape: Optional[Sequence[int]] = None) -> dict:
@@ -76,7 +75,7 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   one calls this; process 0 writes the files, and all return when it is done."""
   settings = evaluation_settings()
   benchmark = benchmark or settings["benchmark"]
-  vocab = vocab or settings["vocab"]
+  vocab, source = generate.model_vocab(checkpoint, vocab or settings["vocab"])
   limit = limit if limit is not None else settings["limit"]
   if getattr(benchmark, "vocab", "unset") is None:  # perplexity: tokenize with the model's
     benchmark.vocab = vocab
@@ -89,8 +88,10 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
     run = core.run_record(benchmark, str(path), limit)
     core.from_primary(lambda: core.check_resumable(output, run))
   primary = distributed.is_primary()
-  if primary and hasattr(benchmark, "describe"):
-    print(benchmark.describe(), flush=True)
+  if primary:
+    print(f"vocabulary: {vocab} ({source})", flush=True)
+    if hasattr(benchmark, "describe"):
+      print(benchmark.describe(), flush=True)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
   replace = overwrite and primary and pathlib.Path(output).exists()
@@ -127,7 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--limit", type=_positive_int, default=None,
                       help="evaluate the first N examples (N >= 1)")
   parser.add_argument("--vocab", default=None, help="'byte' or a SentencePiece model file "
-                      "(default: evaluate.vocab in gin, 'byte')")
+                      "(default: evaluate.vocab in gin, else the vocabulary the checkpoint's "
+                      "training run records, else 'byte')")
   parser.add_argument("--batch_size", type=_positive_int, default=None)
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")

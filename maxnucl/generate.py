@@ -31,6 +31,23 @@ def load_model(checkpoint: str, *, dtype: Optional[str] = None, mesh=None, rules
   return cfg, params
 
 
+def model_vocab(checkpoint, vocab: Optional[str] = None) -> tuple[str, str]:
+  """(vocabulary, where it comes from) for `checkpoint`: `vocab` if given; else the one the
+  training run that wrote it records (a workdir's operative config), which must exist here; else
+  the byte vocabulary (the CPU demo's).  A Gemma checkpoint trained here with its SentencePiece
+  model is then read with that model, not silently with bytes."""
+  if vocab:
+    return vocab, "--vocab"
+  recorded = checkpoints.training_vocab(checkpoint)
+  if recorded is None:
+    return vocabularies.BYTE_VOCAB_NAME, "the default (no --vocab, no training run's record)"
+  vocab, record = recorded
+  if vocab != vocabularies.BYTE_VOCAB_NAME and not pathlib.Path(vocab).is_file():
+    raise FileNotFoundError(f"{record} records the vocabulary {vocab}, which is not a file here: "
+                            f"give --vocab PATH")
+  return vocab, f"recorded in {record}"
+
+
 def load_tokenizer(cfg, vocab: str) -> vocabularies.Tokenizer:
   """The tokenizer for `vocab`, checked against the model's vocabulary size."""
   tokenizer = vocabularies.get_tokenizer(vocab)
@@ -46,8 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
                       help="checkpoint directory, or a training workdir (its latest step)")
-  parser.add_argument("--vocab", default=vocabularies.BYTE_VOCAB_NAME,
-                      help="'byte' (default, the demo's vocabulary) or a SentencePiece model file")
+  parser.add_argument("--vocab", default=None,
+                      help="'byte' or a SentencePiece model file (default: the vocabulary the "
+                           "checkpoint's training run records, else 'byte', the demo's)")
   parser.add_argument("--prompt", action="append", default=[],
                       help="prompt text (repeatable: the prompts are decoded as one batch)")
   parser.add_argument("--prompt_file", action="append", default=[],
@@ -74,7 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not prompts:
       parser.error("give at least one --prompt or --prompt_file")
     cfg, params = load_model(args.checkpoint, dtype=args.dtype)
-    tokenizer = load_tokenizer(cfg, args.vocab)
+    vocab, source = model_vocab(args.checkpoint, args.vocab)
+    print(f"vocabulary: {vocab} ({source})", file=sys.stderr)
+    tokenizer = load_tokenizer(cfg, vocab)
     bos = [] if args.no_bos else [tokenizer.bos_id]
     encoded = [bos + tokenizer.encode(p) for p in prompts]
     outputs = decoding.generate(

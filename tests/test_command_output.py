@@ -70,7 +70,9 @@ def test_trainer_and_evaluator_score_the_same_tokens_and_agree_on_the_nll(demo):
                 f"--checkpoint={workdir}", f"--output={workdir / 'perplexity'}",
                 "--gin_param=perplexity.split = 'test'", "--gin_param=perplexity.seq_len = 64",
                 "--limit", "64", "--batch_size", "16", "--no_progress"])
-  assert lines[0] == f"perplexity: {scored} of synthetic_arithmetic test, rows of 64 tokens"
+  # which vocabulary: the one the demo's run recorded (its workdir's operative config)
+  assert lines[0] == f"vocabulary: byte (recorded in {workdir / 'operative_config.gin'})"
+  assert lines[1] == f"perplexity: {scored} of synthetic_arithmetic test, rows of 64 tokens"
   results_line = next(i for i, l in enumerate(lines) if l.startswith("perplexity on "))
   assert _announced(lines, "the NLL step (gemma2_tiny, batch 16×64)") < results_line
   metrics = json.loads((workdir / "perplexity" / "results.json").read_text())["metrics"]
@@ -99,10 +101,11 @@ def test_generate_announces_its_compilations_before_the_text(demo):
   lines = _run(["-m", "maxnucl.generate", "--checkpoint", str(workdir), "--prompt",
                 "Q: Eli has 53 coins, gets 5 more. How many now?\nA: ", "--max_new_tokens", "8",
                 "--no_stop_at_eos"])
-  assert lines[0] == "compiling prefill (gemma2_tiny, batch 1×64)…" and COMPILED.match(lines[1])
-  assert (lines[2] == "compiling decoding (gemma2_tiny, batch 1, up to 8 new tokens)…"
-          and COMPILED.match(lines[3]))
-  assert not [line for line in lines[4:] if line.startswith("compil")]  # then only the text
+  assert lines[0] == f"vocabulary: byte (recorded in {workdir / 'operative_config.gin'})"
+  assert lines[1] == "compiling prefill (gemma2_tiny, batch 1×64)…" and COMPILED.match(lines[2])
+  assert (lines[3] == "compiling decoding (gemma2_tiny, batch 1, up to 8 new tokens)…"
+          and COMPILED.match(lines[4]))
+  assert not [line for line in lines[5:] if line.startswith("compil")]  # then only the text
 
 
 def test_scoring_is_announced_once_per_shape(capsys):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import gin
 import pytest
 import sentencepiece
 import transformers
@@ -151,3 +152,40 @@ def test_workdir_export_writes_the_vocabulary_the_run_recorded(arithmetic_checkp
   assert cli.main(["maxnucl-to-hf", "--input", str(copy), "--output", str(tmp_path / "hf_none"),
                    "--vocab", "none"]) == 0
   assert {p.name for p in (tmp_path / "hf_none").iterdir()} == MODEL_FILES
+
+
+PERPLEXITY_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin" / "eval" / "perplexity.gin"
+
+
+def test_generate_and_evaluate_read_a_workdir_with_the_vocabulary_its_run_recorded(
+    arithmetic_checkpoint, tmp_path, sp_model, capsys):
+  """Without --vocab, generate and evaluate tokenize a training workdir's model with the
+  vocabulary its run recorded (they used bytes whatever the run had used, and a SentencePiece
+  model was scored on the wrong tokens without a word), say which, and give what --vocab gives."""
+  from maxnucl import evaluate, generate  # pylint: disable=import-outside-toplevel
+  copy = shutil.copytree(arithmetic_checkpoint.parents[1], tmp_path / "workdir")
+  record = copy / "operative_config.gin"
+  record.write_text(record.read_text().replace("DATA_VOCAB = 'byte'", f"DATA_VOCAB = '{sp_model}'"))
+  assert generate.model_vocab(copy) == (str(sp_model), f"recorded in {record}")
+  assert generate.model_vocab(copy, "byte") == ("byte", "--vocab")
+  prompt = ["--checkpoint", str(copy), "--prompt", "Q: 2 + 3?", "--max_new_tokens", "4"]
+  assert generate.main(prompt) == 0
+  recorded = capsys.readouterr()
+  assert f"vocabulary: {sp_model} (recorded in {record})" in recorded.err
+  assert generate.main(prompt + ["--vocab", str(sp_model)]) == 0
+  assert capsys.readouterr().out == recorded.out
+  assert generate.main(prompt + ["--vocab", "byte"]) == 0
+  assert capsys.readouterr().out != recorded.out  # another tokenization, another continuation
+  results = {}
+  for name, extra in (("recorded", []), ("given", ["--vocab", str(sp_model)])):
+    gin.clear_config()
+    assert evaluate.main(["--gin_file", str(PERPLEXITY_GIN), "--gin_param",
+                          "perplexity.seq_len = 64", "--checkpoint", str(copy), "--output",
+                          str(tmp_path / name), "--limit", "4", "--no_progress", *extra]) == 0
+    gin.clear_config()
+    results[name] = json.loads((tmp_path / name / "results.json").read_text())["metrics"]
+  assert f"vocabulary: {sp_model} (recorded in {record})" in capsys.readouterr().out
+  assert results["recorded"] == results["given"]
+  record.write_text(record.read_text().replace(str(sp_model), str(tmp_path / "gone.model")))
+  assert generate.main(prompt) == 2
+  assert f"{record} records the vocabulary {tmp_path / 'gone.model'}" in capsys.readouterr().err
