@@ -671,10 +671,10 @@ def export_and_compare(checkpoint: pathlib.Path, target: pathlib.Path, mode: str
   ids = np.asarray([[tokenizer.bos_id] + tokenizer.encode(text)], np.int32)
   ours = np.asarray(models.apply(cfg, params, ids), np.float32)
   if mode == "pad":
-    hf = transformers.Gemma2ForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(target, dtype=torch.float32)
   else:
     hf = transformers.AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True,
-                                                           torch_dtype=torch.float32)
+                                                           dtype=torch.float32)
   hf.eval()
   with torch.no_grad():
     theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
