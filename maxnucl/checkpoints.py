@@ -63,6 +63,7 @@ import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxnucl import gin_config, models, outputs, paths, sharding
+from maxnucl.data import vocabularies
 from maxnucl.models.config import ModelConfig
 
 PARAMS = "params"
@@ -470,11 +471,13 @@ def resolve(path: str | os.PathLike) -> paths.Path:
 RECORDED_CONFIGS = ("operative_config.gin", "config.gin")
 
 
-def training_vocab(path: str | os.PathLike) -> Optional[tuple[str, paths.Path]]:
+def training_vocab(path: str | os.PathLike, *, hint: str = "give --vocab PATH"
+                   ) -> Optional[tuple[str, paths.Path]]:
   """(vocabulary, the file that records it) of the training run that wrote `path`: a training
   workdir, its `checkpoints/` directory or one of its steps, whose recorded gin config binds
   `create_data_iterator.vocab` ('byte' or a SentencePiece model file, as the run was given it);
-  None for a checkpoint outside a workdir or a config that records none."""
+  None for a checkpoint outside a workdir or a config that records none.  A recorded model file
+  that is not here is a FileNotFoundError naming the record, ending with `hint`."""
   step = resolve(path)
   if step.parent.name != "checkpoints":
     return None
@@ -482,8 +485,12 @@ def training_vocab(path: str | os.PathLike) -> Optional[tuple[str, paths.Path]]:
     record = step.parent.parent / name
     if record.is_file():
       vocab = gin_config.recorded_binding(record.read_text(), "create_data_iterator", "vocab")
-      if isinstance(vocab, str):
-        return vocab, record
+      if not isinstance(vocab, str):
+        continue
+      if vocab != vocabularies.BYTE_VOCAB_NAME and not paths.as_path(vocab).is_file():
+        raise FileNotFoundError(f"{record} records the vocabulary {vocab}, which is not a file "
+                                f"here; {hint}")
+      return vocab, record
   return None
 
 

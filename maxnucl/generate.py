@@ -42,9 +42,6 @@ def model_vocab(checkpoint, vocab: Optional[str] = None) -> tuple[str, str]:
   if recorded is None:
     return vocabularies.BYTE_VOCAB_NAME, "the default (no --vocab, no training run's record)"
   vocab, record = recorded
-  if vocab != vocabularies.BYTE_VOCAB_NAME and not pathlib.Path(vocab).is_file():
-    raise FileNotFoundError(f"{record} records the vocabulary {vocab}, which is not a file here: "
-                            f"give --vocab PATH")
   return vocab, f"recorded in {record}"
 
 

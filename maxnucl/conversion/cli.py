@@ -33,7 +33,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from maxnucl import checkpoints, models, outputs, paths  # noqa: E402
 from maxnucl.conversion import convert, hf_gemma2, hf_io  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
-from maxnucl.data import vocabularies  # noqa: E402
 
 SIZES = {"2b": "gemma2_2b", "9b": "gemma2_9b", "27b": "gemma2_27b"}
 NO_VOCAB = "none"  # maxnucl-to-hf --vocab none: no tokenizer files
@@ -80,14 +79,11 @@ def _export_vocab(args) -> tuple[str | None, str]:
     return None, "--vocab none"
   if args.vocab is not None:
     return args.vocab, "--vocab"
-  recorded = checkpoints.training_vocab(args.input)
+  recorded = checkpoints.training_vocab(
+      args.input, hint="give --vocab PATH (or --vocab none for no tokenizer)")
   if recorded is None:
     return None, f"{args.input} records no vocabulary (not in a training workdir)"
   vocab, record = recorded
-  if vocab != vocabularies.BYTE_VOCAB_NAME and not paths.as_path(vocab).is_file():
-    raise convert.ConversionError(
-        f"{record} records the vocabulary {vocab}, which is not a file here; give --vocab "
-        f"PATH (or --vocab none for no tokenizer)")
   return vocab, f"recorded in {record}"
 
 
