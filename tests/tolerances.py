@@ -48,8 +48,8 @@ def decoder_terms(cfg, length: int) -> int:
   projection (heads x head_dim), and the FFN (d into the gate and up, m out of it); then the
   final norm and the unembedding (d each)."""
   d, h = cfg.d_model, cfg.head_dim
-  norms = 4 if cfg.family == "gemma2" else 1
-  attention = d + h + 2 * length + cfg.num_heads * h
+  norms = {"gemma2": 4, "gemma3": 4, "llama": 2}.get(cfg.family, 1)
+  attention = d + h + 2 * length + cfg.num_heads * h + (2 * h if cfg.qk_norm else 0)
   per_layer = [norms * d + attention + d + m for m in cfg.layer_ffn_widths]
   return sum(per_layer) + 2 * d
 

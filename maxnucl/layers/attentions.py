@@ -1,5 +1,6 @@
-"""Grouped-query self-attention with RoPE, logit soft-cap, sliding window and packed segments,
-and the key/value cache that decoding extends one token at a time."""
+"""Grouped-query self-attention with RoPE (optionally frequency-scaled), optional q/k/v biases and
+QK-norm, logit soft-cap, sliding window and packed segments, and the key/value cache that
+decoding extends one token at a time."""
 
 from typing import Optional
 
@@ -14,6 +15,7 @@ from maxnucl.layers.embeddings import apply_rope
 from maxnucl.layers.gpu_attention import flash_attention
 from maxnucl.layers.splash_attention import splash_attention
 from maxnucl.layers.initializers import fan_in_normal, param_with_axes
+from maxnucl.layers.normalizations import RMSNorm
 
 _MASKED = -2.3819763e38  # a large finite negative (not -inf: no NaN for any fully masked row)
 # impl "auto": on TPU the splash kernel; elsewhere, from this many positions the chunked attention,
@@ -189,6 +191,11 @@ class Attention(nn.Module):
   softcap: Optional[float] = None
   window: Optional[int] = None
   rope_theta: float = 10_000.0
+  rope_scaling: Optional[tuple] = None  # ModelConfig.rope_scaling
+  qkv_bias: bool = False  # q_bias [N, H], k_bias / v_bias [K, H] (Qwen2)
+  qk_norm: bool = False  # query_norm / key_norm: RMSNorm over H before RoPE (Gemma-3)
+  norm_offset: bool = True  # the QK-norms' scale convention (RMSNorm.offset_scale)
+  norm_eps: float = 1e-6
   impl: str = "xla"  # "xla" | "chunked" | "splash" | "cudnn" | "pallas_gpu" | "auto" (choose_impl)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -217,10 +224,22 @@ class Attention(nn.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(self.dtype))
     k = jnp.einsum("BSD,DKH->BSKH", x, w_k.astype(self.dtype))
     v = jnp.einsum("BSD,DKH->BSKH", x, w_v.astype(self.dtype))
+    if self.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + param_with_axes(self, "q_bias", zeros, (n, h), self.param_dtype,
+                              ("heads", "kv")).astype(self.dtype)
+      k = k + param_with_axes(self, "k_bias", zeros, (kv, h), self.param_dtype,
+                              ("kv_heads", "kv")).astype(self.dtype)
+      v = v + param_with_axes(self, "v_bias", zeros, (kv, h), self.param_dtype,
+                              ("kv_heads", "kv")).astype(self.dtype)
+    if self.qk_norm:
+      norm = dict(eps=self.norm_eps, offset_scale=self.norm_offset, param_dtype=self.param_dtype)
+      q = RMSNorm(**norm, name="query_norm")(q)
+      k = RMSNorm(**norm, name="key_norm")(k)
     q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads",
                                "activation_kv"))
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
+    q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+    k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     groups = n // kv
     q = q.reshape(*q.shape[:2], kv, groups, h)
     if cache is None or prefill:

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from maxnucl.layers.initializers import param_with_axes
 
@@ -14,11 +15,10 @@ class Embedder(nn.Module):
   input_scale: str  # "sqrt_d" (Gemma: x * sqrt(d), sqrt(d) rounded to dtype) or "none" (PaLM)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  init_stddev: float = 1.0  # maxnucl.models.decoder.embedding_init_stddev
 
   def setup(self):
-    # Unit-scale activations at both ends: Gemma multiplies the lookup by sqrt(d) and leaves the
-    # output unscaled; PaLM leaves the lookup unscaled and divides the logits by sqrt(d).
-    stddev = self.d_model ** -0.5 if self.input_scale == "sqrt_d" else 1.0
+    stddev = self.init_stddev
     self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(stddev=stddev),
                                      (self.vocab_size, self.d_model), self.param_dtype,
                                      ("vocab", "embed"))
@@ -32,13 +32,33 @@ class Embedder(nn.Module):
     return x
 
 
-def apply_rope(x, positions, theta: float):
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+  """The H/2 rotation frequencies (float32), scaled as `scaling` says (ModelConfig.rope_scaling):
+  ("linear", f) divides every frequency by f (Gemma-3's global layers); ("llama3", f, low, high,
+  L0) divides those with wavelength above L0/low by f, keeps those below L0/high, and
+  interpolates smoothly between (Llama-3.1; Hugging Face's `_compute_llama3_parameters`)."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  kind, factor = scaling[0], np.float32(scaling[1])
+  if kind == "linear":
+    return (inv_freq / factor).astype(np.float32)
+  low, high, original = (np.float32(v) for v in scaling[2:])
+  wavelength = np.float32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelength - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelength < original / high) & ~(wavelength > original / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, theta: float, scaling=None):
   """Half-split rotary embedding (`rotate_half`, not interleaved); tables in float32.
 
-  x: [B, T, N, H]; positions: [B, T] int.
+  x: [B, T, N, H]; positions: [B, T] int; `scaling`: see rope_inverse_frequencies.
   """
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  inv_freq = jnp.asarray(rope_inverse_frequencies(x.shape[-1], theta, scaling))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]

@@ -137,7 +137,7 @@ def ffn_layer_names(cfg: ModelConfig) -> list[str]:
 
 
 def _group(path: tuple[str, ...]) -> str:
-  if path[0] == "embedder":
+  if path[0] in ("embedder", "lm_head"):
     return "embedding"
   if "attn" in path:
     return "attention"

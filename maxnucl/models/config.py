@@ -12,7 +12,22 @@ import dataclasses
 import json
 from typing import Any, Callable, Optional
 
-FAMILIES = ("gemma2", "palm")
+# gemma2: sequential block with 4 (1 + scale) norms; gemma3: the same with QK-norm; llama: sequential
+# pre-norm block with 2 plain-scale norms (Llama, Mistral, Qwen2, SmolLM2); palm: parallel block.
+FAMILIES = ("gemma2", "gemma3", "llama", "palm")
+EMBEDDING_SCALES = ("sqrt_d", "none")
+LOGIT_SCALES = ("none", "inv_sqrt_d")
+# Numerics each family's checkpoints assume, for the fields a config leaves None (a config written
+# before the field existed, too).  Gemma: lookup x sqrt(d), norms applied as (1 + scale); PaLM:
+# logits / sqrt(d); Llama: neither.
+FAMILY_DEFAULTS = {
+    "gemma2": dict(embedding_scale="sqrt_d", norm_offset=True, logit_scale="none"),
+    "gemma3": dict(embedding_scale="sqrt_d", norm_offset=True, logit_scale="none"),
+    "llama": dict(embedding_scale="none", norm_offset=False, logit_scale="none"),
+    "palm": dict(embedding_scale="none", norm_offset=False, logit_scale="inv_sqrt_d"),
+}
+# ("linear", factor) | ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions)
+ROPE_SCALING_KINDS = {"linear": 2, "llama3": 5}
 DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("gelu_tanh", "silu")
 ATTENTION_KINDS = ("local", "global")
@@ -35,7 +50,7 @@ class ModelConfig:
   """
 
   name: str
-  family: str  # "gemma2": sequential block with 4 norms; "palm": parallel attention+FFN block
+  family: str  # one of FAMILIES
   vocab_size: int
   d_model: int
   num_layers: int
@@ -51,6 +66,21 @@ class ModelConfig:
   sliding_window: Optional[int] = None  # W: query i sees key j iff i - W < j <= i on local layers
   attention_pattern: tuple[str, ...] = ("global",)  # cycled over layers: ("local", "global")
   rope_theta: float = 10_000.0
+  # RoPE base of the local (sliding-window) layers when it differs from the global layers'
+  # (Gemma-3: 10k local, 1M global); None = rope_theta on every layer.
+  rope_local_theta: Optional[float] = None
+  # Frequency scaling of RoPE (see ROPE_SCALING_KINDS), on the global layers and, when
+  # rope_local_theta is None, on every layer: Llama-3.1's "llama3", Gemma-3's "linear".
+  rope_scaling: Optional[tuple] = None
+  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm over head_dim of queries and keys before RoPE (Gemma-3)
+  # Output projection shares the input embedding; False: a separate lm_head/embedding [V, d].
+  tie_embeddings: bool = True
+  # None = the family's (FAMILY_DEFAULTS): embedding lookup scale, norm scale stored as s and
+  # applied as 1 + s (norm_offset) or as is, and the logits' scale.
+  embedding_scale: Optional[str] = None
+  norm_offset: Optional[bool] = None
+  logit_scale: Optional[str] = None
   norm_eps: float = 1e-6
   max_positions: int = 8192
   pad_id: int = 0
@@ -67,10 +97,13 @@ class ModelConfig:
 
   def __post_init__(self):
     # Tuples, not lists, so configs stay hashable (they are static arguments to jit).
-    for field in ("ffn_widths", "attention_pattern"):
+    for field in ("ffn_widths", "attention_pattern", "rope_scaling"):
       value = getattr(self, field)
       if isinstance(value, list):
         object.__setattr__(self, field, tuple(value))
+    for field, value in FAMILY_DEFAULTS.get(self.family, {}).items():
+      if getattr(self, field) is None:
+        object.__setattr__(self, field, value)
     self.validate()
 
   # ---- derived per-layer structure -------------------------------------------------------------
@@ -92,6 +125,12 @@ class ModelConfig:
   def layer_windows(self) -> tuple[Optional[int], ...]:
     return tuple(self.sliding_window if kind == "local" else None
                  for kind in self.layer_attention_kinds)
+
+  def layer_rope(self, index: int) -> tuple[float, Optional[tuple]]:
+    """(RoPE base, RoPE scaling) of layer `index`."""
+    if self.rope_local_theta is not None and self.layer_attention_kinds[index] == "local":
+      return self.rope_local_theta, None
+    return self.rope_theta, self.rope_scaling
 
   @property
   def attn_scale(self) -> float:
@@ -137,6 +176,19 @@ class ModelConfig:
         fail(field, f"one of {DTYPES}")
     if not 0.0 <= self.dropout_rate < 1.0:
       fail("dropout_rate", "a rate in [0, 1)")
+    if self.rope_scaling is not None:
+      kind = self.rope_scaling[0] if self.rope_scaling else None
+      if (kind not in ROPE_SCALING_KINDS or len(self.rope_scaling) != ROPE_SCALING_KINDS[kind]
+          or not all(isinstance(v, (int, float)) and v > 0 for v in self.rope_scaling[1:])):
+        fail("rope_scaling", "None, ('linear', factor) or ('llama3', factor, low_freq_factor, "
+             "high_freq_factor, original_max_positions) with positive numbers")
+    if self.embedding_scale not in EMBEDDING_SCALES:
+      fail("embedding_scale", f"one of {EMBEDDING_SCALES}")
+    if self.logit_scale not in LOGIT_SCALES:
+      fail("logit_scale", f"one of {LOGIT_SCALES}")
+    for field in ("qkv_bias", "qk_norm", "tie_embeddings", "norm_offset"):
+      if not isinstance(getattr(self, field), bool):
+        fail(field, "True or False")
     if self.remat_policy not in REMAT_POLICIES:
       fail("remat_policy", f"one of {REMAT_POLICIES}")
     if not isinstance(self.scan_layers, bool):
@@ -161,7 +213,7 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
-    for field in ("ffn_widths", "attention_pattern"):
+    for field in ("ffn_widths", "attention_pattern", "rope_scaling"):
       if out[field] is not None:
         out[field] = list(out[field])
     return out
@@ -277,6 +329,147 @@ def palm_small():
   return ModelConfig(name="palm_small", family="palm", vocab_size=32_000, d_model=512,
                      num_layers=8, num_heads=8, num_kv_heads=1, head_dim=64, ffn_dim=2048,
                      activation="silu", attention_pattern=("global",), max_positions=2048)
+
+
+# ---- Gemma-3 (text decoder; docs/models.md) ------------------------------------------------------
+
+def _gemma3(name: str, **shape) -> ModelConfig:
+  # Gemma-3 technical report and the released config.json files: Gemma-2's block with QK-norm
+  # in place of both soft-caps, 5 local : 1 global layers, RoPE base 10k local / 1M global.
+  shape.setdefault("vocab_size", 262_208)
+  return ModelConfig(name=name, family="gemma3", activation="gelu_tanh", qk_norm=True,
+                     attention_pattern=("local",) * 5 + ("global",), rope_theta=1_000_000.0,
+                     rope_local_theta=10_000.0, norm_eps=1e-6, **shape)
+
+
+@register_preset
+def gemma3_270m():
+  return _gemma3("gemma3_270m", vocab_size=262_144, d_model=640, num_layers=18, num_heads=4,
+                 num_kv_heads=1, head_dim=256, ffn_dim=2048, query_pre_attn_scalar=256,
+                 sliding_window=512, max_positions=32_768)
+
+
+@register_preset
+def gemma3_1b():
+  return _gemma3("gemma3_1b", vocab_size=262_144, d_model=1152, num_layers=26, num_heads=4,
+                 num_kv_heads=1, head_dim=256, ffn_dim=6912, query_pre_attn_scalar=256,
+                 sliding_window=512, max_positions=32_768)
+
+
+@register_preset
+def gemma3_4b():
+  return _gemma3("gemma3_4b", d_model=2560, num_layers=34, num_heads=8, num_kv_heads=4,
+                 head_dim=256, ffn_dim=10240, query_pre_attn_scalar=256, sliding_window=1024,
+                 rope_scaling=("linear", 8.0), max_positions=131_072)
+
+
+@register_preset
+def gemma3_12b():
+  return _gemma3("gemma3_12b", d_model=3840, num_layers=48, num_heads=16, num_kv_heads=8,
+                 head_dim=256, ffn_dim=15360, query_pre_attn_scalar=256, sliding_window=1024,
+                 rope_scaling=("linear", 8.0), max_positions=131_072)
+
+
+@register_preset
+def gemma3_27b():
+  # query_pre_attn_scalar = d_model / num_heads = 168, not head_dim (128), as Gemma-2 27B.
+  return _gemma3("gemma3_27b", d_model=5376, num_layers=62, num_heads=32, num_kv_heads=16,
+                 head_dim=128, ffn_dim=21504, query_pre_attn_scalar=168, sliding_window=1024,
+                 rope_scaling=("linear", 8.0), max_positions=131_072)
+
+
+@register_preset
+def gemma3_tiny():
+  """A Gemma-3 of a few hundred thousand parameters (6 layers: one full 5:1 period)."""
+  return ModelConfig(name="gemma3_tiny", family="gemma3", vocab_size=384, d_model=64,
+                     num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=256,
+                     activation="gelu_tanh", qk_norm=True, query_pre_attn_scalar=16,
+                     sliding_window=16, attention_pattern=("local",) * 5 + ("global",),
+                     rope_theta=1_000_000.0, rope_local_theta=10_000.0, max_positions=512)
+
+
+# ---- Llama family (Llama-2/3.1, Mistral, Qwen2, SmolLM2; docs/models.md) --------------------------
+
+LLAMA3_ROPE_SCALING = ("llama3", 8.0, 1.0, 4.0, 8192)
+
+
+def _llama(name: str, **shape) -> ModelConfig:
+  # Sequential pre-norm blocks, plain-scale RMSNorm, SwiGLU, no logit scaling or soft-caps.
+  shape.setdefault("norm_eps", 1e-5)
+  return ModelConfig(name=name, family="llama", activation="silu", **shape)
+
+
+def _smollm2(name: str, **shape) -> ModelConfig:
+  # HuggingFaceTB/SmolLM2-*: tied embeddings, vocabulary 49152, <|endoftext|> = 0 in the base
+  # models (the instruct models' GGUF/config.json carry their own special ids).
+  return _llama(name, vocab_size=49_152, head_dim=64, tie_embeddings=True, max_positions=8192,
+                pad_id=0, eos_id=0, bos_id=0, **shape)
+
+
+@register_preset
+def smollm2_135m():
+  return _smollm2("smollm2_135m", d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                  ffn_dim=1536, rope_theta=100_000.0)
+
+
+@register_preset
+def smollm2_360m():
+  return _smollm2("smollm2_360m", d_model=960, num_layers=32, num_heads=15, num_kv_heads=5,
+                  ffn_dim=2560, rope_theta=100_000.0)
+
+
+@register_preset
+def smollm2_1_7b():
+  return _smollm2("smollm2_1_7b", d_model=2048, num_layers=24, num_heads=32, num_kv_heads=32,
+                  ffn_dim=8192, rope_theta=130_000.0)
+
+
+@register_preset
+def llama2_7b():
+  return _llama("llama2_7b", vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=32, head_dim=128, ffn_dim=11008, rope_theta=10_000.0,
+                tie_embeddings=False, max_positions=4096, pad_id=0, eos_id=2, bos_id=1)
+
+
+@register_preset
+def llama3_1_8b():
+  return _llama("llama3_1_8b", vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=8, head_dim=128, ffn_dim=14336, rope_theta=500_000.0,
+                rope_scaling=LLAMA3_ROPE_SCALING, tie_embeddings=False, max_positions=131_072,
+                pad_id=128_004, eos_id=128_001, bos_id=128_000)
+
+
+@register_preset
+def llama3_1_70b():
+  return _llama("llama3_1_70b", vocab_size=128_256, d_model=8192, num_layers=80, num_heads=64,
+                num_kv_heads=8, head_dim=128, ffn_dim=28672, rope_theta=500_000.0,
+                rope_scaling=LLAMA3_ROPE_SCALING, tie_embeddings=False, max_positions=131_072,
+                pad_id=128_004, eos_id=128_001, bos_id=128_000)
+
+
+@register_preset
+def mistral_7b():
+  # Mistral-7B-v0.1: every layer attends over a 4096-token sliding window.
+  return _llama("mistral_7b", vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=8, head_dim=128, ffn_dim=14336, rope_theta=10_000.0,
+                sliding_window=4096, attention_pattern=("local",), tie_embeddings=False,
+                max_positions=32_768, pad_id=0, eos_id=2, bos_id=1)
+
+
+@register_preset
+def qwen2_7b():
+  return _llama("qwen2_7b", vocab_size=152_064, d_model=3584, num_layers=28, num_heads=28,
+                num_kv_heads=4, head_dim=128, ffn_dim=18944, rope_theta=1_000_000.0,
+                norm_eps=1e-6, qkv_bias=True, tie_embeddings=False, max_positions=131_072,
+                pad_id=151_643, eos_id=151_643, bos_id=151_643)
+
+
+@register_preset
+def llama_tiny():
+  """A Llama-family model of a few hundred thousand parameters (GQA, untied head) for tests."""
+  return _llama("llama_tiny", vocab_size=384, d_model=64, num_layers=4, num_heads=4,
+                num_kv_heads=2, head_dim=16, ffn_dim=256, rope_theta=10_000.0,
+                tie_embeddings=False, max_positions=512)
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:

@@ -1,12 +1,18 @@
-"""The decoder stack: Gemma-2 and PaLM-style blocks over shared building blocks.
+"""The decoder stack: Gemma-2/3, Llama-family and PaLM-style blocks over shared building blocks.
 
 Parameter tree (plain nested dicts; this *is* the checkpoint format):
   embedder/embedding                     [vocab, d]
+  lm_head/embedding                      [vocab, d]   only when cfg.tie_embeddings is False
   layers_{i}/attn/{q [d,N,H], k [d,K,H], v [d,K,H], o [N,H,d]}
+  layers_{i}/attn/{q_bias [N,H], k_bias [K,H], v_bias [K,H]}       cfg.qkv_bias (Qwen2)
+  layers_{i}/attn/{query_norm, key_norm}/scale [H]                 cfg.qk_norm (Gemma-3)
   layers_{i}/mlp/{gate U [d,m_i], up V [d,m_i], out W [m_i,d]}   absent when m_i = 0
-  Gemma-2: layers_{i}/{pre_attention_norm, post_attention_norm, pre_ffw_norm, post_ffw_norm}/scale
-  PaLM:    layers_{i}/pre_norm/scale
+  Gemma-2/3: layers_{i}/{pre_attention_norm, post_attention_norm, pre_ffw_norm,
+             post_ffw_norm}/scale    (stored as s, applied as 1 + s)
+  Llama:     layers_{i}/{pre_attention_norm, pre_ffw_norm}/scale   (applied as is)
+  PaLM:      layers_{i}/pre_norm/scale
   final_norm/scale                       [d]
+A layer of FFN width 0 has no mlp and none of the FFN branch's norms.
 
 Scanned layers (`ModelConfig.scan_layers`): the forward pass of a deep stack compiles one layer
 group, not every layer.  The params keep the per-layer tree above (what `init` returns, what
@@ -29,6 +35,7 @@ from maxnucl import sharding
 from maxnucl import ffn
 from maxnucl.layers.attentions import Attention
 from maxnucl.layers.embeddings import Embedder
+from maxnucl.layers.initializers import param_with_axes
 from maxnucl.layers.linears import GatedMLP
 from maxnucl.layers.normalizations import RMSNorm
 from maxnucl.models.config import ModelConfig
@@ -54,16 +61,18 @@ class _Block(nn.Module):
   cfg: ModelConfig
   layer_index: int
 
-  def norm(self, name: str, offset_scale: bool = True):
-    return RMSNorm(eps=self.cfg.norm_eps, offset_scale=offset_scale,
+  def norm(self, name: str):
+    return RMSNorm(eps=self.cfg.norm_eps, offset_scale=self.cfg.norm_offset,
                    param_dtype=_dtype(self.cfg.param_dtype), name=name)
 
   def attention(self):
     cfg = self.cfg
+    rope_theta, rope_scaling = cfg.layer_rope(self.layer_index)
     return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                      head_dim=cfg.head_dim, scale=cfg.attn_scale,
                      softcap=cfg.attn_logit_softcap, window=cfg.layer_windows[self.layer_index],
-                     rope_theta=cfg.rope_theta, impl=cfg.attention_impl,
+                     rope_theta=rope_theta, rope_scaling=rope_scaling, qkv_bias=cfg.qkv_bias,
+                     qk_norm=cfg.qk_norm, norm_offset=cfg.norm_offset, norm_eps=cfg.norm_eps, impl=cfg.attention_impl,
                      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name="attn")
 
   def attend(self, h, positions, segment_ids, cache, prefill):
@@ -105,13 +114,29 @@ class Gemma2Block(_Block):
     return sharding.constrain(x, RESIDUAL_AXES), cache
 
 
+class LlamaBlock(_Block):
+  """h = x + attn(pre_attn_norm(x)); y = h + ffn(pre_ffw_norm(h)) (Llama, Mistral, Qwen2,
+  SmolLM2)."""
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, inner_scale=None, cache=None, prefill=False,
+               dropout_key=None):
+    h = self.norm("pre_attention_norm")(x)
+    h, cache = self.attend(h, positions, segment_ids, cache, prefill)
+    x = x + self.dropout(h, dropout_key, 0)
+    if self.ffn_width:
+      h = self.mlp()(self.norm("pre_ffw_norm")(x), inner_scale)
+      x = x + self.dropout(h, dropout_key, 1)
+    return sharding.constrain(x, RESIDUAL_AXES), cache
+
+
 class PalmBlock(_Block):
   """Parallel block: y = x + attn(norm(x)) + ffn(norm(x)), one shared pre-norm."""
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, inner_scale=None, cache=None, prefill=False,
                dropout_key=None):
-    h = self.norm("pre_norm", offset_scale=False)(x)
+    h = self.norm("pre_norm")(x)
     attended, cache = self.attend(h, positions, segment_ids, cache, prefill)
     y = x + self.dropout(attended, dropout_key, 0)
     if self.ffn_width:
@@ -119,7 +144,9 @@ class PalmBlock(_Block):
     return sharding.constrain(y, RESIDUAL_AXES), cache
 
 
-BLOCKS = {"gemma2": Gemma2Block, "palm": PalmBlock}
+# The block wiring of each family; everything else that differs is a ModelConfig field.  Gemma-3's
+# block is Gemma-2's (QK-norm and per-layer RoPE live in the attention).
+BLOCKS = {"gemma2": Gemma2Block, "gemma3": Gemma2Block, "llama": LlamaBlock, "palm": PalmBlock}
 
 
 def layer_dropout_key(dropout_key: Optional[jax.Array], index) -> Optional[jax.Array]:
@@ -238,10 +265,10 @@ class Decoder(nn.Module):
                ffn_inner_scale: Optional[dict] = None, *, caches: Optional[dict] = None,
                prefill: bool = False, return_hidden: bool = False):
     cfg = self.cfg
-    gemma = cfg.family == "gemma2"
     embedder = Embedder(vocab_size=cfg.vocab_size, d_model=cfg.d_model,
-                        input_scale="sqrt_d" if gemma else "none", dtype=_dtype(cfg.dtype),
-                        param_dtype=_dtype(cfg.param_dtype), name="embedder")
+                        input_scale=cfg.embedding_scale, dtype=_dtype(cfg.dtype),
+                        param_dtype=_dtype(cfg.param_dtype),
+                        init_stddev=embedding_init_stddev(cfg), name="embedder")
     x = sharding.constrain(embedder.encode(tokens), RESIDUAL_AXES)
     dropout_key = None
     if not self.deterministic and cfg.dropout_rate > 0.0 and caches is None:
@@ -265,21 +292,50 @@ class Decoder(nn.Module):
                        layer_dropout_key(dropout_key, i))
         else:
           x, new_caches[name] = block(x, positions, segment_ids, None, caches[name], prefill)
-    x = RMSNorm(eps=cfg.norm_eps, offset_scale=gemma, param_dtype=_dtype(cfg.param_dtype),
-                name="final_norm")(x)
-    out = x if return_hidden else output_logits(cfg, embedder.embedding, x)
+    x = RMSNorm(eps=cfg.norm_eps, offset_scale=cfg.norm_offset,
+                param_dtype=_dtype(cfg.param_dtype), name="final_norm")(x)
+    output = embedder.embedding
+    if not cfg.tie_embeddings:
+      output = LmHead(cfg.vocab_size, cfg.d_model, embedding_init_stddev(cfg),
+                      _dtype(cfg.param_dtype), name="lm_head")()
+    out = x if return_hidden else output_logits(cfg, output, x)
     return out if caches is None else (out, new_caches)
 
 
+class LmHead(nn.Module):
+  """The untied output projection lm_head/embedding [V, d] (cfg.tie_embeddings False)."""
+  vocab_size: int
+  d_model: int
+  init_stddev: float
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return param_with_axes(self, "embedding", nn.initializers.normal(stddev=self.init_stddev),
+                           (self.vocab_size, self.d_model), self.param_dtype, ("vocab", "embed"))
+
+
+def embedding_init_stddev(cfg: ModelConfig) -> float:
+  """Initial scale of the [V, d] tables for unit-scale logits from unit-RMS hidden states: 1 when
+  the logits are divided by sqrt(d) (PaLM), else d^-1/2 (a sqrt(d)-scaled lookup then has unit
+  scale too; an unscaled one is rescaled by the first pre-norm)."""
+  return 1.0 if cfg.logit_scale == "inv_sqrt_d" else cfg.d_model ** -0.5
+
+
+def output_embedding(cfg: ModelConfig, params: dict) -> jax.Array:
+  """The [V, d] matrix of the output projection: the input embedding when tied."""
+  return params["embedder" if cfg.tie_embeddings else "lm_head"]["embedding"]
+
+
 def output_logits(cfg: ModelConfig, embedding, x) -> jax.Array:
-  """Final-normed hidden states [..., d] -> float32 logits [..., vocab]: the tied output
-  projection, PaLM's 1/sqrt(d) and the final soft-cap."""
+  """Final-normed hidden states [..., d] -> float32 logits [..., vocab]: the output projection
+  (`output_embedding`), PaLM's 1/sqrt(d) and the final soft-cap."""
   logits = jnp.einsum("...D,VD->...V", x, embedding.astype(_dtype(cfg.dtype)),
                       preferred_element_type=jnp.float32)
   if x.ndim == 3:
     logits = sharding.constrain(logits, ("activation_batch", "activation_length",
                                          "activation_vocab"))
-  if cfg.family != "gemma2":
+  if cfg.logit_scale == "inv_sqrt_d":
     logits = logits / jnp.sqrt(jnp.float32(cfg.d_model))  # PaLM: shared embedding, 1/sqrt(d)
   if cfg.final_logit_softcap is not None:
     cap = cfg.final_logit_softcap
