@@ -14,7 +14,8 @@ host ever holds the whole model.
 
 Whole-tree API:   save(path, cfg, params), load(path, mesh=, rules=, dtype=), load_config(path),
                   stored_arrays(path), resolve(path) (a training workdir -> its latest step),
-                  training_vocab(path) (the vocabulary a training workdir records)
+                  training_vocab(path) (the vocabulary a training workdir records),
+                  checkpoint_vocab(path) (the one CKPT/tokenizer/ holds), own_vocab(path)
 Streaming API (one tensor in memory at a time; converters and the pruner use it):
   read_array(path, key_path, dtype=None, axes=None)        one stored array (np.ndarray), e.g.
                                                           ("layers_3", "mlp", "out"); axes:
@@ -533,6 +534,20 @@ def checkpoint_vocab(path: str | os.PathLike) -> Optional[str]:
   for name in TOKENIZER_VOCAB_FILES:
     if (directory / name).is_file():
       return str(directory / name)
+  return None
+
+
+def own_vocab(path: str | os.PathLike, *, hint: str = "give --vocab PATH"
+              ) -> Optional[tuple[str, str]]:
+  """(vocabulary, where it comes from) that `path` brings with it: the one its training run
+  records (`training_vocab`; `hint` ends the error when that file is gone), else the tokenizer
+  the checkpoint carries (`checkpoint_vocab`); None when neither."""
+  recorded = training_vocab(path, hint=hint)
+  if recorded is not None:
+    return recorded[0], f"recorded in {recorded[1]}"
+  carried = checkpoint_vocab(path)
+  if carried is not None:
+    return carried, "carried by the checkpoint"
   return None
 
 

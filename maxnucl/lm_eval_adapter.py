@@ -17,12 +17,17 @@ lm-eval names an hf model's after `pretrained`: OUTPUT_PATH/<checkpoint path, '/
 
 model_args (comma-separated key=value):
   checkpoint     checkpoint directory or training workdir (its latest step)       (required)
-  vocab          'byte' or a SentencePiece model file (Gemma's tokenizer.model)    default byte
+  vocab          'byte', a SentencePiece model file (Gemma's tokenizer.model) or   default: the
+                 a tokenizer.json                                                  training run's
+                 (as maxnucl.generate: its record, else the checkpoint's           record, else
+                 tokenizer/, else byte)                                            byte
   dtype          float32 | bfloat16: cast params and compute                        default stored
   max_length     longest scored sequence; longer contexts lose their start         default
                  (left truncation, as the harness's HF model does)                 max_positions
   max_gen_toks   default new-token budget of generate_until requests               default 256
-  add_bos_token  put BOS before every context (as the trainer formats examples)    default True
+  add_bos_token  put BOS before every context (as the trainer formats examples)    default: as
+                                                                                   the vocabulary
+                                                                                   (SmolLM2: no)
   mesh_shape     e.g. 1x-1x1 (data x fsdp x tensor) to shard a model that needs it default none
 Requires the `eval` extra: pip install -e ".[eval]".
 """
@@ -49,7 +54,7 @@ except ImportError as e:  # an optional dependency
                     f"pip install -e \".[eval]\"") from e
 
 from maxnucl import checkpoints, decoding, sharding
-from maxnucl.generate import load_model, load_tokenizer
+from maxnucl.generate import load_model, load_tokenizer, model_vocab
 
 # Arguments the harness passes to every model; JAX chooses its own devices.
 _HARNESS_ARGS = ("device", "max_batch_size")
@@ -59,9 +64,9 @@ _HARNESS_ARGS = ("device", "max_batch_size")
 class MaxnuclLM(TemplateLM):
   """loglikelihood / loglikelihood_rolling / generate_until over `maxnucl.decoding`."""
 
-  def __init__(self, checkpoint: str, vocab: str = "byte", batch_size: int | str = 16,
+  def __init__(self, checkpoint: str, vocab: Optional[str] = None, batch_size: int | str = 16,
                dtype: Optional[str] = None, max_length: Optional[int] = None,
-               max_gen_toks: int = 256, add_bos_token: bool = True,
+               max_gen_toks: int = 256, add_bos_token: Optional[bool] = None,
                mesh_shape: Optional[str] = None, **harness_args):
     super().__init__()
     unknown = sorted(set(harness_args) - set(_HARNESS_ARGS))
@@ -74,6 +79,8 @@ class MaxnuclLM(TemplateLM):
       shape = tuple(int(s) for s in str(mesh_shape).split("x"))
       self.mesh = sharding.create_mesh(shape)
     self.cfg, self.params = load_model(checkpoint, dtype=dtype, mesh=self.mesh)
+    vocab, source = model_vocab(checkpoint, vocab)
+    print(f"vocabulary: {vocab} ({source})", file=sys.stderr)
     self.tokenizer = load_tokenizer(self.cfg, vocab)
     self.checkpoint = checkpoint
     if str(batch_size).startswith("auto"):
@@ -84,7 +91,8 @@ class MaxnuclLM(TemplateLM):
       raise ValueError(f"maxnucl model: max_length {self._max_length} must be in "
                        f"(1, {self.cfg.max_positions}] (the model's max_positions)")
     self.max_gen_toks = int(max_gen_toks)
-    self.add_bos_token = add_bos_token not in (False, "False", "false", "0")
+    self.add_bos_token = (self.tokenizer.add_bos if add_bos_token in (None, "None", "")
+                          else add_bos_token not in (False, "False", "false", "0"))
 
   # ---- tokens ---------------------------------------------------------------------------------
 
@@ -256,10 +264,12 @@ def _check_model_args(args) -> None:
     raise ValueError("--model_args: the maxnucl model needs checkpoint=DIR (a checkpoint or a "
                      "training workdir)")
   checkpoints.resolve(model_args["checkpoint"])
-  vocab = str(model_args.get("vocab", "byte"))
-  if vocab != "byte" and not os.path.isfile(vocab):
-    raise FileNotFoundError(f"--model_args vocab={vocab}: no such SentencePiece model file "
-                            f"(or 'byte')")
+  vocab = model_args.get("vocab")
+  if vocab is None:
+    checkpoints.own_vocab(model_args["checkpoint"], hint="give vocab=PATH in --model_args")
+  elif str(vocab) != "byte" and not os.path.isfile(str(vocab)):
+    raise FileNotFoundError(f"--model_args vocab={vocab}: no such SentencePiece model file or "
+                            f"tokenizer.json (or 'byte')")
 
 
 if __name__ == "__main__":

@@ -49,3 +49,16 @@ def write_gguf(path: pathlib.Path, *, pre: str = "default", add_bos: bool = Fals
   writer.write_tensors_to_file()
   writer.close()
   return path
+
+
+def write_tokenizer_dir(directory: pathlib.Path, **gguf_options) -> pathlib.Path:
+  """tokenizer.json + tokenizer_config.json of the tiny vocabulary in `directory` (via its GGUF
+  metadata and `bpe.tokenizer_files_from_gguf`); returns the tokenizer.json path."""
+  from maxnucl.data import bpe  # pylint: disable=import-outside-toplevel
+
+  directory.mkdir(parents=True, exist_ok=True)
+  gguf_file = write_gguf(directory / "tiny-tokenizer.gguf", **gguf_options)
+  for name, content in bpe.tokenizer_files_from_gguf(gguf_file).items():
+    (directory / name).write_bytes(content)
+  gguf_file.unlink()
+  return directory / "tokenizer.json"

@@ -2,8 +2,11 @@
 
     tokenizer_files(vocab, model_max_length=...) -> {file name: bytes}
 
-`vocab` is what every maxnucl command takes (`maxnucl.data.vocabularies.get_tokenizer`): "byte"
-or a SentencePiece model file.  The files, written into a Hugging Face model directory, make
+`vocab` is what every maxnucl command takes (`maxnucl.data.vocabularies.get_tokenizer`): "byte",
+a SentencePiece model file or a Hugging Face tokenizer.json.  A tokenizer.json is already in
+Hugging Face's format: it is exported byte for byte with the files beside it
+(tokenizer_config.json, special_tokens_map.json, tokenizer.model), e.g. a converted checkpoint's
+CKPT/tokenizer/.  For the other two, the files, written into a Hugging Face model directory, make
 `transformers.AutoTokenizer.from_pretrained(dir)` a tokenizer that encodes text to the ids that
 maxnucl's tokenizer gives, with BOS (maxnucl's `bos_id`) put first as the trainer formats
 examples (`add_bos_token`; `add_special_tokens=False` leaves it out), and the same pad, eos and
@@ -35,6 +38,7 @@ import base64
 import json
 from typing import Any
 
+from maxnucl import paths
 from maxnucl.data import vocabularies
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -51,6 +55,9 @@ _BPE = 2
 def tokenizer_files(vocab: str, *, model_max_length: int) -> dict[str, bytes]:
   """The Hugging Face tokenizer files of `vocab` ('byte' or a SentencePiece model file):
   file name -> content.  model_max_length: the model's longest sequence (max_positions)."""
+  tokenizer_json = vocabularies.hf_tokenizer_json(vocab)
+  if tokenizer_json is not None:
+    return hf_files_beside(tokenizer_json)
   if vocab == vocabularies.BYTE_VOCAB_NAME:
     tokenizer, names = _byte_tokenizer()
     files = {}
@@ -70,6 +77,23 @@ def tokenizer_files(vocab: str, *, model_max_length: int) -> dict[str, bytes]:
   files[TOKENIZER_JSON] = _json_bytes(tokenizer)
   files[TOKENIZER_CONFIG] = _json_bytes(config)
   return files
+
+
+def hf_tokenizer_files(hf_dir) -> dict[str, bytes]:
+  """The tokenizer files of a Hugging Face model directory (tokenizer.json,
+  tokenizer_config.json, special_tokens_map.json, tokenizer.model; those present)."""
+  names = (*vocabularies.HF_TOKENIZER_FILES, SENTENCEPIECE_MODEL)
+  directory = paths.as_path(hf_dir)
+  return {name: (directory / name).read_bytes() for name in names
+          if (directory / name).is_file()}
+
+
+def hf_files_beside(tokenizer_json) -> dict[str, bytes]:
+  """A Hugging Face tokenizer's files: the tokenizer.json and those of its directory that
+  transformers reads with it."""
+  if not tokenizer_json.is_file():
+    raise FileNotFoundError(f"tokenizer file not found: {tokenizer_json}")
+  return hf_tokenizer_files(tokenizer_json.parent)
 
 
 # ---- byte vocabulary -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One example becomes one *segment*:
 
-    sequence  = [BOS] inputs targets [EOS]
+    sequence  = [BOS] inputs targets [EOS]   (no BOS when `bos_id` is None: a vocabulary whose
+                                              text starts without one, e.g. SmolLM2's)
     tokens    = sequence[:-1]            what the model reads
     targets   = sequence[1:]             next token; the last position of a segment targets EOS
     loss_mask = 1 where the target is a targets token or the EOS (also inputs tokens when
@@ -34,7 +35,7 @@ _BOS, _INPUTS, _TARGETS, _EOS = 0, 1, 2, 3  # role of each element of `sequence`
 
 
 def example_segment(inputs_ids: Sequence[int], targets_ids: Sequence[int], *, seq_len: int,
-                    bos_id: int, eos_id: int, loss_on_inputs: bool = False,
+                    bos_id: Optional[int], eos_id: int, loss_on_inputs: bool = False,
                     feature_lengths: Optional[Mapping[str, int]] = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(tokens int32[n], targets int32[n], loss_mask float32[n]) of one example, n <= seq_len."""
@@ -46,12 +47,14 @@ def example_segment(inputs_ids: Sequence[int], targets_ids: Sequence[int], *, se
       inputs_ids = inputs_ids[max(0, len(inputs_ids) - limit):] if limit > 0 else []
     if "targets" in feature_lengths:
       targets_ids = targets_ids[:feature_lengths["targets"]]
+  bos = [] if bos_id is None else [bos_id]
+  room = seq_len + 1 - len(bos)  # sequence elements after BOS (tokens are one fewer)
   answer = targets_ids + [eos_id]
-  answer_kept = min(len(answer), seq_len)
-  inputs_room = seq_len - answer_kept
+  answer_kept = min(len(answer), room)
+  inputs_room = room - answer_kept
   inputs_kept = inputs_ids[max(0, len(inputs_ids) - inputs_room):] if inputs_room > 0 else []
-  sequence = np.asarray([bos_id] + inputs_kept + answer[:answer_kept], dtype=np.int32)
-  roles = np.asarray([_BOS] + [_INPUTS] * len(inputs_kept) + [_TARGETS] * answer_kept,
+  sequence = np.asarray(bos + inputs_kept + answer[:answer_kept], dtype=np.int32)
+  roles = np.asarray([_BOS] * len(bos) + [_INPUTS] * len(inputs_kept) + [_TARGETS] * answer_kept,
                      dtype=np.int32)
   counted = (roles[1:] == _TARGETS) | (loss_on_inputs & (roles[1:] == _INPUTS))
   return sequence[:-1], sequence[1:], counted.astype(np.float32)

@@ -70,7 +70,8 @@ def build_packed_rows(source: str, split: str, *, seq_len: int, pack: bool = Tru
                                 mixture_size=mixture_size, use_seqio=use_seqio)
   if not examples:
     raise ValueError(f"'{source}' split '{split}' yielded no examples")
-  segments = (packing.example_segment(inputs, targets, seq_len=seq_len, bos_id=tokenizer.bos_id,
+  bos_id = tokenizer.bos_id if tokenizer.add_bos else None  # SmolLM2, Qwen2: text has no BOS
+  segments = (packing.example_segment(inputs, targets, seq_len=seq_len, bos_id=bos_id,
                                       eos_id=tokenizer.eos_id, loss_on_inputs=loss_on_inputs,
                                       feature_lengths=feature_lengths)
               for inputs, targets in examples)

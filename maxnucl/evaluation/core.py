@@ -46,7 +46,8 @@ class EvaluationError(ValueError):
 class LanguageModel:
   """A model ready for evaluation: text prompts in, text or log-likelihoods out.
 
-  Prompts are encoded as the trainer formats examples: [BOS] + tokens (`add_bos`).  A prompt
+  Prompts are encoded as the trainer formats examples: [BOS] + tokens (`add_bos`; None: as the
+  tokenizer's model expects, `vocabularies.bos_prefix`; SmolLM2, Qwen2: no BOS).  A prompt
   longer than the room left for generation loses its start (as the evaluation harnesses do).
   """
   cfg: ModelConfig
@@ -55,7 +56,11 @@ class LanguageModel:
   batch_size: int = 16
   mesh: Any = None
   rules: Any = None
-  add_bos: bool = True
+  add_bos: Optional[bool] = None
+
+  def __post_init__(self):
+    if self.add_bos is None:
+      self.add_bos = self.tokenizer.add_bos
 
   @classmethod
   def load(cls, checkpoint: str, vocab: str = vocabularies.BYTE_VOCAB_NAME, *,
@@ -93,6 +98,7 @@ class LanguageModel:
     for context, continuation in zip(contexts, continuations):
       ctx = self.encode(context)
       cont = self.encode(context + continuation)[len(ctx):]
+      ctx = ctx or [self.tokenizer.bos_id]  # something to condition the first token on
       keep = max(self.cfg.max_positions + 1 - len(cont), 1)  # left-truncate long contexts
       context_ids.append(ctx[-keep:])
       continuation_ids.append(cont)

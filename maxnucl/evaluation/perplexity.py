@@ -168,12 +168,13 @@ def heldout_nll(cfg: ModelConfig, params: dict, batches: Iterable[dict],
 
 
 def text_file_rows(path: str | pathlib.Path, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-  """A text file as rows predicting `seq_len` tokens each: [BOS] + tokens, cut every seq_len."""
+  """A text file as rows predicting `seq_len` tokens each: [BOS] + tokens, cut every seq_len
+  (without BOS for a tokenizer whose model expects none: its first token is not scored)."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise EvaluationError(f"perplexity.source {str(path)!r} is neither a registered task nor "
                           f"a text file")
-  ids = [tokenizer.bos_id] + tokenizer.encode(path.read_text(encoding="utf-8"))
+  ids = vocabularies.bos_prefix(tokenizer) + tokenizer.encode(path.read_text(encoding="utf-8"))
   if len(ids) < 2:
     raise EvaluationError(f"{path}: no text to score")
   num_rows = -(-(len(ids) - 1) // seq_len)

@@ -31,6 +31,14 @@ def _key_value(text: str):
   return key.strip(), value.strip()
 
 
+def _input_vocab(checkpoint: str, vocab) -> str:
+  """--vocab, else the input checkpoint's own (`generate.model_vocab`), printed with its source."""
+  from maxnucl import generate  # pylint: disable=import-outside-toplevel
+  vocab, source = generate.model_vocab(checkpoint, vocab)
+  print(f"vocabulary: {vocab} ({source})", file=sys.stderr)
+  return vocab
+
+
 def prune_main(argv=None) -> int:
   """Structured FFN neuron pruning: checkpoint in, physically smaller checkpoint (+ report) out.
 
@@ -75,9 +83,11 @@ def prune_main(argv=None) -> int:
   parser.add_argument("--data_cache_dir", default=None,
                       help="read a registered task's cached shards from here (calibration and "
                            "--eval_perplexity task names)")
-  parser.add_argument("--vocab", default="byte",
-                      help="vocabulary for registered task names: a SentencePiece model (e.g. "
-                           "Gemma's tokenizer.model) or 'byte' (default)")
+  parser.add_argument("--vocab", default=None,
+                      help="vocabulary for registered task names and text files: a "
+                           "SentencePiece model (e.g. Gemma's tokenizer.model), a "
+                           "tokenizer.json or 'byte' (default: the input's training run's "
+                           "record, else the tokenizer the checkpoint carries, else 'byte')")
   parser.add_argument("--eval_task", action="append", default=[],
                       help="evaluate the input and the pruned checkpoint on this benchmark "
                            "(gsm8k, mbpp, superglue, perplexity; repeatable); metrics go to the "
@@ -105,6 +115,7 @@ def prune_main(argv=None) -> int:
       import gin  # pylint: disable=import-outside-toplevel
       importlib.import_module("maxnucl.evaluate")  # registers the benchmarks' gin names
       gin.parse_config(args.eval_gin_param)
+    args.vocab = _input_vocab(args.input, args.vocab)
     report = prune.prune_ffn_neurons(
         args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
         budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
@@ -155,13 +166,15 @@ def analyze_main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--bins", type=int, default=50)
-  parser.add_argument("--vocab", default="byte",
+  parser.add_argument("--vocab", default=None,
                       help="tokenizer for a registered task name: a SentencePiece model (e.g. "
-                           "Gemma's tokenizer.model) or 'byte'")
+                           "Gemma's tokenizer.model), a tokenizer.json or 'byte' (default: as "
+                           "maxnucl-prune's)")
   parser.add_argument("--data_cache_dir", default=None,
                       help="read a registered task's cached shards from here")
   args = parser.parse_args(argv)
   try:
+    args.vocab = _input_vocab(args.input, args.vocab)
     result = analysis.analyze_ffn(
         args.input, args.output_dir, methods=[m for m in args.methods.split(",") if m],
         ratio=args.ratio, layers=args.layers, seed=args.seed, calibration=args.calibration,

@@ -27,6 +27,7 @@ stored dtype.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -105,12 +106,14 @@ class CheckpointWriter:
         writer.write(("layers_0", "mlp", "out"), w)   # written now, not kept
 
   Leaving the block normally checks that every tensor of `cfg` was written and renames the
-  temporary directory into place; an exception removes it.
+  temporary directory into place; an exception removes it.  `tokenizer_files` (name -> bytes)
+  go to CKPT/tokenizer/ (the input checkpoint's, so the pruned model keeps its tokenizer).
   """
 
   def __init__(self, path: str | os.PathLike, cfg: ModelConfig, *, dtype: str,
-               overwrite: bool = False):
-    self._writer = checkpoints.StreamingWriter(path, cfg, dtype=dtype, overwrite=overwrite)
+               overwrite: bool = False, tokenizer_files: Optional[dict[str, bytes]] = None):
+    self._writer = checkpoints.StreamingWriter(path, cfg, dtype=dtype, overwrite=overwrite,
+                                               tokenizer_files=tokenizer_files)
     self.path = self._writer.path
     self.expected: set[Key] = set(self._writer.expected)
 

@@ -312,8 +312,8 @@ def _cut_and_write(reader: io.CheckpointReader, output_path, *, method, seed, me
   new_widths = [w - counts.get(i, 0) for i, w in enumerate(widths)]
   new_cfg = cfg if new_widths == widths else cfg.replace(ffn_widths=tuple(new_widths))
   layer_reports = []
-  with io.CheckpointWriter(output_path, new_cfg, dtype=reader.dtype,
-                           overwrite=overwrite) as writer:
+  with io.CheckpointWriter(output_path, new_cfg, dtype=reader.dtype, overwrite=overwrite,
+                           tokenizer_files=checkpoints.tokenizer_files(reader.path)) as writer:
     # Non-FFN arrays, opened lazily and copied block by block (the norms of an FFN branch cut to
     # width 0 are dropped).
     for key in reader.non_ffn_keys():

@@ -668,7 +668,7 @@ def export_and_compare(checkpoint: pathlib.Path, target: pathlib.Path, mode: str
   cfg, params = checkpoints.load(checkpoint)
   tokenizer = vocabularies.get_tokenizer(vocab)
   text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n"
-  ids = np.asarray([[tokenizer.bos_id] + tokenizer.encode(text)], np.int32)
+  ids = np.asarray([vocabularies.bos_prefix(tokenizer) + tokenizer.encode(text)], np.int32)
   ours = np.asarray(models.apply(cfg, params, ids), np.float32)
   if mode == "pad":
     hf = transformers.Gemma2ForCausalLM.from_pretrained(target, dtype=torch.float32)
