@@ -76,17 +76,18 @@ def maxnucl_to_hf(args) -> None:
 
 
 def _export_vocab(args) -> tuple[str | None, str]:
-  """(--vocab, or else the vocabulary the input's training workdir records; where it is from)."""
+  """(--vocab, or else the vocabulary the input's training workdir records, or else the
+  tokenizer the checkpoint carries; where it is from)."""
   if args.vocab == NO_VOCAB:
     return None, "--vocab none"
   if args.vocab is not None:
     return args.vocab, "--vocab"
-  recorded = checkpoints.training_vocab(
-      args.input, hint="give --vocab PATH (or --vocab none for no tokenizer)")
-  if recorded is None:
-    return None, f"{args.input} records no vocabulary (not in a training workdir)"
-  vocab, record = recorded
-  return vocab, f"recorded in {record}"
+  own = checkpoints.own_vocab(args.input,
+                              hint="give --vocab PATH (or --vocab none for no tokenizer)")
+  if own is None:
+    return None, (f"{args.input} records no vocabulary (not in a training workdir) and carries "
+                  f"no tokenizer/")
+  return own
 
 
 def gemma_to_maxnucl(args) -> None:
@@ -152,12 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "maxnucl checkpoint directory, or a training workdir (its latest step)",
                  "Hugging Face directory to create")
   p.add_argument("--vocab", default=None,
-                 help="the model's vocabulary, 'byte' or a SentencePiece model file "
-                      "(tokenizer.model): write its Hugging Face tokenizer (tokenizer.json, "
-                      "tokenizer_config.json; a SentencePiece model is copied as "
-                      "tokenizer.model), encoding as maxnucl does; 'none': no tokenizer "
-                      "(default: the vocabulary the input's training workdir records in "
-                      "operative_config.gin, else none)")
+                 help="the model's vocabulary, 'byte', a SentencePiece model file "
+                      "(tokenizer.model) or a tokenizer.json: write its Hugging Face tokenizer "
+                      "(tokenizer.json, tokenizer_config.json; a SentencePiece model is copied "
+                      "as tokenizer.model; a tokenizer.json with the files beside it), "
+                      "encoding as maxnucl does; 'none': no tokenizer (default: the vocabulary "
+                      "the input's training workdir records in operative_config.gin, else the "
+                      "tokenizer the checkpoint carries, else none)")
   p.add_argument("--max_shard_size", type=_parse_size, default=convert.DEFAULT_MAX_SHARD_BYTES,
                  help="largest safetensors shard, e.g. 5GB, 500MB, 1GiB (default 5GiB)")
   p.add_argument("--ffn_widths_export", choices=list(hf_gemma2.FFN_WIDTHS_EXPORTS),

@@ -114,7 +114,9 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
     _check_tied(reader, embedding)
   dtype = dtype or reader.dtype(embedding).name
   _check_dtype(dtype)
-  with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer:
+  tokenizer = hf_tokenizer.hf_tokenizer_files(hf_dir)  # carried in CKPT/tokenizer/
+  with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite,
+                                   tokenizer_files=tokenizer) as writer:
     for path, (hf_name, to_maxnucl, _) in mapping.items():
       array = to_maxnucl(reader.get(hf_name), cfg)
       _guard(functools.partial(writer.write, path, array), f"{reader.file(hf_name)}: tensor {hf_name}: ")
@@ -228,7 +230,8 @@ def maxnucl_to_hf_inputs(ckpt: str | os.PathLike, vocab: Optional[str]) -> dict[
 
 def _tokenizer_files(vocab: str, cfg: ModelConfig) -> dict[str, bytes]:
   """The Hugging Face tokenizer files of `vocab`, checked against the model: every id has an
-  embedding, and pad, eos and bos are the ids config.json declares."""
+  embedding, and pad, eos and bos are the ids config.json declares (except for a tokenizer.json,
+  exported as its source wrote it: e.g. Llama-3's config.json lists several eos ids)."""
   try:
     tokenizer = vocabularies.get_tokenizer(vocab)
     files = hf_tokenizer.tokenizer_files(vocab, model_max_length=cfg.max_positions)
@@ -237,7 +240,8 @@ def _tokenizer_files(vocab: str, cfg: ModelConfig) -> dict[str, bytes]:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConversionError(f"--vocab {vocab}: {tokenizer.vocab_size} tokens, but model "
                           f"{cfg.name!r} has only {cfg.vocab_size} embeddings")
-  for role in ("pad", "eos", "bos"):
+  roles = ("pad", "eos", "bos") if vocabularies.hf_tokenizer_json(vocab) is None else ()
+  for role in roles:
     ids = getattr(tokenizer, f"{role}_id"), getattr(cfg, f"{role}_id")
     if ids[0] != ids[1]:
       raise ConversionError(f"--vocab {vocab}: {role} id {ids[0]}, but model {cfg.name!r} "
