@@ -56,6 +56,12 @@ MODELS = {
     "gemma2_hf": "hf_params",
     "gemma2_hf_saturated": "hf_saturated_params",
     "palm_multi_query": dict(name="palm_tiny"),
+    # QK-norm, 5 local : 1 global with their own RoPE bases, linear scaling on the global layer
+    "gemma3_local_global": dict(name="gemma3_tiny", sliding_window=5,
+                                rope_scaling=("linear", 8.0)),
+    # GQA, untied lm_head, Llama-3.1's RoPE scaling active within the 56 positions
+    "llama_untied_rope_scaled": dict(name="llama_tiny", rope_scaling=("llama3", 8.0, 1.0, 4.0, 16)),
+    "qwen2_biases_pruned_widths": dict(name="llama_tiny", qkv_bias=True, ffn_widths=(256, 0, 40, 0)),
     "gemma2_pruned_widths": dict(name="gemma2_tiny", sliding_window=5,
                                  ffn_widths=(256, 0, 40, 0)),
 }
@@ -131,9 +137,9 @@ def test_score_equals_transformers_log_softmax(hf_model, hf_params):
     assert total == pytest.approx(expected.sum(), abs=atol * len(cont))
 
 
-@pytest.mark.parametrize("name", ["gemma2_tiny", "palm_tiny"])
+@pytest.mark.parametrize("name", ["gemma2_tiny", "gemma3_tiny", "llama_tiny", "palm_tiny"])
 def test_ragged_batch_rows_equal_each_row_decoded_alone(name):
-  cfg, params = _model(name, sliding_window=4 if name == "gemma2_tiny" else None)
+  cfg, params = _model(name, sliding_window=4 if name.startswith("gemma") else None)
   params = jax.tree.map(lambda x: x * 3.0, params)  # sharper, more varied greedy choices
   prompts = _random_tokens(cfg, 6, 9, 2, 17, 5, 1)
   together = decoding.generate(cfg, params, prompts, 14)

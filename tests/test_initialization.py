@@ -73,17 +73,21 @@ def test_every_kernel_starts_with_std_one_over_sqrt_fan_in(preset):
   assert checked == set(FAN_IN_AXES), checked
 
 
-@pytest.mark.parametrize("preset", ["gemma2_tiny", "palm_tiny"])
+@pytest.mark.parametrize("preset", ["gemma2_tiny", "gemma3_tiny", "llama_tiny", "palm_tiny"])
 def test_embedding_and_norm_scales_start_as_documented(preset):
   """Gemma's embedding: std 1/sqrt(d) (the lookup is multiplied by sqrt(d): unit-scale inputs);
+  Llama's input and output tables: 1/sqrt(d) (unscaled logits of unit-RMS hidden states);
   PaLM's: std 1 (logits divided by sqrt(d)).  Norm scales: 0 under Gemma's (1 + scale) offset,
   1 otherwise; both make every norm the identity scale at step 0."""
   cfg = model_config.PRESETS[preset]()
   params = models.init(cfg, jax.random.PRNGKey(0))
-  embedding = np.asarray(params["embedder"]["embedding"], np.float64)
-  expected = cfg.d_model ** -0.5 if cfg.family == "gemma2" else 1.0
-  assert abs(embedding.std() / expected - 1) <= 6.0 / math.sqrt(2 * embedding.size)
-  effective_scales = [np.asarray(v) + (1.0 if cfg.family == "gemma2" else 0.0)
+  expected = 1.0 if cfg.family == "palm" else cfg.d_model ** -0.5
+  tables = [params["embedder"]["embedding"]] + (
+      [] if cfg.tie_embeddings else [params["lm_head"]["embedding"]])
+  for table in tables:
+    table = np.asarray(table, np.float64)
+    assert abs(table.std() / expected - 1) <= 6.0 / math.sqrt(2 * table.size)
+  effective_scales = [np.asarray(v) + (1.0 if cfg.norm_offset else 0.0)
                       for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
                       if path[-1].key == "scale"]
   assert effective_scales and all(np.all(s == 1.0) for s in effective_scales)

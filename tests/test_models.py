@@ -9,7 +9,7 @@ from maxnucl import models
 from maxnucl.layers.embeddings import Embedder
 from tolerances import decoder_terms, gradient_terms, magnitude, rounding_atol
 
-FAMILIES = ["gemma2_tiny", "palm_tiny"]
+FAMILIES = ["gemma2_tiny", "gemma3_tiny", "llama_tiny", "palm_tiny"]
 
 
 def _setup(name, **overrides):
@@ -67,7 +67,7 @@ def test_explicit_positions_are_used(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_per_layer_widths_shape_params_and_zero_width_layer_has_no_ffn(name):
   widths = (256, 0, 128, 32)
-  cfg, params = _setup(name, ffn_widths=widths)
+  cfg, params = _setup(name, num_layers=4, ffn_widths=widths)
   for i, width in enumerate(widths):
     layer = params[f"layers_{i}"]
     if width == 0:
@@ -148,7 +148,7 @@ def test_palm_param_counts_near_published(name, billions):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_param_count_equals_initialised_sizes(name):
-  cfg, params = _setup(name, ffn_widths=(64, 0, 32, 16))
+  cfg, params = _setup(name, num_layers=4, ffn_widths=(64, 0, 32, 16))
   assert models.param_count(cfg)["total"] == sum(x.size for x in jax.tree.leaves(params))
 
 
@@ -257,3 +257,28 @@ def test_tokens_must_be_two_dimensional():
   cfg, params = _setup("gemma2_tiny")
   with pytest.raises(ValueError, match=r"\[batch, length\]"):
     models.apply(cfg, params, np.arange(5))
+
+
+# Parameter totals as published (docs/models.md gives each source): the safetensors totals of the
+# Hugging Face releases, and the Gemma 3 technical report's non-embedding counts (Table 1, in
+# millions) for the Gemma-3 text decoders.
+PUBLISHED_TOTALS = {
+    "smollm2_135m": 134_515_008, "smollm2_360m": 361_821_120, "smollm2_1_7b": 1_711_376_384,
+    "llama2_7b": 6_738_415_616, "llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496,
+    "mistral_7b": 7_241_732_096, "qwen2_7b": 7_615_616_512, "gemma3_270m": 268_098_176,
+    "gemma3_1b": 999_885_952,
+}
+GEMMA3_REPORT_NON_EMBEDDING_MILLIONS = {"gemma3_1b": 698, "gemma3_4b": 3_209,
+                                        "gemma3_12b": 10_759, "gemma3_27b": 25_600}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_TOTALS))
+def test_param_count_equals_the_published_total(preset):
+  assert models.param_count(models.get_config(preset))["total"] == PUBLISHED_TOTALS[preset]
+
+
+@pytest.mark.parametrize("preset", sorted(GEMMA3_REPORT_NON_EMBEDDING_MILLIONS))
+def test_gemma3_non_embedding_count_rounds_to_the_report(preset):
+  counts = models.param_count(models.get_config(preset))
+  millions = (counts["total"] - counts["embedding"]) / 1e6
+  assert round(millions) == GEMMA3_REPORT_NON_EMBEDDING_MILLIONS[preset], millions

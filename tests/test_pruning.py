@@ -79,7 +79,8 @@ def _zero_removed(params, report):
   zeroed = jax.tree.map(np.array, params)
   for layer in report["layers"]:
     removed = np.setdiff1d(np.arange(layer["width_before"]), layer["kept"])
-    zeroed[layer["name"]]["mlp"]["out"][removed] = 0.0
+    if removed.size:  # a layer of width 0 has no mlp
+      zeroed[layer["name"]]["mlp"]["out"][removed] = 0.0
   return zeroed
 
 
@@ -785,3 +786,34 @@ def test_report_counts_the_examples_actually_used_not_the_requested_cap(tmp_path
   assert report["perplexity"]["examples_requested"] == 1000
   assert report["calibration"]["examples"] == 5
   assert report["perplexity"]["before"]["tokens"] == sum(n - 1 for n in (12, 30, 7, 20, 9))
+
+
+# ---- every family -------------------------------------------------------------------------------
+
+OTHER_FAMILIES = {
+    # untied lm_head and Qwen2's q/k/v biases (non-FFN arrays the pruner copies unchanged), and a
+    # layer already at width 0 (no FFN, no pre_ffw_norm)
+    "llama_untied_biases": models.get_config("llama_tiny", qkv_bias=True,
+                                             ffn_widths=(256, 0, 256, 256)),
+    # QK-norms, four FFN-branch norms, one 5:1 local/global period
+    "gemma3": models.get_config("gemma3_tiny", ffn_widths=(256, 0, 256, 256, 256, 256)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+@pytest.mark.parametrize("method", ["entropy", "flap"])
+def test_other_families_prune_to_the_zeroed_model(family, method, tmp_path):
+  """A Llama-family or Gemma-3 checkpoint, one layer of it without FFN, prunes as Gemma-2's
+  does: the pruned model equals the full one with the removed rows of W zeroed."""
+  cfg = OTHER_FAMILIES[family]
+  params = random_params(cfg, 1)
+  checkpoints.save(tmp_path / "in", cfg, params)
+  calibration = synthetic_batches if METHODS[method].needs_calibration else None
+  report = prune_ffn_neurons(tmp_path / "in", tmp_path / "out", method=method, ratio=0.25,
+                             calibration=calibration)
+  pruned_cfg, pruned = checkpoints.load(tmp_path / "out")
+  assert pruned_cfg.ffn_widths == tuple(w - w // 4 for w in cfg.layer_ffn_widths)
+  assert not {"mlp", "pre_ffw_norm", "post_ffw_norm"} & set(pruned["layers_1"])
+  expected = _logits(cfg, _zero_removed(params, report))
+  atol = rounding_atol(magnitude(expected), decoder_terms(cfg, SEQ))
+  np.testing.assert_allclose(_logits(pruned_cfg, pruned), expected, rtol=0, atol=atol)

@@ -23,6 +23,11 @@ CASES = {
     "gemma2_per_layer_widths": ("gemma2_tiny", {
         "num_layers": 10, "ffn_widths": (256, 256, 256, 256, 128, 0, 64, 64, 64, 64)}),
     "palm_4_layers": ("palm_tiny", {}),
+    # one 6-layer group (5 local : 1 global) scanned over 2 periods, then a 1-layer remainder
+    "gemma3_13_layers": ("gemma3_tiny", {"num_layers": 13}),
+    # runs (0)(1) | singleton (2) without FFN or pre_ffw_norm | run (3)(4)
+    "llama_per_layer_widths_biases": ("llama_tiny", {
+        "num_layers": 5, "ffn_widths": (256, 256, 0, 96, 96), "qkv_bias": True}),
     # run (0)(1) | singleton (2) without FFN | run (3)(4)(5) | singleton (6)
     "palm_per_layer_widths_save_dots": ("palm_tiny", {
         "num_layers": 7, "ffn_widths": (256, 256, 0, 96, 96, 96, 32),
