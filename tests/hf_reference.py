@@ -4,6 +4,7 @@ import numpy as np
 import torch
 import transformers
 
+from maxnucl import ffn
 from maxnucl.conversion import hf_gemma2
 
 TINY_HF_CONFIG = dict(
@@ -43,3 +44,19 @@ def maxnucl_from_hf(model):
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def with_ffn_widths(cfg, params, widths):
+  """cfg and params with layer i's FFN cut to its first widths[i] neurons (columns of U, V, rows
+  of W); a layer of width 0 loses its FFN and FFN norms, as the pruner leaves it."""
+  params = {name: dict(node) for name, node in params.items()}
+  for i, width in enumerate(widths):
+    layer = params[ffn.layer_name(i)]
+    if width:
+      mlp = layer["mlp"]
+      layer["mlp"] = {ffn.GATE: mlp[ffn.GATE][:, :width], ffn.UP: mlp[ffn.UP][:, :width],
+                      ffn.OUT: mlp[ffn.OUT][:width]}
+    else:
+      for name in ("mlp", "pre_ffw_norm", "post_ffw_norm"):  # Llama's has no post_ffw_norm
+        layer.pop(name, None)
+  return cfg.replace(ffn_widths=tuple(widths)), params

@@ -154,7 +154,8 @@ def test_stored_lm_head_must_equal_embedding(hf_dir, tmp_path):
 
 
 def test_9b_shaped_config_with_224_uses_256(tmp_path, caplog):
-  shape = dict(hidden_size=3584, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+  shape = dict(model_type="gemma2", hidden_size=3584, num_attention_heads=16,
+               num_key_value_heads=8, head_dim=256,
                num_hidden_layers=2, intermediate_size=14336, vocab_size=256000,
                sliding_window=4096)
   (tmp_path / "old").mkdir()

@@ -16,31 +16,16 @@ import pytest
 import torch
 import transformers
 
-from maxnucl import checkpoints, ffn, models
+from maxnucl import checkpoints, models
 from maxnucl.conversion import cli, convert, hf_custom_code, hf_gemma2, hf_io
 from maxnucl.conversion import inspect as inspect_lib
-from hf_reference import TINY_HF_CONFIG, hf_logits, maxnucl_from_hf, tiny_hf_gemma2
+from hf_reference import (TINY_HF_CONFIG, hf_logits, maxnucl_from_hf, tiny_hf_gemma2,
+                          with_ffn_widths)
 from tolerances import decoder_terms, magnitude, rounding_atol
 
 REPO = pathlib.Path(__file__).absolute().parents[1]
 WIDTHS = (96, 40, 0, 64)  # unequal, one FFN-less layer; the widest is the unpruned 96
 TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 16))  # longer than the window (6)
-
-
-def _with_ffn_widths(cfg, params, widths):
-  """cfg and params with layer i's FFN cut to its first widths[i] neurons (columns of U, V, rows
-  of W); a layer of width 0 loses its FFN and FFN norms, as the pruner leaves it."""
-  params = {name: dict(node) for name, node in params.items()}
-  for i, width in enumerate(widths):
-    layer = params[ffn.layer_name(i)]
-    if width:
-      mlp = layer["mlp"]
-      layer["mlp"] = {ffn.GATE: mlp[ffn.GATE][:, :width], ffn.UP: mlp[ffn.UP][:, :width],
-                      ffn.OUT: mlp[ffn.OUT][:width]}
-    else:
-      for name in ("mlp", "pre_ffw_norm", "post_ffw_norm"):
-        del layer[name]
-  return cfg.replace(ffn_widths=tuple(widths)), params
 
 
 def _logit_atol(cfg, *logits):
@@ -52,7 +37,7 @@ def _logit_atol(cfg, *logits):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
   """(checkpoint path, cfg, float32 maxnucl logits of TOKENS) of the tiny model cut to WIDTHS."""
-  cfg, params = _with_ffn_widths(*maxnucl_from_hf(tiny_hf_gemma2(seed=3)), WIDTHS)
+  cfg, params = with_ffn_widths(*maxnucl_from_hf(tiny_hf_gemma2(seed=3)), WIDTHS)
   path = tmp_path_factory.mktemp("pruned") / "ckpt"
   checkpoints.save(path, cfg, params)
   cfg, params = checkpoints.load(path, dtype="float32")

@@ -1,4 +1,4 @@
-"""Convert Gemma-2 checkpoints between Hugging Face, DeepMind `gemma` and maxnucl; inspect them.
+"""Convert checkpoints between Hugging Face, DeepMind `gemma`, GGUF and maxnucl; inspect them.
 
   maxnucl-convert hf-to-maxnucl --input HF_DIR --output CKPT [--dtype bfloat16]
   maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR [--vocab tokenizer.model]
@@ -32,7 +32,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from maxnucl import checkpoints, models, outputs, paths  # noqa: E402
-from maxnucl.conversion import convert, hf_gemma2, hf_io  # noqa: E402
+from maxnucl.conversion import convert, hf_format, hf_io  # noqa: E402
 from maxnucl.conversion import gguf_import  # noqa: E402
 from maxnucl.conversion import inspect as inspect_lib  # noqa: E402
 
@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output (default: refuse)")
     return p
 
-  p = conversion("hf-to-maxnucl", "Hugging Face Gemma-2 (config.json + safetensors, single or "
-                 "sharded) -> maxnucl checkpoint", "Hugging Face model directory",
+  p = conversion("hf-to-maxnucl", "Hugging Face Gemma2ForCausalLM, Gemma3ForCausalLM, "
+                 "LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM (config.json + "
+                 "safetensors, single or sharded; detected from config.json) -> maxnucl "
+                 "checkpoint", "Hugging Face model directory",
                  "maxnucl checkpoint directory to create")
   p.add_argument("--dtype", choices=convert.DTYPES,
                  help="stored dtype of the output (default: as the input's embedding)")
@@ -147,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "see docs/conversion.md)")
   p.set_defaults(fn=hf_to_maxnucl)
 
-  p = conversion("maxnucl-to-hf", "maxnucl Gemma-2 checkpoint -> Hugging Face directory "
-                 "(config.json + sharded safetensors, and the tokenizer) for "
-                 "transformers.Gemma2ForCausalLM and AutoTokenizer",
+  p = conversion("maxnucl-to-hf", "maxnucl checkpoint -> Hugging Face directory "
+                 "(config.json + sharded safetensors, and the tokenizer) for transformers' "
+                 "Gemma2/Gemma3/Qwen2/Mistral/LlamaForCausalLM and AutoTokenizer",
                  "maxnucl checkpoint directory, or a training workdir (its latest step)",
                  "Hugging Face directory to create")
   p.add_argument("--vocab", default=None,
@@ -162,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "tokenizer the checkpoint carries, else none)")
   p.add_argument("--max_shard_size", type=_parse_size, default=convert.DEFAULT_MAX_SHARD_BYTES,
                  help="largest safetensors shard, e.g. 5GB, 500MB, 1GiB (default 5GiB)")
-  p.add_argument("--ffn_widths_export", choices=list(hf_gemma2.FFN_WIDTHS_EXPORTS),
+  p.add_argument("--ffn_widths_export", choices=list(hf_format.FFN_WIDTHS_EXPORTS),
                  default="refuse",
                  help="a model whose layers' FFN widths differ or include 0 (pruned): refuse "
                       "it (default); pad every layer with zero neurons to the widest width (a "
-                      "plain Gemma2ForCausalLM, same function); or custom_code: each layer at "
-                      "its width, with model code in the directory (load with "
+                      "plain model of its architecture, same function); or custom_code: each "
+                      "layer at its width, with model code in the directory (load with "
                       "trust_remote_code=True)")
   p.set_defaults(fn=maxnucl_to_hf)
 

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from maxnucl import checkpoints, models, outputs, paths
-from maxnucl.conversion import deepmind_gemma, hf_gemma2, hf_io, hf_tokenizer
+from maxnucl.conversion import deepmind_gemma, hf_architectures, hf_format, hf_io, hf_tokenizer
 from maxnucl.data import vocabularies
 from maxnucl.models.config import ModelConfig
 
@@ -58,7 +58,8 @@ class ConversionError(ValueError):
 
 def read_hf_config(hf_dir: str | os.PathLike, *, keep_query_pre_attn_scalar: bool = False
                    ) -> tuple[ModelConfig, dict[str, Any]]:
-  """(ModelConfig, the config.json dict) of a Hugging Face Gemma-2 directory.
+  """(ModelConfig, the config.json dict) of a Hugging Face directory of one of the architectures
+  in `hf_architectures` (detected from config.json's architectures / model_type).
 
   A 9b-shaped config (hidden 3584, 16 query / 8 kv heads, head_dim 256; any depth) with
   query_pre_attn_scalar 224 was written by an older converter: it is corrected to 256 with a
@@ -78,23 +79,27 @@ def read_hf_config(hf_dir: str | os.PathLike, *, keep_query_pre_attn_scalar: boo
                 path, _OLD_9B_SCALAR, _GEMMA2_9B_SCALAR)
     hf = {**hf, "query_pre_attn_scalar": _GEMMA2_9B_SCALAR}
   try:
-    return hf_gemma2.config_from_hf(hf, name=paths.as_path(hf_dir).name), hf
+    spec = hf_architectures.detect(hf)
+    return spec.config_from_hf(hf, paths.as_path(hf_dir).name), hf
   except (KeyError, ValueError) as e:
-    raise ConversionError(f"{path}: {e.args[0] if e.args else e}") from None
+    message = str(e.args[0] if e.args else e)
+    raise ConversionError(f"{path}: {message.removeprefix('config.json: ')}") from None
 
 
 def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
                   dtype: Optional[str] = None, overwrite: bool = False,
                   keep_query_pre_attn_scalar: bool = False) -> ModelConfig:
-  """Convert a Hugging Face Gemma-2 directory (config.json + safetensors) to a maxnucl checkpoint.
+  """Convert a Hugging Face directory (config.json + safetensors) of Gemma-2, Gemma-3 (text),
+  Llama, Mistral or Qwen2 (`hf_architectures`) to a maxnucl checkpoint.
 
   dtype: stored dtype of the output ("float32" / "bfloat16"); default: the embedding's dtype.
   """
   outputs.check_output_path(output, {"Hugging Face input directory": hf_dir},
                             overwrite=overwrite)
-  cfg, _ = read_hf_config(hf_dir, keep_query_pre_attn_scalar=keep_query_pre_attn_scalar)
+  cfg, hf = read_hf_config(hf_dir, keep_query_pre_attn_scalar=keep_query_pre_attn_scalar)
   reader = _guard(lambda: hf_io.SafetensorsReader(hf_dir))
-  mapping = hf_gemma2.tensor_map(cfg)
+  spec = hf_architectures.detect(hf)
+  mapping = spec.tensor_map(cfg)
   expected = {hf_name: _shape_after(to_hf, shape, cfg)
               for (path, (hf_name, _, to_hf)), shape in zip(
                   mapping.items(), _maxnucl_shapes(cfg, mapping))}
@@ -103,14 +108,15 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
       raise ConversionError(f"{hf_dir}: tensor {name} is missing (expected shape {shape}; "
                             f"files: {sorted({p.name for p, *_ in reader.entries.values()})})")
     _check_tensor(name, reader.file(name), reader.shape(name), shape, reader.dtype(name))
-  unexpected = sorted(set(reader.names()) - set(expected) - {LM_HEAD})
+  unexpected = sorted(set(reader.names()) - set(expected) - ({LM_HEAD} if cfg.tie_embeddings
+                                                              else set()))
   if unexpected:
     raise ConversionError(
         f"{reader.file(unexpected[0])}: unexpected tensor(s) {unexpected[:5]}"
-        f"{' ...' if len(unexpected) > 5 else ''}, not part of the Gemma-2 model described by "
-        f"config.json")
+        f"{' ...' if len(unexpected) > 5 else ''}, not part of the {spec.architecture} model "
+        f"described by config.json")
   embedding = mapping[("embedder", "embedding")][0]
-  if LM_HEAD in reader:
+  if cfg.tie_embeddings and LM_HEAD in reader:
     _check_tied(reader, embedding)
   dtype = dtype or reader.dtype(embedding).name
   _check_dtype(dtype)
@@ -125,17 +131,17 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
 
 
 def _check_tied(reader: hf_io.SafetensorsReader, embedding: str, rows: int = 8192) -> None:
-  """lm_head.weight, when stored, must equal the embedding (Gemma-2 ties them)."""
+  """lm_head.weight, when stored, must equal the embedding (config.json ties them)."""
   head, table = reader.get(LM_HEAD), reader.get(embedding)
   if head.shape != table.shape:
     raise ConversionError(f"{reader.file(LM_HEAD)}: tensor {LM_HEAD} has shape {head.shape}, "
-                          f"but Gemma-2 ties it to {embedding} {table.shape}")
+                          f"but config.json ties it to {embedding} {table.shape}")
   for start in range(0, head.shape[0], rows):  # block by block: both may be large
     if not np.array_equal(head[start:start + rows], table[start:start + rows]):
       raise ConversionError(
           f"{reader.file(LM_HEAD)}: tensor {LM_HEAD} differs from {embedding} (first differing "
-          f"rows from {start}); Gemma-2 ties the output projection to the embedding, so an "
-          f"untied lm_head cannot be represented")
+          f"rows from {start}); config.json ties the output projection to the embedding "
+          f"(tie_word_embeddings), so an untied lm_head cannot be represented")
 
 
 # ---- maxnucl -> Hugging Face ----------------------------------------------------------------------
@@ -144,18 +150,20 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                   ffn_widths_export: str = "refuse", vocab: Optional[str] = None
                   ) -> list[paths.Path]:
-  """Write a maxnucl Gemma-2 checkpoint as a Hugging Face directory (config.json + safetensors).
+  """Write a maxnucl checkpoint as a Hugging Face directory (config.json + safetensors) of the
+  architecture that holds it (`hf_architectures.for_model`: Gemma-2, Gemma-3, Qwen2, Mistral or
+  Llama).
 
   ckpt: a checkpoint or a training workdir (its latest step, `checkpoints.resolve`).
   vocab: the model's vocabulary, 'byte' or a SentencePiece model file: its Hugging Face
   tokenizer files are written too (`hf_tokenizer.tokenizer_files`; AutoTokenizer then encodes as
   maxnucl's tokenizer does); None: no tokenizer.
   ffn_widths_export: how a model whose layers' FFN widths differ (or include 0, a pruned model)
-  is written, `hf_gemma2.FFN_WIDTHS_EXPORTS`: "refuse" (the default: an error naming the other
-  two), "pad" (every layer zero-padded to the widest width: a plain Gemma2ForCausalLM computing
-  the same function) or "custom_code" (each layer at its width, with model code in the directory:
+  is written, `hf_format.FFN_WIDTHS_EXPORTS`: "refuse" (the default: an error naming the other
+  two), "pad" (every layer zero-padded to the widest width: a plain model of the architecture,
+  computing the same function) or "custom_code" (each layer at its width, with model code in the directory:
   AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)).  A model whose layers share
-  one nonzero width is a plain Gemma-2 in every mode.  Returns the safetensors files written.
+  one nonzero width is a plain model in every mode.  Returns the safetensors files written.
   """
   output = outputs.check_output_path(output, maxnucl_to_hf_inputs(ckpt, vocab),
                                      overwrite=overwrite)
@@ -169,10 +177,12 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
                           f"for every tensor")
   (dtype,) = dtypes
   try:
-    export = hf_gemma2.hf_export(cfg, torch_dtype=dtype, ffn_widths_export=ffn_widths_export)
+    spec = hf_architectures.for_model(cfg)
+    export = hf_format.hf_export(spec, cfg, torch_dtype=dtype,
+                                 ffn_widths_export=ffn_widths_export)
   except ValueError as e:
     raise ConversionError(f"{ckpt}: {e}") from None
-  mapping = hf_gemma2.tensor_map(cfg)
+  mapping = spec.tensor_map(cfg)
   sources = {}  # HF name -> (maxnucl path, its shape in HF layout)
   for (path, (hf_name, _, to_hf)), shape in zip(mapping.items(), _maxnucl_shapes(cfg, mapping)):
     if path not in stored:
@@ -188,7 +198,7 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
   # The tensors written are those of export.cfg: the checkpoint's own, or, zero-padded, wider
   # FFN tensors and those of FFN-less layers ("pad").
   np_dtype = np.dtype(checkpoints.NP_DTYPES[dtype])
-  written = hf_gemma2.tensor_map(export.cfg)
+  written = spec.tensor_map(export.cfg)
   specs = [(hf_name, _shape_after(to_hf, shape, export.cfg), np_dtype)
            for (hf_name, _, to_hf), shape in zip(written.values(),
                                                  _maxnucl_shapes(export.cfg, written))]
@@ -198,7 +208,7 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
     if hf_name not in sources:  # "pad": a tensor of a layer without FFN
       return np.zeros(shapes[hf_name], np_dtype)
     path, shape = sources[hf_name]
-    array = checkpoints.read_array(ckpt, path, axes=hf_gemma2.hf_axes(path)).reshape(shape)
+    array = checkpoints.read_array(ckpt, path, axes=hf_format.hf_axes(path)).reshape(shape)
     return _zero_padded(array, shapes[hf_name])
 
   # hf_io asks for the tensors in `specs` order; the next ones are read (and transposed) in a

@@ -1,6 +1,7 @@
 """What a checkpoint holds: arrays, parameter counts, FFN widths, outgoing-connection entropy.
 
-Works on a maxnucl checkpoint or a Hugging Face Gemma-2 directory and reads one tensor at a time.
+Works on a maxnucl checkpoint or a Hugging Face directory of any architecture in
+`hf_architectures`, and reads one tensor at a time.
 
 Outgoing-connection entropy of FFN neuron j (the NUCL paper's statistic): with W = the layer's
 outgoing matrix `layers_i/mlp/out` [m, d] (HF: `down_proj.weight` transposed),
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from maxnucl import checkpoints, ffn, models, paths
-from maxnucl.conversion import hf_gemma2, hf_io
+from maxnucl.conversion import hf_architectures, hf_io
 
 _BLOCK_ELEMENTS = 1 << 24  # rows of W per entropy block: about this many elements
 
@@ -50,7 +51,7 @@ def _row_blocks(w: np.ndarray, transpose: bool = False) -> Iterator[np.ndarray]:
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   """A JSON-able summary of a maxnucl checkpoint (or a training workdir's latest one,
-  `checkpoints.resolve`) or a Hugging Face Gemma-2 directory."""
+  `checkpoints.resolve`) or a Hugging Face directory."""
   path = paths.as_path(path)
   if (path / checkpoints.MODEL_CONFIG).is_dir():
     return _inspect_maxnucl(path)
@@ -88,11 +89,11 @@ def _inspect_maxnucl(path: paths.Path) -> dict[str, Any]:
 
 def _inspect_hf(path: paths.Path) -> dict[str, Any]:
   from maxnucl.conversion import convert  # late: convert imports this package's siblings
-  cfg, _ = convert.read_hf_config(path)
+  cfg, hf = convert.read_hf_config(path)
   reader = hf_io.SafetensorsReader(path)
   arrays = [{"name": n, "shape": list(reader.shape(n)), "dtype": reader.dtype(n).name,
              "file": reader.file(n).name} for n in reader.names()]
-  mapping = hf_gemma2.tensor_map(cfg)
+  mapping = hf_architectures.detect(hf).tensor_map(cfg)
   entropy = []
   for i, width in enumerate(cfg.layer_ffn_widths):
     if not width:  # a custom_code export's FFN-less layer: no down_proj
