@@ -46,6 +46,7 @@ BAD_ARGUMENTS = {
     "tpu_plan.py": (["--runs=no_such_run.gin"], "no_such_run.gin"),
     "train_throughput.py": (["--overrides", "[2]"], "--overrides '[2]'"),  # not a JSON object
     "gpu_session.sh": (["c"], "a|b|smoke"),  # not a part
+    "gguf_conversion.py": (["--runs", "0"], "--runs"),
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 

