@@ -47,6 +47,7 @@ BAD_ARGUMENTS = {
     "train_throughput.py": (["--overrides", "[2]"], "--overrides '[2]'"),  # not a JSON object
     "gpu_session.sh": (["c"], "a|b|smoke"),  # not a part
     "gguf_conversion.py": (["--runs", "0"], "--runs"),
+    "smollm2_speed.py": (["--gguf", "x.gguf", "--new_tokens", "1"], "--new_tokens"),
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 
