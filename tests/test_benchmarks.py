@@ -48,6 +48,7 @@ BAD_ARGUMENTS = {
     "gpu_session.sh": (["c"], "a|b|smoke"),  # not a part
     "gguf_conversion.py": (["--runs", "0"], "--runs"),
     "smollm2_speed.py": (["--gguf", "x.gguf", "--new_tokens", "1"], "--new_tokens"),
+    "real_model_quickstart.py": (["--json", "/nonexistent/dir/x.json"], "--json"),
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 

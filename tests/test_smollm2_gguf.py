@@ -78,3 +78,24 @@ def test_greedy_continuations_equal_transformers_generate(reference, converted):
     theirs = out[0, len(prompt):].tolist()
     assert len(new) == len(theirs) == NEW_TOKENS and cfg.eos_id not in new
     assert new == theirs, (tokenizer.decode(new), tokenizer.decode(theirs))
+
+
+def test_generate_chat_answers_as_transformers_chat_does(reference, smollm2_checkpoint, capsys):
+  """`python -m maxnucl.generate --chat` on the converted checkpoint (its own tokenizer and chat
+  template, no flag) prints the reply transformers gives to the same chat, and the reply is
+  right."""
+  from maxnucl import generate  # pylint: disable=import-outside-toplevel
+  question = "What is the capital of France?"
+  assert generate.main(["--checkpoint", str(smollm2_checkpoint), "--chat", "--prompt", question,
+                        "--max_new_tokens", "32"]) == 0
+  printed = capsys.readouterr().out
+  model, tokenizer = reference
+  prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)
+  with torch.no_grad():
+    out = model.generate(**prompt, do_sample=False, max_new_tokens=32,
+                         pad_token_id=tokenizer.pad_token_id)
+  expected = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+  assert expected.strip() in printed
+  assert "Paris" in expected
