@@ -111,3 +111,30 @@ def test_params_can_be_created_directly_sharded():
   reference = models.init(cfg, jax.random.PRNGKey(0))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family_cfg", [
+    # untied lm_head, Qwen2's q/k/v biases sharded with their heads, GQA
+    dict(name="llama_tiny", qkv_bias=True, num_kv_heads=2),
+    # QK-norms over the (unsharded) head dimension, local and global layers
+    dict(name="gemma3_tiny", num_kv_heads=2),
+])
+def test_llama_and_gemma3_sharded_forward_equals_unsharded(family_cfg):
+  """The new families' extra params (lm_head, biases, QK-norm scales) declare logical axes that
+  shard on every mesh axis at once, and the sharded forward is the same function."""
+  overrides = dict(family_cfg)
+  cfg = models.get_config(overrides.pop("name"), num_heads=8, head_dim=8, **overrides)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  rng = np.random.RandomState(1)
+  tokens = rng.randint(3, cfg.vocab_size, (8, 24)).astype(np.int32)
+  segment_ids = np.ones_like(tokens)
+  reference = np.asarray(models.apply(cfg, params, tokens, segment_ids))
+  sharded_params, logits = _sharded_logits(cfg, params, tokens, segment_ids, (2, 2, 2))
+  np.testing.assert_allclose(np.asarray(logits), reference, rtol=0, atol=rounding_atol(
+      magnitude(reference), decoder_terms(cfg, tokens.shape[1])))
+  if not cfg.tie_embeddings:
+    assert sharded_params["lm_head"]["embedding"].sharding.spec == PartitionSpec("tensor",
+                                                                                 "fsdp")
+  if cfg.qkv_bias:
+    assert sharded_params["layers_0"]["attn"]["q_bias"].sharding.spec == PartitionSpec(
+        "tensor", None)
