@@ -58,15 +58,21 @@ def test_run_file_binds_the_paper_recipe(size, task):
   assert query("create_mesh.shape") == (1, -1, 1)
 
 
-def test_run_file_fine_tunes_a_checkpoint(tmp_path, offline_data):
-  """gin/gemma2_2b_gsm8k.gin with only the model shrunk, the data pointed at the fixture files and
-  the checkpoint at a tiny saved one: the run starts from exactly the checkpoint's params (the
-  warm-up's first learning rate is 0, so after step 1 they are unchanged) and its first loss is
-  the checkpoint's loss on the first batch."""
-  tiny = models.get_config("gemma2_tiny", num_layers=2, ffn_widths=(24, 0))
+@pytest.mark.parametrize("preset, overrides", [
+    ("gemma2_tiny", {}),
+    # a Llama-family checkpoint (untied lm_head, Qwen2's biases) and a Gemma-3 one (QK-norm)
+    ("llama_tiny", {"qkv_bias": True}),
+    ("gemma3_tiny", {}),
+])
+def test_run_file_fine_tunes_a_checkpoint(tmp_path, offline_data, preset, overrides):
+  """gin/gemma2_2b_gsm8k.gin (NUCL) with only the model shrunk, the data pointed at the fixture
+  files and the checkpoint at a tiny saved one of any family: the run starts from exactly the
+  checkpoint's params (the warm-up's first learning rate is 0, so after step 1 they are
+  unchanged) and its first loss is the checkpoint's loss on the first batch."""
+  tiny = models.get_config(preset, num_layers=2, ffn_widths=(24, 0), **overrides)
   params = models.init(tiny, jax.random.PRNGKey(7))
   checkpoints.save(tmp_path / "init", tiny, params)
-  bindings = ["model_config.preset = 'gemma2_tiny'", "model_config.num_layers = 2",
+  bindings = [f"model_config.preset = '{preset}'", "model_config.num_layers = 2",
               "model_config.dtype = 'float32'", "model_config.dropout_rate = 0.0",
               f"GEMMA2_CHECKPOINT = '{tmp_path / 'init'}'", "DATA_VOCAB = 'byte'",
               "DATA_SEQ_LEN = 64", "DATA_BATCH_SIZE = 4", "train_loop.num_steps = 1",
