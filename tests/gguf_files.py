@@ -59,15 +59,21 @@ SHAPES = {
 
 def k_quant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
   """Random blocks of a K-quant type (uint8 [rows, bytes]) with small positive f16 scales in
-  the fields that hold them (ggml's block_q4_K / q5_K: d, dmin first; q6_K: d last)."""
+  the fields that hold them (ggml's block_q4_K / q5_K: d, dmin first; q6_K: d last), chosen so
+  the dequantised weights stay within about +-0.2, the scale of the other types' N(0, 0.1)
+  values: a weight is d x (6-bit sub-scale <= 63) x (quant <= 31) - dmin x (sub-min <= 63)
+  (Q6_K: d x (int8 sub-scale <= 127) x (quant in -32..31)).  Larger weights make the model's
+  intermediate values ~1e5 and its logits ill-conditioned (float32 rounding of those values,
+  amplified by the next norm, moves a logit by 0.1), which no rounding bound relative to the
+  logits covers."""
   block, size = gguf.GGML_QUANT_SIZES[qtype]
   raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
   if qtype == Q.Q6_K:
-    raw[..., size - 2:] = np.float16(2e-4 * (1 + rng.random(raw.shape[:2]))).view(np.uint8).reshape(
-        *raw.shape[:2], 2)
+    raw[..., size - 2:] = np.float16(2.5e-5 * (1 + rng.random(raw.shape[:2]))).view(
+        np.uint8).reshape(*raw.shape[:2], 2)
   else:
-    scales = np.stack([np.float16(4e-3 * (1 + rng.random(raw.shape[:2]))),
-                       np.float16(2e-3 * rng.random(raw.shape[:2]))], axis=-1)
+    scales = np.stack([np.float16(1e-4 * (1 + rng.random(raw.shape[:2]))),
+                       np.float16(1e-3 * rng.random(raw.shape[:2]))], axis=-1)
     raw[..., :4] = scales.view(np.uint8).reshape(*raw.shape[:2], 4)
   return raw.reshape(rows, -1)
 
