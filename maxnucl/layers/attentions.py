@@ -246,35 +246,9 @@ class Attention(nn.Module):
       prefill=False  x is one new token per row [B, 1] at `positions`: it is written into the
                      cache, then attends over the cache.
     """
-    d = x.shape[-1]
     n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
-    init = fan_in_normal((0,))
-    w_q = param_with_axes(self, "q", init, (d, n, h), self.param_dtype, ("embed", "heads", "kv"))
-    w_k = param_with_axes(self, "k", init, (d, kv, h), self.param_dtype,
-                          ("embed", "kv_heads", "kv"))
-    w_v = param_with_axes(self, "v", init, (d, kv, h), self.param_dtype,
-                          ("embed", "kv_heads", "kv"))
-    w_o = param_with_axes(self, "o", fan_in_normal((0, 1)), (n, h, d), self.param_dtype,
-                          ("heads", "kv", "embed"))
-    q = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(self.dtype))
-    k = jnp.einsum("BSD,DKH->BSKH", x, w_k.astype(self.dtype))
-    v = jnp.einsum("BSD,DKH->BSKH", x, w_v.astype(self.dtype))
-    if self.qkv_bias:
-      zeros = nn.initializers.zeros
-      q = q + param_with_axes(self, "q_bias", zeros, (n, h), self.param_dtype,
-                              ("heads", "kv")).astype(self.dtype)
-      k = k + param_with_axes(self, "k_bias", zeros, (kv, h), self.param_dtype,
-                              ("kv_heads", "kv")).astype(self.dtype)
-      v = v + param_with_axes(self, "v_bias", zeros, (kv, h), self.param_dtype,
-                              ("kv_heads", "kv")).astype(self.dtype)
-    if self.qk_norm:
-      norm = dict(eps=self.norm_eps, offset_scale=self.norm_offset, param_dtype=self.param_dtype)
-      q = RMSNorm(**norm, name="query_norm")(q)
-      k = RMSNorm(**norm, name="key_norm")(k)
-    q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads",
-                               "activation_kv"))
-    q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
-    k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
+    w_q, w_k, w_v, w_o = self.kernels(x.shape[-1])
+    q, k, v = self.project(x, positions, w_q, w_k, w_v)
     groups = n // kv
     q = q.reshape(*q.shape[:2], kv, groups, h)
     if cache is None or prefill:
@@ -306,3 +280,40 @@ class Attention(nn.Module):
                                    "activation_kv"))
     out = jnp.einsum("BTNH,NHD->BTD", out, w_o.astype(self.dtype))
     return out if cache is None else (out, cache)
+
+  def kernels(self, d: int):
+    """The projections q [d, N, H], k, v [d, K, H], o [N, H, d], created in this order."""
+    n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
+    init = fan_in_normal((0,))
+    return (
+        param_with_axes(self, "q", init, (d, n, h), self.param_dtype, ("embed", "heads", "kv")),
+        param_with_axes(self, "k", init, (d, kv, h), self.param_dtype,
+                        ("embed", "kv_heads", "kv")),
+        param_with_axes(self, "v", init, (d, kv, h), self.param_dtype,
+                        ("embed", "kv_heads", "kv")),
+        param_with_axes(self, "o", fan_in_normal((0, 1)), (n, h, d), self.param_dtype,
+                        ("heads", "kv", "embed")))
+
+  def project(self, x, positions, w_q, w_k, w_v):
+    """x [B, T, d] -> q [B, T, N, H], k, v [B, T, K, H]: the projections, their biases
+    (qkv_bias), QK-norm (qk_norm) and RoPE on q and k."""
+    n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
+    q = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(self.dtype))
+    k = jnp.einsum("BSD,DKH->BSKH", x, w_k.astype(self.dtype))
+    v = jnp.einsum("BSD,DKH->BSKH", x, w_v.astype(self.dtype))
+    if self.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + param_with_axes(self, "q_bias", zeros, (n, h), self.param_dtype,
+                              ("heads", "kv")).astype(self.dtype)
+      k = k + param_with_axes(self, "k_bias", zeros, (kv, h), self.param_dtype,
+                              ("kv_heads", "kv")).astype(self.dtype)
+      v = v + param_with_axes(self, "v_bias", zeros, (kv, h), self.param_dtype,
+                              ("kv_heads", "kv")).astype(self.dtype)
+    if self.qk_norm:
+      norm = dict(eps=self.norm_eps, offset_scale=self.norm_offset, param_dtype=self.param_dtype)
+      q = RMSNorm(**norm, name="query_norm")(q)
+      k = RMSNorm(**norm, name="key_norm")(k)
+    q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads",
+                               "activation_kv"))
+    return (apply_rope(q, positions, self.rope_theta, self.rope_scaling),
+            apply_rope(k, positions, self.rope_theta, self.rope_scaling), v)
