@@ -431,20 +431,22 @@ def llama2_7b():
                 tie_embeddings=False, max_positions=4096, pad_id=0, eos_id=2, bos_id=1)
 
 
+def _llama3_1(name: str, **shape) -> ModelConfig:
+  # meta-llama/Llama-3.1-*: vocabulary 128256, RoPE base 500k with Llama-3.1's scaling, untied,
+  # <|begin_of_text|> 128000, <|end_of_text|> 128001, <|finetune_right_pad_id|> 128004.
+  return _llama(name, vocab_size=128_256, num_kv_heads=8, head_dim=128, rope_theta=500_000.0,
+                rope_scaling=LLAMA3_ROPE_SCALING, tie_embeddings=False, max_positions=131_072,
+                pad_id=128_004, eos_id=128_001, bos_id=128_000, **shape)
+
+
 @register_preset
 def llama3_1_8b():
-  return _llama("llama3_1_8b", vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32,
-                num_kv_heads=8, head_dim=128, ffn_dim=14336, rope_theta=500_000.0,
-                rope_scaling=LLAMA3_ROPE_SCALING, tie_embeddings=False, max_positions=131_072,
-                pad_id=128_004, eos_id=128_001, bos_id=128_000)
+  return _llama3_1("llama3_1_8b", d_model=4096, num_layers=32, num_heads=32, ffn_dim=14336)
 
 
 @register_preset
 def llama3_1_70b():
-  return _llama("llama3_1_70b", vocab_size=128_256, d_model=8192, num_layers=80, num_heads=64,
-                num_kv_heads=8, head_dim=128, ffn_dim=28672, rope_theta=500_000.0,
-                rope_scaling=LLAMA3_ROPE_SCALING, tie_embeddings=False, max_positions=131_072,
-                pad_id=128_004, eos_id=128_001, bos_id=128_000)
+  return _llama3_1("llama3_1_70b", d_model=8192, num_layers=80, num_heads=64, ffn_dim=28672)
 
 
 @register_preset
