@@ -182,18 +182,7 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
                                  ffn_widths_export=ffn_widths_export)
   except ValueError as e:
     raise ConversionError(f"{ckpt}: {e}") from None
-  mapping = spec.tensor_map(cfg)
-  sources = {}  # HF name -> (maxnucl path, its shape in HF layout)
-  for (path, (hf_name, _, to_hf)), shape in zip(mapping.items(), _maxnucl_shapes(cfg, mapping)):
-    if path not in stored:
-      raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} is missing")
-    if tuple(stored[path][0]) != shape:
-      raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} has shape "
-                            f"{tuple(stored[path][0])}, expected {shape} from the model config")
-    sources[hf_name] = (path, _shape_after(to_hf, shape, cfg))
-  unexpected = sorted("/".join(k) for k in stored if k not in mapping)
-  if unexpected:
-    raise ConversionError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} for model {cfg.name!r}")
+  sources = _export_sources(ckpt, cfg, spec, stored)
 
   # The tensors written are those of export.cfg: the checkpoint's own, or, zero-padded, wider
   # FFN tensors and those of FFN-less layers ("pad").
@@ -230,6 +219,24 @@ def maxnucl_to_hf(ckpt: str | os.PathLike, output: str | os.PathLike, *,
       (tmp / name).write_bytes(content)
     files = hf_io.write_sharded(tmp, specs, get_tensor, max_shard_bytes)
   return [output / f.name for f in files]
+
+
+def _export_sources(ckpt, cfg: ModelConfig, spec, stored: dict) -> dict[str, tuple]:
+  """HF name -> (maxnucl path, its shape in HF layout) of every tensor the architecture's map
+  names, each checked against the stored arrays (present, the config's shape; no other array)."""
+  mapping = spec.tensor_map(cfg)
+  sources = {}
+  for (path, (hf_name, _, to_hf)), shape in zip(mapping.items(), _maxnucl_shapes(cfg, mapping)):
+    if path not in stored:
+      raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} is missing")
+    if tuple(stored[path][0]) != shape:
+      raise ConversionError(f"{ckpt}: tensor {'/'.join(path)} has shape "
+                            f"{tuple(stored[path][0])}, expected {shape} from the model config")
+    sources[hf_name] = (path, _shape_after(to_hf, shape, cfg))
+  unexpected = sorted("/".join(k) for k in stored if k not in mapping)
+  if unexpected:
+    raise ConversionError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} for model {cfg.name!r}")
+  return sources
 
 
 def maxnucl_to_hf_inputs(ckpt: str | os.PathLike, vocab: Optional[str]) -> dict[str, Any]:
