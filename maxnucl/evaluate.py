@@ -1,4 +1,4 @@
-"""Evaluate a maxnucl checkpoint on GSM8K, MBPP, SuperGLUE or perplexity.
+"""Evaluate a maxnucl checkpoint on GSM8K, MBPP, HumanEval, SuperGLUE or perplexity.
 
     python -m maxnucl.evaluate --gin_file=gin/eval/gsm8k.gin --checkpoint=DIR --output=OUT \\
         [--gin_param="gsm8k.num_shots = 8"] [--limit 50] [--vocab tokenizer.model]
@@ -32,12 +32,14 @@ import gin
 from maxnucl import checkpoints, distributed, generate, gin_config, outputs, sharding
 from maxnucl.evaluation import core
 from maxnucl.evaluation.gsm8k import GSM8K
+from maxnucl.evaluation.humaneval import HumanEval
 from maxnucl.evaluation.mbpp import MBPP
 from maxnucl.evaluation.perplexity import Perplexity
 from maxnucl.evaluation.superglue import SuperGLUE
 
 # name -> benchmark class, each gin-configurable under the same name (`gsm8k.num_shots = 5`).
-BENCHMARKS = {"gsm8k": GSM8K, "mbpp": MBPP, "superglue": SuperGLUE, "perplexity": Perplexity}
+BENCHMARKS = {"gsm8k": GSM8K, "mbpp": MBPP, "humaneval": HumanEval, "superglue": SuperGLUE,
+              "perplexity": Perplexity}
 
 
 def get_benchmark(name: str) -> core.Benchmark:
@@ -118,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m maxnucl.evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin/eval/{gsm8k,mbpp,superglue,perplexity}.gin (repeatable)")
+                      help="gin/eval/{gsm8k,mbpp,humaneval,superglue,perplexity}.gin "
+                      "(repeatable)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding, e.g. \"gsm8k.num_shots = 8\" (repeatable)")
   parser.add_argument("--checkpoint", required=True,
