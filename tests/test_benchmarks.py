@@ -49,6 +49,7 @@ BAD_ARGUMENTS = {
     "gguf_conversion.py": (["--runs", "0"], "--runs"),
     "smollm2_speed.py": (["--gguf", "x.gguf", "--new_tokens", "1"], "--new_tokens"),
     "real_model_quickstart.py": (["--json", "/nonexistent/dir/x.json"], "--json"),
+    "humaneval_sandbox.py": (["--workers", "0"], "--workers"),
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 

@@ -329,6 +329,8 @@ COMMANDS_NOT_RUN = {
         "lm-eval downloads its tasks' data (tests/test_lm_eval.py runs it on local task files)",
     ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/mbpp.gin ..."):
         "arguments elided ('...'): docs/evaluation.md's MBPP command runs",
+    ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/humaneval.gin ..."):
+        "arguments elided ('...'): docs/evaluation.md's HumanEval commands run",
     ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/superglue.gin ..."):
         "arguments elided ('...'): docs/evaluation.md's SuperGLUE command runs",
     ("README.md", "python -m maxnucl.evaluate --gin_file=gin/eval/perplexity.gin ..."):
