@@ -159,6 +159,14 @@ def read_pytree_array(directory: str | os.PathLike, key_path: tuple[str, ...],
   return _read_leaf(_existing(directory), key_path, shape, dtype or stored_dtype, axes)
 
 
+def read_listed_array(path: str | os.PathLike, key_path: tuple[str, ...],
+                      stored: tuple[tuple[int, ...], str]) -> np.ndarray:
+  """`read_array` of a leaf whose (shape, dtype) the caller already has from `stored_arrays`:
+  the Orbax metadata (~0.15 s a read for a 30-layer model) is not read again."""
+  shape, dtype = stored
+  return _read_leaf(_existing(_checkpoint(path) / PARAMS), tuple(key_path), shape, dtype, None)
+
+
 def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
          rules: Optional[sharding.Rules] = None, dtype: Optional[str] = None
          ) -> tuple[ModelConfig, dict]:

@@ -67,7 +67,7 @@ class CheckpointReader:
     if key not in self.stored:
       raise checkpoints.CheckpointError(
           f"{self.path}: tensor {'/'.join(key)} is not stored in this checkpoint")
-    return checkpoints.read_array(self.path, key)
+    return checkpoints.read_listed_array(self.path, key, self.stored[key])
 
   def open_lazy(self, key: Key):
     """A read-only TensorStore view of one leaf (`checkpoints.open_array`: nothing read yet), or,

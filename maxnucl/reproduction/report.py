@@ -447,12 +447,15 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
                   _subsets_lines, _nucl_prune_lines, _from_scratch_lines, _diversity_lines,
                   _supernode_lines, _export_lines):
     lines += section(results, summary, config)
-  if figures:
-    lines += ["## Figures", ""]
-    lines += [f"![{name}]({path.relative_to(relative_to).as_posix()})"
-              for name, path in figures.items()]
-    lines.append("")
-  return "\n".join(lines)
+  return "\n".join(lines + figure_lines(figures, relative_to))
+
+
+def figure_lines(figures: dict, relative_to: pathlib.Path) -> list[str]:
+  """The report's "Figures" section: {title: PNG path} as images relative to the report."""
+  if not figures:
+    return []
+  return ["## Figures", "", *(f"![{name}]({path.relative_to(relative_to).as_posix()})"
+                              for name, path in figures.items()), ""]
 
 
 def _setup_lines(results: dict, summary: dict, config) -> list[str]:
@@ -822,5 +825,9 @@ def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str) -> pathl
             "What each stage does, the verdict rules and how to read the tables: "
             "[the reproduction guide](reproduction-guide.md).", ""]
   path = docs_dir / "reproduction.md"
-  path.write_text("\n".join(header) + body)
+  from maxnucl.reproduction import real_report  # pylint: disable=import-outside-toplevel
+  existing = path.read_text() if path.exists() else ""
+  real = existing[existing.index(real_report.SECTION_MARKER):] \
+      if real_report.SECTION_MARKER in existing else ""  # the real-model section is kept
+  path.write_text("\n".join(header) + body + ("\n\n" + real if real else ""))
   return path

@@ -157,7 +157,12 @@ def with_requirements(stages: Sequence[str]) -> list[str]:
 
 
 class Reproduction:
-  """Runs stages into `output_dir`, skipping finished ones (see the module docstring)."""
+  """Runs stages into `output_dir`, skipping finished ones (see the module docstring).  A
+  subclass (maxnucl.reproduction.real_model) brings its own stages, requirements and layout."""
+
+  stage_names = STAGES
+  requires = REQUIRES
+  layout = LAYOUT
 
   def __init__(self, output_dir: str | os.PathLike, config: Settings, *,
                corpus_root: Optional[str | os.PathLike] = None, progress: bool = True):
@@ -176,11 +181,16 @@ class Reproduction:
 
   # ---- bookkeeping ------------------------------------------------------------------------------
 
+  def settings_record(self) -> dict:
+    """What settings.json holds: a rerun with anything else is refused."""
+    record = json.loads(json.dumps(dataclasses.asdict(self.config)))
+    record["corpus_root"] = str(self.corpus_root) if self.corpus_root else None
+    record["layout"] = self.layout
+    return record
+
   def _check_settings_unchanged(self) -> None:
     path = self.out / "settings.json"
-    current = json.loads(json.dumps(dataclasses.asdict(self.config)))
-    current["corpus_root"] = str(self.corpus_root) if self.corpus_root else None
-    current["layout"] = LAYOUT
+    current = self.settings_record()
     if path.exists():
       saved = json.loads(path.read_text())
       if saved != current:
@@ -200,7 +210,7 @@ class Reproduction:
       if path.exists():
         self.results[stage] = json.loads(path.read_text())
       else:
-        for needed in REQUIRES[stage]:
+        for needed in self.requires[stage]:
           self.result(needed)
         log.info("stage %s: running", stage)
         start = time.perf_counter()
@@ -211,12 +221,14 @@ class Reproduction:
         log.info("stage %s: done in %.0f s", stage, value["wall_time_s"])
     return self.results[stage]
 
-  def run(self, stages: Sequence[str] = STAGES) -> dict:
-    check_stages(stages, self.out)
-    for stage in STAGES:  # in dependency order
+  def run(self, stages: Optional[Sequence[str]] = None) -> dict:
+    stages = self.stage_names if stages is None else stages
+    if self.stage_names is STAGES:
+      check_stages(stages, self.out)
+    for stage in self.stage_names:  # in dependency order
       if stage in stages:
         self.result(stage)
-    return {s: self.results[s] for s in STAGES if s in self.results}
+    return {s: self.results[s] for s in self.stage_names if s in self.results}
 
   @property
   def corpus_dir(self) -> pathlib.Path:
@@ -621,14 +633,19 @@ class Evaluator:
     return sums[tokens > 0], tokens[tokens > 0].astype(np.int64)
 
   def accuracy(self, cfg, params) -> dict:
-    benchmark = gsm8k.GSM8K(source="synthetic_arithmetic", num_shots=0,
-                            question_template="Q: {question}\nA: ",
-                            max_new_tokens=self.config.arithmetic_max_new_tokens,
-                            stop_strings=("Q:",))
-    examples = benchmark.examples()[:self.config.arithmetic_examples]
-    model = core.LanguageModel(cfg, params, self.tokenizer, batch_size=32)
-    metrics = benchmark.metrics(benchmark.predict(model, examples))
-    return {k: metrics[k] for k in ("accuracy_strict", "accuracy_flexible")}
+    return arithmetic_accuracy(cfg, params, self.tokenizer, self.config.arithmetic_examples,
+                               self.config.arithmetic_max_new_tokens)
+
+
+def arithmetic_accuracy(cfg, params, tokenizer, examples: int, max_new_tokens: int) -> dict:
+  """Zero-shot accuracy (strict, flexible) on the first `examples` held-out synthetic arithmetic
+  problems, each asked as "Q: ...\nA: " and answered greedily."""
+  benchmark = gsm8k.GSM8K(source="synthetic_arithmetic", num_shots=0,
+                          question_template="Q: {question}\nA: ", max_new_tokens=max_new_tokens,
+                          stop_strings=("Q:",))
+  model = core.LanguageModel(cfg, params, tokenizer, batch_size=32)
+  metrics = benchmark.metrics(benchmark.predict(model, benchmark.examples()[:examples]))
+  return {k: metrics[k] for k in ("accuracy_strict", "accuracy_flexible")}
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
