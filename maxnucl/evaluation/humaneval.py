@@ -268,22 +268,9 @@ class HumanEval:
             for e, outs, comps in zip(examples, outputs, completions)]
 
   def _generate(self, model: LanguageModel, prompts: list[str], seed: int) -> list[str]:
-    if self.top_p is None:
-      return model.generate(prompts, max_new_tokens=self.max_new_tokens,
-                            stop_strings=self.stop_strings, temperature=self.temperature,
-                            seed=seed)
-    # LanguageModel.generate has no top_p: its steps, with it
-    room = model.cfg.max_positions - self.max_new_tokens
-    if room < 1:
-      raise EvaluationError(f"humaneval.max_new_tokens {self.max_new_tokens} leaves no room for "
-                            f"a prompt within the model's max_positions {model.cfg.max_positions}")
-    tokens = decoding.generate(
-        model.cfg, model.params, [model.encode(p)[-room:] for p in prompts], self.max_new_tokens,
-        temperature=self.temperature, top_p=self.top_p, seed=seed,
-        stop_token_ids=[model.tokenizer.eos_id], stop_strings=list(self.stop_strings),
-        tokenizer=model.tokenizer, mesh=model.mesh, rules=model.rules,
-        batch_size=model.batch_size)
-    return [model.tokenizer.decode(t) for t in tokens]
+    return model.generate(prompts, max_new_tokens=self.max_new_tokens,
+                          stop_strings=self.stop_strings, temperature=self.temperature,
+                          top_p=self.top_p, seed=seed)
 
   @staticmethod
   def _record(example: dict, outputs: list[str], completions: list[str],
