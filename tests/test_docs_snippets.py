@@ -309,7 +309,7 @@ _REAL_MODEL = ("the real-model quick start (a 98 MB download, minutes): "
                "docs/benchmarks.md; tests/test_smollm2_gguf.py, test_bpe_tokenizer.py and "
                "test_hf_llama_gemma3.py test each step")
 
-_REPRODUCE_REAL = ("the real-model study on SmolLM2-135M (minutes for --quick, about 100 min in "
+_REPRODUCE_REAL = ("the real-model study on SmolLM2-135M (minutes for --quick, about 70 min in "
                    "full): tests/test_reproduction_real.py runs every stage on a tiny Llama "
                    "and the data stage on SmolLM2 itself")
 _REPRODUCE_ACCELERATOR = ("needs a model's Hugging Face files; tests/test_reproduction_real.py runs "
