@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import shutil
 import subprocess
@@ -52,6 +51,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from maxnucl import checkpoints, ffn, losses
 from maxnucl.conversion import convert, gguf_import
@@ -418,7 +418,7 @@ class RealModelStudy(stages.Reproduction):
     def term(p):
       return losses.nucl(p, cfg, variant=variant, target="ffn_out")
 
-    norms = [float(optax_global_norm(jax.grad(f)(params))) for f in (nll, term)]
+    norms = [float(optax.global_norm(jax.grad(f)(params))) for f in (nll, term)]
     return {"alpha": ratio * norms[0] / norms[1], "grad_norm_nll": norms[0],
             "grad_norm_nucl": norms[1], "gradient_ratio": ratio}
 
@@ -555,10 +555,6 @@ def premise_of(params: dict, stats: dict) -> dict:
   per_layer = {name: stages.rank_correlation(ffn.row_entropy(params[name]["mlp"][ffn.OUT]),
                                              stats[name].loss_proxy) for name in stats}
   return {"per_layer": per_layer, "mean": float(np.mean(list(per_layer.values())))}
-
-
-def optax_global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def _outgoing_entropy(params, cfg, removed: Optional[dict]) -> np.ndarray:
