@@ -288,15 +288,17 @@ class RealModelStudy(stages.Reproduction):
   # ---- pruning ----------------------------------------------------------------------------------
 
   def prune_and_evaluate(self, key: str, checkpoint: str, *, method: str, ratio: float,
-                         seed: int = 0, layers: str = "all", extra: bool = False) -> dict:
+                         seed: int = 0, layers: str = "all", extra: bool = False,
+                         model: Optional[tuple] = None) -> dict:
     """Neurons chosen by `method` switched off in `checkpoint` (model `key`), then evaluated;
     cached in OUTPUT/pruned/<key>/<method>_r<ratio>_<layers>_s<seed>.json."""
     name = f"{method}_r{stages._stable_name(ratio)}_{layers.replace(',', '-')}_s{seed}"
     cached = self.out / "pruned" / key / f"{name}.json"
     if cached.exists():
       return json.loads(cached.read_text())
-    cfg, params = (self.base_model() if checkpoint == self.checkpoint
-                   else checkpoints.load(checkpoint))
+    if model is None:  # (cfg, params) of `checkpoint`, when the caller has it loaded
+      model = self.base_model() if checkpoint == self.checkpoint else checkpoints.load(checkpoint)
+    cfg, params = model
     method_obj = prune.get_method(method)
     stats = self.stats(key, cfg, params) if method_obj.needs_calibration else None
     pruned, removed = switch_off(self.reader(checkpoint), params, method=method, ratio=ratio,
@@ -445,10 +447,10 @@ class RealModelStudy(stages.Reproduction):
     for key, by_seed in self.result("finetune")["runs"].items():
       for seed, run in by_seed.items():
         checkpoint = str(checkpoints.resolve(run["workdir"]))
+        cfg, params = checkpoints.load(checkpoint)
         rows.append({"variant": key, **self.prune_and_evaluate(
             f"ft_{key}_s{seed}", checkpoint, method="entropy", ratio=c.prune_ratio,
-            seed=int(seed))})
-        cfg, params = checkpoints.load(checkpoint)
+            seed=int(seed), model=(cfg, params))})
         premise[f"{key}/{seed}"] = premise_of(params, self.stats(f"ft_{key}_s{seed}", cfg,
                                                                   params))["mean"]
     return {"rows": rows, "premise": premise}
