@@ -817,3 +817,127 @@ def test_other_families_prune_to_the_zeroed_model(family, method, tmp_path):
   expected = _logits(cfg, _zero_removed(params, report))
   atol = rounding_atol(magnitude(expected), decoder_terms(cfg, SEQ))
   np.testing.assert_allclose(_logits(pruned_cfg, pruned), expected, rtol=0, atol=atol)
+
+
+# ---- untrusted calibration files: refused in one line naming the file and the position -----------
+
+def _write_npy_with_shape(path, data, header_shape):
+  """An .npy file whose header declares `header_shape` over all of `data`'s bytes."""
+  header = {"descr": np.lib.format.dtype_to_descr(data.dtype), "fortran_order": False,
+            "shape": tuple(header_shape)}
+  with open(path, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, header)
+    f.write(np.ascontiguousarray(data).tobytes())
+
+
+def _rows_with(value, row, column, dtype=np.int64):
+  rows = _tokens(7).astype(dtype)
+  rows[row, column] = value
+  return rows
+
+
+def _write(path, content):
+  if callable(content):
+    content(path)
+  else:
+    path.write_bytes(content)
+
+
+V = TINY.vocab_size
+BAD_CALIBRATION = {
+    "id_at_vocab.npy": (lambda p: np.save(p, _rows_with(V, 1, 3)),
+                        ["row 1, column 3", f"token id {V}", f"[0, {V})"]),
+    "negative.npy": (lambda p: np.save(p, _rows_with(-1, 2, 0)), ["row 2, column 0", "-1"]),
+    "wraps_to_5.npy": (lambda p: np.save(p, _rows_with(2 ** 32 + 5, 0, 4)),
+                       ["row 0, column 4", str(2 ** 32 + 5)]),
+    "stream.npy": (lambda p: np.save(p, np.r_[_tokens(1).ravel(), V + 7]),
+                   [f"position {4 * SEQ}", str(V + 7)]),
+    "floats.npy": (lambda p: np.save(p, _tokens(1).astype(np.float32)), ["float32"]),
+    "short_header.npy": (lambda p: _write_npy_with_shape(p, _tokens(1), (3, SEQ)),
+                         ["data size", f"(3, {SEQ})"]),
+    "long_header.npy": (lambda p: _write_npy_with_shape(p, _tokens(1), (5, SEQ)),
+                        ["data size", f"(5, {SEQ})"]),
+    "empty.npy": (b"", ["empty"]),
+    "dir.npy": (lambda p: p.mkdir(), ["directory"]),
+    "archive.npy": (lambda p: np.savez(open(p, "wb"), a=_tokens(1)), ["not an .npy"]),
+    "pickled.npy": (lambda p: np.save(p, np.array([[1, 2]], object), allow_pickle=True),
+                    ["object"]),
+    "id_at_vocab.jsonl": (f"[5, 6, 7]\n[1, 2, 3, {V}]\n".encode(),
+                          ["line 2", "position 3", f"token id {V}"]),
+    "negative.jsonl": (b'{"tokens": [5, -2, 7]}\n', ["line 1", "position 1", "-2"]),
+    "float.jsonl": (b"[5, 6, 7]\n\n[5, 6.5, 7]\n", ["line 3", "position 1", "6.5"]),
+    "integral_float.jsonl": (b"[5, 6.0, 7]\n", ["line 1", "position 1", "6.0"]),
+    "string.jsonl": (b'[5, "6", 7]\n', ["line 1", "position 1", "'6'"]),
+    "boolean.jsonl": (b"[true, 6, 7]\n", ["line 1", "position 0", "True"]),
+    "nan.jsonl": (b"[5, NaN, 7]\n", ["line 1", "position 1", "nan"]),
+    "huge.jsonl": (f"[5, {2 ** 64 + 5}]\n".encode(), ["line 1", "position 1", str(2 ** 64 + 5)]),
+    "not_utf8.jsonl": (b"[5, 6, 7]\n[5, 6\xff, 7]\n", ["line 2", "UTF-8"]),
+    "no_rows.jsonl": (b"\n\n", ["no sequences"]),
+    "one_token.jsonl": (b"[5]\n", ["line 1", "at least 2"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALIBRATION))
+def test_bad_calibration_file_is_refused_in_one_line_before_the_model_is_loaded(
+    tiny_ckpt, tmp_path, monkeypatch, capsys, name):
+  """Out-of-range and non-integer ids, a header that does not cover the data, an empty file,
+  a directory, an archive: exit 2, one line naming the file, the position and what was
+  expected; the model is never loaded and nothing is written."""
+  from maxnucl.pruning import cli, prune  # pylint: disable=import-outside-toplevel
+  writer, fragments = BAD_CALIBRATION[name]
+  source = tmp_path / name
+  _write(source, writer)
+  monkeypatch.setattr(prune, "load_whole_model",
+                      lambda *a, **k: pytest.fail("the model was loaded before the check"))
+  code = cli.prune_main(["--input", str(tiny_ckpt[0]), "--output", str(tmp_path / "out"),
+                         "--method", "wanda_channel", "--ratio", "0.25",
+                         "--calibration", str(source)])
+  err = [line for line in capsys.readouterr().err.splitlines()
+         if not line.startswith("vocabulary:")]
+  assert code == 2 and len(err) == 1, err
+  assert "error:" in err[0] and name in err[0], err
+  for fragment in fragments:
+    assert fragment in err[0], (fragment, err[0])
+  assert not (tmp_path / "out").exists()
+
+
+def test_out_of_range_held_out_ids_are_refused_not_a_nan_perplexity(tiny_ckpt, tmp_path):
+  """--eval_perplexity reads the same files: an id >= the vocabulary used to give NaN."""
+  source = tmp_path / "heldout.npy"
+  np.save(source, _rows_with(V + 1, 3, 16))
+  with pytest.raises(calibration.CalibrationError, match=r"heldout.npy: row 3, column 16"):
+    prune_ffn_neurons(tiny_ckpt[0], tmp_path / "out", method="magnitude", ratio=0.25,
+                      eval_perplexity=source, eval_examples=8)
+  assert list(tmp_path.iterdir()) == [source]
+
+
+def test_batches_of_any_source_are_range_checked_against_the_model(tiny_ckpt):
+  """A generator (or a registered task) is checked as its batches arrive: the statistics and
+  the perplexity refuse an id outside [0, vocab) instead of reading past the embedding."""
+  _, params = tiny_ckpt
+
+  def batches():
+    yield {"tokens": _tokens(0)}
+    yield {"tokens": _rows_with(V, 2, 5)}
+  for fn in (calibration.collect_stats, calibration.perplexity):
+    with pytest.raises(calibration.CalibrationError, match=r"batch 1, row 2, column 5.*"
+                       rf"token id {V}.*\[0, {V}\)"):
+      fn(TINY, params, calibration.iterate_batches(batches, num_examples=8))
+
+
+def test_valid_calibration_files_are_read_exactly(tmp_path):
+  """The largest id (vocab - 1), unsigned and narrow integer dtypes, a 1-D stream and jsonl
+  rows of both forms are accepted and read unchanged."""
+  rows = _rows_with(V - 1, 0, 0)
+  for dtype in (np.int64, np.uint16, np.int32):
+    np.save(tmp_path / "rows.npy", rows.astype(dtype))
+    (batch,) = calibration.iterate_batches(tmp_path / "rows.npy", num_examples=4, batch_size=4,
+                                           vocab_size=V)
+    np.testing.assert_array_equal(batch["tokens"], rows[:, :-1])
+    np.testing.assert_array_equal(batch["targets"], rows[:, 1:])
+  jsonl = tmp_path / "rows.jsonl"
+  jsonl.write_text(json.dumps(rows[0].tolist()) + "\n" + json.dumps({"tokens": [1, V - 1]}) + "\n")
+  (batch,) = calibration.iterate_batches(jsonl, num_examples=2, batch_size=2, vocab_size=V)
+  np.testing.assert_array_equal(batch["tokens"][0], rows[0, :-1])
+  np.testing.assert_array_equal(batch["targets"][1, :1], [V - 1])
+  np.testing.assert_array_equal(batch["loss_mask"][1], [1] + [0] * (SEQ - 2))

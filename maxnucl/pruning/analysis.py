@@ -167,7 +167,8 @@ def analyze_ffn(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   if calibration is not None:
     stats = calib.collect_stats(reader.cfg, reader.read_all(), calib.iterate_batches(
         calibration, num_examples=calibration_examples, batch_size=batch_size, seq_len=seq_len,
-        pad_id=reader.cfg.pad_id, cache_dir=data_cache_dir, vocab=data_vocab))
+        pad_id=reader.cfg.pad_id, cache_dir=data_cache_dir, vocab=data_vocab,
+        vocab_size=reader.cfg.vocab_size))
   result: dict[str, Any] = {"input": str(reader.path), "layers": indices, "ratio": ratio,
                             "methods": list(methods), "seed": seed,
                             "entropy": entropy_histograms(reader, indices, bins)}

@@ -10,6 +10,12 @@ A calibration SOURCE is one of
     with `cache_dir` (--data_cache_dir) the pipeline reads only the cached numpy shards
     `<cache_dir>/<NAME>/<split>/` written by its `cache_task`;
   * (library only) any iterable of batch dicts with at least `tokens` [B, L].
+Files are untrusted input, read and checked whole when `iterate_batches` is called (before a
+caller loads its model): integer ids only (a jsonl 6.5, "6", true or NaN is refused, not cast),
+each in [0, vocab_size) compared before any cast (an int64 2^32 + 5 is not 5), an .npy's data
+exactly the size its header declares; the error names the file and the row/column (.npy) or the
+line/position (.jsonl).  Batches of every source are range-checked again where they meet the
+model (`collect_stats`, `perplexity`).
 A sequence s becomes inputs s[:-1] and next-token targets s[1:].  Batch dicts follow the data
 pipeline's convention: `tokens`, `targets`, `loss_mask`, `segment_ids`, `positions` [B, L].
 
@@ -90,27 +96,40 @@ HELD_OUT = None  # `split` for held-out data: the source's "validation" split, e
 
 def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_len: int = 128,
                     pad_id: int = 0, split: Optional[str] = "train",
-                    cache_dir: Optional[str] = None, vocab: str = "byte"
-                    ) -> Iterator[dict[str, np.ndarray]]:
+                    cache_dir: Optional[str] = None, vocab: str = "byte",
+                    vocab_size: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
   """Batches (dicts of numpy [B, L]) from SOURCE (see the module docstring), at most
   `num_examples` rows in total.  `split`, `cache_dir` and `vocab` (a SentencePiece model path,
   e.g. Gemma's tokenizer.model, or "byte") apply to registered task names; `split=HELD_OUT` picks
-  the task's validation split, or its test split if it has none."""
+  the task's validation split, or its test split if it has none.
+
+  A .npy/.jsonl file is read and checked here, at the call, before any batch is asked for (so a
+  caller refuses a bad file before it loads a model): integer ids only, each in
+  [0, `vocab_size`) (the model's embedding rows; without it, [0, 2^31)), the .npy data exactly
+  what its header declares; a CalibrationError names the file and the row/column or line/position.
+  Batches of other sources are range-checked as they arrive when `vocab_size` is given."""
   if num_examples <= 0:
     raise CalibrationError(f"number of examples must be positive, got {num_examples}")
+  label = "the calibration source"
   if isinstance(source, (str, os.PathLike)):
     path = pathlib.Path(source)
+    label = str(source)
     if path.suffix in (".npy", ".jsonl"):
-      batches = _file_batches(path, batch_size, seq_len, pad_id)
+      batches = _file_batches(read_sequences(path, seq_len, vocab_size), batch_size, pad_id)
     elif path.exists():
       raise CalibrationError(f"calibration file {path}: unknown format (expected .npy or .jsonl)")
     else:
       batches = _registered_source(str(source), split, batch_size, seq_len, cache_dir, vocab)
   else:
     batches = iter(source() if callable(source) else source)
-  remaining = num_examples
-  for batch in batches:
+  return _first_rows(batches, num_examples, pad_id, vocab_size, label)
+
+
+def _first_rows(batches, remaining: int, pad_id: int, vocab_size: Optional[int], label: str):
+  for index, batch in enumerate(batches):
     batch = _complete(batch, pad_id)
+    if vocab_size is not None:
+      check_token_ids(batch, vocab_size, f"{label}, batch {index}")
     batch = {k: v[:remaining] for k, v in batch.items()}
     remaining -= batch["tokens"].shape[0]
     yield batch
@@ -118,35 +137,164 @@ def iterate_batches(source: Any, *, num_examples: int, batch_size: int = 8, seq_
       return
 
 
-def _file_batches(path: pathlib.Path, batch_size: int, seq_len: int, pad_id: int):
+# ---- calibration files (untrusted: every id checked before any is used) ------------------------
+
+_INT32_LIMIT = 2 ** 31  # ids go to the model as int32: without a vocabulary size, this bounds them
+
+
+def _id_range(vocab_size: Optional[int]) -> tuple[int, str]:
+  if vocab_size is None:
+    return _INT32_LIMIT, "[0, 2^31)"
+  return int(vocab_size), f"[0, {int(vocab_size)}) (the model's vocabulary)"
+
+
+def read_sequences(path: pathlib.Path, seq_len: int = 128,
+                   vocab_size: Optional[int] = None) -> list[np.ndarray]:
+  """The token-id sequences (int64, each >= 2 ids) of a .npy or .jsonl calibration file, every id
+  checked to lie in [0, vocab_size) (module docstring); CalibrationError naming the file and the
+  position otherwise."""
+  path = pathlib.Path(path)
   if not path.exists():
     raise CalibrationError(f"calibration file {path} does not exist")
-  if path.suffix == ".npy":
-    data = np.load(path)
-    if not np.issubdtype(data.dtype, np.integer):
-      raise CalibrationError(f"{path}: expected integer token ids, got dtype {data.dtype}")
-    if data.ndim == 1:
-      rows = data.size // (seq_len + 1)
-      data = data[:rows * (seq_len + 1)].reshape(rows, seq_len + 1)
-    if data.ndim != 2 or data.shape[1] < 2:
-      raise CalibrationError(f"{path}: expected an array [N, L >= 2] or a 1-D token stream, got "
-                             f"shape {data.shape}")
-    sequences = list(data)
+  if path.is_dir():
+    raise CalibrationError(f"calibration file {path} is a directory, expected a "
+                           f"{path.suffix} file")
+  try:
+    if path.suffix == ".npy":
+      sequences = _npy_sequences(path, seq_len, vocab_size)
+    else:
+      sequences = _jsonl_sequences(path, vocab_size)
+  except OSError as e:
+    raise CalibrationError(f"calibration file {path}: cannot be read ({e.strerror or e})") from None
+  if not sequences:
+    raise CalibrationError(f"calibration file {path} holds no sequences")
+  return sequences
+
+
+def _read_npy(path: pathlib.Path) -> np.ndarray:
+  """The array of an .npy file, refused unless its header is well-formed, its dtype an integer
+  type and its data exactly as long as the header's shape (numpy itself ignores extra bytes)."""
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+      raise CalibrationError(f"{path}: empty file, expected an .npy array of token ids")
+    head = f.read(6)
+    f.seek(0)
+    try:
+      version = np.lib.format.read_magic(f)
+      read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                     (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+      if read_header is None:
+        raise ValueError(f"unsupported .npy format version {version}")
+      shape, fortran_order, dtype = read_header(f)
+    except (ValueError, SyntaxError, TypeError, KeyError, EOFError) as e:
+      kind = " (it is a zip archive: an .npz?)" if head.startswith(b"PK") else ""
+      raise CalibrationError(f"{path}: not an .npy file{kind} ({_one_line(e)})") from None
+    if dtype.hasobject:
+      raise CalibrationError(f"{path}: dtype {dtype} holds Python objects (pickled), expected "
+                             f"integer token ids")
+    if not np.issubdtype(dtype, np.integer):
+      raise CalibrationError(f"{path}: expected integer token ids, got dtype {dtype}")
+    count = 1
+    for n in shape:
+      count *= int(n)
+    data_bytes = size - f.tell()
+    if count * dtype.itemsize != data_bytes:
+      raise CalibrationError(
+          f"{path}: data size mismatch: the header's shape {tuple(shape)} of {dtype} needs "
+          f"{count * dtype.itemsize} bytes of data, the file holds {data_bytes}")
+    data = np.fromfile(f, dtype=dtype, count=count)
+  return data.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _first_bad(data: np.ndarray, limit: int) -> Optional[tuple]:
+  """Index of the first id outside [0, limit), compared in the ids' own dtype before any cast
+  (an int64 2^32 + 5 must not become 5)."""
+  if data.dtype.kind == "u":
+    bad = data >= np.uint64(limit)
   else:
-    sequences = []
-    with open(path) as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          item = json.loads(line)
-          ids = item["tokens"] if isinstance(item, dict) else item
-          seq = np.asarray(ids, np.int64)
-          assert seq.ndim == 1 and seq.size >= 2
-        except Exception as e:  # noqa: BLE001 - re-raised with the location
-          raise CalibrationError(f"{path}:{line_no}: expected a JSON list of >= 2 token ids or "
-                                 f"{{\"tokens\": [...]}} ({e!r})") from None
-        sequences.append(seq)
+    bad = (data < 0) | (data.astype(np.int64) >= limit)
+  if not bad.any():
+    return None
+  return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _npy_sequences(path: pathlib.Path, seq_len: int, vocab_size: Optional[int]):
+  data = _read_npy(path)
+  limit, expected = _id_range(vocab_size)
+  if data.ndim not in (1, 2) or (data.ndim == 2 and data.shape[1] < 2):
+    raise CalibrationError(f"{path}: expected an array [N, L >= 2] or a 1-D token stream, got "
+                           f"shape {data.shape}")
+  bad = _first_bad(data, limit)
+  if bad is not None:
+    where = f"position {bad[0]}" if data.ndim == 1 else f"row {bad[0]}, column {bad[1]}"
+    raise CalibrationError(f"{path}: {where}: token id {data[bad]} outside {expected}")
+  if data.ndim == 1:
+    rows = data.size // (seq_len + 1)
+    if rows == 0:
+      raise CalibrationError(f"{path}: a 1-D stream of {data.size} tokens, fewer than one row of "
+                             f"--seq_len + 1 = {seq_len + 1}")
+    data = data[:rows * (seq_len + 1)].reshape(rows, seq_len + 1)
+  return list(data.astype(np.int64))
+
+
+def _jsonl_sequences(path: pathlib.Path, vocab_size: Optional[int]) -> list[np.ndarray]:
+  limit, expected = _id_range(vocab_size)
+  sequences = []
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      where = f"{path}, line {line_no}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise CalibrationError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+      if not line.strip():
+        continue
+      try:
+        item = json.loads(line)
+      except (ValueError, RecursionError) as e:
+        raise CalibrationError(f"{where}: not JSON ({_one_line(e)})") from None
+      ids = item.get("tokens") if isinstance(item, dict) else item
+      if not isinstance(ids, list) or len(ids) < 2:
+        raise CalibrationError(f"{where}: expected a JSON list of at least 2 token ids or "
+                               f"{{\"tokens\": [...]}}, got {_short(item)}")
+      for position, token in enumerate(ids):
+        if type(token) is not int:  # JSON's true/false are bool, 6.0 a float: not ids
+          raise CalibrationError(f"{where}, position {position}: {_short(token)} is not an "
+                                 f"integer token id")
+        if not 0 <= token < limit:
+          raise CalibrationError(f"{where}, position {position}: token id {token} outside "
+                                 f"{expected}")
+      sequences.append(np.asarray(ids, np.int64))
+  return sequences
+
+
+def _short(value: Any, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def check_token_ids(batch: dict, vocab_size: int, where: str) -> None:
+  """Refuse a batch whose tokens or targets hold an id outside [0, vocab_size): the embedding
+  lookup would read past the table (NaN perplexity, garbage statistics)."""
+  limit, expected = _id_range(vocab_size)
+  for key in ("tokens", "targets"):
+    if key in batch:
+      ids = np.asarray(batch[key])
+      if not np.issubdtype(ids.dtype, np.integer):
+        raise CalibrationError(f"{where}: {key!r} of dtype {ids.dtype}, expected integer ids")
+      bad = _first_bad(ids, limit) if ids.size else None
+      if bad is not None:
+        position = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column"), bad))
+        raise CalibrationError(f"{where}, {position} of {key!r}: token id {ids[bad]} outside "
+                               f"{expected}")
+
+
+def _file_batches(sequences: list[np.ndarray], batch_size: int, pad_id: int):
   for start in range(0, len(sequences), batch_size):
     chunk = sequences[start:start + batch_size]
     length = max(len(s) for s in chunk)
@@ -261,6 +409,14 @@ def _stats_step(cfg: ModelConfig, mesh: Optional[Mesh], rules: Optional[sharding
   return step
 
 
+def _range_checked(batches: Iterable[dict], vocab_size: int, prefix: str = "") -> Iterator[dict]:
+  """`batches`, each refused (CalibrationError) when an id lies outside [0, vocab_size): a
+  generator or a registered task reaches the model only through here."""
+  for index, batch in enumerate(batches):
+    check_token_ids(batch, vocab_size, f"{prefix}batch {index}")
+    yield batch
+
+
 def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict], *,
                   mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None
                   ) -> dict[str, LayerStats]:
@@ -274,7 +430,7 @@ def collect_stats(cfg: ModelConfig, params: dict, batches: Iterable[dict], *,
   step = _stats_step(cfg, mesh, rules)
   totals: Optional[dict] = None
   count = 0.0
-  for batch in batches:
+  for batch in _range_checked(batches, cfg.vocab_size, "the calibration source, "):
     stats, n = step(params, heldout.global_batch(batch, mesh, rules))
     stats = jax.tree.map(lambda x: np.asarray(x, np.float64), stats)
     totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
@@ -291,6 +447,7 @@ def perplexity(cfg: ModelConfig, params: dict, batches: Iterable[dict], *,
   NLL, the one the trainer and the evaluator use (`mesh`/`rules` as in `collect_stats`)."""
   from maxnucl.evaluation import perplexity as heldout  # pylint: disable=import-outside-toplevel
   try:
-    return heldout.heldout_nll(cfg, params, batches, mesh=mesh, rules=rules)
+    return heldout.heldout_nll(cfg, params, _range_checked(batches, cfg.vocab_size),
+                               mesh=mesh, rules=rules)
   except ValueError as e:
     raise CalibrationError(f"the evaluation source: {e}") from None

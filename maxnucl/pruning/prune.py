@@ -243,7 +243,15 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
   cfg = reader.cfg
   selected = select_layers(cfg, layers)
   source_kwargs = dict(batch_size=batch_size, seq_len=seq_len, pad_id=cfg.pad_id,
-                       cache_dir=data_cache_dir, vocab=data_vocab)
+                       cache_dir=data_cache_dir, vocab=data_vocab, vocab_size=cfg.vocab_size)
+  # Files are read and range-checked here, before the model is loaded (calibration.py).
+  calibration_batches = eval_batches = None
+  if method_obj.needs_calibration:
+    calibration_batches = calib.iterate_batches(
+        calibration, num_examples=calibration_examples, split="train", **source_kwargs)
+  if eval_perplexity is not None:
+    eval_batches = calib.iterate_batches(eval_perplexity, num_examples=eval_examples,
+                                         split=calib.HELD_OUT, **source_kwargs)
 
   full_params = None
   stats = None
@@ -257,17 +265,15 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     full_params = load_whole_model(reader, mesh, rules)
   if method_obj.needs_calibration:
     rows = _RowCounter()
-    stats = calib.collect_stats(cfg, full_params, rows.count(calib.iterate_batches(
-        calibration, num_examples=calibration_examples, split="train", **source_kwargs)),
-        mesh=mesh, rules=rules)
+    stats = calib.collect_stats(cfg, full_params, rows.count(calibration_batches),
+                                mesh=mesh, rules=rules)
     report["calibration"] = {"source": str(calibration), "examples": rows.rows,
                              "examples_requested": calibration_examples,
                              "tokens": next(iter(stats.values())).count}
   if eval_perplexity is not None:
     eval_rows = _RowCounter()
-    before = calib.perplexity(cfg, full_params, eval_rows.count(calib.iterate_batches(
-        eval_perplexity, num_examples=eval_examples, split=calib.HELD_OUT, **source_kwargs)),
-        mesh=mesh, rules=rules)
+    before = calib.perplexity(cfg, full_params, eval_rows.count(eval_batches),
+                              mesh=mesh, rules=rules)
   full_params = None
   if primary:  # the others wait: one process scores, cuts and writes
     report.update(_cut_and_write(reader, output_path, method=method, seed=seed,
