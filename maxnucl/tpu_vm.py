@@ -142,14 +142,14 @@ def known_accelerator_types() -> str:
 
 def parse_accelerator_type(text: str) -> AcceleratorType:
   """`v5litepod-16` -> AcceleratorType(v5e, 16 chips); UsageError naming the known forms."""
-  match = re.fullmatch(r"([a-z0-9]+)-(\d+)", text.strip())
+  match = re.fullmatch(r"([a-z0-9]+)-([0-9]+)", text, flags=re.ASCII)
   by_prefix = {g.prefix: g for g in GENERATIONS.values()}
   if match and match.group(1) in by_prefix:
     generation, n = by_prefix[match.group(1)], int(match.group(2))
     valid = (n in generation.sizes if generation.sizes
              else n > 0 and n % generation.multiple == 0 and n <= generation.max_n)
     if valid:
-      return AcceleratorType(text.strip(), generation, n // generation.cores_per_chip)
+      return AcceleratorType(text, generation, n // generation.cores_per_chip)
   hint = ""
   if match and match.group(1) in GENERATIONS and match.group(1) not in by_prefix:
     hint = (f" (gcloud spells {match.group(1)} as "
@@ -171,18 +171,63 @@ class Target:
     return [f"--zone={self.zone}", f"--project={self.project}"]
 
 
+# gcloud's formats (re.ASCII: \d is 0-9 only).  A zone is REGION-LETTER, the region a continent,
+# a direction and a number (us-central2-b, northamerica-northeast1-a); a project ID 6 to 30
+# lowercase letters, digits and hyphens, starting with a letter and not ending with a hyphen
+# (a legacy domain-scoped one prefixed with `domain:`); a TPU name up to 63 of the same; a
+# runtime version lowercase letters, digits, dots and hyphens (tpu-vm-tf-2.16.1-pjrt).
+ZONE_FORMAT = re.compile(r"[a-z]+(-[a-z]+)+[0-9]+-[a-z]", re.ASCII)
+REGION_FORMAT = re.compile(r"[a-z]+(-[a-z]+)+[0-9]+", re.ASCII)
+PROJECT_FORMAT = re.compile(r"([a-z0-9][-a-z0-9.]*[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]",
+                            re.ASCII)
+NAME_FORMAT = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
+RUNTIME_VERSION_FORMAT = re.compile(r"[a-z0-9]([-a-z0-9._]{0,126}[a-z0-9])?", re.ASCII)
+
+
+def check_zone(zone: str, source: str = "--zone") -> str:
+  if not ZONE_FORMAT.fullmatch(zone):
+    hint = (f" ({zone} is a region: add the zone's letter, e.g. {zone}-a)"
+            if REGION_FORMAT.fullmatch(zone) else "")
+    raise UsageError(f"{source} {zone!r}: expected a Cloud zone such as us-central2-b or "
+                     f"europe-west4-a (lowercase letters, digits and hyphens){hint}")
+  return zone
+
+
+def check_project(project: str, source: str = "--project") -> str:
+  if not PROJECT_FORMAT.fullmatch(project):
+    raise UsageError(f"{source} {project!r}: expected a Cloud project ID: 6 to 30 lowercase "
+                     f"letters, digits and hyphens, starting with a letter, not ending with a "
+                     f"hyphen (e.g. my-project-123)")
+  return project
+
+
+def check_runtime_version(version: str) -> str:
+  if not RUNTIME_VERSION_FORMAT.fullmatch(version):
+    raise UsageError(f"--runtime_version {version!r}: expected a TPU software version of "
+                     f"lowercase letters, digits, dots and hyphens, e.g. tpu-ubuntu2204-base "
+                     f"(leave the flag out for the generation's default)")
+  return version
+
+
 def resolve_target(name: str, zone: Optional[str], project: Optional[str],
                    environ: Optional[dict] = None) -> Target:
-  """The flags, else CLOUDSDK_COMPUTE_ZONE / CLOUDSDK_CORE_PROJECT; UsageError if neither."""
+  """The flags, else CLOUDSDK_COMPUTE_ZONE / CLOUDSDK_CORE_PROJECT; UsageError if neither, or
+  if a value is not in gcloud's format (the message names the flag or the variable)."""
   environ = os.environ if environ is None else environ
-  if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
+  if not NAME_FORMAT.fullmatch(name):
     raise UsageError(f"--name {name!r}: expected a TPU name of lowercase letters, digits and "
                      f"hyphens, starting with a letter (at most 63 characters)")
-  zone = zone or environ.get(ZONE_ENV)
-  if not zone:
+  if zone is not None:
+    check_zone(zone)
+  elif environ.get(ZONE_ENV):
+    zone = check_zone(environ[ZONE_ENV], ZONE_ENV)
+  else:
     raise UsageError(f"no zone: pass --zone (e.g. --zone=us-west4-a) or set {ZONE_ENV}")
-  project = project or environ.get(PROJECT_ENV)
-  if not project:
+  if project is not None:
+    check_project(project)
+  elif environ.get(PROJECT_ENV):
+    project = check_project(environ[PROJECT_ENV], PROJECT_ENV)
+  else:
     raise UsageError(f"no project: pass --project or set {PROJECT_ENV}")
   return Target(name, zone, project)
 
@@ -408,12 +453,19 @@ def _tarball_dir(dry_run: bool) -> Iterator[pathlib.Path]:
 
 
 def setup(target: Target, args: argparse.Namespace) -> None:
+  remote_dir = _check_relative("--remote_dir", args.remote_dir)
+  venv = _check_relative("--venv", args.venv)
+  if not re.fullmatch(r"[A-Za-z0-9/][-A-Za-z0-9._+/]*", args.python, flags=re.ASCII):
+    raise UsageError(f"--python {args.python!r}: expected an interpreter's name or path, e.g. "
+                     f"{DEFAULT_PYTHON}")
+  extras = args.extras.split(",") if args.extras else []
+  for extra in extras:
+    if not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9._]*[A-Za-z0-9])?", extra, flags=re.ASCII):
+      raise UsageError(f"--extras {args.extras!r}: expected a comma list of the package's extras, "
+                       f"e.g. eval")
   source = pathlib.Path(args.source).resolve()
   names = source_files(source)
   jax_version = pinned_jax_version(source)
-  remote_dir = _check_relative("--remote_dir", args.remote_dir)
-  venv = _check_relative("--venv", args.venv)
-  extras = [e for e in args.extras.split(",") if e] if args.extras else []
   with _tarball_dir(args.dry_run) as directory:
     tarball = directory / REMOTE_TARBALL
     if args.dry_run:
@@ -568,7 +620,8 @@ def commands_for(args: argparse.Namespace, target: Target,
   """The gcloud calls of every command but setup."""
   if args.command == "create":
     accelerator = parse_accelerator_type(args.accelerator_type)
-    runtime = args.runtime_version or accelerator.generation.runtime_version
+    runtime = (accelerator.generation.runtime_version if args.runtime_version is None
+               else check_runtime_version(args.runtime_version))
     provisioning = "spot" if args.spot else "reserved" if args.reserved else None
     return create_commands(target, accelerator, runtime, queued=args.queued,
                            provisioning=provisioning)

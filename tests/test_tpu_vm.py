@@ -460,3 +460,86 @@ def test_the_plan_shards_the_params_over_the_chips_and_times_the_step_by_the_flo
       8 * 197e12 * 0.4)
   # the same float64 formula (a product of a few integers, two divisions) evaluated in another order
   assert row["step_s"] == pytest.approx(expected, rel=8 * EPS64, abs=0)
+
+
+# ---- flags that become gcloud arguments: checked against gcloud's formats --------------------------
+
+def _dry_run(capsys, *args, env=None, monkeypatch=None):
+  """main(args) in-process with --dry_run: (exit code, stdout lines, stderr lines)."""
+  if monkeypatch is not None:
+    for name in (tpu_vm.ZONE_ENV, tpu_vm.PROJECT_ENV):
+      monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+      monkeypatch.setenv(name, value)
+  try:
+    code = tpu_vm.main([*map(str, args), "--dry_run"])
+  except SystemExit as exit_:
+    code = exit_.code
+  out, err = capsys.readouterr()
+  return code, out.splitlines(), [line for line in err.splitlines() if line.strip()]
+
+
+CREATE = ["create", "--accelerator_type", "v5litepod-16"]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--zone", "us west"), ("--zone", "--project=x"), ("--zone", ""), ("--zone", "US-WEST4-A"),
+    ("--zone", "us-west4"), ("--zone", "us-west4-a "), ("--zone", "us-west4-a\n"),
+    ("--project", "my proj"), ("--project", "--zone=x"), ("--project", ""),
+    ("--project", "abc"), ("--project", "My-Proj"), ("--project", "p" * 31),
+    ("--project", "proj-"), ("--project", "1proj"),
+    ("--runtime_version", ""), ("--runtime_version", "v2 alpha"),
+    ("--runtime_version", "--zone=x"), ("--runtime_version", "V2-ALPHA"),
+    ("--accelerator_type", "v5litepod-\u0661\u0666"), ("--accelerator_type", " v5litepod-16"),
+    ("--name", "Nucl"), ("--name", "nucl-"),
+])
+def test_create_refuses_a_flag_gcloud_would_not_take_naming_it(capsys, monkeypatch, flag, value):
+  """`--zone='us west'`, `--zone=--project=x` and `--runtime_version ''` used to reach gcloud
+  (or silently become the default): each is refused in one line naming the flag and the value,
+  and no gcloud call is printed."""
+  flags = {"--name": "nucl", "--zone": "us-west4-a", "--project": "my-proj",
+           "--accelerator_type": "v5litepod-16", flag: value}
+  args = ["create"] + [f"{name}={given}" for name, given in flags.items()]
+  code, out, err = _dry_run(capsys, *args, monkeypatch=monkeypatch)
+  assert code == 2 and out == [], (out, err)
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert flag in err[0] and repr(value) in err[0], err[0]
+
+
+@pytest.mark.parametrize("variable, value", [(tpu_vm.ZONE_ENV, "us west"),
+                                             (tpu_vm.PROJECT_ENV, "My Project")])
+def test_a_malformed_zone_or_project_variable_is_refused_naming_it(capsys, monkeypatch, variable,
+                                                                   value):
+  env = {tpu_vm.ZONE_ENV: "us-west4-a", tpu_vm.PROJECT_ENV: "my-proj", variable: value}
+  code, out, err = _dry_run(capsys, "status", "--name", "nucl", env=env, monkeypatch=monkeypatch)
+  assert code == 2 and out == []
+  assert len(err) == 1 and variable in err[0] and repr(value) in err[0], err
+
+
+@pytest.mark.parametrize("zone, project, runtime", [
+    ("us-central2-b", "my-proj", "tpu-ubuntu2204-base"),
+    ("europe-west4-a", "google.com:my-proj", "v2-alpha-tpuv5-lite"),
+    ("northamerica-northeast1-a", "a12345", "tpu-vm-tf-2.16.1-pjrt"),
+    ("us-east5-a", "p" * 30, "v2-alpha-tpuv6e"),
+])
+def test_gcloud_formats_are_accepted_and_passed_unchanged(capsys, monkeypatch, zone, project,
+                                                          runtime):
+  code, out, err = _dry_run(capsys, *CREATE, "--name", "nucl", "--zone", zone, "--project",
+                            project, "--runtime_version", runtime, monkeypatch=monkeypatch)
+  assert code == 0, err
+  [line] = out
+  assert shlex.split(line) == [
+      "gcloud", "compute", "tpus", "tpu-vm", "create", "nucl", f"--zone={zone}",
+      f"--project={project}", "--accelerator-type=v5litepod-16", f"--version={runtime}"]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["setup", "--python="], "--python"),
+    (["setup", "--python=python3; reboot"], "--python"),
+    (["setup", "--extras=eval]"], "--extras"),
+    (["setup", "--extras=eval,"], "--extras"),
+])
+def test_setup_refuses_an_interpreter_or_extra_that_is_not_a_name(capsys, monkeypatch, args, flag):
+  code, out, err = _dry_run(capsys, *args, *WHERE, monkeypatch=monkeypatch)
+  assert code == 2 and out == [], (out, err)
+  assert len(err) == 1 and flag in err[0], err
