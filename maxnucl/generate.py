@@ -53,14 +53,42 @@ def model_vocab(checkpoint, vocab: Optional[str] = None) -> tuple[str, str]:
   return own
 
 
-def load_tokenizer(cfg, vocab: str) -> vocabularies.Tokenizer:
-  """The tokenizer for `vocab`, checked against the model's vocabulary size."""
-  tokenizer = vocabularies.get_tokenizer(vocab)
+def open_tokenizer(vocab: str, flag: str = "--vocab") -> vocabularies.Tokenizer:
+  """The tokenizer `vocab` names; a file that is no tokenizer is refused in one line naming it
+  (sentencepiece itself raises a RuntimeError that names neither the flag nor the problem)."""
+  try:
+    return vocabularies.get_tokenizer(vocab)
+  except RuntimeError as error:  # a ValueError (a bad tokenizer.json, ...) names the file itself
+    reason = " ".join(str(error).split()) or type(error).__name__
+    raise decoding.DecodingError(
+        f"{flag} {vocab}: not a SentencePiece model, a Hugging Face tokenizer.json or "
+        f"'{vocabularies.BYTE_VOCAB_NAME}' ({reason})") from None
+
+
+def read_prompt_file(path: str) -> str:
+  """The whole text of a prompt file; DecodingError naming the file and the line where it is not
+  UTF-8."""
+  data = pathlib.Path(path).read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as error:
+    line = data.count(b"\n", 0, error.start) + 1
+    raise decoding.DecodingError(f"--prompt_file {path}, line {line}: not UTF-8 text "
+                                 f"({error.reason} at byte {error.start})") from None
+
+
+def check_tokenizer(cfg, tokenizer: vocabularies.Tokenizer, vocab: str) -> vocabularies.Tokenizer:
+  """`tokenizer`, refused when it has more ids than the model has embeddings."""
   if tokenizer.vocab_size > cfg.vocab_size:
     raise decoding.DecodingError(
         f"vocabulary {vocab!r} has {tokenizer.vocab_size} tokens but model {cfg.name!r} has "
         f"only {cfg.vocab_size} embeddings: wrong --vocab for this checkpoint?")
   return tokenizer
+
+
+def load_tokenizer(cfg, vocab: str) -> vocabularies.Tokenizer:
+  """The tokenizer for `vocab`, checked against the model's vocabulary size."""
+  return check_tokenizer(cfg, open_tokenizer(vocab), vocab)
 
 
 def encode_prompts(tokenizer: vocabularies.Tokenizer, prompts: Sequence[str], *,
@@ -119,13 +147,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for f in args.prompt_file:
       if not pathlib.Path(f).is_file():
         parser.error(f"--prompt_file {f}: no such file")
-    prompts = list(args.prompt) + [pathlib.Path(f).read_text() for f in args.prompt_file]
+    prompts = list(args.prompt) + [read_prompt_file(f) for f in args.prompt_file]
     if not prompts:
       parser.error("give at least one --prompt or --prompt_file")
-    cfg, params = load_model(args.checkpoint, dtype=args.dtype)
     vocab, source = model_vocab(args.checkpoint, args.vocab)
     print(f"vocabulary: {vocab} ({source})", file=sys.stderr)
-    tokenizer = load_tokenizer(cfg, vocab)
+    tokenizer = open_tokenizer(vocab)  # a file that is no tokenizer: before the model is loaded
+    cfg, params = load_model(args.checkpoint, dtype=args.dtype)
+    check_tokenizer(cfg, tokenizer, vocab)
     encoded, stop_ids = encode_prompts(tokenizer, prompts, chat=args.chat, bos=not args.no_bos)
     outputs = decoding.generate(
         cfg, params, encoded, args.max_new_tokens, temperature=args.temperature,

@@ -83,3 +83,35 @@ def test_errors_name_the_problem(checkpoint, tmp_path, capsys):
   checkpoints.save(tmp_path / "small", small, models.init(small, jax.random.PRNGKey(0)))
   assert generate.main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x"]) == 2
   assert "'byte' has 259 tokens but model 'gemma2_tiny' has only 200" in capsys.readouterr().err
+
+
+def _one_error_line(capsys):
+  err = [line for line in capsys.readouterr().err.splitlines()
+         if line.strip() and not line.startswith("vocabulary:")]
+  assert len(err) == 1, err
+  return err[0]
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named_with_its_line(checkpoint, tmp_path, capsys):
+  prompt = tmp_path / "prompt.txt"
+  prompt.write_bytes(b"Q: one\nQ: tw\xffo\n")
+  assert generate.main(["--checkpoint", str(checkpoint[0]), "--prompt_file", str(prompt)]) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith("error: ") and "prompt.txt" in line and "line 2" in line
+  assert "UTF-8" in line
+
+
+@pytest.mark.parametrize("content", [b"not a sentencepiece model", b"", b"\x0a\x05\xff" * 40])
+def test_a_vocab_file_that_is_no_tokenizer_is_refused_before_the_model_is_loaded(
+    checkpoint, tmp_path, capsys, monkeypatch, content):
+  """`generate --vocab FILE` where FILE is not a SentencePiece model used to end in
+  sentencepiece's RuntimeError traceback."""
+  vocab = tmp_path / "tokenizer.model"
+  vocab.write_bytes(content)
+  monkeypatch.setattr(generate, "load_model",
+                      lambda *a, **k: pytest.fail("the model was loaded before the check"))
+  assert generate.main(["--checkpoint", str(checkpoint[0]), "--prompt", "x", "--vocab",
+                        str(vocab)]) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith("error: --vocab ") and str(vocab) in line
+  assert "SentencePiece" in line
