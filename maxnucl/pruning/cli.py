@@ -31,12 +31,20 @@ def _key_value(text: str):
   return key.strip(), value.strip()
 
 
-def _input_vocab(checkpoint: str, vocab) -> str:
-  """--vocab, else the input checkpoint's own (`generate.model_vocab`), printed with its source."""
+def _input_vocab(checkpoint: str, vocab, announce: bool = True) -> str:
+  """--vocab, else the input checkpoint's own (`generate.model_vocab`), printed with its source
+  when `announce` (when some input is text to tokenize)."""
   from maxnucl import generate  # pylint: disable=import-outside-toplevel
   vocab, source = generate.model_vocab(checkpoint, vocab)
-  print(f"vocabulary: {vocab} ({source})", file=sys.stderr)
+  if announce:
+    print(f"vocabulary: {vocab} ({source})", file=sys.stderr)
   return vocab
+
+
+def _tokenizes(*sources) -> bool:
+  """Whether a data SOURCE is read through the vocabulary: a registered task name is, a
+  .npy/.jsonl file of token ids is not."""
+  return any(s is not None and not str(s).endswith((".npy", ".jsonl")) for s in sources)
 
 
 def prune_main(argv=None) -> int:
@@ -112,10 +120,12 @@ def prune_main(argv=None) -> int:
     distributed.initialize_from_args(args)
     if args.eval_gin_param:
       import importlib  # pylint: disable=import-outside-toplevel
-      import gin  # pylint: disable=import-outside-toplevel
+      from maxnucl import gin_config  # pylint: disable=import-outside-toplevel
       importlib.import_module("maxnucl.evaluate")  # registers the benchmarks' gin names
-      gin.parse_config(args.eval_gin_param)
-    args.vocab = _input_vocab(args.input, args.vocab)
+      gin_config.parse_files_and_bindings([], args.eval_gin_param, finalize_config=False)
+      gin_config.check_types()
+    args.vocab = _input_vocab(args.input, args.vocab, announce=bool(args.eval_task) or _tokenizes(
+        args.calibration, args.eval_perplexity))
     report = prune.prune_ffn_neurons(
         args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
         budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
@@ -126,7 +136,9 @@ def prune_main(argv=None) -> int:
         eval_task_limit=args.eval_task_limit, report_path=args.report,
         overwrite=args.overwrite, mesh_shape=args.mesh_shape)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
-    print(f"{parser.prog}: error: {distributed.label()}{e}", file=sys.stderr)
+    from maxnucl import gin_config  # pylint: disable=import-outside-toplevel
+    print(f"{parser.prog}: error: {distributed.label()}{gin_config.error_message(e)}",
+          file=sys.stderr)
     return 2
   if not distributed.is_primary():
     return 0
@@ -174,7 +186,7 @@ def analyze_main(argv=None) -> int:
                       help="read a registered task's cached shards from here")
   args = parser.parse_args(argv)
   try:
-    args.vocab = _input_vocab(args.input, args.vocab)
+    args.vocab = _input_vocab(args.input, args.vocab, announce=_tokenizes(args.calibration))
     result = analysis.analyze_ffn(
         args.input, args.output_dir, methods=[m for m in args.methods.split(",") if m],
         ratio=args.ratio, layers=args.layers, seed=args.seed, calibration=args.calibration,
