@@ -142,7 +142,7 @@ def known_accelerator_types() -> str:
 
 def parse_accelerator_type(text: str) -> AcceleratorType:
   """`v5litepod-16` -> AcceleratorType(v5e, 16 chips); UsageError naming the known forms."""
-  match = re.fullmatch(r"([a-z0-9]+)-([0-9]+)", text, flags=re.ASCII)
+  match = re.fullmatch(r"([a-z0-9]+)-([1-9][0-9]*)", text, flags=re.ASCII)  # as gcloud spells N
   by_prefix = {g.prefix: g for g in GENERATIONS.values()}
   if match and match.group(1) in by_prefix:
     generation, n = by_prefix[match.group(1)], int(match.group(2))

@@ -491,6 +491,7 @@ CREATE = ["create", "--accelerator_type", "v5litepod-16"]
     ("--runtime_version", ""), ("--runtime_version", "v2 alpha"),
     ("--runtime_version", "--zone=x"), ("--runtime_version", "V2-ALPHA"),
     ("--accelerator_type", "v5litepod-\u0661\u0666"), ("--accelerator_type", " v5litepod-16"),
+    ("--accelerator_type", "v5litepod-016"),
     ("--name", "Nucl"), ("--name", "nucl-"),
 ])
 def test_create_refuses_a_flag_gcloud_would_not_take_naming_it(capsys, monkeypatch, flag, value):
