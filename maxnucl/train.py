@@ -32,11 +32,13 @@ if __name__ == "__main__":
   sys.exit(train.main())
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import sys
@@ -239,10 +241,14 @@ def train_loop(workdir: str | os.PathLike, *,
   if init_checkpoint is not None and not paths.as_path(init_checkpoint).exists():
     raise FileNotFoundError(f"train_loop.init_checkpoint {init_checkpoint} does not exist")
 
-  train_iter = pipeline.create_data_iterator("train", seed=seed)
-  _check_data(cfg, train_iter, accumulation_steps, mesh)
   schedule = learning_rate_schedule(num_steps)
   tx = create_optimizer(schedule)
+  train_iter = pipeline.create_data_iterator("train", seed=seed)
+  _check_data(cfg, train_iter, accumulation_steps, mesh)
+  batch_sh = _batch_shardings(train_iter, mesh, rules)
+  with sharding.activate(mesh, rules):
+    _trace_step(cfg, tx, schedule, accumulation_steps, train_iter)  # the loss terms' settings
+  eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
   if eval_tasks and jax.process_count() > 1:
     raise TrainingError("train_loop.eval_tasks runs on a single process; on several, evaluate "
                         "the checkpoints afterwards with python -m maxnucl.evaluate")
@@ -250,18 +256,19 @@ def train_loop(workdir: str | os.PathLike, *,
     raise TrainingError(f"train_loop.eval_tasks writes predictions to a local workdir only, not "
                         f"{workdir}; evaluate the checkpoints afterwards with python -m "
                         f"maxnucl.evaluate")
-  # Created once every setting, the data and the initial checkpoint have been checked: a refused
-  # run leaves no empty workdir behind.
-  workdir.mkdir(parents=True, exist_ok=True)
-  manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
-  primary = distributed.is_primary()  # the one process that prints and writes logs
-  if primary:
-    (workdir / "config.gin").write_text(gin.config_str())
-
-  with sharding.activate(mesh, rules):
+  # Created once every setting, the data and the initial checkpoint have been checked; a run
+  # refused after that (a compilation that fails, a checkpoint that does not fit) removes the
+  # workdir it created: a refused run leaves nothing behind.
+  with _removed_unless_started(workdir) as started, sharding.activate(mesh, rules):
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
+    primary = distributed.is_primary()  # the one process that prints and writes logs
+    if primary:
+      (workdir / "config.gin").write_text(gin.config_str())
     resume_step = manager.latest_step()
     if resume_step is None and init_checkpoint is not None:
       cfg = _config_from_checkpoint(init_checkpoint, cfg)
+      _check_data(cfg, train_iter, accumulation_steps, mesh)
     state_sh = state_shardings(cfg, tx, mesh, rules)
     if resume_step is not None:
       resume_step, state, train_state = _restore_latest(manager, cfg, tx, state_sh)
@@ -274,7 +281,6 @@ def train_loop(workdir: str | os.PathLike, *,
       state = _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules)
     rng = jax.random.PRNGKey(seed)
 
-    batch_sh = _batch_shardings(train_iter, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(
         functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
@@ -290,9 +296,7 @@ def train_loop(workdir: str | os.PathLike, *,
     shape = f"{cfg.name}, batch {train_iter.batch_size}×{train_iter.seq_len}"
     step_fn = compilation.compile_announced(step_fn, state, abstract_batch, rng,
                                             what=f"the train step ({shape})")
-    eval_data = []
     if eval_every:
-      eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh)
       eval_fn = compilation.compile_announced(eval_fn, state["params"], abstract_batch,
                                               what=f"the eval step ({shape})")
       if primary:
@@ -329,6 +333,7 @@ def train_loop(workdir: str | os.PathLike, *,
               f"saving this step's state; last good checkpoint: "
               f"{_step_dir(manager, last) if last is not None else 'none'}")
         state = new_state
+        started.set()
         interval_time, interval_steps = interval_time + step_time, interval_steps + 1
         bar.update(1)
         is_last = step == num_steps
@@ -377,6 +382,11 @@ def learning_rate_schedule(num_steps: int, *, peak_learning_rate: float = 1e-6,
 
   decay: "constant"; "cosine" or "linear" to `final_fraction * peak` at `num_steps`.
   """
+  _check_number("learning_rate_schedule.peak_learning_rate", peak_learning_rate)
+  _check_settings_of("learning_rate_schedule", warmup_steps=(warmup_steps, 0))
+  if not _is_number(final_fraction) or not 0 <= final_fraction <= 1:
+    raise ValueError(f"learning_rate_schedule.final_fraction = {final_fraction!r}: expected a "
+                     f"number in [0, 1]")
   decay_steps = max(num_steps - warmup_steps, 1)
   end = final_fraction * peak_learning_rate
   decays = {
@@ -429,7 +439,15 @@ def create_optimizer(schedule: optax.Schedule, *, name: str = "adafactor",
   if unknown:
     raise ValueError(f"create_optimizer: option(s) {unknown} are not settings of {name!r}; "
                      f"its settings: {sorted(known)}")
-  chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+  # A negative clipping norm flips every gradient (optax scales by norm / max(norm, limit)).
+  if grad_clip_norm is not None and not (_is_number(grad_clip_norm) and grad_clip_norm > 0):
+    raise ValueError(f"create_optimizer.grad_clip_norm = {grad_clip_norm!r}: expected a number "
+                     f"> 0, or None for no clipping")
+  _check_number("create_optimizer.weight_decay", weight_decay)
+  for option, value in options.items():
+    if not isinstance(value, bool) and value is not None and not _is_number(value):
+      raise ValueError(f"create_optimizer.{option} = {value!r}: expected a finite number")
+  chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm is not None else []
   return optax.chain(*chain, OPTIMIZERS[name](schedule, weight_decay=weight_decay, **options))
 
 
@@ -503,6 +521,9 @@ def _check_data(cfg, it, accumulation_steps, mesh):
   if it.vocab_size > cfg.vocab_size:
     raise TrainingError(f"data vocabulary has {it.vocab_size} ids but model {cfg.name!r} has "
                         f"vocab_size {cfg.vocab_size}")
+  if it.seq_len > cfg.max_positions:
+    raise TrainingError(f"create_data_iterator.seq_len = {it.seq_len} is longer than model "
+                        f"{cfg.name!r}'s max_positions {cfg.max_positions}")
   global_batch = it.batch_size
   if global_batch % accumulation_steps:
     raise TrainingError(f"batch size {global_batch} is not divisible by "
@@ -511,6 +532,44 @@ def _check_data(cfg, it, accumulation_steps, mesh):
   if (global_batch // accumulation_steps) % shards:
     raise TrainingError(f"microbatch size {global_batch // accumulation_steps} is not divisible "
                         f"by the {shards} data x fsdp shards of mesh {dict(mesh.shape)}")
+
+
+def _trace_step(cfg, tx, schedule, accumulation_steps, it) -> None:
+  """Traces the train step on abstract values (no compilation, no memory): settings that only
+  the step reads (the loss terms, their weights, the normalization) fail here, before the
+  workdir is created."""
+  params = models.abstract_params(cfg)
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  batch = _abstract_batch(it, {k: None for k in ("tokens", "targets", "loss_mask", "segment_ids",
+                                                  "positions")})
+  jax.eval_shape(functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
+                                   accumulation_steps=accumulation_steps),
+                 state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+
+class _Started:
+  """Set once the run's first step is done."""
+
+  def __init__(self):
+    self.done = False
+
+  def set(self) -> None:
+    self.done = True
+
+
+@contextlib.contextmanager
+def _removed_unless_started(workdir: paths.Path):
+  """Removes `workdir` again when it did not exist before this run and the run stops before its
+  first step is done: everything in it is then this run's config.gin and empty checkpoints/."""
+  fresh = not workdir.exists()
+  started = _Started()
+  try:
+    yield started
+  except BaseException:
+    if fresh and not started.done and distributed.is_primary() and workdir.exists():
+      paths.remove_tree(workdir)
+    raise
 
 
 def _batch_shardings(it, mesh, rules) -> dict:
@@ -546,10 +605,25 @@ def _eval_batches(split, num_batches, seed, batch_sh) -> list:
 def _check_settings(**values) -> None:
   """Refuse nonsensical train_loop settings (before anything is created), naming the binding.
   Each value must be an integer >= 1, or >= the minimum given with it as (value, minimum)."""
+  _check_settings_of("train_loop", **values)
+
+
+def _check_settings_of(configurable: str, **values) -> None:
   for name, value in values.items():
     value, minimum = value if isinstance(value, tuple) else (value, 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      raise TrainingError(f"train_loop.{name} = {value!r}: expected an integer >= {minimum}")
+      raise TrainingError(f"{configurable}.{name} = {value!r}: expected an integer >= {minimum}")
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _check_number(binding: str, value: Any) -> None:
+  """A rate or weight: a finite number >= 0."""
+  if not _is_number(value) or value < 0:
+    raise ValueError(f"{binding} = {value!r}: expected a finite number >= 0")
 
 
 def _benchmarks(eval_tasks, train_iter) -> list:

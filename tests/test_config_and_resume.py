@@ -43,6 +43,32 @@ def test_unread_macro_is_refused_naming_the_closest_known_macro():
     ("train_loop.checkpoint_every = 0", "train_loop.checkpoint_every = 0: expected an integer >= 1"),
     ("train_loop.num_steps = -3", "train_loop.num_steps = -3: expected an integer >= 1"),
     ("train_loop.eval_every = -1", "train_loop.eval_every = -1: expected an integer >= 0"),
+    # Values that trained wrongly (gradient ascent, zero loss tokens) or failed with a traceback
+    # or after the workdir was created.
+    ("create_optimizer.grad_clip_norm = -1.0",
+     "create_optimizer.grad_clip_norm = -1.0: expected a number > 0, or None for no clipping"),
+    ("create_optimizer.weight_decay = -0.1",
+     "create_optimizer.weight_decay = -0.1: expected a finite number >= 0"),
+    ("learning_rate_schedule.peak_learning_rate = -0.01",
+     "learning_rate_schedule.peak_learning_rate = -0.01: expected a finite number >= 0"),
+    ("learning_rate_schedule.warmup_steps = -5",
+     "learning_rate_schedule.warmup_steps = -5: expected an integer >= 0"),
+    ("learning_rate_schedule.final_fraction = 2.0",
+     "learning_rate_schedule.final_fraction = 2.0: expected a number in [0, 1]"),
+    ("DATA_BATCH_SIZE = 0", "create_data_iterator.batch_size = 0: expected an integer >= 1"),
+    ("DATA_SEQ_LEN = 0", "create_data_iterator.seq_len = 0: expected an integer >= 1"),
+    ("DATA_SEQ_LEN = 1024", "create_data_iterator.seq_len = 1024 is longer than model "
+     "'gemma2_tiny''s max_positions 512"),
+    ("NUCL_ALPHA = 'a'", "total_loss.terms['nucl_mstd'] = 'a': expected a finite number >= 0"),
+    ("NUCL_ALPHA = -1.0", "total_loss.terms['nucl_mstd'] = -1.0: expected a finite number >= 0"),
+    ("total_loss.terms = {'nucl_bogus': %NUCL_ALPHA}", "total_loss.terms: 'nucl_bogus' is not a "
+     "registered loss term"),
+    ("total_loss.normalization = 'bogus'", "total_loss.normalization = 'bogus': expected one of"),
+    ("total_loss.z_loss_weight = -1.0",
+     "total_loss.z_loss_weight = -1.0: expected a finite number >= 0"),
+    ("model_config.vocab_size = 10", "data vocabulary has 259 ids but model 'gemma2_tiny' has "
+     "vocab_size 10"),
+    ("train_loop.eval_split = 'nope'", "split 'nope'"),
 ])
 def test_bad_bindings_give_a_one_line_error_and_create_nothing(binding, message, tmp_path,
                                                                capsys):
@@ -53,6 +79,27 @@ def test_bad_bindings_give_a_one_line_error_and_create_nothing(binding, message,
   assert err == f"error: {err[len('error: '):]}" and "\n" not in err
   assert message in err
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_refused_after_creating_its_workdir_removes_only_what_it_created(
+    existed, tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "run"
+  if existed:
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("the user's")
+
+  def fail(*args, what, **kwargs):
+    raise ValueError(f"cannot compile {what}")
+  monkeypatch.setattr(train.compilation, "compile_announced", fail)
+  assert train.main(["--gin_file=gin/demo_cpu.gin", *(f"--gin_param={b}" for b in TINY),
+                     f"--workdir={workdir}"]) == 2
+  assert "cannot compile the train step" in capsys.readouterr().err
+  if existed:  # a directory the user made is left as it was, with what the run wrote
+    assert (workdir / "notes.txt").read_text() == "the user's"
+    assert (workdir / "config.gin").exists()
+  else:
+    assert not workdir.exists()
 
 
 @pytest.mark.parametrize("gin_file", sorted(str(p.relative_to(REPO)) for p in

@@ -659,7 +659,7 @@ def test_alpha_zero_gives_exactly_the_plain_nll_gradients():
 
 def test_unknown_term_is_named_and_a_registered_term_is_used():
   cfg, params, batch, logits_fn = model_and_batch()
-  with pytest.raises(KeyError, match="nucl_std"):
+  with pytest.raises(ValueError, match="'nucl_std' is not a registered loss term"):
     losses.total_loss(params, logits_fn(params), batch, cfg, terms={"nucl_std": 1.0})
 
   @losses.register_term("test_embedding_l2")

@@ -240,6 +240,9 @@ def create_data_iterator(split: str = "train", *, source: str = "synthetic_arith
     mixture_size: examples sampled from a mixture per pass (default: its tasks' total).
     use_seqio: build rows from the seqio tasks (`maxnucl.data.tasks`; needs TensorFlow).
   """
+  for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"create_data_iterator.{name} = {value!r}: expected an integer >= 1")
   process_index, process_count = _default_process(process_index, process_count)
   repeat = split == "train" if repeat is None else repeat
   if cache_dir is not None:

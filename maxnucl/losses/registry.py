@@ -10,6 +10,8 @@ mapping name -> alpha, typically bound in gin:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Mapping, Optional
 
 import gin
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 # Functions, not modules: the package namespace maps `nll` / `nucl` to these functions.
-from maxnucl.losses.nll import nll, z_loss
+from maxnucl.losses.nll import NORMALIZATIONS, nll, z_loss
 from maxnucl.losses.nucl import nucl
 from maxnucl.models.config import ModelConfig
 
@@ -65,6 +67,38 @@ def nucl_diversity(params, logits, batch, cfg):
   return nucl(params, cfg, variant="diversity")
 
 
+def _weight(value: Any) -> bool:
+  """A loss weight: a finite number >= 0 (a traced array is taken as given)."""
+  if isinstance(value, jax.Array):
+    return True
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0)
+
+
+def check_settings(terms: Optional[Mapping[str, float]], normalization: str,
+                   z_loss_weight: float) -> dict[str, float]:
+  """`total_loss`'s settings checked, naming the binding: registered terms with weights that are
+  finite numbers >= 0 (a negative alpha rewards what the term penalises), a known normalization.
+  Returns the terms as a dict."""
+  if terms is not None and not isinstance(terms, Mapping):
+    raise ValueError(f"total_loss.terms = {terms!r}: expected a mapping of loss term name to "
+                     f"weight, e.g. {{'nucl_mstd': 1.0}}")
+  terms = dict(terms or {})
+  for name, alpha in terms.items():
+    if name not in LOSS_TERMS:
+      raise ValueError(f"total_loss.terms: {name!r} is not a registered loss term; registered "
+                       f"terms: {sorted(LOSS_TERMS)}")
+    if not _weight(alpha):
+      raise ValueError(f"total_loss.terms[{name!r}] = {alpha!r}: expected a finite number >= 0")
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"total_loss.normalization = {normalization!r}: expected one of "
+                     f"{list(NORMALIZATIONS)}")
+  if not _weight(z_loss_weight):
+    raise ValueError(f"total_loss.z_loss_weight = {z_loss_weight!r}: expected a finite number "
+                     f">= 0")
+  return terms
+
+
 @gin.configurable(module="maxnucl.losses", denylist=["params", "logits", "batch", "cfg"])
 def total_loss(params: Any, logits: Array, batch: dict[str, Any], cfg: ModelConfig,
                terms: Optional[Mapping[str, float]] = None, normalization: str = "mean",
@@ -88,10 +122,7 @@ def total_loss(params: Any, logits: Array, batch: dict[str, Any], cfg: ModelConf
     (total float32 scalar, metrics) with metrics "nll", each term's raw (un-weighted) value under
     its name, "z_loss" when z_loss_weight != 0, and "loss" = total.
   """
-  terms = dict(terms or {})
-  unknown = sorted(set(terms) - set(LOSS_TERMS))
-  if unknown:
-    raise KeyError(f"loss terms {unknown} not registered; registered terms: {sorted(LOSS_TERMS)}")
+  terms = check_settings(terms, normalization, z_loss_weight)
   metrics = {"nll": nll(logits, batch, normalization)}
   total = metrics["nll"]
   if z_loss_weight:
