@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -17,12 +18,13 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors
 import torch
 import transformers
 from jax.sharding import NamedSharding
 
 from maxnucl import checkpoints, ffn, models, outputs, sharding
-from maxnucl.conversion import convert, deepmind_gemma, hf_gemma2, hf_io
+from maxnucl.conversion import cli, convert, deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.conversion import inspect as inspect_lib
 import interrupting
 from hf_reference import hf_logits, maxnucl_from_hf, tiny_hf_gemma2
@@ -542,3 +544,86 @@ def test_hf_axes_is_the_permutation_inside_to_hf():
     expected = to_hf(array, cfg)
     np.testing.assert_array_equal(
         array.transpose(hf_gemma2.hf_axes(path)).reshape(expected.shape), expected, err_msg=name)
+
+
+# ---- safetensors validated as the format's spec (and the `safetensors` library) does ---------------
+
+def _safetensors_parts(path):
+  data = path.read_bytes()
+  (length,) = struct.unpack("<Q", data[:8])
+  return length, json.loads(data[8:8 + length]), data[8 + length:]
+
+
+def _with_header(header, body, length_delta=0):
+  text = json.dumps(header).encode()
+  text += b" " * (-len(text) % 8)
+  return struct.pack("<Q", len(text) + length_delta) + text + body
+
+
+def _layout_mutants(path):
+  """name -> (mutated file bytes, what the one-line refusal must name besides the file)."""
+  length, header, body = _safetensors_parts(path)
+  data = path.read_bytes()
+  norm = "model.norm.weight"
+  first = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+  shifted = json.loads(json.dumps(header))
+  shifted[norm]["data_offsets"] = [o + 4 for o in header[norm]["data_offsets"]]
+  overlapping = json.loads(json.dumps(header))
+  begin, end = header[norm]["data_offsets"]
+  overlapping[norm]["data_offsets"] = [begin - 4, end - 4]
+  bad_metadata = {**header, "__metadata__": {"format": 1}}
+  bad_shape = json.loads(json.dumps(header))
+  bad_shape[first]["shape"] = "48"
+  return {
+      # the JSON still parses thanks to its space padding: every tensor one byte off
+      "header_length_one_short": (struct.pack("<Q", length - 1) + data[8:], "not fully covered"),
+      "one_byte_appended": (data + b"\0", "not fully covered"),
+      "gap_before_a_tensor": (_with_header(shifted, body), norm),
+      "overlapping_tensors": (_with_header(overlapping, body), norm),
+      "metadata_not_strings": (_with_header(bad_metadata, body), "__metadata__"),
+      "shape_not_a_list": (_with_header(bad_shape, body), first),
+      "header_length_beyond_file": (struct.pack("<Q", len(data)) + data[8:], "header length"),
+  }
+
+
+@pytest.mark.parametrize("mutant", ["header_length_one_short", "one_byte_appended",
+                                    "gap_before_a_tensor", "overlapping_tensors",
+                                    "metadata_not_strings", "shape_not_a_list",
+                                    "header_length_beyond_file"])
+def test_safetensors_the_library_refuses_is_refused_in_one_line(hf_dir, tmp_path, mutant,
+                                                                 capsys):
+  bad = tmp_path / "bad"
+  shutil.copytree(hf_dir, bad)
+  data, named = _layout_mutants(hf_dir / "model.safetensors")[mutant]
+  (bad / "model.safetensors").write_bytes(data)
+  with pytest.raises(Exception):  # the reference: safetensors' own reader refuses the file
+    with safetensors.safe_open(bad / "model.safetensors", framework="pt") as f:
+      [f.get_tensor(k) for k in f.keys()]
+  assert cli.main(["hf-to-maxnucl", "--input", str(bad), "--output", str(tmp_path / "out")]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and str(bad / "model.safetensors") in lines[0] and named in lines[0], (
+      lines)
+  assert not (tmp_path / "out").exists()
+
+
+def test_safetensors_layouts_the_library_reads_convert_identically(hf_dir, converted, tmp_path):
+  """Tensors in another order in the header or the file, a header of other whitespace: the same
+  checkpoint."""
+  length, header, body = _safetensors_parts(hf_dir / "model.safetensors")
+  names = sorted((k for k in header if k != "__metadata__"), reverse=True)
+  reordered, parts, offset = {}, [], 0
+  for name in names:  # data in reverse order, header in reverse order
+    begin, end = header[name]["data_offsets"]
+    reordered[name] = {**header[name], "data_offsets": [offset, offset + end - begin]}
+    parts.append(body[begin:end])
+    offset += end - begin
+  other = tmp_path / "other"
+  shutil.copytree(hf_dir, other)
+  text = (" " + json.dumps(reordered, indent=1)).encode()
+  text += b"\n" * (-len(text) % 8)
+  (other / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(parts))
+  with safetensors.safe_open(other / "model.safetensors", framework="pt") as f:
+    assert sorted(f.keys()) == sorted(names)
+  convert.hf_to_maxnucl(other, tmp_path / "out", dtype="float32")
+  _assert_params_identical(checkpoints.load(tmp_path / "out")[1],
+                           checkpoints.load(converted[0])[1])

@@ -8,6 +8,8 @@ A directory holds `model.safetensors`, or several shards listed in
 `model.safetensors.index.json` (`{"metadata": {"total_size"}, "weight_map": {name: file}}`).
 A directory may also be a URL (`gs://...`, `file://...`; maxnucl.paths): files are then read and
 written through etils.epath, a tensor by one ranged read of its bytes instead of a memory map.
+Every header is validated as the `safetensors` library validates it before a tensor is read
+(`_read_header`): a file that library refuses is refused here, naming the file and the tensor.
 
 Why not the `safetensors` package's own API: its writers (`save_file`) take every tensor of a file
 in memory at once (no streaming), and its numpy reader cannot return bfloat16 ("data type
@@ -18,7 +20,9 @@ package and checks the files written here with `safetensors.torch.load_file` and
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import struct
 from typing import Callable, Iterable, Optional
@@ -50,8 +54,13 @@ class SafetensorsReader:
     if index.exists():
       try:
         weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
+      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise SafetensorsError(f"{index}: not a safetensors index ({e})") from None
+      if not (isinstance(weight_map, dict) and all(
+          isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+          for v in weight_map.values())):
+        raise SafetensorsError(f"{index}: weight_map is {_short(weight_map)}, expected an object "
+                               f"of tensor name -> file name in this directory")
       files = sorted(set(weight_map.values()))
     elif (self.directory / SINGLE_FILE).exists():
       files, weight_map = [SINGLE_FILE], None
@@ -113,39 +122,107 @@ class SafetensorsReader:
     return self.entries[name]
 
 
+# safetensors' own limit on the JSON header (its MAX_HEADER_SIZE): larger is refused unread
+MAX_HEADER_BYTES = 100_000_000
+
+
 def _read_header(path: paths.Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-  """name -> (dtype code, shape, absolute begin, absolute end); checks the file is complete."""
+  """name -> (dtype code, shape, absolute begin, absolute end), validated as the `safetensors`
+  library validates a file: the 8-byte header length within the file (and at most
+  MAX_HEADER_BYTES), the header a JSON object (no NaN/Infinity, no repeated key) of
+  {"dtype", "shape", "data_offsets"} per tensor and an optional "__metadata__" of strings, every
+  tensor's byte length its shape x its dtype's size, and the offsets, ordered, contiguous from 0
+  and covering the data after the header exactly (no gap, no overlap, nothing after the last)."""
   size = paths.file_size(path)
   with path.open("rb") as f:
     head = f.read(8)
     if len(head) < 8:
       raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
     (length,) = struct.unpack("<Q", head)
-    if 8 + length > size:
-      raise SafetensorsError(f"{path}: truncated safetensors file (header of {length} bytes "
-                             f"but the file has {size})")
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+      raise SafetensorsError(f"{path}: safetensors header length {length} exceeds the file "
+                             f"({size} bytes; at most {MAX_HEADER_BYTES}): truncated or not a "
+                             f"safetensors file")
     try:
-      header = json.loads(f.read(length))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys,
+                          parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
       raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise SafetensorsError(f"{path}: safetensors header is a JSON {type(header).__name__}, "
+                           f"expected an object of tensors")
+  metadata = header.get("__metadata__")
+  if metadata is not None and not (isinstance(metadata, dict) and all(
+      isinstance(v, str) for v in metadata.values())):
+    raise SafetensorsError(f"{path}: safetensors __metadata__ is {_short(metadata)}, expected an "
+                           f"object of strings")
   out = {}
   for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    code, shape = info.get("dtype"), tuple(info.get("shape", ()))
-    if code not in DTYPES:
-      raise SafetensorsError(f"{path}: tensor {name} has dtype {code}; supported: "
-                             f"{sorted(DTYPES)}")
-    begin, end = info["data_offsets"]
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
-    if end - begin != expected:
-      raise SafetensorsError(f"{path}: tensor {name} has {end - begin} bytes for shape "
-                             f"{shape} {code} (expected {expected})")
-    if 8 + length + end > size:
+    if name != "__metadata__":
+      code, shape, begin, end = _tensor_info(path, name, info)
+      out[name] = (code, shape, begin, end)
+  data_bytes, covered = size - 8 - length, 0
+  for name, (_, _, begin, end) in sorted(out.items(), key=lambda kv: kv[1][2:]):
+    if begin != covered:
+      raise SafetensorsError(
+          f"{path}: tensor {name}: data_offsets [{begin}, {end}] "
+          f"{'overlap the previous tensor' if begin < covered else 'leave a gap'} (expected to "
+          f"begin at {covered}: offsets are contiguous from 0)")
+    if end > data_bytes:
       raise SafetensorsError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
                              f"{8 + length + end} but the file has {size} bytes")
-    out[name] = (code, shape, 8 + length + begin, 8 + length + end)
-  return out
+    covered = end
+  if covered != data_bytes:
+    raise SafetensorsError(f"{path}: the tensors cover {covered} bytes of the {data_bytes} after "
+                           f"the {length}-byte header (incomplete metadata, file not fully "
+                           f"covered: a wrong header length, or a truncated or extended file)")
+  return {name: (code, shape, 8 + length + begin, 8 + length + end)
+          for name, (code, shape, begin, end) in out.items()}
+
+
+def _tensor_info(path, name: str, info) -> tuple[str, tuple[int, ...], int, int]:
+  """(dtype code, shape, begin, end) of one header entry, checked (offsets relative to the data)."""
+  where = f"{path}: tensor {name}"
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    raise SafetensorsError(f"{where}: header entry is {_short(info)}, expected an object with "
+                           f"dtype, shape and data_offsets")
+  code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if not isinstance(code, str) or code not in DTYPES:
+    raise SafetensorsError(f"{where} has dtype {_short(code)}; supported: {sorted(DTYPES)}")
+  if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+    raise SafetensorsError(f"{where}: shape {_short(shape)}, expected a list of non-negative "
+                           f"integers")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+          and offsets[0] <= offsets[1]):
+    raise SafetensorsError(f"{where}: data_offsets {_short(offsets)}, expected [begin, end] "
+                           f"with 0 <= begin <= end")
+  begin, end = offsets
+  expected = math.prod(shape) * DTYPES[code].itemsize
+  if end - begin != expected:
+    raise SafetensorsError(f"{where} has {end - begin} bytes for shape {tuple(shape)} {code} "
+                           f"(expected {expected})")
+  return code, tuple(shape), begin, end
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value) -> str:
+  text = json.dumps(value) if not isinstance(value, float) else repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unique_keys(pairs):
+  counts = collections.Counter(k for k, _ in pairs)
+  repeated = sorted(k for k, n in counts.items() if n > 1)
+  if repeated:
+    raise ValueError(f"key {repeated[0]!r} appears more than once")
+  return dict(pairs)
+
+
+def _no_constant(name):
+  raise ValueError(f"{name} is not JSON")
 
 
 def plan_shards(specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
