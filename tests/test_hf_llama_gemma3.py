@@ -390,3 +390,159 @@ def test_export_refuses_what_no_architecture_holds(tmp_path):
     hf_architectures.for_model(cfg)
   with pytest.raises(ValueError, match="family 'palm'"):
     hf_architectures.for_model(models.get_config("palm_tiny"))
+
+
+# ---- config.json fields left out read as transformers reads them -----------------------------------
+
+def tiny_gemma2(directory):
+  """A tiny random transformers Gemma-2 of SHAPE (3 layers), saved to `directory`; its
+  (transformers model, directory)."""
+  from hf_reference import tiny_hf_gemma2  # pylint: disable=import-outside-toplevel
+  model = tiny_hf_gemma2(seed=5, **SHAPE, num_hidden_layers=3)
+  model.save_pretrained(directory)
+  return model, directory
+
+
+# The fields a config.json cannot leave out: transformers' defaults for them describe another
+# model than the tensors (its default sizes), and the model_type chooses the config class.
+REQUIRED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "model_type"}
+# Fields whose transformers default gives other tensor shapes than the tiny models': a
+# directory without them holds another model (refused by the shape check)
+SHAPE_FIELDS = {"head_dim", "num_key_value_heads"}
+
+
+@pytest.fixture(scope="module")
+def all_models(hf_models, tmp_path_factory):
+  """hf_models and a tiny Gemma-2 of the same SHAPE."""
+  return {**hf_models,
+          "Gemma2ForCausalLM": tiny_gemma2(tmp_path_factory.mktemp("gemma2") / "gemma2")}
+
+
+def optional_fields(config):
+  """Every field of `config` that transformers' config class has a default for (all but
+  REQUIRED)."""
+  return sorted(set(config) - REQUIRED)
+
+
+def with_config(tmp_path, hf_dir, config, name="dir"):
+  directory = tmp_path / name
+  directory.mkdir()
+  (directory / "config.json").write_text(json.dumps(config))
+  (directory / "model.safetensors").symlink_to(hf_dir / "model.safetensors")
+  return directory
+
+
+@pytest.mark.parametrize("architecture", ["Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                                          "LlamaForCausalLM", "MistralForCausalLM",
+                                          "Qwen2ForCausalLM"])
+def test_each_absent_optional_field_reads_as_transformers_default(all_models, architecture,
+                                                                  tmp_path):
+  """config.json without one optional field: maxnucl's ModelConfig is the one transformers'
+  own config class (with its default for the field) describes."""
+  hf_dir = all_models[architecture][1]
+  config = json.loads((hf_dir / "config.json").read_text())
+  fields = optional_fields(config)
+  assert "rms_norm_eps" in fields and "rope_parameters" in fields
+  for field in fields:
+    directory = with_config(tmp_path, hf_dir, {k: v for k, v in config.items() if k != field},
+                            field)
+    theirs = transformers.AutoConfig.from_pretrained(directory).to_dict()
+    try:
+      ours = convert.read_hf_config(directory)[0]
+    except convert.ConversionError:  # e.g. Qwen2's default of 32 KV heads for 5 query heads
+      assert field in SHAPE_FIELDS, field  # a default that contradicts the tensors' shapes
+      continue
+    assert ours == hf_architectures.detect(theirs).config_from_hf(theirs, ours.name), field
+
+
+@pytest.mark.parametrize("architecture", ["Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                                          "LlamaForCausalLM"])
+def test_absent_optional_fields_give_transformers_logits(all_models, architecture, tmp_path):
+  """Every optional field the tensors do not fix dropped at once (soft-caps, query scaling,
+  window, RoPE, epsilon, ...): maxnucl's conversion computes transformers' logits on the same
+  directory."""
+  hf_dir = all_models[architecture][1]
+  config = json.loads((hf_dir / "config.json").read_text())
+  dropped = set(optional_fields(config)) - SHAPE_FIELDS
+  directory = with_config(tmp_path, hf_dir, {k: v for k, v in config.items()
+                                             if k not in dropped})
+  assert cli.main(["hf-to-maxnucl", "--input", str(directory), "--output",
+                   str(tmp_path / "ckpt")]) == 0
+  expected = hf_logits(load_hf(directory))
+  before = hf_logits(all_models[architecture][0])
+  if architecture == "Gemma2ForCausalLM":  # the defaults (caps 50 / 30, ...) make another model
+    assert not np.allclose(expected, before)
+  cfg = checkpoints.load_config(tmp_path / "ckpt")
+  assert_logits_close(maxnucl_logits(tmp_path / "ckpt"), expected, cfg)
+
+
+# ---- config.json fields of the wrong type or range ------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("attn_logit_softcapping", "x"), ("final_logit_softcapping", float("nan")),
+    ("rms_norm_eps", -1.0), ("rms_norm_eps", None), ("head_dim", True), ("vocab_size", 10**12),
+    ("num_hidden_layers", 10**12), ("num_hidden_layers", 1.5), ("sliding_window", -4),
+    ("layer_types", float("nan")), ("layer_types", [[]]), ("rope_parameters", "x"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": {}}),
+    ("architectures", 10**12), ("eos_token_id", {}), ("pad_token_id", 10**6),
+    ("tie_word_embeddings", "yes"), ("query_pre_attn_scalar", 0), ("max_position_embeddings", []),
+])
+def test_wrong_typed_config_field_is_refused_in_one_line_naming_it(all_models, field, value,
+                                                                   tmp_path, capsys):
+  hf_dir = all_models["Gemma2ForCausalLM"][1]
+  config = json.loads((hf_dir / "config.json").read_text())
+  directory = with_config(tmp_path, hf_dir, {**config, field: value})
+  code, _, err = run_cli(capsys, "hf-to-maxnucl", "--input", directory, "--output",
+                         tmp_path / "out")
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, err
+  assert str(directory / "config.json") in lines[0] and field in lines[0], lines[0]
+  assert not (tmp_path / "out").exists()
+
+
+# ---- the declared architecture against the tensors --------------------------------------------------
+
+TENSOR_FAMILY = {"Gemma2ForCausalLM": "Gemma-2", "Gemma3ForCausalLM": "Gemma-3",
+                 "Qwen2ForCausalLM": "Qwen2", "LlamaForCausalLM": "Llama/Mistral",
+                 "MistralForCausalLM": "Llama/Mistral"}
+
+
+@pytest.mark.parametrize("declared", list(TENSOR_FAMILY))
+def test_config_declaring_another_architecture_than_the_tensors_is_refused(
+    all_models, declared, tmp_path, capsys):
+  """Each architecture's config.json (model_type and architectures consistent) over every other
+  family's tensors (the layer count adjusted): refused in one line naming what config.json
+  declares and what the tensors are."""
+  config = json.loads((all_models[declared][1] / "config.json").read_text())
+  for source, (model, hf_dir) in all_models.items():
+    if TENSOR_FAMILY[source] == TENSOR_FAMILY[declared]:
+      continue
+    mutant = {k: v for k, v in config.items() if k not in ("layer_types",)}
+    mutant["num_hidden_layers"] = model.config.num_hidden_layers
+    directory = with_config(tmp_path, hf_dir, mutant, source)
+    code, _, err = run_cli(capsys, "hf-to-maxnucl", "--input", directory, "--output",
+                           tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (source, err)
+    assert str(directory / "config.json") in lines[0], lines[0]
+    assert f"declares {declared}" in lines[0], lines[0]
+    assert f"tensors are {TENSOR_FAMILY[source]}'s" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3", "gemma3_text", "llama", "mistral",
+                                        "qwen2", "gemma2_ffn_widths"])
+def test_model_type_disagreeing_with_architectures_is_refused(all_models, model_type, tmp_path,
+                                                              capsys):
+  """transformers builds the model model_type names: a config.json whose architectures say
+  otherwise (or a model_type maxnucl does not convert) is refused, naming both."""
+  hf_dir = all_models["Gemma2ForCausalLM"][1]
+  config = json.loads((hf_dir / "config.json").read_text())
+  directory = with_config(tmp_path, hf_dir, {**config, "model_type": model_type})
+  code, _, err = run_cli(capsys, "hf-to-maxnucl", "--input", directory, "--output",
+                         tmp_path / "out")
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, err
+  assert str(directory / "config.json") in lines[0] and "model_type" in lines[0], lines[0]
+  assert model_type in lines[0]

@@ -69,9 +69,11 @@ def read_hf_config(hf_dir: str | os.PathLike, *, keep_query_pre_attn_scalar: boo
   if not path.exists():
     raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
   try:
-    hf = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+    hf = json.loads(path.read_bytes().decode("utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise ConversionError(f"{path}: a JSON {type(hf).__name__}; expected an object of fields")
   if (not keep_query_pre_attn_scalar and hf.get("query_pre_attn_scalar") == _OLD_9B_SCALAR
       and all(hf.get(k) == v for k, v in _GEMMA2_9B_SHAPE.items())):
     log.warning("%s: query_pre_attn_scalar is %d for a Gemma-2 9b-shaped model; using %d "
@@ -98,16 +100,19 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
                             overwrite=overwrite)
   cfg, hf = read_hf_config(hf_dir, keep_query_pre_attn_scalar=keep_query_pre_attn_scalar)
   reader = _guard(lambda: hf_io.SafetensorsReader(hf_dir))
-  spec = hf_architectures.detect(hf)
+  spec = check_declared_model(hf_dir, cfg, hf, reader)
   mapping = spec.tensor_map(cfg)
   expected = {hf_name: _shape_after(to_hf, shape, cfg)
               for (path, (hf_name, _, to_hf)), shape in zip(
                   mapping.items(), _maxnucl_shapes(cfg, mapping))}
+  config_json = paths.as_path(hf_dir) / "config.json"
   for name, shape in expected.items():
     if name not in reader:
-      raise ConversionError(f"{hf_dir}: tensor {name} is missing (expected shape {shape}; "
-                            f"files: {sorted({p.name for p, *_ in reader.entries.values()})})")
-    _check_tensor(name, reader.file(name), reader.shape(name), shape, reader.dtype(name))
+      raise ConversionError(f"{hf_dir}: tensor {name} is missing (expected shape {shape} from "
+                            f"{config_json.name}; files: "
+                            f"{sorted({p.name for p, *_ in reader.entries.values()})})")
+    _check_tensor(name, reader.file(name), reader.shape(name), shape, reader.dtype(name),
+                  source=config_json.name)
   unexpected = sorted(set(reader.names()) - set(expected) - ({LM_HEAD} if cfg.tie_embeddings
                                                               else set()))
   if unexpected:
@@ -124,10 +129,32 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
   with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite,
                                    tokenizer_files=tokenizer) as writer:
     for path, (hf_name, to_maxnucl, _) in mapping.items():
-      array = to_maxnucl(reader.get(hf_name), cfg)
+      array = reader.get(hf_name)
+      check_finite(array, f"{reader.file(hf_name)}: tensor {hf_name}")
+      array = to_maxnucl(array, cfg)
       _guard(functools.partial(writer.write, path, array), f"{reader.file(hf_name)}: tensor {hf_name}: ")
       del array
   return cfg
+
+
+def check_declared_model(hf_dir, cfg: ModelConfig, hf: dict[str, Any],
+                         reader: hf_io.SafetensorsReader) -> hf_format.HfArchitecture:
+  """The architecture config.json declares, checked against what the tensors are before any
+  per-layer work: as many layers as num_hidden_layers, and the architecture's own modules
+  (Gemma-2's pre/post-feedforward norms, Gemma-3's q/k norms, Qwen2's biases) and no other's."""
+  path = paths.as_path(hf_dir) / "config.json"
+  spec = hf_architectures.detect(hf)
+  layers = {int(name.split(".")[2]) for name in reader.names()
+            if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+  if layers != set(range(cfg.num_layers)):
+    held = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) and layers else (
+        f"layer indices {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''}")
+    raise ConversionError(f"{path}: num_hidden_layers {cfg.num_layers}, but the safetensors "
+                          f"files hold {len(layers)} layer(s) ({held})")
+  mismatch = hf_architectures.declared_mismatch(spec, cfg, reader.names())
+  if mismatch:
+    raise ConversionError(f"{path}: {mismatch}")
+  return spec
 
 
 def _check_tied(reader: hf_io.SafetensorsReader, embedding: str, rows: int = 8192) -> None:
@@ -351,13 +378,29 @@ def _zero_padded(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   return out
 
 
-def _check_tensor(name: str, file, shape, expected_shape, dtype) -> None:
+def _check_tensor(name: str, file, shape, expected_shape, dtype,
+                  source: str = "the model config") -> None:
   if tuple(shape) != tuple(expected_shape):
     raise ConversionError(f"{file}: tensor {name} has shape {tuple(shape)}, expected "
-                          f"{tuple(expected_shape)} from the model config")
+                          f"{tuple(expected_shape)} from {source}")
   if np.dtype(dtype).name not in ("float32", "bfloat16", "float16", "float64"):
     raise ConversionError(f"{file}: tensor {name} has dtype {np.dtype(dtype).name}; expected "
                           f"a floating-point dtype")
+
+
+def check_finite(array: np.ndarray, where: str, block: int = 1 << 24) -> None:
+  """Refuse NaN or infinite weights (a damaged file; the checkpoint readers refuse them too),
+  unless $MAXNUCL_ALLOW_NONFINITE=1 (checkpoints.ALLOW_NONFINITE_ENV, for debugging).  Scanned in
+  blocks: no tensor-sized temporary."""
+  if os.environ.get("MAXNUCL_ALLOW_NONFINITE", "") not in ("", "0"):
+    return
+  flat = array.reshape(-1)
+  bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + block])))
+            for i in range(0, flat.size, block))
+  if bad:
+    raise ConversionError(f"{where} holds {bad} non-finite value(s) (NaN or inf); expected "
+                          f"finite weights (MAXNUCL_ALLOW_NONFINITE=1 converts them anyway, for "
+                          f"debugging)")
 
 
 def _check_dtype(dtype: str) -> None:

@@ -28,6 +28,8 @@ maxnucl/conversion/hf_custom_code beside it, loaded with trust_remote_code=True)
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -161,6 +163,81 @@ def hf_state_from_params(mapping: TensorMap, cfg: ModelConfig,
 
 # ---- config.json fields every architecture reads alike -------------------------------------------
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+MAX_SIZE = 2**31 - 1  # sizes, counts and ids: int32, as XLA indexes arrays and token ids
+
+# What each config.json field must be, when present and not null (a field is validated wherever it
+# is read, by `with_defaults`): (description, test).
+_COUNT = ("an integer in [1, 2**31)", lambda v: _is_int(v) and 1 <= v <= MAX_SIZE)
+_NATURAL = ("an integer in [0, 2**31)", lambda v: _is_int(v) and 0 <= v <= MAX_SIZE)
+_POSITIVE = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
+_BOOL = ("true or false", lambda v: isinstance(v, bool))
+_STRING = ("a string", lambda v: isinstance(v, str))
+_OBJECT = ("an object", lambda v: isinstance(v, dict))
+_STRINGS = ("a list of strings", lambda v: isinstance(v, list) and all(
+    isinstance(x, str) for x in v))
+_WIDTHS = ("a list of integers in [0, 2**31)", lambda v: isinstance(v, list) and all(
+    _NATURAL[1](x) for x in v))
+_IDS = ("a token id (an integer in [0, 2**31)) or a non-empty list of them",
+        lambda v: _NATURAL[1](v) or (isinstance(v, list) and v and all(map(_NATURAL[1], v))))
+FIELDS = {
+    "model_type": _STRING, "architectures": _STRINGS, "vocab_size": _COUNT,
+    "hidden_size": _COUNT, "intermediate_size": _COUNT, "intermediate_sizes": _WIDTHS,
+    "num_hidden_layers": _COUNT, "num_attention_heads": _COUNT, "num_key_value_heads": _COUNT,
+    "head_dim": _COUNT, "max_position_embeddings": _COUNT, "sliding_window": _COUNT,
+    "sliding_window_pattern": _COUNT, "max_window_layers": _NATURAL, "layer_types": _STRINGS,
+    "rms_norm_eps": _POSITIVE, "rope_theta": _POSITIVE, "rope_local_base_freq": _POSITIVE,
+    "partial_rotary_factor": _POSITIVE, "query_pre_attn_scalar": _POSITIVE,
+    "attn_logit_softcapping": _POSITIVE, "final_logit_softcapping": _POSITIVE,
+    "pad_token_id": _NATURAL, "bos_token_id": _NATURAL, "eos_token_id": _IDS,
+    "tie_word_embeddings": _BOOL, "attention_bias": _BOOL, "mlp_bias": _BOOL,
+    "use_sliding_window": _BOOL, "use_bidirectional_attention": _BOOL,
+    "hidden_act": _STRING, "hidden_activation": _STRING, "rope_parameters": _OBJECT,
+    "rope_scaling": _OBJECT,
+}
+
+
+def short(value) -> str:
+  """A config value as JSON, cut to 60 characters (for one-line messages)."""
+  try:
+    text = json.dumps(value, allow_nan=True)
+  except (TypeError, ValueError):
+    text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def with_defaults(hf: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+  """config.json's fields over `defaults` (the transformers config class's own defaults for what
+  a config.json may leave out: an absent field reads as transformers reads it; an explicit null
+  stays null), every field of FIELDS checked for its type and range (ValueError naming it)."""
+  hf = {**defaults, **hf}
+  for field, (expected, valid) in FIELDS.items():
+    value = hf.get(field)
+    if value is not None and not valid(value):
+      raise ValueError(f"config.json: {field} is {short(value)}; expected {expected}")
+  for role in ("pad", "bos", "eos"):
+    ids = hf.get(f"{role}_token_id")
+    if ids is not None and hf.get("vocab_size") is not None and any(
+        i >= hf["vocab_size"] for i in (ids if isinstance(ids, list) else [ids])):
+      raise ValueError(f"config.json: {role}_token_id is {short(ids)}; expected ids below "
+                       f"vocab_size {hf['vocab_size']}")
+  return hf
+
+
+def refuse_true(hf: dict[str, Any], field: str, why: str) -> None:
+  """A boolean field whose true value the architecture's maxnucl model does not compute."""
+  if hf.get(field):
+    raise ValueError(f"config.json: {field} true; {why}")
+
+
 def first_id(value) -> int:
   """A token id of config.json (eos_token_id may be a list: its first)."""
   return int(value[0] if isinstance(value, (list, tuple)) else value)
@@ -213,22 +290,34 @@ def rope_from_hf(params: dict[str, Any], field: str, theta: float, max_positions
                  ) -> tuple[float, Optional[tuple]]:
   """(RoPE base, ModelConfig.rope_scaling) of one rope_parameters dict (`field` names it in
   errors; `theta`: the base when the dict has none)."""
+  if not isinstance(params, dict):
+    raise ValueError(f"config.json: {field} is {short(params)}; expected an object")
   kind = params.get("rope_type", params.get("type", "default"))
   partial = params.get("partial_rotary_factor", 1.0)
   if partial != 1.0:
-    raise ValueError(f"config.json: {field}.partial_rotary_factor {partial}; maxnucl rotates "
-                     f"every dimension of a head (1.0)")
-  theta = float(params.get("rope_theta", theta))
+    raise ValueError(f"config.json: {field}.partial_rotary_factor {short(partial)}; maxnucl "
+                     f"rotates every dimension of a head (1.0)")
+
+  def number(key, default=None, check=_POSITIVE):
+    value = params.get(key, default)
+    if value is None:
+      raise ValueError(f"config.json: {field}.{key} is missing (needed for rope_type "
+                       f"{kind!r})")
+    if not check[1](value):
+      raise ValueError(f"config.json: {field}.{key} is {short(value)}; expected {check[0]}")
+    return value
+
+  theta = float(number("rope_theta", theta))
   if kind == "default":
     return theta, None
   if kind == "linear":
-    return theta, ("linear", float(params["factor"]))
+    return theta, ("linear", float(number("factor")))
   if kind == "llama3":
-    return theta, ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                   float(params["high_freq_factor"]),
-                   int(params.get("original_max_position_embeddings", max_positions)))
-  raise ValueError(f"config.json: {field}.rope_type {kind!r}; maxnucl implements 'default', "
-                   f"'linear' and 'llama3'")
+    return theta, ("llama3", float(number("factor")), float(number("low_freq_factor")),
+                   float(number("high_freq_factor")),
+                   int(number("original_max_position_embeddings", max_positions, _COUNT)))
+  raise ValueError(f"config.json: {field}.rope_type {short(kind)}; maxnucl implements "
+                   f"'default', 'linear' and 'llama3'")
 
 
 def rope_to_hf(theta: float, scaling: Optional[tuple]) -> dict[str, Any]:

@@ -36,36 +36,58 @@ def tensor_map(cfg: ModelConfig) -> hf_format.TensorMap:
   return hf_format.tensor_map(cfg, LAYER_NORMS)
 
 
+# transformers 5.23's Gemma2Config defaults for the fields a config.json may leave out (the
+# dimensions vocab_size, hidden_size, intermediate_size, num_hidden_layers and
+# num_attention_heads are required: the tensors' shapes come from them)
+_DEFAULTS = dict(num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                 max_position_embeddings=8192, rms_norm_eps=1e-6, pad_token_id=0,
+                 eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, attention_bias=False,
+                 query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                 attn_logit_softcapping=50.0, use_bidirectional_attention=None)
+_THETA = 10_000.0
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "gemma2_hf") -> ModelConfig:
-  """A ModelConfig from a Hugging Face Gemma-2 `config.json` dict (fields named in errors)."""
+  """A ModelConfig from a Hugging Face Gemma-2 `config.json` dict (fields named in errors); an
+  absent field reads as transformers' Gemma2Config default (_DEFAULTS)."""
+  hf = hf_format.with_defaults(hf, _DEFAULTS)
+
   def need(field):
     return hf_format.need(hf, field, "Gemma-2")
 
-  activation = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
+  activation = hf["hidden_activation"]
   if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-    raise ValueError(f"config.json: hidden_activation {activation!r}; maxnucl's Gemma-2 "
-                     f"implements 'gelu_pytorch_tanh'")
-  num_layers = need("num_hidden_layers")
+    raise ValueError(f"config.json: hidden_activation {hf_format.short(activation)}; maxnucl's "
+                     f"Gemma-2 implements 'gelu_pytorch_tanh'")
+  if hf["tie_word_embeddings"] is False:
+    raise ValueError("config.json: tie_word_embeddings false; Gemma-2's output projection is "
+                     "the embedding (maxnucl has no separate lm_head for it)")
+  hf_format.refuse_true(hf, "attention_bias", "maxnucl's Gemma-2 has no attention biases")
+  hf_format.refuse_true(hf, "use_bidirectional_attention",
+                        "maxnucl's Gemma-2 is a causal decoder")
+  num_layers, max_positions = need("num_hidden_layers"), need("max_position_embeddings")
   layer_types = hf.get("layer_types")
   pattern = (hf_format.attention_pattern_from_layer_types(layer_types, num_layers)
              if layer_types else ("local", "global"))
-  widths = hf_format.ffn_widths_from_hf(hf, num_layers)
+  theta, scaling = hf_format.rope_from_hf(hf.get("rope_parameters") or {}, "rope_parameters",
+                                          hf.get("rope_theta") or _THETA, max_positions)
+  if scaling is not None:
+    raise ValueError(f"config.json: rope_parameters.rope_type {scaling[0]!r}; maxnucl's Gemma-2 "
+                     f"implements 'default'")
   return ModelConfig(
       name=name, family="gemma2", vocab_size=need("vocab_size"), d_model=need("hidden_size"),
       num_layers=num_layers, num_heads=need("num_attention_heads"),
       num_kv_heads=need("num_key_value_heads"), head_dim=need("head_dim"),
-      ffn_dim=need("intermediate_size"), ffn_widths=widths, activation="gelu_tanh",
-      query_pre_attn_scalar=need("query_pre_attn_scalar"),
-      attn_logit_softcap=hf.get("attn_logit_softcapping"),
-      final_logit_softcap=hf.get("final_logit_softcapping"),
-      sliding_window=need("sliding_window"), attention_pattern=pattern,
-      rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get(
-          "rope_theta", 10_000.0))),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      max_positions=int(hf.get("max_position_embeddings", 8192)),
-      pad_id=int(hf.get("pad_token_id", 0) or 0),
-      eos_id=hf_format.first_id(hf.get("eos_token_id", 1)),
-      bos_id=hf_format.first_id(hf.get("bos_token_id", 2)))
+      ffn_dim=need("intermediate_size"), ffn_widths=hf_format.ffn_widths_from_hf(hf, num_layers),
+      activation="gelu_tanh", query_pre_attn_scalar=need("query_pre_attn_scalar"),
+      attn_logit_softcap=hf["attn_logit_softcapping"],
+      final_logit_softcap=hf["final_logit_softcapping"],
+      sliding_window=need("sliding_window") if "local" in pattern else hf["sliding_window"],
+      attention_pattern=pattern, rope_theta=theta,
+      norm_eps=float(need("rms_norm_eps")), max_positions=max_positions,
+      pad_id=int(hf["pad_token_id"] or 0),
+      eos_id=hf_format.first_id(hf["eos_token_id"] if hf["eos_token_id"] is not None else 1),
+      bos_id=int(hf["bos_token_id"] if hf["bos_token_id"] is not None else 2))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -22,10 +22,14 @@ from maxnucl.conversion import hf_custom_code, hf_format, hf_gemma2
 from maxnucl.models.config import ModelConfig
 
 # transformers 5.23's Gemma3TextConfig defaults for the fields a config.json may leave out
+# (the dimensions vocab_size, hidden_size, intermediate_size, num_hidden_layers and
+# num_attention_heads are required: the tensors' shapes come from them)
 _DEFAULTS = dict(num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
                  max_position_embeddings=131_072, rms_norm_eps=1e-6, pad_token_id=0,
-                 eos_token_id=1, bos_token_id=2, tie_word_embeddings=True,
-                 query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6)
+                 eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, attention_bias=False,
+                 query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                 attn_logit_softcapping=None, final_logit_softcapping=None,
+                 use_bidirectional_attention=False)
 _THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
 
@@ -33,21 +37,25 @@ def _rope_parameters(hf: dict[str, Any]) -> dict[str, dict[str, Any]]:
   """config.json's RoPE settings as transformers' Gemma3TextConfig assembles them: one dict per
   layer type, rope_scaling over the full-attention one, the older base keys as defaults."""
   given = hf.get("rope_parameters") or {}
+  for key in _THETA:
+    if given.get(key) is not None and not isinstance(given[key], dict):
+      raise ValueError(f"config.json: rope_parameters.{key} is {hf_format.short(given[key])}; "
+                       f"expected an object")
   if given and not set(given) & set(_THETA):
     raise ValueError(f"config.json: rope_parameters has no 'full_attention' or "
                      f"'sliding_attention' entry (keys {sorted(given)}); Gemma-3 sets RoPE per "
                      f"layer type")
   full = {**(given.get("full_attention") or {}), **(hf.get("rope_scaling") or {})}
   local = dict(given.get("sliding_attention") or {})
-  full.setdefault("rope_theta", hf.get("rope_theta", _THETA["full_attention"]))
-  local.setdefault("rope_theta", hf.get("rope_local_base_freq", _THETA["sliding_attention"]))
+  full.setdefault("rope_theta", hf.get("rope_theta") or _THETA["full_attention"])
+  local.setdefault("rope_theta", hf.get("rope_local_base_freq") or _THETA["sliding_attention"])
   return {"full_attention": full, "sliding_attention": local}
 
 
 def _attention_pattern(hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
   if hf.get("layer_types"):
     return hf_format.attention_pattern_from_layer_types(hf["layer_types"], num_layers)
-  every = int(hf["sliding_window_pattern"])
+  every = hf["sliding_window_pattern"] or _DEFAULTS["sliding_window_pattern"]
   return hf_format.shortest_period(tuple("local" if (i + 1) % every else "global"
                                          for i in range(num_layers)))
 
@@ -55,18 +63,18 @@ def _attention_pattern(hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
 def config_from_hf(hf: dict[str, Any], name: str = "gemma3_hf") -> ModelConfig:
   """A ModelConfig from a Hugging Face Gemma-3 text `config.json` dict (fields named in
   errors)."""
-  hf = {**_DEFAULTS, **hf}
+  hf = hf_format.with_defaults(hf, _DEFAULTS)
 
   def need(field):
     return hf_format.need(hf, field, "Gemma-3")
 
   if hf["hidden_activation"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
-    raise ValueError(f"config.json: hidden_activation {hf['hidden_activation']!r}; maxnucl's "
-                     f"Gemma-3 implements 'gelu_pytorch_tanh'")
-  if hf.get("use_bidirectional_attention"):
-    raise ValueError("config.json: use_bidirectional_attention true; maxnucl's Gemma-3 is a "
-                     "causal decoder")
-  num_layers, max_positions = need("num_hidden_layers"), int(hf["max_position_embeddings"])
+    raise ValueError(f"config.json: hidden_activation {hf_format.short(hf['hidden_activation'])};"
+                     f" maxnucl's Gemma-3 implements 'gelu_pytorch_tanh'")
+  hf_format.refuse_true(hf, "use_bidirectional_attention",
+                        "maxnucl's Gemma-3 is a causal decoder")
+  hf_format.refuse_true(hf, "attention_bias", "maxnucl's Gemma-3 has no attention biases")
+  num_layers, max_positions = need("num_hidden_layers"), need("max_position_embeddings")
   rope = _rope_parameters(hf)
   theta, scaling = hf_format.rope_from_hf(rope["full_attention"],
                                           "rope_parameters.full_attention",
@@ -91,9 +99,11 @@ def config_from_hf(hf: dict[str, Any], name: str = "gemma3_hf") -> ModelConfig:
       final_logit_softcap=hf.get("final_logit_softcapping"),
       sliding_window=need("sliding_window"), attention_pattern=_attention_pattern(hf, num_layers),
       rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
-      tie_embeddings=bool(hf["tie_word_embeddings"]), norm_eps=float(hf["rms_norm_eps"]),
-      max_positions=max_positions, pad_id=int(hf.get("pad_token_id") or 0),
-      eos_id=hf_format.first_id(hf["eos_token_id"]), bos_id=int(hf["bos_token_id"]))
+      tie_embeddings=hf["tie_word_embeddings"] is not False,
+      norm_eps=float(need("rms_norm_eps")), max_positions=max_positions,
+      pad_id=int(hf["pad_token_id"] or 0),
+      eos_id=hf_format.first_id(hf["eos_token_id"] if hf["eos_token_id"] is not None else 1),
+      bos_id=int(hf["bos_token_id"] if hf["bos_token_id"] is not None else 2))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -33,27 +33,34 @@ LAYER_NORMS = {"pre_attention_norm": "input_layernorm",
                "pre_ffw_norm": "post_attention_layernorm"}
 
 # transformers 5.23's defaults for the fields a config.json may leave out
+# (the dimensions vocab_size, hidden_size, intermediate_size, num_hidden_layers and
+# num_attention_heads are required: the tensors' shapes come from them; num_key_value_heads and
+# head_dim null: num_attention_heads and hidden_size // num_attention_heads, as transformers)
+_COMMON = dict(rms_norm_eps=1e-6, pad_token_id=None, tie_word_embeddings=False, hidden_act="silu",
+               head_dim=None)
 _DEFAULTS = {
-    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1,
-                  eos_token_id=2, sliding_window=None),
-    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, bos_token_id=1,
-                    eos_token_id=2, sliding_window=4096, num_key_value_heads=8),
-    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=None,
-                  eos_token_id=None, sliding_window=4096),
+    "llama": dict(_COMMON, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                  sliding_window=None, num_key_value_heads=None, attention_bias=False,
+                  mlp_bias=False),
+    "mistral": dict(_COMMON, max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2,
+                    sliding_window=4096, num_key_value_heads=8),
+    "qwen2": dict(_COMMON, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+                  sliding_window=4096, num_key_value_heads=32, use_sliding_window=False,
+                  max_window_layers=28),
 }
 _NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
 def _refuse_unsupported(hf: dict[str, Any], model_type: str) -> None:
-  activation = hf.get("hidden_act", "silu")
+  activation = hf["hidden_act"]
   if activation != "silu":
-    raise ValueError(f"config.json: hidden_act {activation!r}; maxnucl's Llama family "
-                     f"implements 'silu' (SwiGLU)")
+    raise ValueError(f"config.json: hidden_act {hf_format.short(activation)}; maxnucl's Llama "
+                     f"family implements 'silu' (SwiGLU)")
   for field in ("mlp_bias",) + (("attention_bias",) if model_type != "qwen2" else ()):
     if hf.get(field):
       raise ValueError(f"config.json: {field} true; maxnucl's {_NAMES[model_type]} has no "
                        f"{'FFN' if field == 'mlp_bias' else 'attention'} biases")
-  if hf.get("partial_rotary_factor", 1.0) != 1.0:
+  if hf.get("partial_rotary_factor") not in (None, 1.0):
     raise ValueError(f"config.json: partial_rotary_factor {hf['partial_rotary_factor']}; "
                      f"maxnucl rotates every dimension of a head (1.0)")
 
@@ -63,7 +70,7 @@ def _rope(hf: dict[str, Any], max_positions: int) -> tuple[float, Any]:
   in transformers."""
   field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
   return hf_format.rope_from_hf(hf.get(field) or {}, field,
-                                float(hf.get("rope_theta", 10_000.0)), max_positions)
+                                hf.get("rope_theta") or 10_000.0, max_positions)
 
 
 def _attention(hf: dict[str, Any], model_type: str, num_layers: int, window
@@ -74,7 +81,7 @@ def _attention(hf: dict[str, Any], model_type: str, num_layers: int, window
       return ("global",), None
     if hf.get("layer_types"):
       return hf_format.attention_pattern_from_layer_types(hf["layer_types"], num_layers), window
-    first = int(hf.get("max_window_layers", 28))
+    first = hf["max_window_layers"] if hf["max_window_layers"] is not None else 28
     return tuple("local" if i >= first else "global" for i in range(num_layers)), window
   return (("local",), window) if window else (("global",), None)
 
@@ -83,14 +90,14 @@ def config_from_hf(hf: dict[str, Any], name: str = "llama_hf", *,
                    model_type: str = "llama") -> ModelConfig:
   """A ModelConfig from a Llama, Mistral or Qwen2 (`model_type`) `config.json` dict (fields named
   in errors)."""
-  hf = {**_DEFAULTS[model_type], **hf}
+  hf = hf_format.with_defaults(hf, _DEFAULTS[model_type])
 
   def need(field):
     return hf_format.need(hf, field, _NAMES[model_type])
 
   _refuse_unsupported(hf, model_type)
   heads, num_layers = need("num_attention_heads"), need("num_hidden_layers")
-  max_positions = int(hf["max_position_embeddings"])
+  max_positions = need("max_position_embeddings")
   theta, scaling = _rope(hf, max_positions)
   pattern, window = _attention(hf, model_type, num_layers, hf.get("sliding_window"))
   return ModelConfig(
@@ -101,8 +108,8 @@ def config_from_hf(hf: dict[str, Any], name: str = "llama_hf", *,
       ffn_dim=need("intermediate_size"),
       ffn_widths=hf_format.ffn_widths_from_hf(hf, num_layers), activation="silu",
       sliding_window=window, attention_pattern=pattern, rope_theta=theta, rope_scaling=scaling,
-      qkv_bias=model_type == "qwen2", tie_embeddings=bool(hf.get("tie_word_embeddings")),
-      norm_eps=float(hf["rms_norm_eps"]), max_positions=max_positions,
+      qkv_bias=model_type == "qwen2", tie_embeddings=bool(hf["tie_word_embeddings"]),
+      norm_eps=float(need("rms_norm_eps")), max_positions=max_positions,
       pad_id=int(hf.get("pad_token_id") or 0),
       eos_id=hf_format.first_id(hf.get("eos_token_id") or 0),
       bos_id=int(hf.get("bos_token_id") or 0))

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from maxnucl import checkpoints, ffn, models, paths
-from maxnucl.conversion import hf_architectures, hf_io
+from maxnucl.conversion import hf_io
 
 _BLOCK_ELEMENTS = 1 << 24  # rows of W per entropy block: about this many elements
 
@@ -93,7 +93,7 @@ def _inspect_hf(path: paths.Path) -> dict[str, Any]:
   reader = hf_io.SafetensorsReader(path)
   arrays = [{"name": n, "shape": list(reader.shape(n)), "dtype": reader.dtype(n).name,
              "file": reader.file(n).name} for n in reader.names()]
-  mapping = hf_architectures.detect(hf).tensor_map(cfg)
+  mapping = convert.check_declared_model(path, cfg, hf, reader).tensor_map(cfg)
   entropy = []
   for i, width in enumerate(cfg.layer_ffn_widths):
     if not width:  # a custom_code export's FFN-less layer: no down_proj
