@@ -132,14 +132,18 @@ def as_llama_cpp_stores(shape: Shape, name: str, values: np.ndarray) -> np.ndarr
 
 
 def write_gguf(path: pathlib.Path, shape: Shape, types=ALL_TYPES, seed: int = 0,
-               metadata: Optional[dict] = None, extra_tensors: Optional[dict] = None
-               ) -> dict[str, object]:
-  """Write a GGUF file of `shape`; matrices take `types` in turn.  Returns name -> type."""
+               metadata: Optional[dict] = None, extra_tensors: Optional[dict] = None,
+               drop_metadata: tuple[str, ...] = ()) -> dict[str, object]:
+  """Write a GGUF file of `shape`; matrices take `types` in turn.  metadata: key -> (value,
+  GGUFValueType), added or replacing the key; drop_metadata: keys left out.  Returns name ->
+  type."""
   rng = np.random.default_rng(seed)
   writer = gguf.GGUFWriter(str(path), shape.arch)
   _write_metadata(writer, shape)
   for key, value in (metadata or {}).items():
     writer.add_key_value(key, value[0], value[1])
+  for key in drop_metadata:
+    writer.kv_data[0].pop(key, None)
   cycle, written = itertools.cycle(types), {}
   for name, values in hf_tensors(shape, rng).items():
     values = as_llama_cpp_stores(shape, name, values)

@@ -268,3 +268,53 @@ def test_unsupported_architecture_refused_naming_it(tmp_path):
   gguf_files.write_gguf(tmp_path / "m.gguf", shape, types=(Q.F16,))
   with pytest.raises(ConversionError, match=r"general.architecture 'phi3' is not supported"):
     gguf_import.gguf_to_maxnucl(tmp_path / "m.gguf", tmp_path / "ckpt")
+
+
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("key, value, vtype", [
+    ("llama.block_count", float("inf"), V.FLOAT32), ("llama.block_count", 0, V.UINT32),
+    ("llama.embedding_length", float("nan"), V.FLOAT32),
+    ("llama.attention.head_count", "x", V.STRING),
+    ("llama.attention.head_count_kv", float("inf"), V.FLOAT32),
+    ("llama.rope.dimension_count", float("inf"), V.FLOAT32),
+    ("llama.attention.layer_norm_rms_epsilon", "x", V.STRING),
+    ("llama.attention.layer_norm_rms_epsilon", -1.0, V.FLOAT32),
+    ("llama.rope.freq_base", float("nan"), V.FLOAT32),
+    ("llama.context_length", 1.5, V.FLOAT32),
+    ("tokenizer.ggml.bos_token_id", "x", V.STRING),
+    ("tokenizer.ggml.padding_token_id", float("inf"), V.FLOAT32),
+    ("tokenizer.ggml.eos_token_id", -1, V.INT32),
+])
+def test_metadata_of_the_wrong_type_or_range_is_refused_naming_the_key(key, value, vtype,
+                                                                       tmp_path):
+  """Found by tests/test_fuzz_hf.py: OverflowError tracebacks, and refusals naming neither the
+  file nor the key."""
+  path = tmp_path / "bad.gguf"
+  gguf_files.write_gguf(path, SHAPES["llama_tied"], types=(Q.F16,),
+                        metadata={key: (value, vtype)})
+  code, err = run_cli(["--input", str(path), "--output", str(tmp_path / "out")])
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 2 and len(lines) == 1, err
+  assert "bad.gguf" in lines[0] and key in lines[0], lines[0]
+  assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+  """A tensor of NaN (a damaged file) is not converted into a checkpoint its readers refuse."""
+  shape = gguf_files.Shape("llama", vocab=64, d=64, layers=1, heads=2, kv_heads=1, head_dim=32,
+                           ffn=64, untied=False)
+  path = tmp_path / "nan.gguf"
+  gguf_files.write_gguf(path, shape, types=(Q.F32,))
+  data = bytearray(path.read_bytes())
+  reader = gguf.GGUFReader(path)
+  target = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+  offset = int(target.data_offset)  # the tensor's first byte in the file
+  data[offset:offset + 4] = np.float32(np.nan).tobytes()
+  path.write_bytes(bytes(data))
+  code, err = run_cli(["--input", str(path), "--output", str(tmp_path / "out")])
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 2 and len(lines) == 1, err
+  assert "nan.gguf" in lines[0] and "blk.0.ffn_up.weight" in lines[0] and "non-finite" in lines[0]
+  assert not (tmp_path / "out").exists()

@@ -47,7 +47,8 @@ import gguf
 import numpy as np
 
 from maxnucl import checkpoints, ffn, outputs
-from maxnucl.conversion.convert import ConversionError, DTYPES, _prefetched
+from maxnucl.conversion import hf_format
+from maxnucl.conversion.convert import ConversionError, DTYPES, _prefetched, check_finite
 from maxnucl.layers.embeddings import rope_inverse_frequencies
 from maxnucl.models.config import ModelConfig
 
@@ -166,65 +167,89 @@ def architecture_of(meta: dict[str, Any], label: str) -> tuple[str, Architecture
 
 
 def config_from_gguf(reader: gguf.GGUFReader, label: str, name: str = "gguf") -> ModelConfig:
-  """The ModelConfig a GGUF file describes (its metadata and which tensors it holds)."""
+  """The ModelConfig a GGUF file describes (its metadata and which tensors it holds); every
+  metadata value it reads is checked for its type and range (ConversionError naming the key)."""
   meta = metadata(reader)
   arch, spec = architecture_of(meta, label)
   shapes = tensor_shapes(reader)
 
-  def field(key, default=None, required=False):
-    value = meta.get(f"{arch}.{key}", default)
+  def field(key, default=None, required=False, kind=None, full_key=None):
+    full_key = full_key or f"{arch}.{key}"
+    value = meta.get(full_key, default)
     if required and value is None:
-      raise ConversionError(f"{label}: metadata {arch}.{key} is missing")
+      raise ConversionError(f"{label}: metadata {full_key} is missing")
+    if value is not None and kind is not None:
+      for item in (value if isinstance(value, list) and kind is not _POSITIVE else [value]):
+        if not kind[1](item):
+          raise ConversionError(f"{label}: metadata {full_key} is {hf_format.short(value)}; "
+                                f"expected {kind[0]}")
     return value
 
-  d, num_layers = int(field("embedding_length", required=True)), int(
-      field("block_count", required=True))
-  num_heads = _single(field("attention.head_count", required=True),
+  d = field("embedding_length", required=True, kind=_COUNT)
+  num_layers = field("block_count", required=True, kind=_COUNT)
+  num_heads = _single(field("attention.head_count", required=True, kind=_COUNT),
                       f"{arch}.attention.head_count", label)
-  num_kv_heads = _single(field("attention.head_count_kv", num_heads),
+  num_kv_heads = _single(field("attention.head_count_kv", num_heads, kind=_COUNT),
                          f"{arch}.attention.head_count_kv", label)
-  head_dim = int(field("attention.key_length", None) or d // num_heads)
-  rotary = field("rope.dimension_count")
-  if rotary is not None and int(rotary) != head_dim:
+  head_dim = field("attention.key_length", None, kind=_COUNT) or d // num_heads
+  rotary = field("rope.dimension_count", kind=_COUNT)
+  if rotary is not None and rotary != head_dim:
     raise ConversionError(f"{label}: {arch}.rope.dimension_count is {rotary}, but heads have "
                           f"{head_dim} dimensions; maxnucl rotates every dimension")
-  widths = field("feed_forward_length", required=True)
-  widths = [int(w) for w in widths] if isinstance(widths, list) else [int(widths)] * num_layers
+  widths = field("feed_forward_length", required=True, kind=_NATURAL)
+  widths = list(widths) if isinstance(widths, list) else [widths] * num_layers
+  if len(widths) != num_layers:
+    raise ConversionError(f"{label}: metadata {arch}.feed_forward_length has {len(widths)} "
+                          f"entries for {num_layers} layers ({arch}.block_count)")
   if "token_embd.weight" not in shapes:
     raise ConversionError(f"{label}: tensor token_embd.weight is missing")
-  window = field("attention.sliding_window")
-  pattern = _attention_pattern(field("attention.sliding_window_pattern"), spec) if window \
-      else ("global",)
-  theta = float(field("rope.freq_base", 10_000.0))
-  meta_tokens = {role: meta.get(f"tokenizer.ggml.{key}_token_id")
-                 for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
-  ids = {f"{role}_id": int(v) for role, v in meta_tokens.items() if v is not None}
-  return ModelConfig(
-      name=name, family=spec.family, activation=spec.activation,
-      vocab_size=shapes["token_embd.weight"][0], d_model=d, num_layers=num_layers,
-      num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_dim=max(widths),
-      ffn_widths=None if len(set(widths)) == 1 else tuple(widths),
-      query_pre_attn_scalar=(d // num_heads if num_layers == spec.wide_scalar_depth else None),
-      attn_logit_softcap=_optional_float(field("attn_logit_softcapping")),
-      final_logit_softcap=_optional_float(field("final_logit_softcapping")),
-      sliding_window=int(window) if "local" in pattern else None,
-      attention_pattern=pattern, rope_theta=theta,
-      rope_local_theta=_optional_float(field("rope.freq_base_swa", spec.local_rope_theta)),
-      rope_scaling=_rope_scaling(reader, meta, arch, head_dim, theta, label),
-      qkv_bias="blk.0.attn_q.bias" in shapes, qk_norm="blk.0.attn_q_norm.weight" in shapes,
-      tie_embeddings="output.weight" not in shapes,
-      norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-6)),
-      max_positions=int(field("context_length", 8192)), **ids)
+  window = field("attention.sliding_window", kind=_COUNT)
+  pattern = _attention_pattern(field("attention.sliding_window_pattern"), spec, arch,
+                               label) if window else ("global",)
+  theta = float(field("rope.freq_base", 10_000.0, kind=_POSITIVE))
+  ids = {f"{role}_id": field(None, kind=_NATURAL, full_key=f"tokenizer.ggml.{key}_token_id")
+         for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+  try:
+    return ModelConfig(
+        name=name, family=spec.family, activation=spec.activation,
+        vocab_size=shapes["token_embd.weight"][0], d_model=d, num_layers=num_layers,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_dim=max(widths),
+        ffn_widths=None if len(set(widths)) == 1 else tuple(widths),
+        query_pre_attn_scalar=(d // num_heads if num_layers == spec.wide_scalar_depth else None),
+        attn_logit_softcap=_optional_float(field("attn_logit_softcapping", kind=_POSITIVE)),
+        final_logit_softcap=_optional_float(field("final_logit_softcapping", kind=_POSITIVE)),
+        sliding_window=window if "local" in pattern else None,
+        attention_pattern=pattern, rope_theta=theta,
+        rope_local_theta=_optional_float(field("rope.freq_base_swa", spec.local_rope_theta,
+                                               kind=_POSITIVE)),
+        rope_scaling=_rope_scaling(reader, meta, arch, head_dim, theta, label),
+        qkv_bias="blk.0.attn_q.bias" in shapes, qk_norm="blk.0.attn_q_norm.weight" in shapes,
+        tie_embeddings="output.weight" not in shapes,
+        norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-6, kind=_POSITIVE)),
+        max_positions=field("context_length", 8192, kind=_COUNT),
+        **{k: v for k, v in ids.items() if v is not None})
+  except ConversionError:
+    raise
+  except ValueError as e:  # ModelConfig's own checks (ranges, plausibility)
+    raise ConversionError(f"{label}: the model its metadata describes is invalid: {e}") from None
 
 
-def _attention_pattern(period, spec: Architecture) -> tuple[str, ...]:
+def _attention_pattern(period, spec: Architecture, arch: str, label: str) -> tuple[str, ...]:
   """{arch}.attention.sliding_window_pattern: an int n (n - 1 local layers, then a global one),
   or one bool per layer (True: sliding window); absent: the architecture's pattern."""
-  if isinstance(period, list):
+  if isinstance(period, list) and period and all(isinstance(p, bool) for p in period):
     return tuple("local" if sliding else "global" for sliding in period)
-  if isinstance(period, int) and period > 1:
-    return ("local",) * (period - 1) + ("global",)
-  return spec.attention_pattern
+  if _COUNT[1](period):
+    return ("local",) * (period - 1) + ("global",) if period > 1 else spec.attention_pattern
+  if period is None:
+    return spec.attention_pattern
+  raise ConversionError(f"{label}: metadata {arch}.attention.sliding_window_pattern is "
+                        f"{hf_format.short(period)}; expected a layer count >= 1 or one bool "
+                        f"per layer")
+
+
+# What a metadata value must be (description, test), as config.json's fields (hf_format)
+_COUNT, _NATURAL, _POSITIVE = hf_format._COUNT, hf_format._NATURAL, hf_format._POSITIVE
 
 
 def _single(value, key: str, label: str) -> int:
@@ -245,9 +270,18 @@ def _rope_scaling(reader, meta, arch, head_dim, theta, label) -> Optional[tuple]
   kind = meta.get(f"{arch}.rope.scaling.type", "none")
   factor = meta.get(f"{arch}.rope.scaling.factor")
   original = meta.get(f"{arch}.rope.scaling.original_context_length")
+  for key, value, check in (("factor", factor, _POSITIVE), ("original_context_length", original,
+                                                            _COUNT)):
+    if value is not None and not check[1](value):
+      raise ConversionError(f"{label}: metadata {arch}.rope.scaling.{key} is "
+                            f"{hf_format.short(value)}; expected {check[0]}")
   rope_freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
   if rope_freqs is not None:
-    factors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).reshape(-1)
+    with np.errstate(all="ignore"):
+      factors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).reshape(-1)
+    if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
+      raise ConversionError(f"{label}: tensor {ROPE_FREQS} holds {factors.shape[0]} values; "
+                            f"expected {head_dim // 2} finite positive frequency factors")
     return llama3_scaling_from_factors(factors, head_dim, theta, original or 8192, label)
   if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
     return None
@@ -402,7 +436,10 @@ def gguf_to_maxnucl(gguf_path: str | os.PathLike, output: str | os.PathLike, *,
     def converted(gguf_name):
       path, _, to_maxnucl = mapping[gguf_name]
       t = tensors[gguf_name]
-      return path, to_maxnucl(gguf.quants.dequantize(t.data, t.tensor_type), cfg)
+      with np.errstate(all="ignore"):  # a non-finite result is refused just below
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+      check_finite(array, f"{label}: tensor {gguf_name}")
+      return path, to_maxnucl(array, cfg)
 
     names = list(mapping)
     sizes = [4 * math.prod(shape) for _, shape, _ in mapping.values()]
