@@ -1,6 +1,7 @@
 """Specification of the dataset readers and text formats, on fixture files in released formats."""
 
 import json
+import re
 import os
 import pathlib
 import subprocess
@@ -252,3 +253,126 @@ def test_empty_file_or_empty_split_is_an_error_not_an_empty_dataset(tmp_path, mo
       (FIXTURES / "mbpp" / "mbpp.jsonl").read_text().splitlines()[0] + "\n")  # task 1 only
   with pytest.raises(ValueError, match=r"Task 'mbpp' split 'train' has no examples"):
     catalog.get_task("mbpp").examples("train")
+
+
+# ---- records are validated field by field (issue 28) ----------------------------------------
+
+def _write_records(root, relative, records):
+  path = root / relative
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+def _refusal(read, match):
+  with pytest.raises(sources.MalformedRecordError) as info:
+    read()
+  message = str(info.value)
+  assert "\n" not in message and re.search(match, message), message
+  return message
+
+
+def test_a_text_field_of_another_type_is_refused_naming_file_line_and_field(tmp_path,
+                                                                            monkeypatch):
+  """`"question": null` became the prompt "Question: None"; a number or list the same."""
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  good = {"question": "q?", "answer": "a\n#### 1"}
+  for wrong in (None, 6, ["q"], {"a": 1}, True):
+    path = _write_records(tmp_path, "gsm8k/test.jsonl", [good, {**good, "question": wrong}])
+    _refusal(lambda: sources.read_gsm8k("test"),
+             rf"^{re.escape(str(path))}:2: field 'question' = .*; expected a string$")
+    path = _write_records(tmp_path, "gsm8k/test.jsonl", [{**good, "answer": wrong}])
+    _refusal(lambda: sources.read_gsm8k("test"), rf"^{re.escape(str(path))}:1: field 'answer'")
+  mbpp = json.loads((FIXTURES / "mbpp" / "mbpp.jsonl").read_text().splitlines()[0])
+  for field, wrong in (("text", None), ("code", 3), ("test_list", "assert f(1)"),
+                       ("test_list", [None]), ("test_list", []), ("task_id", "12"),
+                       ("task_id", True), ("test_setup_code", None),
+                       ("challenge_test_list", None)):
+    path = _write_records(tmp_path, "mbpp/mbpp.jsonl", [{**mbpp, field: wrong}])
+    _refusal(lambda: sources.read_mbpp("prompt"),
+             rf"^{re.escape(str(path))}:1: field '{field}(\[0\])?' = ")
+
+
+def test_mbpp_task_ids_are_unique(tmp_path, monkeypatch):
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  mbpp = json.loads((FIXTURES / "mbpp" / "mbpp.jsonl").read_text().splitlines()[0])
+  path = _write_records(tmp_path, "mbpp/mbpp.jsonl", [mbpp, mbpp])
+  _refusal(lambda: sources.read_mbpp("prompt"),
+           rf"^{re.escape(str(path))}:2: field 'task_id' = 1; .*line 1")
+
+
+SUPER_GLUE_WRONG = [  # (task, file, field path in the released record, wrong value)
+    ("boolq", "BoolQ/val.jsonl", ("passage",), None),
+    ("boolq", "BoolQ/val.jsonl", ("label",), "yes"),
+    ("boolq", "BoolQ/val.jsonl", ("idx",), "0"),
+    ("cb", "CB/val.jsonl", ("premise",), 3),
+    ("cb", "CB/val.jsonl", ("label",), True),  # a boolean is no CB class (it was "contradiction")
+    ("cb", "CB/val.jsonl", ("label",), 2),
+    ("copa", "COPA/val.jsonl", ("question",), "because"),
+    ("copa", "COPA/val.jsonl", ("label",), 2),
+    ("copa", "COPA/val.jsonl", ("choice2",), ["x"]),
+    ("rte", "RTE/val.jsonl", ("hypothesis",), {}),
+    ("wic", "WiC/val.jsonl", ("word",), None),
+    ("wic", "WiC/val.jsonl", ("start1",), 99),
+    ("wic", "WiC/val.jsonl", ("end2",), "16"),
+    ("wsc", "WSC/val.jsonl", ("target",), "x"),
+    ("wsc", "WSC/val.jsonl", ("target", "span2_index"), 99),
+    ("wsc", "WSC/val.jsonl", ("target", "span1_index"), -1),
+    ("wsc", "WSC/val.jsonl", ("target", "span1_text"), 1),
+    ("wsc", "WSC/val.jsonl", ("label",), "True"),
+    ("multirc", "MultiRC/val.jsonl", ("passage", "questions"), {"a": 1}),
+    ("multirc", "MultiRC/val.jsonl", ("passage", "questions", 0, "answers"), None),
+    ("multirc", "MultiRC/val.jsonl", ("passage", "questions", 0, "answers", 1), "A flower"),
+    ("multirc", "MultiRC/val.jsonl", ("passage", "questions", 0, "answers", 1, "label"), 2),
+    ("multirc", "MultiRC/val.jsonl", ("passage", "questions", 1, "idx"), 0),  # a second q0
+    ("multirc", "MultiRC/val.jsonl", ("passage", "text"), None),
+    ("record", "ReCoRD/val.jsonl", ("passage", "entities"), [1, 2]),
+    ("record", "ReCoRD/val.jsonl", ("passage", "entities", 0, "end"), 1000),
+    ("record", "ReCoRD/val.jsonl", ("passage", "entities", 0, "start"), 5),  # after its end
+    ("record", "ReCoRD/val.jsonl", ("qas", 0, "answers", 0, "text"), None),
+    ("record", "ReCoRD/val.jsonl", ("qas", 0, "query"), 7),
+    ("record", "ReCoRD/val.jsonl", ("qas",), "q"),
+    ("axb", "AX-b/AX-b.jsonl", ("sentence1",), None),
+    ("axg", "AX-g/AX-g.jsonl", ("label",), "maybe"),
+]
+
+
+@pytest.mark.parametrize("task, name, field, wrong", SUPER_GLUE_WRONG)
+def test_a_super_glue_field_of_wrong_type_or_range_is_refused_naming_file_line_and_field(
+    task, name, field, wrong, tmp_path, monkeypatch):
+  """Each task's released schema: field names, types, labels in the task's label set, indices
+  and spans inside their text (a nested wrong type was a TypeError traceback)."""
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  records = [json.loads(l) for l in (FIXTURES / "super_glue" / name).read_text().splitlines()]
+  parent = records[0]
+  for key in field[:-1]:
+    parent = parent[key]
+  parent[field[-1]] = wrong
+  path = _write_records(tmp_path, f"super_glue/{name}", records)
+  split = "test" if task in ("axb", "axg") else "validation"
+  where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in field).lstrip(".")
+  if task == "multirc" and field[-1] == "idx":
+    where = "passage.questions[1]"
+  _refusal(lambda: sources.read_super_glue(task, split),
+           rf"^{re.escape(str(path))}:1: field '{re.escape(where)}[^']*' = ")
+
+
+def test_a_label_missing_outside_the_test_split_is_refused(tmp_path, monkeypatch):
+  """Only test files are unlabelled (as TFDS asserts); a validation record without a label was
+  read as unlabelled and the task lost its metrics."""
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  record = {"premise": "p", "hypothesis": "h", "idx": 0}
+  path = _write_records(tmp_path, "super_glue/CB/val.jsonl", [record])
+  _refusal(lambda: sources.read_super_glue("cb", "validation"),
+           rf"^{re.escape(str(path))}:1: missing field\(s\) \['label'\]")
+  _write_records(tmp_path, "super_glue/CB/test.jsonl", [record])
+  assert sources.read_super_glue("cb", "test")[0]["label"] == -1
+
+
+def test_non_utf8_bytes_are_refused_naming_file_and_line(tmp_path, monkeypatch):
+  monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+  path = tmp_path / "gsm8k" / "test.jsonl"
+  path.parent.mkdir()
+  path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n\xff\xfe{"question": "q"}\n')
+  _refusal(lambda: sources.read_gsm8k("test"),
+           rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xff at column 1\)$")

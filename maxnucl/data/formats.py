@@ -85,13 +85,16 @@ def format_mbpp(record: sources.Record, split: str) -> list[Example]:
 
 
 def mbpp_few_shot_prefix(prompt_records: Sequence[sources.Record],
-                         shot_task_ids: Sequence[int] = MBPP_SHOT_TASK_IDS) -> str:
-  """The solved examples that precede every 3-shot MBPP question."""
+                         shot_task_ids: Sequence[int] = MBPP_SHOT_TASK_IDS,
+                         source: str = "") -> str:
+  """The solved examples that precede every 3-shot MBPP question (`source`: the file they come
+  from, for the error message)."""
   by_id = {int(r["task_id"]): r for r in prompt_records}
   missing = [i for i in shot_task_ids if i not in by_id]
   if missing:
     raise sources.MalformedRecordError(
-        f"MBPP prompt split lacks the few-shot task ids {missing} (need {list(shot_task_ids)})")
+        f"{source + ': ' if source else ''}MBPP prompt split lacks the few-shot task ids "
+        f"{missing} (need {list(shot_task_ids)})")
   return "".join(f"{_mbpp_prompt(by_id[i])}{_mbpp_code(by_id[i])}\n[DONE]\n\n"
                  for i in shot_task_ids)
 
