@@ -72,9 +72,11 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   """Run the gin-configured (or given) benchmark on `checkpoint`; returns results.json's dict.
   Explicit arguments override the gin bindings.  `output` holding an evaluation of other
   settings (benchmark, its settings, checkpoint, a smaller limit) is refused before the model is
-  loaded; with the same settings (or a larger limit) it is resumed.  `overwrite`: evaluate
-  afresh in a temporary folder that replaces `output` when done.  With several processes every
-  one calls this; process 0 writes the files, and all return when it is done."""
+  loaded; with the same settings (or a larger limit) it is resumed.  The benchmark's data and
+  the resumed records are validated (`core.prepare_run`) before the model is loaded.
+  `overwrite`: evaluate afresh in a temporary folder that replaces `output` when done.  With
+  several processes every one calls this; process 0 writes the files, and all return when it is
+  done."""
   settings = evaluation_settings()
   benchmark = benchmark or settings["benchmark"]
   vocab, source = generate.model_vocab(checkpoint, vocab or settings["vocab"])
@@ -86,9 +88,9 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   # results go beside the checkpoint, never into it (symlinks resolved); a replaced output must
   # not contain it either; checked before loading
   outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=overwrite)
-  if not overwrite:
-    run = core.run_record(benchmark, str(path), limit)
-    core.from_primary(lambda: core.check_resumable(output, run))
+  # the data and what --output resumes, validated before anything is loaded or written
+  prepared = core.prepare_run(benchmark, None if overwrite else output, limit=limit,
+                              checkpoint=str(path))
   primary = distributed.is_primary()
   if primary:
     print(f"vocabulary: {vocab} ({source})", flush=True)
@@ -100,7 +102,8 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   with (outputs.TemporaryOutput(output, overwrite=True) if replace
         else contextlib.nullcontext(output)) as target:
     results = core.run_benchmark(benchmark, model, target, limit=limit, progress=progress,
-                                 checkpoint=str(path), gin_config=gin.config_str())
+                                 checkpoint=str(path), gin_config=gin.config_str(),
+                                 prepared=prepared)
   distributed.sync("maxnucl-evaluate: done")  # nobody exits while another process still works
   return results
 

@@ -4,6 +4,7 @@ resumable prediction loop, the one held-out NLL, and evaluation inside training 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -432,3 +433,158 @@ def test_pruning_report_has_benchmark_metrics_before_and_after(arithmetic_checkp
                               limit=40, write_files=False, progress=False)
   assert entry["after"] == pruned["metrics"]
   assert checkpoints.load_config(tmp_path / "pruned").layer_ffn_widths[0] == 128
+
+
+# ---- untrusted data and resume files (issue 28) -----------------------------------------------
+
+class _ModelLoaded(BaseException):
+  """Raised where the model would be loaded: nothing may get that far with bad data."""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  cfg = models.get_config("gemma2_tiny", num_layers=1)
+  path = tmp_path_factory.mktemp("tiny") / "ckpt"
+  checkpoints.save(path, cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  return path
+
+
+GSM8K_FLAGS = ["--gin_file=gin/eval/gsm8k.gin", "--gin_param=gsm8k.num_shots = 2",
+               "--no_progress"]
+
+
+def _evaluate(argv, capsys):
+  gin.clear_config()
+  try:
+    code = evaluate.main(list(argv))
+  finally:
+    gin.clear_config()
+  return code, capsys.readouterr()
+
+
+def _fake_model(monkeypatch):
+  """LanguageModel.load gives the scripted _CountingModel (answers "#### <len % 7>")."""
+  model = _CountingModel()
+  monkeypatch.setattr(core.LanguageModel, "load", classmethod(lambda cls, *a, **k: model))
+  return model
+
+
+def _gsm8k_data(tmp_path, test_lines):
+  root = tmp_path / "data"
+  (root / "gsm8k").mkdir(parents=True)
+  (root / "gsm8k" / "train.jsonl").write_bytes(
+      (FIXTURE_DATA / "gsm8k" / "train.jsonl").read_bytes())
+  (root / "gsm8k" / "test.jsonl").write_bytes(b"".join(test_lines))
+  return root
+
+
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+
+
+@pytest.mark.parametrize("bad_line, match", [
+    (b'{"question": "q", "answer": 6}\n', r":2: field 'answer' = 6; expected a string"),
+    (b'{"question": null, "answer": "#### 1"}\n', r":2: field 'question' = None; expected a "),
+    (b'{"question": "q", "answer": "no final answer"}\n',
+     r":2: field 'answer' = 'no final answer'; expected a worked solution ending in "
+     r"'#### <number>'"),
+    (b'\xff{"question": "q", "answer": "#### 1"}\n', r":2: not UTF-8 text"),
+])
+def test_bad_data_is_refused_before_the_model_is_loaded_and_nothing_is_written(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys, bad_line, match):
+  """GSM8K "answer": 6 raised after the model had been loaded; a run refused on bad data left
+  run.json and an empty predictions.jsonl behind."""
+  good = (FIXTURE_DATA / "gsm8k" / "test.jsonl").read_bytes().splitlines(keepends=True)[0]
+  root = _gsm8k_data(tmp_path, [good, bad_line])
+  monkeypatch.setenv("MAXNUCL_DATA_DIR", str(root))
+
+  def load(*args, **kwargs):
+    raise _ModelLoaded()
+
+  monkeypatch.setattr(core.LanguageModel, "load", classmethod(load))
+  out = tmp_path / "out"
+  code, printed = _evaluate(GSM8K_FLAGS + [f"--checkpoint={tiny_checkpoint}",
+                                           f"--output={out}"], capsys)
+  lines = printed.err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, printed.err
+  assert re.search(re.escape(str(root / "gsm8k" / "test.jsonl")) + match, lines[0]), lines[0]
+  assert not out.exists()
+
+
+def _finished_gsm8k_run(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+  monkeypatch.setenv("MAXNUCL_DATA_DIR", str(FIXTURE_DATA))
+  _fake_model(monkeypatch)
+  out = tmp_path / "out"
+  argv = GSM8K_FLAGS + [f"--checkpoint={tiny_checkpoint}", f"--output={out}"]
+  code, printed = _evaluate(argv, capsys)
+  assert code == 0, printed.err
+  return out, argv
+
+
+@pytest.mark.parametrize("field, value", [
+    ("correct_strict", 1000), ("correct_strict", True), ("correct_flexible", "yes"),
+    ("answer_strict", "999"), ("reference", "7"), ("prompt", "Question: other"),
+    ("output", 12),
+])
+def test_a_resumed_record_that_disagrees_with_its_output_and_reference_is_refused(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys, field, value):
+  """A record edited to "correct_strict": 1000 gave accuracy_strict 5e+04: resumed records are
+  scored again from their stored output and the reference and must agree."""
+  out, argv = _finished_gsm8k_run(tmp_path, tiny_checkpoint, monkeypatch, capsys)
+  path = out / core.PREDICTIONS
+  records = [json.loads(l) for l in path.read_text().splitlines()]
+  assert records[1][field] != value
+  records[1][field] = value
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  before = _folder_bytes(out)
+  code, printed = _evaluate(argv, capsys)
+  lines = printed.err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, printed.err
+  assert lines[0].startswith(f"error: {path}, line 2: ") and f"'{field}'" in lines[0], lines[0]
+  assert _folder_bytes(out) == before
+
+
+@pytest.mark.parametrize("name, content, match", [
+    (core.PREDICTIONS, b"[1, 2]\n", r"line 1: expected a JSON object, got list"),
+    (core.PREDICTIONS, b"12\n", r"line 1: expected a JSON object, got int"),
+    (core.PREDICTIONS, b"null\n", r"line 1: expected a JSON object, got NoneType"),
+    (core.PREDICTIONS, b'{"id": 3}\n', r"line 1: field 'id' = 3; expected one of the "),
+    (core.PREDICTIONS, b'{"id": "test-0"}\n', r"line 1: "),
+    (core.PREDICTIONS, b'\xff\xfe{"id": "test-0"}\n', r"line 1: not UTF-8 text"),
+    (core.PREDICTIONS, b'{"id": "test-0",\n{"id": "test-1"}\n', r"line 1: not valid JSON"),
+    (core.RUN, b"[]", r"expected a JSON object"),
+    (core.RUN, b'{"benchmark": "gsm8k", "settings": ', r"not valid JSON"),
+    (core.RUN, b'\xff{}', r"not UTF-8 text"),
+    (core.RUN, b'{"benchmark": "gsm8k", "settings": [], "checkpoint": "c", "limit": null}',
+     r"field 'settings'"),
+])
+def test_malformed_resume_files_are_refused_in_one_line_naming_the_file(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys, name, content, match):
+  """A predictions line [1,2], 12 or null, or run.json [] were tracebacks; a truncated run.json
+  or non-UTF-8 bytes gave json's or the codec's message without the file."""
+  out, argv = _finished_gsm8k_run(tmp_path, tiny_checkpoint, monkeypatch, capsys)
+  (out / name).write_bytes(content)
+  before = _folder_bytes(out)
+  code, printed = _evaluate(argv, capsys)
+  lines = printed.err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, printed.err
+  assert lines[0].startswith(f"error: {out / name}") and re.search(match, lines[0]), lines[0]
+  assert _folder_bytes(out) == before
+
+
+def test_an_interrupted_last_line_is_redone_and_the_results_equal_a_full_run(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys):
+  """Only a last line without its newline (a run killed while writing it) is dropped and its
+  example evaluated again; the same line with its newline is refused."""
+  out, argv = _finished_gsm8k_run(tmp_path, tiny_checkpoint, monkeypatch, capsys)
+  finished = json.loads((out / core.RESULTS).read_text())
+  path = out / core.PREDICTIONS
+  lines = path.read_bytes().splitlines(keepends=True)
+  path.write_bytes(lines[0] + lines[1][:20])
+  code, printed = _evaluate(argv, capsys)
+  resumed = json.loads((out / core.RESULTS).read_text())
+  assert code == 0, printed.err
+  assert resumed["metrics"] == finished["metrics"] and resumed["num_resumed"] == 1
+  assert path.read_bytes() == b"".join(lines)
+  path.write_bytes(lines[0] + lines[1][:20] + b"\n")
+  code, printed = _evaluate(argv, capsys)
+  assert code == 2 and f"{path}, line 2: not valid JSON" in printed.err

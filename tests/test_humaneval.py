@@ -377,3 +377,46 @@ def test_the_command_refuses_a_bad_problems_file_in_one_line(tiny_checkpoint, tm
                             f"--gin_param=humaneval.problems_file = '{tmp_path / 'none.jsonl'}'")
   assert code == 2 and f"humaneval.problems_file '{tmp_path / 'none.jsonl'}': no such file" in (
       printed.err)
+
+
+@pytest.mark.parametrize("data, message", [
+    (json.dumps(PROBLEMS[0]).encode() + b"\n\xff" + json.dumps(PROBLEMS[1]).encode(),
+     "line 2: not UTF-8 text (byte 0xff at column 1)"),
+    (gzip.compress(json.dumps(PROBLEMS[0]).encode())[:-6], "not a valid gzip file"),
+    (json.dumps({**PROBLEMS[0], "entry_point": "f); import os; (0"}).encode(),
+     "line 1: field entry_point = 'f); import os; (0'; expected a Python function name"),
+])
+def test_an_undecodable_problems_file_is_one_line_naming_the_file(tmp_path, data, message):
+  """Non-UTF-8 bytes gave the codec's message without the file; a truncated gzip an EOFError
+  traceback."""
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(data)
+  with pytest.raises(core.EvaluationError) as error:
+    humaneval.load_problems(str(path))
+  assert str(error.value).startswith(f"{path}") and message in str(error.value)
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_resumed_records_must_agree_with_their_outputs_and_verdicts(tmp_path, samples):
+  """A resumed record is cut again from its stored output and counted again from its stored
+  verdicts: an edited "correct", "num_correct" or "answer" is refused naming the line."""
+  model = _ScriptedModel(lambda p, i: _completion(p, i == 0))
+  bench = humaneval.HumanEval(num_samples=samples, temperature=0.0 if samples == 1 else 0.8,
+                              ks=(1,))
+  core.run_benchmark(bench, model, tmp_path, limit=2, progress=False)
+  path = tmp_path / core.PREDICTIONS
+  lines = path.read_text().splitlines()
+  examples = bench.examples()[:2]
+  read = lambda: core.check_resumed(bench, examples, core.read_prediction_lines(path)[0], path)
+  assert read() == {r["id"]: r for r in map(json.loads, lines)}
+  edits = [("correct", False), ("num_correct", 5), ("answer", "    return 1\n"),
+           ("status", "passed_really"), ("num_samples", samples + 1)]
+  if samples > 1:
+    edits += [("samples", [])]
+  for field, value in edits:
+    record = json.loads(lines[0])
+    record[field] = value
+    path.write_text(json.dumps(record) + "\n" + lines[1] + "\n")
+    with pytest.raises(core.EvaluationError, match=rf"^{path}, line 1: .*'{field}'"):
+      read()

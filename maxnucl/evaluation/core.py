@@ -11,6 +11,10 @@ extracted answer, reference, correct/score, ...), and reduces all records to met
 interrupted run continues where it stopped: examples whose id is already there are skipped.
 `run.json` records what decides them (`run_record`: benchmark, settings, checkpoint, limit); a
 folder holding a run of other settings or a larger limit is refused (`check_resumable`).
+Everything a run reads is validated before anything is loaded or written (`prepare_run`): the
+benchmark's examples (its data files), run.json, and every resumed record, which the benchmark
+scores again from its stored output and the reference (`rescore`); a record that disagrees is
+refused, naming the file, the line and the field.
 With several processes (maxnucl.distributed) every process runs the same loop (the model calls
 are collective); process 0 alone reads and writes the files and shows the progress bar, and
 sends the predictions it resumes to the others so that all evaluate the same examples.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -30,7 +35,7 @@ import jax
 import numpy as np
 
 from maxnucl import decoding, distributed
-from maxnucl.data import vocabularies
+from maxnucl.data import sources, vocabularies
 from maxnucl.models.config import ModelConfig
 
 PREDICTIONS = "predictions.jsonl"
@@ -125,33 +130,73 @@ class Benchmark(Protocol):
     """The settings that decide the predictions (a resumed run must use the same)."""
 
   # Optionally `describe() -> str`: one line saying what is evaluated and how, which
-  # `python -m maxnucl.evaluate` prints before it starts.
+  # `python -m maxnucl.evaluate` prints before it starts; and `rescore(example, record) -> dict`:
+  # the record `predict` would write for `example` given the resumed record's stored output
+  # (and, where the verdict needs the model or the sandbox, its stored scores or verdict, checked
+  # for consistency), raising EvaluationError("field 'x' = ...; expected ...") where a stored
+  # value has the wrong type or range.  A resumed record must equal it (`check_resumed`).
 
 
-def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | os.PathLike, *,
-                  limit: Optional[int] = None, chunk_size: Optional[int] = None,
-                  progress: bool = True, checkpoint: str = "", gin_config: str = "",
-                  write_files: bool = True) -> dict:
-  """Evaluates (the first `limit` of) `benchmark.examples()`; returns the results dict.
+@dataclasses.dataclass
+class PreparedRun:
+  """What a run reads, validated (`prepare_run`), before the model is loaded or a file written."""
+  examples: list[dict]
+  done: dict[str, dict]  # id -> resumed record
+  run: dict  # run.json's content
+  keep_bytes: Optional[int] = None  # predictions.jsonl's length without an interrupted last line
 
-  With `write_files`, records go to OUTPUT_DIR/predictions.jsonl as they are produced (examples
-  already there are skipped: an interrupted run resumes) and the results to results.json (by
-  process 0 only when several processes run; every process returns the same results).
-  """
-  start = time.time()
+
+def prepare_run(benchmark: Benchmark, output_dir: Optional[str | os.PathLike], *,
+                limit: Optional[int] = None, checkpoint: str = "") -> PreparedRun:
+  """The examples to evaluate (the benchmark's data files read and validated) and the records
+  OUTPUT_DIR resumes (run.json and predictions.jsonl validated, every record scored again; none
+  when `output_dir` is None); raises EvaluationError / MalformedRecordError naming the file, line
+  and field.  Nothing is written.  With several processes, process 0 reads OUTPUT_DIR."""
   examples = benchmark.examples()
   if limit is not None:
     examples = examples[:limit]
   ids = [str(e["id"]) for e in examples]
   if len(set(ids)) != len(ids):
     raise EvaluationError(f"benchmark {benchmark.name!r} has duplicate example ids")
+  run = run_record(benchmark, checkpoint, limit)
+  if output_dir is None:
+    return PreparedRun(examples, {}, run)
+  output_dir = pathlib.Path(output_dir)
+
+  def resumed():
+    check_resumable(output_dir, run)
+    path = output_dir / PREDICTIONS
+    lines, keep = read_prediction_lines(path)
+    return {"done": check_resumed(benchmark, examples, lines, path), "keep": keep}
+
+  read = from_primary(resumed)
+  return PreparedRun(examples, read["done"], run, read["keep"])
+
+
+def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | os.PathLike, *,
+                  limit: Optional[int] = None, chunk_size: Optional[int] = None,
+                  progress: bool = True, checkpoint: str = "", gin_config: str = "",
+                  write_files: bool = True, prepared: Optional[PreparedRun] = None) -> dict:
+  """Evaluates (the first `limit` of) `benchmark.examples()`; returns the results dict.
+
+  With `write_files`, records go to OUTPUT_DIR/predictions.jsonl as they are produced (examples
+  already there are skipped: an interrupted run resumes) and the results to results.json (by
+  process 0 only when several processes run; every process returns the same results).
+  `prepared`: what `prepare_run` read and validated (default: read now, before any file is
+  written).
+  """
+  start = time.time()
+  prepared = prepared or prepare_run(benchmark, output_dir if write_files else None,
+                                     limit=limit, checkpoint=checkpoint)
+  examples, done = prepared.examples, prepared.done
+  ids = [str(e["id"]) for e in examples]
   output_dir = pathlib.Path(output_dir)
   primary = distributed.is_primary()
-  done: dict[str, dict] = {}
-  if write_files:
-    run = run_record(benchmark, checkpoint, limit)
-    done = from_primary(lambda: _resumed_records(output_dir, run))
   write_files = write_files and primary
+  if write_files:  # only now, everything read having been validated
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomically(output_dir / RUN, prepared.run)  # new, the same, or a larger limit
+    _drop_interrupted_line(output_dir / PREDICTIONS, prepared.keep_bytes)
   todo = [e for e in examples if str(e["id"]) not in done]
   resumed = len(examples) - len(todo)
   chunk_size = chunk_size or max(model.batch_size * 4, 16)
@@ -185,11 +230,11 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   return results
 
 
-def _resumed_records(output_dir: pathlib.Path, run: dict) -> dict[str, dict]:
-  check_resumable(output_dir, run)
-  output_dir.mkdir(parents=True, exist_ok=True)
-  _write_json_atomically(output_dir / RUN, run)  # new, the same, or a larger limit
-  return read_predictions(output_dir / PREDICTIONS)
+def _drop_interrupted_line(path: pathlib.Path, keep_bytes: Optional[int]) -> None:
+  if keep_bytes is not None and path.exists() and path.stat().st_size > keep_bytes:
+    logging.warning("%s: dropping the incomplete last line (the run was interrupted while "
+                    "writing it); its example is evaluated again", path)
+    os.truncate(path, keep_bytes)
 
 
 def from_primary(compute):
@@ -217,27 +262,128 @@ def from_primary(compute):
   return message["value"]
 
 
-def read_predictions(path: pathlib.Path) -> dict[str, dict]:
-  """id -> record of a predictions.jsonl; a partial last line (a run killed while writing it) is
-  dropped with a warning, a corrupt line elsewhere is an error naming the line."""
+def read_prediction_lines(path: pathlib.Path) -> tuple[list[tuple[int, dict]], int]:
+  """([(line number, record)], the file's length in bytes without an interrupted last line) of a
+  predictions.jsonl ([], 0 if there is none).  Only a last line without its newline that is not
+  valid JSON counts as interrupted (a run killed while writing it); anything else that is not
+  UTF-8 text or a JSON object is an EvaluationError naming the file and the line."""
   if not path.exists():
-    return {}
-  lines = path.read_text().splitlines()
-  out = {}
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
+    return [], 0
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise EvaluationError(f"{path}: cannot be read ({e.strerror or e})") from None
+  parts = data.split(b"\n")  # JSON lines end in "\n" only
+  lines = [part + b"\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+  out, keep = [], len(data)
+  for number, raw in enumerate(lines, 1):
+    where = f"{path}, line {number}"
     try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      if number == len(lines):
-        logging.warning("%s: dropping the incomplete last line %d (the run was interrupted "
-                        "while writing it); its example is evaluated again", path, number)
-        path.write_text("".join(l + "\n" for l in lines[:number - 1]))
+      line = sources.decode_line(raw, where, EvaluationError)
+      if not line.strip():
+        continue
+      record = sources.json_object(line, where, EvaluationError)
+    except EvaluationError:
+      if number == len(lines) and not raw.endswith(b"\n") and not _parses(raw):
+        keep = len(data) - len(raw)  # a run killed while writing its last line
         break
-      raise EvaluationError(f"{path}, line {number}: not valid JSON ({e})") from None
+      raise
+    out.append((number, record))
+  return out, keep
+
+
+def _parses(raw: bytes) -> bool:
+  try:
+    json.loads(raw)
+  except (ValueError, RecursionError):
+    return False
+  return True
+
+
+def read_predictions(path: pathlib.Path) -> dict[str, dict]:
+  """id -> record of a predictions.jsonl (an interrupted last line left out); a line that is not
+  a JSON object with an "id" is an error naming the line."""
+  lines, _ = read_prediction_lines(path)
+  out = {}
+  for number, record in lines:
+    if "id" not in record:
+      raise EvaluationError(f"{path}, line {number}: missing field 'id'")
     out[str(record["id"])] = record
   return out
+
+
+def check_resumed(benchmark: Benchmark, examples: list[dict], lines: list[tuple[int, dict]],
+                  path: pathlib.Path) -> dict[str, dict]:
+  """id -> record of the resumed `lines`, each checked: its "id" one of `examples`' (once), and
+  the record equal to what the benchmark's `rescore` makes of its stored output.  Raises
+  EvaluationError naming the file, the line and the first field that disagrees."""
+  by_id = {str(e["id"]): e for e in examples}
+  done: dict[str, dict] = {}
+  for number, record in lines:
+    where = f"{path}, line {number}"
+    key = record.get("id")
+    if isinstance(key, int) and not isinstance(key, bool):
+      key = str(key)  # a benchmark whose ids are numbers
+    if not isinstance(key, str) or key not in by_id:
+      shown = list(by_id)[:3]
+      raise EvaluationError(f"{where}: field 'id' = {_shown(record.get('id'))}; expected one of "
+                            f"the {len(by_id)} example ids of this run ({', '.join(shown)}"
+                            f"{', ...' if len(by_id) > 3 else ''})")
+    if key in done:
+      raise EvaluationError(f"{where}: field 'id' = {key!r}; expected each example once (it "
+                            f"was on an earlier line)")
+    rescore = getattr(benchmark, "rescore", None)
+    if rescore is not None:
+      try:
+        expected = json.loads(json.dumps(rescore(by_id[key], record)))
+      except EvaluationError as e:
+        raise EvaluationError(f"{where}: {e}") from None
+      for field in sorted(set(expected) | set(record), key=lambda f: (f not in expected, f)):
+        if _json_text(record.get(field, _MISSING)) != _json_text(expected.get(field, _MISSING)):
+          raise EvaluationError(
+              f"{where}: field {field!r} = {_shown(record.get(field, _MISSING))}; expected "
+              f"{_shown(expected.get(field, _MISSING))} (scored again from the stored output "
+              f"and the reference; pass --overwrite to evaluate afresh)")
+    done[key] = record
+  return done
+
+
+class _Missing:
+  def __repr__(self):
+    return "(absent)"
+
+
+_MISSING = _Missing()
+
+
+def _json_text(value: Any) -> str:
+  """Values compared as JSON spells them: true is not 1, 1.0 is not 1."""
+  return "(absent)" if value is _MISSING else json.dumps(value, sort_keys=True)
+
+
+def _shown(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def stored(record: dict, field: str, kind: type | tuple[type, ...], expected: str) -> Any:
+  """A resumed record's field, checked to be a `kind` (never a bool where a number is meant);
+  raises EvaluationError("field ... = ...; expected `expected`")."""
+  value = record.get(field, _MISSING)
+  if value is _MISSING:
+    raise EvaluationError(f"missing field {field!r}")
+  kinds = kind if isinstance(kind, tuple) else (kind,)
+  if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    raise EvaluationError(f"field {field!r} = {_shown(value)}; expected {expected}")
+  return value
+
+
+def stored_count(record: dict, field: str) -> float:
+  """A stored count of tokens or a sum of NLLs: a finite number >= 0."""
+  value = stored(record, field, (int, float), "a finite number >= 0")
+  if not math.isfinite(value) or value < 0:
+    raise EvaluationError(f"field {field!r} = {_shown(value)}; expected a finite number >= 0")
+  return value
 
 
 def run_record(benchmark: Benchmark, checkpoint: str, limit: Optional[int]) -> dict:
@@ -254,14 +400,43 @@ def conflicting_settings(output_dir: str | os.PathLike, run: dict) -> dict[str, 
   path = pathlib.Path(output_dir) / RUN
   if not path.exists():
     return {}
-  there, now = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(run)))
+  there, now = _flat(read_run_record(path)), _flat(json.loads(json.dumps(run)))
   changed = {k: (there.get(k), now.get(k)) for k in sorted(set(there) | set(now))
              if json.dumps(there.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)}
   if "limit" in changed:
     limit_there, limit_now = changed["limit"]
-    if limit_now is None or (limit_there is not None and limit_now > limit_there):
+    if limit_now is None or (isinstance(limit_there, int) and isinstance(limit_now, int)
+                             and limit_now > limit_there):
       del changed["limit"]
   return changed
+
+
+RUN_FIELDS = ("benchmark", "settings", "checkpoint", "limit")
+
+
+def read_run_record(path: pathlib.Path) -> dict:
+  """OUTPUT_DIR/run.json as `run_record` writes it: a JSON object with the benchmark's name, its
+  settings (an object), the checkpoint and the limit (null or an integer >= 1); anything else is
+  an EvaluationError naming the file."""
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise EvaluationError(f"{path}: cannot be read ({e.strerror or e})") from None
+  run = sources.json_object(sources.decode_line(data, str(path), EvaluationError), str(path),
+                            EvaluationError)
+  missing = [f for f in RUN_FIELDS if f not in run]
+  if missing:
+    raise EvaluationError(f"{path}: missing field(s) {', '.join(missing)}")
+  checks = {"benchmark": (isinstance(run["benchmark"], str), "a string"),
+            "settings": (isinstance(run["settings"], dict), "a JSON object"),
+            "checkpoint": (isinstance(run["checkpoint"], str), "a string"),
+            "limit": (run["limit"] is None or (type(run["limit"]) is int and run["limit"] >= 1),
+                      "null or an integer >= 1")}
+  for field, (ok, expected) in checks.items():
+    if not ok:
+      raise EvaluationError(f"{path}: field {field!r} = {_shown(run[field])}; expected "
+                            f"{expected}")
+  return run
 
 
 def check_resumable(output_dir: str | os.PathLike, run: dict) -> None:

@@ -27,7 +27,7 @@ import gin
 
 from maxnucl import decoding
 from maxnucl.data import catalog, sources, synthetic
-from maxnucl.evaluation.core import EvaluationError, LanguageModel
+from maxnucl.evaluation.core import EvaluationError, LanguageModel, stored
 
 _STRICT = re.compile(r"#### *(-?[$0-9.,]*[0-9])")
 _NUMBER = re.compile(r"-?[$0-9.,]*[0-9]")
@@ -97,7 +97,16 @@ class GSM8K:
     if self.source == "synthetic_arithmetic":
       settings = catalog.synthetic_arithmetic_settings()
       return synthetic.arithmetic_problems(settings["seed"], split, settings[split])
-    return sources.read_gsm8k(split)
+    records = sources.read_gsm8k(split)  # question and answer are strings
+    for record in records:
+      marked = strict_answer(record["answer"])
+      if marked is None or normalize_number(marked) is None:
+        answer = record["answer"]
+        raise EvaluationError(
+            f"{record.get('_location', 'gsm8k')}: field 'answer' = "
+            f"{answer if len(answer) <= 60 else '...' + answer[-57:]!r}; expected a worked "
+            f"solution ending in '#### <number>'")
+    return records
 
   @property
   def name(self) -> str:
@@ -118,8 +127,10 @@ class GSM8K:
       return ""
     train = self._records("train")
     if len(train) < self.num_shots:
-      raise EvaluationError(f"gsm8k.num_shots = {self.num_shots} but the train split has only "
-                            f"{len(train)} examples")
+      where = train[0]["_location"].rsplit(":", 1)[0] + ": " if train and "_location" in (
+          train[0]) else ""
+      raise EvaluationError(f"{where}gsm8k.num_shots = {self.num_shots} but the train split has "
+                            f"only {len(train)} examples")
     shots = random.Random(self.seed).sample(range(len(train)), self.num_shots)
     return "".join(self.question_template.format(question=train[i]["question"])
                    + f"{train[i]['answer']}\n\n" for i in shots)
@@ -134,17 +145,19 @@ class GSM8K:
   def predict(self, model: LanguageModel, examples: list[dict]) -> list[dict]:
     outputs = model.generate([e["prompt"] for e in examples], max_new_tokens=self.max_new_tokens,
                              stop_strings=self.stop_strings)
-    records = []
-    for example, output in zip(examples, outputs):
-      answer = decoding.cut_at_stop(output, self.stop_strings)
-      correct = score(answer, example["reference"])
-      records.append({"id": example["id"], "prompt": example["prompt"], "output": output,
-                      "answer_strict": strict_answer(answer),
-                      "answer_flexible": flexible_answer(answer),
-                      "reference": strict_answer(example["reference"]),
-                      "correct_strict": correct["strict"],
-                      "correct_flexible": correct["flexible"]})
-    return records
+    return [self._record(example, output) for example, output in zip(examples, outputs)]
+
+  def _record(self, example: dict, output: str) -> dict:
+    answer = decoding.cut_at_stop(output, self.stop_strings)
+    correct = score(answer, example["reference"])
+    return {"id": example["id"], "prompt": example["prompt"], "output": output,
+            "answer_strict": strict_answer(answer), "answer_flexible": flexible_answer(answer),
+            "reference": strict_answer(example["reference"]),
+            "correct_strict": correct["strict"], "correct_flexible": correct["flexible"]}
+
+  def rescore(self, example: dict, record: dict) -> dict:
+    """A resumed record as `predict` writes it from its stored output (core.check_resumed)."""
+    return self._record(example, stored(record, "output", str, "a string"))
 
   def metrics(self, records: list[dict]) -> dict[str, float]:
     n = max(len(records), 1)

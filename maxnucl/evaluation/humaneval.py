@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import pathlib
+import zlib
 from typing import Optional, Sequence
 
 import gin
@@ -37,9 +37,9 @@ import jax
 import numpy as np
 
 from maxnucl import decoding
-from maxnucl.data import packing, vocabularies
-from maxnucl.evaluation import execution, perplexity
-from maxnucl.evaluation.core import EvaluationError, LanguageModel
+from maxnucl.data import packing, sources, vocabularies
+from maxnucl.evaluation import execution, mbpp, perplexity
+from maxnucl.evaluation.core import EvaluationError, LanguageModel, stored, stored_count
 
 PROBLEM_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 STOP_STRINGS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
@@ -62,9 +62,13 @@ def load_problems(path: Optional[str] = None) -> list[dict]:
     raise EvaluationError(f"humaneval.problems_file {str(path)!r}: no such file")
   raw = path.read_bytes()
   if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the name
-    raw = gzip.decompress(raw)
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt
+      raise EvaluationError(f"{path}: not a valid gzip file ({e})") from None
   problems, seen = [], set()
-  for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+  for number, raw_line in enumerate(raw.splitlines(), 1):
+    line = sources.decode_line(raw_line, f"{path}, line {number}", EvaluationError)
     if line.strip():
       problem = _problem(line, f"{path}, line {number}")
       if problem["task_id"] in seen:
@@ -78,12 +82,7 @@ def load_problems(path: Optional[str] = None) -> list[dict]:
 
 
 def _problem(line: str, where: str) -> dict:
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise EvaluationError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-  if not isinstance(record, dict):
-    raise EvaluationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  record = sources.json_object(line, where, EvaluationError)
   missing = [f for f in PROBLEM_FIELDS if f not in record]
   if missing:
     raise EvaluationError(f"{where}: missing field(s) {', '.join(missing)} (a HumanEval problem "
@@ -91,6 +90,9 @@ def _problem(line: str, where: str) -> dict:
   wrong = [f for f in PROBLEM_FIELDS if not isinstance(record[f], str)]
   if wrong:
     raise EvaluationError(f"{where}: field(s) {', '.join(wrong)} must be strings")
+  if not record["entry_point"].isidentifier():  # the program calls check(<entry_point>)
+    raise EvaluationError(f"{where}: field entry_point = {record['entry_point'][:60]!r}; "
+                          f"expected a Python function name")
   return {f: record[f] for f in PROBLEM_FIELDS}
 
 
@@ -287,6 +289,29 @@ class HumanEval:
                             "status": r["status"]}
                            for o, c, r in zip(outputs, completions, results)]
     return record
+
+  def rescore(self, example: dict, record: dict) -> dict:
+    """A resumed record as `predict` writes it: completions cut again from the stored outputs,
+    the count of passing samples from their stored verdicts (the sandbox is not run again: each
+    sample's "correct" must agree with its "status"); canonical_nll: the stored sums checked to
+    be finite and >= 0."""
+    if self.score == "canonical_nll":
+      return {"id": example["id"], "prompt": example["prompt"],
+              "reference": example["problem"]["canonical_solution"],
+              "nll_sum": stored_count(record, "nll_sum"), "tokens": stored_count(record, "tokens")}
+    first = mbpp.stored_verdict(record)
+    if self.num_samples == 1:
+      outputs, results = [stored(record, "output", str, "a string")], [first]
+    else:
+      samples = stored(record, "samples", list, f"a list of {self.num_samples} samples")
+      if len(samples) != self.num_samples or not all(isinstance(x, dict) for x in samples):
+        raise EvaluationError(f"field 'samples' = {len(samples)} entries; expected "
+                              f"{self.num_samples} JSON objects (humaneval.num_samples)")
+      outputs = [stored(x, "output", str, "a string") for x in samples]
+      results = [first] + [mbpp.stored_verdict({**x, "stderr": ""}) for x in samples[1:]]
+      outputs[0] = stored(record, "output", str, "a string")
+    completions = [decoding.cut_at_stop(o, self.stop_strings) for o in outputs]
+    return self._record(example, outputs, completions, results)
 
   def _predict_nll(self, model: LanguageModel, examples: list[dict]) -> list[dict]:
     seq_len = min(self.seq_len, model.cfg.max_positions)

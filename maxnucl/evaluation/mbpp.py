@@ -23,7 +23,7 @@ import gin
 from maxnucl import decoding
 from maxnucl.data import formats, sources
 from maxnucl.evaluation import execution
-from maxnucl.evaluation.core import EvaluationError, LanguageModel
+from maxnucl.evaluation.core import EvaluationError, LanguageModel, stored
 
 
 def extract_code(output: str, stop_strings: Sequence[str] = ("[DONE]",)) -> str:
@@ -33,6 +33,17 @@ def extract_code(output: str, stop_strings: Sequence[str] = ("[DONE]",)) -> str:
   if stripped.startswith("[BEGIN]"):
     code = stripped[len("[BEGIN]"):]
   return code.strip("\n")
+
+
+def stored_verdict(record: dict) -> dict:
+  """A resumed record's sandbox verdict (status, stderr) as `execution.check_programs` gives it:
+  passed exactly when the status is "passed"."""
+  status = stored(record, "status", str, f"one of {list(execution.STATUSES)}")
+  if status not in execution.STATUSES:
+    raise EvaluationError(f"field 'status' = {status!r}; expected one of "
+                          f"{list(execution.STATUSES)}")
+  return {"passed": status == "passed", "status": status,
+          "stderr": stored(record, "stderr", str, "a string")}
 
 
 def test_program(record: dict, code: str) -> str:
@@ -67,9 +78,15 @@ class MBPP:
   def examples(self) -> list[dict]:
     prefix = ""
     if self.num_shots:
-      prefix = formats.mbpp_few_shot_prefix(sources.read_mbpp("prompt"), self.shot_task_ids)
+      prefix = formats.mbpp_few_shot_prefix(sources.read_mbpp("prompt"), self.shot_task_ids,
+                                            source=str(sources.mbpp_file()))
+    records = sources.read_mbpp(self.split)
+    if not records:
+      ids = sources.MBPP_SPLIT_TASK_IDS[self.split]
+      raise EvaluationError(f"{sources.mbpp_file()}: no task of split {self.split!r} (task ids "
+                            f"{ids.start}-{ids.stop - 1})")
     out = []
-    for record in sources.read_mbpp(self.split):
+    for record in records:
       prompt = formats.format_mbpp(record, self.split)[0]["inputs"]
       out.append({"id": f"task-{record['task_id']}", "prompt": prefix + prompt,
                   "record": {k: record[k] for k in ("task_id", "test_list", "test_setup_code")}})
@@ -81,10 +98,19 @@ class MBPP:
     codes = [extract_code(o, self.stop_strings) for o in outputs]
     programs = [test_program(e["record"], c) for e, c in zip(examples, codes)]
     results = execution.check_programs(programs, timeout_s=self.timeout_s, workers=self.workers)
-    return [{"id": e["id"], "prompt": e["prompt"], "output": o, "answer": c,
-             "reference": e["record"]["test_list"], "correct": bool(r["passed"]),
-             "status": r["status"], "stderr": r.get("stderr", "")[-2000:]}
-            for e, o, c, r in zip(examples, outputs, codes, results)]
+    return [self._record(e, o, r) for e, o, r in zip(examples, outputs, results)]
+
+  def _record(self, example: dict, output: str, result: dict) -> dict:
+    return {"id": example["id"], "prompt": example["prompt"], "output": output,
+            "answer": extract_code(output, self.stop_strings),
+            "reference": example["record"]["test_list"], "correct": bool(result["passed"]),
+            "status": result["status"], "stderr": result.get("stderr", "")[-2000:]}
+
+  def rescore(self, example: dict, record: dict) -> dict:
+    """A resumed record as `predict` writes it from its stored output and its stored sandbox
+    verdict (not run again: "correct" must agree with "status")."""
+    return self._record(example, stored(record, "output", str, "a string"),
+                        stored_verdict(record))
 
   def metrics(self, records: list[dict]) -> dict[str, float]:
     n = max(len(records), 1)

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxnucl import compilation, losses, models, sharding
 from maxnucl.data import caching, catalog, packing, pipeline, vocabularies
-from maxnucl.evaluation.core import EvaluationError, LanguageModel
+from maxnucl.evaluation.core import EvaluationError, LanguageModel, stored_count
 from maxnucl.models.config import ModelConfig
 
 
@@ -174,7 +174,11 @@ def text_file_rows(path: str | pathlib.Path, tokenizer, seq_len: int) -> dict[st
   if not path.is_file():
     raise EvaluationError(f"perplexity.source {str(path)!r} is neither a registered task nor "
                           f"a text file")
-  ids = vocabularies.bos_prefix(tokenizer) + tokenizer.encode(path.read_text(encoding="utf-8"))
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise EvaluationError(f"{path}: not UTF-8 text (byte {e.start})") from None
+  ids = vocabularies.bos_prefix(tokenizer) + tokenizer.encode(text)
   if len(ids) < 2:
     raise EvaluationError(f"{path}: no text to score")
   num_rows = -(-(len(ids) - 1) // seq_len)
@@ -259,6 +263,11 @@ class Perplexity:
       records += [{"id": e["id"], "nll_sum": float(s), "tokens": float(c)}
                   for e, s, c in zip(chunk, sums, counts)]
     return records
+
+  def rescore(self, example: dict, record: dict) -> dict:
+    """A resumed record: its loss tokens must be the row's, its NLL sum finite and >= 0."""
+    return {"id": example["id"], "nll_sum": float(stored_count(record, "nll_sum")),
+            "tokens": float(np.sum(example["row"]["loss_mask"]))}
 
   def metrics(self, records: list[dict]) -> dict[str, float]:
     out = summarize(sum(r["nll_sum"] for r in records), sum(r["tokens"] for r in records))

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from typing import Callable, Sequence
 
@@ -56,7 +57,7 @@ import gin
 from maxnucl import decoding
 from maxnucl.data import catalog, formats, sources
 from maxnucl.evaluation import metrics
-from maxnucl.evaluation.core import EvaluationError, LanguageModel
+from maxnucl.evaluation.core import EvaluationError, LanguageModel, stored
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc", "axb", "axg")
 AVERAGED_TASKS = TASKS[:8]  # the SuperGLUE score; AX-b and AX-g are diagnostics
@@ -183,6 +184,15 @@ def _scored(example: dict, output: str, answer: str, method: str) -> dict:
                 prediction=prediction, correct=label >= 0 and prediction == label)
   if task == "multirc":
     record["group"] = example["group"]
+  return record
+
+
+def _ranked(example: dict, scores: list[float], method: str) -> dict:
+  """The prediction record of `example` whose candidates scored `scores`: the highest wins (the
+  first on a tie)."""
+  best = example["candidates"][max(range(len(scores)), key=lambda i: scores[i])]
+  record = _scored(example, best, best, method)
+  record["scores"] = dict(zip(example["candidates"], scores))
   return record
 
 
@@ -339,11 +349,23 @@ class SuperGLUE:
     for example in examples:
       scores = loglikelihoods[start:start + len(example["candidates"])]
       start += len(example["candidates"])
-      best = example["candidates"][max(range(len(scores)), key=lambda i: scores[i])]
-      record = _scored(example, best, best, self.method)
-      record["scores"] = {c: float(s) for c, s in zip(example["candidates"], scores)}
-      records.append(record)
+      records.append(_ranked(example, [float(s) for s in scores], self.method))
     return records
+
+  def rescore(self, example: dict, record: dict) -> dict:
+    """A resumed record as `predict` writes it: the answer cut again from the stored output
+    ("generate"), or chosen again from the stored scores of the candidates ("rank"), and scored
+    against the reference."""
+    if self.method == "generate":
+      output = stored(record, "output", str, "a string")
+      return _scored(example, output, decoding.cut_at_stop(output, self.stop_strings).strip(),
+                     self.method)
+    scores = stored(record, "scores", dict, "an object of the candidates' log-likelihoods")
+    if list(scores) != list(example["candidates"]) or not all(
+        isinstance(v, float) and math.isfinite(v) for v in scores.values()):
+      raise EvaluationError(f"field 'scores' = {str(scores)[:60]}; expected a finite "
+                            f"log-likelihood for each of {example['candidates'][:5]}")
+    return _ranked(example, list(scores.values()), self.method)
 
   def metrics(self, records: list[dict]) -> dict[str, float]:
     return task_metrics(records)
