@@ -674,7 +674,8 @@ def _step_dir(manager, step):
 def _save(manager, step, cfg, state, train_state) -> None:
   manager.save(step, args=ocp.args.Composite(**{
       PARAMS: ocp.args.PyTreeSave(state["params"],
-                                  save_args=checkpoints.save_args(state["params"])),
+                                  save_args=checkpoints.save_args(state["params"]),
+                                  custom_metadata=checkpoints.params_metadata(state["params"])),
       OPT_STATE: ocp.args.PyTreeSave(state["opt_state"]),
       MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
       TRAIN_STATE: ocp.args.JsonSave(train_state)}))
@@ -741,6 +742,11 @@ def _restore(manager, step, cfg, tx, state_sh) -> tuple[TrainState, dict]:
         f"match the configured model {cfg.name!r} and optimizer (was the model, "
         f"create_optimizer.* or the gradient clipping changed since it was written? use a new "
         f"--workdir, or train_loop.init_checkpoint to start from its params): {e}") from e
+  try:  # the params against the checksums recorded when they were saved (values as trained)
+    checkpoints.verify_params(_step_dir(manager, step), restored[PARAMS], allow_nonfinite=True)
+  except checkpoints.CheckpointError as e:
+    raise CorruptCheckpointError(f"checkpoint {_step_dir(manager, step)} is corrupted: "
+                                 f"{e}") from None
   train_state = restored[TRAIN_STATE]
   state = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE],
            "step": jax.device_put(jnp.asarray(train_state["step"], jnp.int32), state_sh["step"])}

@@ -298,3 +298,341 @@ def test_evaluator_analysis_and_data_tools_refuse_an_output_inside_their_input(
   with pytest.raises(outputs.OutputPathError, match="is the training text file"):
     vocabularies.train_sentencepiece([text], data / "corpus")
   assert sorted(os.listdir(data)) == ["corpus.model", "gsm8k.jsonl"]
+
+
+# ---- untrusted checkpoints: every reader refuses what it cannot trust (issue 28) ---------------
+
+import shutil  # noqa: E402
+
+import google_crc32c  # noqa: E402
+
+from maxnucl import generate  # noqa: E402
+from maxnucl.conversion import cli as convert_cli  # noqa: E402
+from maxnucl.models.config import ConfigError  # noqa: E402
+from maxnucl.pruning import cli as prune_cli  # noqa: E402
+from maxnucl.pruning import io as pruning_io  # noqa: E402
+
+import fuzzing  # noqa: E402
+
+TINY_PRUNED = dict(ffn_widths=(256, 0, 96, 32))
+
+
+@pytest.fixture(scope="module")
+def zarr_ckpt(tmp_path_factory):
+  """A pruned checkpoint written by StreamingWriter: one zarr directory per leaf."""
+  cfg = models.get_config("gemma2_tiny", **TINY_PRUNED)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  path = tmp_path_factory.mktemp("zarr") / "pruned"
+  with checkpoints.StreamingWriter(path, cfg) as writer:
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      writer.write(tuple(k.key for k in keys), np.asarray(leaf))
+  return cfg, params, path
+
+
+@pytest.fixture(scope="module")
+def ocdbt_ckpt(tmp_path_factory):
+  """The same model saved by `checkpoints.save` (Orbax's OCDBT store)."""
+  cfg = models.get_config("gemma2_tiny", **TINY_PRUNED)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  path = tmp_path_factory.mktemp("ocdbt") / "saved"
+  checkpoints.save(path, cfg, params)
+  return cfg, params, path
+
+
+def _copy(source: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  target = tmp_path / "ckpt"
+  shutil.copytree(source, target)
+  return target
+
+
+def _slash_separated(path: pathlib.Path, leaf: str) -> None:
+  """Rewrite one zarr leaf with "dimension_separator": "/" (chunk 0.0 stored as 0/0)."""
+  leaf_dir = path / "params" / leaf
+  zarray = json.loads((leaf_dir / ".zarray").read_text())
+  zarray["dimension_separator"] = "/"
+  (leaf_dir / ".zarray").write_text(json.dumps(zarray))
+  for chunk in [p for p in leaf_dir.iterdir() if not p.name.startswith(".")]:
+    target = leaf_dir / chunk.name.replace(".", "/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    chunk.rename(target)
+
+
+def _read_lazily(path: pathlib.Path, key) -> None:
+  """What the pruner does with a tensor it copies: rows read in blocks, in order, then verified."""
+  view = pruning_io.CheckpointReader(path).open_lazy(key)
+  for start in range(0, view.shape[0], 7):
+    np.asarray(view[start:min(start + 7, view.shape[0])])
+  if hasattr(view, "finish"):
+    view.finish()
+
+
+def _readers(path: pathlib.Path, tmp_path: pathlib.Path, leaf=None) -> dict:
+  """Every reader of a maxnucl checkpoint, each as a () -> fuzzing.Run; `leaf` (a damaged
+  tensor) adds the single-array readers of it."""
+  def library(fn):
+    def run():
+      try:
+        fn()
+      except ValueError as e:
+        return fuzzing.Run(2, "", f"error: {e}\n")
+      return fuzzing.Run(0, "", "")
+    return run
+
+  def cli(main, argv):
+    return lambda: fuzzing.run_main(main, argv, timeout_s=120)
+
+  readers = {
+      "load": library(lambda: checkpoints.load(path)),
+      "iter_arrays": library(lambda: list(checkpoints.iter_arrays(path))),
+      "maxnucl-to-hf": cli(convert_cli.main, [
+          "maxnucl-to-hf", "--input", str(path), "--output", str(tmp_path / "hf"),
+          "--ffn_widths_export", "pad", "--vocab", "none"]),
+      "maxnucl-prune": cli(prune_cli.prune_main, [
+          "--input", str(path), "--output", str(tmp_path / "pruned"), "--method", "magnitude",
+          "--ratio", "0.25", "--vocab", "byte"]),
+      "generate": cli(generate.main, ["--checkpoint", str(path), "--prompt", "a",
+                                      "--max_new_tokens", "2"]),
+  }
+  if leaf is not None:
+    readers["read_array"] = library(lambda: checkpoints.read_array(path, leaf))
+    readers["CheckpointReader.open_lazy"] = library(lambda: _read_lazily(path, leaf))
+  return readers
+
+
+def refusal_lines(stderr: str) -> list[str]:
+  # maxnucl-prune announces the vocabulary it uses before it reads the checkpoint: not part of
+  # the refusal
+  return [l for l in fuzzing.refusal_lines(stderr) if not l.startswith("vocabulary: ")]
+
+
+def _assert_every_reader_refuses(path, tmp_path, *names, leaf=None):
+  for reader, run in _readers(path, tmp_path, leaf).items():
+    result = run()
+    assert not result.error, f"{reader}: {result.error}"
+    lines = refusal_lines(result.stderr)
+    assert result.exit_code == 2 and len(lines) == 1, (reader, result.exit_code, lines)
+    for name in names:
+      assert name in lines[0], (reader, name, lines[0])
+  assert not (tmp_path / "hf").exists() and not (tmp_path / "pruned").exists()
+
+
+EMBEDDING = ("embedder", "embedding")
+
+
+@pytest.mark.parametrize("separator", [".", "/"])
+def test_a_missing_chunk_is_refused_by_every_reader_never_read_as_zeros(zarr_ckpt, tmp_path,
+                                                                        separator):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  leaf = "embedder.embedding"
+  if separator == "/":
+    _slash_separated(path, leaf)
+  chunk = path / "params" / leaf / ("0.0" if separator == "." else "0/0")
+  chunk.unlink()
+  _assert_every_reader_refuses(path, tmp_path, "embedder", "0", leaf=EMBEDDING)
+
+
+def test_every_writer_records_the_crc32c_of_each_array(zarr_ckpt, ocdbt_ckpt):
+  for cfg, params, path in (zarr_ckpt, ocdbt_ckpt):
+    recorded = checkpoints.stored_checksums(path)
+    flat = {tuple(k.key for k in keys): np.asarray(leaf)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert set(recorded) == set(flat)
+    for key, array in flat.items():
+      assert recorded[key] == google_crc32c.value(np.ascontiguousarray(array).tobytes()), key
+
+
+def _flip_inside_chunk(chunk: pathlib.Path, at: int) -> None:
+  data = bytearray(chunk.read_bytes())
+  data[at] ^= 0x01  # the lowest mantissa bit of a float32: the value stays finite
+  chunk.write_bytes(bytes(data))
+
+
+def test_a_corrupted_chunk_is_refused_by_its_checksum(zarr_ckpt, tmp_path):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  _flip_inside_chunk(path / "params" / "embedder.embedding" / "0.0", 400)
+  _assert_every_reader_refuses(path, tmp_path, "embedder", "checksum", leaf=EMBEDDING)
+
+
+@pytest.mark.parametrize("field,value", [("dtype", ">f4"), ("order", "F")])
+def test_a_reinterpreted_zarr_array_is_refused(zarr_ckpt, tmp_path, field, value):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  zarray_file = path / "params" / "embedder.embedding" / ".zarray"
+  zarray = json.loads(zarray_file.read_text())
+  zarray[field] = value
+  zarray_file.write_text(json.dumps(zarray))
+  _assert_every_reader_refuses(path, tmp_path, "embedder", leaf=EMBEDDING)
+
+
+def test_bit_flips_in_the_ocdbt_data_file_are_refused(ocdbt_ckpt, tmp_path):
+  path = _copy(ocdbt_ckpt[2], tmp_path)
+  data = max((path / "params").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+  for at in (1000, data.stat().st_size // 2, data.stat().st_size - 2000):
+    _flip_inside_chunk(data, at)
+  with pytest.raises(checkpoints.CheckpointError, match="params"):
+    checkpoints.load(path)
+
+
+def test_a_checkpoint_written_before_checksums_still_loads_with_a_warning(zarr_ckpt, tmp_path,
+                                                                          caplog):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  metadata_file = path / "params" / "_METADATA"
+  metadata = json.loads(metadata_file.read_text())
+  metadata["custom_metadata"] = None
+  metadata_file.write_text(json.dumps(metadata))
+  _, loaded = checkpoints.load(path)
+  assert _tree_equal(zarr_ckpt[1], loaded)
+  assert "no checksums" in caplog.text
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
+  cfg = models.get_config("gemma2_tiny", num_layers=1)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  params["layers_0"]["mlp"]["out"] = params["layers_0"]["mlp"]["out"].at[3, 5].set(np.nan)
+  checkpoints.save(tmp_path / "nan", cfg, params)
+  with pytest.raises(checkpoints.CheckpointError, match="layers_0/mlp/out.*non-finite"):
+    checkpoints.load(tmp_path / "nan")
+  with pytest.raises(checkpoints.CheckpointError, match="layers_0/mlp/out.*non-finite"):
+    checkpoints.read_array(tmp_path / "nan", ("layers_0", "mlp", "out"))
+  _, loaded = checkpoints.load(tmp_path / "nan", allow_nonfinite=True)
+  assert np.isnan(np.asarray(loaded["layers_0"]["mlp"]["out"])[3, 5])
+
+
+def test_nan_bytes_in_a_chunk_are_refused_with_one_line(zarr_ckpt, tmp_path):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  chunk = path / "params" / "layers_0.mlp.out" / "0.0"
+  data = bytearray(chunk.read_bytes())
+  data[64:68] = np.array([np.nan], "<f4").tobytes()
+  chunk.write_bytes(bytes(data))
+  _assert_every_reader_refuses(path, tmp_path, "layers_0.mlp.out", "checksum",
+                               leaf=("layers_0", "mlp", "out"))
+  # without checksums (a checkpoint written before them), the value itself is refused
+  metadata_file = path / "params" / "_METADATA"
+  metadata = json.loads(metadata_file.read_text())
+  metadata["custom_metadata"] = None
+  metadata_file.write_text(json.dumps(metadata))
+  _assert_every_reader_refuses(path, tmp_path, "layers_0.mlp.out", "non-finite",
+                               leaf=("layers_0", "mlp", "out"))
+
+
+# ---- malformed metadata: one line naming the file -----------------------------------------------
+
+def test_empty_tree_metadata_is_refused_naming_the_file(zarr_ckpt, tmp_path):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  (path / "params" / "_METADATA").write_text("{}")
+  _assert_every_reader_refuses(path, tmp_path, "_METADATA", leaf=EMBEDDING)
+
+
+def test_a_zarr_shape_off_by_one_is_refused_naming_the_file(zarr_ckpt, tmp_path):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  zarray_file = path / "params" / "layers_2.mlp.out" / ".zarray"
+  zarray = json.loads(zarray_file.read_text())
+  zarray["shape"][0] += 1
+  zarray_file.write_text(json.dumps(zarray))
+  _assert_every_reader_refuses(path, tmp_path, "layers_2.mlp.out")
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_ocdbt_data_file_is_refused_naming_the_file(ocdbt_ckpt, tmp_path, damage):
+  path = _copy(ocdbt_ckpt[2], tmp_path)
+  data = max((path / "params").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+  if damage == "delete":
+    data.unlink()
+  else:
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  _assert_every_reader_refuses(path, tmp_path, "params")
+
+
+def test_a_truncated_model_config_is_refused_naming_the_file(zarr_ckpt, tmp_path):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  config_file = path / "model_config" / "metadata"
+  config_file.write_text(config_file.read_text()[:200])
+  _assert_every_reader_refuses(path, tmp_path, "model_config")
+
+
+# ---- the model config: validated where it is built ---------------------------------------------
+
+BAD_CONFIG_FIELDS = [
+    ("num_layers", 10**12), ("rope_theta", 0.0), ("rope_theta", -1.0),
+    ("rope_theta", float("nan")), ("norm_eps", -1.0), ("norm_eps", float("nan")),
+    ("attn_logit_softcap", 0.0), ("attn_logit_softcap", -50.0),
+    ("final_logit_softcap", float("nan")), ("query_pre_attn_scalar", 0.0),
+    ("query_pre_attn_scalar", -16.0), ("query_pre_attn_scalar", float("inf")),
+    ("ffn_widths", 256), ("attention_pattern", "local"), ("attention_pattern", 5),
+    ("vocab_size", "384"), ("d_model", 64.0), ("d_model", True), ("rope_theta", "1e4"),
+    ("sliding_window", -4), ("sliding_window", 2.5), ("d_model", 10**12),
+    ("vocab_size", 10**12), ("max_positions", 0), ("max_positions", 10**12),
+    ("rope_local_theta", -1.0), ("dropout_rate", "x"), ("dropout_rate", float("nan")),
+    ("pad_id", -1), ("eos_id", 384), ("bos_id", "2"), ("name", 5), ("rope_scaling", "linear"),
+    ("ffn_dim", 10**12), ("ffn_widths", [256, 0, 96, "32"]), ("ffn_widths", [256, 0, 96, 1e12]),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_CONFIG_FIELDS)
+def test_an_invalid_config_field_is_refused_naming_it(field, value):
+  data = models.get_config("gemma2_tiny", **TINY_PRUNED).to_dict()
+  data[field] = value
+  with pytest.raises(ConfigError, match=f"'{field}'"):
+    models.ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 10**12), ("rope_theta", 0.0),
+                                         ("norm_eps", -1.0), ("ffn_widths", 256)])
+def test_a_checkpoint_with_an_invalid_config_is_refused_naming_field_and_file(
+    zarr_ckpt, tmp_path, field, value):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  config_file = path / "model_config" / "metadata"
+  data = json.loads(config_file.read_text())
+  data[field] = value
+  config_file.write_text(json.dumps(data))
+  start = time.monotonic()
+  _assert_every_reader_refuses(path, tmp_path, field, "model_config")
+  assert time.monotonic() - start < 60
+
+
+def test_a_config_that_does_not_fit_the_bytes_on_disk_is_refused(zarr_ckpt, tmp_path):
+  """A config whose tensors are larger than the stored arrays is refused before any read."""
+  path = _copy(zarr_ckpt[2], tmp_path)
+  config_file = path / "model_config" / "metadata"
+  data = json.loads(config_file.read_text())
+  data["vocab_size"] = 10**9
+  config_file.write_text(json.dumps(data))
+  _assert_every_reader_refuses(path, tmp_path, "model_config")
+
+
+def test_the_trainer_records_checksums_and_resume_refuses_a_corrupted_step(tmp_path):
+  """The trainer's Orbax step checkpoints carry the CRC32C of every params array (what
+  `checkpoints.load` verifies), and its resume checks them: a bit flip that leaves a value finite
+  and decodable is caught, the step moved aside, training resumes from the previous one."""
+  from maxnucl import gin_config, train  # pylint: disable=import-outside-toplevel
+
+  def run(steps):
+    gin.clear_config()
+    gin_config.parse(["gin/demo_cpu.gin"], [
+        "model_config.num_layers = 2", "DATA_SEQ_LEN = 32", "DATA_BATCH_SIZE = 8",
+        "train_loop.progress_bar = False", "train_loop.eval_every = 0",
+        "train_loop.log_every = 1", "train_loop.checkpoint_every = 2",
+        "train_loop.async_checkpointing = False", f"train_loop.num_steps = {steps}"])
+    try:
+      train.train_loop(tmp_path, mesh=sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    finally:
+      gin.clear_config()
+
+  run(4)
+  step = tmp_path / "checkpoints" / "4"
+  cfg, params = checkpoints.load(step)  # verified against the recorded checksums
+  recorded = checkpoints.stored_checksums(step)
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    key = tuple(k.key for k in keys)
+    assert recorded[key] == google_crc32c.value(np.asarray(leaf).tobytes()), key
+  # Change one stored value in place (read, alter the lowest bit of one float, write back
+  # through TensorStore, so the OCDBT store stays decodable: only the checksum can tell).
+  store = checkpoints.open_array(step, ("final_norm", "scale")).store
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  writable = ts.open(store.spec(), open=True, read=True, write=True).result()
+  value = np.asarray(writable[0:1].read().result())
+  writable[0:1].write((value.view(np.uint32) ^ np.uint32(1)).view(np.float32)).result()
+  with pytest.raises(checkpoints.CheckpointError, match="final_norm/scale.*checksum"):
+    checkpoints.load(step)
+  run(6)  # resumes: step 4 is corrupted, moved aside; step 2 is used
+  assert (tmp_path / "checkpoints" / "corrupted_step_4").is_dir()
+  assert (tmp_path / "checkpoints" / "6").is_dir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Callable, Optional
 
 # gemma2: sequential block with 4 (1 + scale) norms; gemma3: the same with QK-norm; llama: sequential
@@ -35,6 +36,15 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 # xla: the [T, S] score matrix; chunked: online softmax over key blocks with a recomputing
 # backward (maxnucl/layers/chunked_attention.py); auto: chunked from AUTO_CHUNKED_LENGTH tokens
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn", "pallas_gpu")
+
+# Plausibility bounds of a config read from a file (the largest released models are far inside
+# them): a typo such as num_layers = 10**12 is refused at once instead of building (or hanging
+# on) an impossible model.
+MAX_LAYERS = 1 << 12
+MAX_WIDTH = 1 << 20  # d_model, FFN widths, num_heads x head_dim
+MAX_VOCAB = 1 << 24
+MAX_POSITIONS = 1 << 24
+MAX_PARAMS = 10 ** 13
 
 
 class ConfigError(ValueError):
@@ -140,33 +150,70 @@ class ModelConfig:
   # ---- validation and (de)serialisation -------------------------------------------------------
 
   def validate(self) -> None:
+    """Types, ranges, finiteness and plausibility of every field (one ConfigError naming the
+    first bad field): a config read from a file is untrusted input (docs/checkpoints.md)."""
     def fail(field: str, expected: str):
       raise ConfigError(
           f"model config {self.name!r}: field {field!r} = {getattr(self, field)!r}; "
           f"expected {expected}")
 
+    def is_int(value) -> bool:
+      return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value) -> bool:
+      return (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+
+    if not isinstance(self.name, str):
+      fail("name", "a string")
     if self.family not in FAMILIES:
       fail("family", f"one of {FAMILIES}")
-    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim"):
-      if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
-        fail(field, "a positive integer")
-    if not isinstance(self.ffn_dim, int) or self.ffn_dim < 0:
-      fail("ffn_dim", "a non-negative integer")
+    for field, largest in (("vocab_size", MAX_VOCAB), ("d_model", MAX_WIDTH),
+                           ("num_layers", MAX_LAYERS), ("num_heads", MAX_WIDTH),
+                           ("num_kv_heads", MAX_WIDTH), ("head_dim", MAX_WIDTH)):
+      value = getattr(self, field)
+      if not is_int(value) or not 0 < value <= largest:
+        fail(field, f"an integer in [1, {largest}]")
+    if not is_int(self.ffn_dim) or not 0 <= self.ffn_dim <= MAX_WIDTH:
+      fail("ffn_dim", f"an integer in [0, {MAX_WIDTH}]")
     if self.num_heads % self.num_kv_heads:
       fail("num_kv_heads", f"a divisor of num_heads={self.num_heads}")
     if self.head_dim % 2:
       fail("head_dim", "an even number (RoPE rotates pairs of dimensions)")
+    if self.num_heads * self.head_dim > MAX_WIDTH:
+      fail("head_dim", f"num_heads x head_dim <= {MAX_WIDTH}")
     if self.ffn_widths is not None:
+      if not isinstance(self.ffn_widths, tuple):
+        fail("ffn_widths", f"None or a list of num_layers={self.num_layers} widths")
       if len(self.ffn_widths) != self.num_layers:
         fail("ffn_widths", f"a list of num_layers={self.num_layers} widths, got "
              f"{len(self.ffn_widths)}")
-      bad = [i for i, w in enumerate(self.ffn_widths) if not isinstance(w, int) or w < 0]
+      bad = [i for i, w in enumerate(self.ffn_widths) if not is_int(w) or not 0 <= w <= MAX_WIDTH]
       if bad:
-        fail("ffn_widths", f"non-negative integers (layer {bad[0]} is not)")
+        fail("ffn_widths", f"integers in [0, {MAX_WIDTH}] (layer {bad[0]} is not)")
+    for field in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                  "rope_local_theta"):
+      value = getattr(self, field)
+      if value is not None and (not is_number(value) or value <= 0):
+        fail(field, "None or a finite positive number")
+    if not is_number(self.rope_theta) or self.rope_theta <= 0:
+      fail("rope_theta", "a finite positive number (the RoPE base)")
+    if not is_number(self.norm_eps) or not 0 < self.norm_eps <= 1:
+      fail("norm_eps", "a finite number in (0, 1]")
+    if self.sliding_window is not None and (not is_int(self.sliding_window)
+                                            or self.sliding_window <= 0):
+      fail("sliding_window", "None or a positive integer")
+    if not is_int(self.max_positions) or not 0 < self.max_positions <= MAX_POSITIONS:
+      fail("max_positions", f"an integer in [1, {MAX_POSITIONS}]")
+    for field in ("pad_id", "eos_id", "bos_id"):
+      value = getattr(self, field)
+      if not is_int(value) or not 0 <= value < self.vocab_size:
+        fail(field, f"a token id in [0, vocab_size={self.vocab_size})")
+    if not isinstance(self.attention_pattern, tuple):
+      fail("attention_pattern", f"a non-empty list of {ATTENTION_KINDS}")
     if self.activation not in ACTIVATIONS:
       fail("activation", f"one of {ACTIVATIONS}")
-    if not self.attention_pattern or any(k not in ATTENTION_KINDS
+    if not self.attention_pattern or any(not isinstance(k, str) or k not in ATTENTION_KINDS
                                          for k in self.attention_pattern):
       fail("attention_pattern", f"a non-empty sequence of {ATTENTION_KINDS}")
     if "local" in self.attention_pattern and not self.sliding_window:
@@ -174,14 +221,19 @@ class ModelConfig:
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in DTYPES:
         fail(field, f"one of {DTYPES}")
-    if not 0.0 <= self.dropout_rate < 1.0:
+    if not is_number(self.dropout_rate) or not 0.0 <= self.dropout_rate < 1.0:
       fail("dropout_rate", "a rate in [0, 1)")
     if self.rope_scaling is not None:
-      kind = self.rope_scaling[0] if self.rope_scaling else None
-      if (kind not in ROPE_SCALING_KINDS or len(self.rope_scaling) != ROPE_SCALING_KINDS[kind]
-          or not all(isinstance(v, (int, float)) and v > 0 for v in self.rope_scaling[1:])):
+      kind = (self.rope_scaling[0] if isinstance(self.rope_scaling, tuple) and self.rope_scaling
+              else None)
+      if (not isinstance(kind, str) or kind not in ROPE_SCALING_KINDS or len(self.rope_scaling) != ROPE_SCALING_KINDS[kind]
+          or not all(is_number(v) and v > 0 for v in self.rope_scaling[1:])):
         fail("rope_scaling", "None, ('linear', factor) or ('llama3', factor, low_freq_factor, "
              "high_freq_factor, original_max_positions) with positive numbers")
+    if self.estimated_params() > MAX_PARAMS:
+      fail("num_layers", f"a model of at most {MAX_PARAMS:.0e} parameters (this one has about "
+           f"{self.estimated_params():.1e}: d_model={self.d_model}, ffn widths up to "
+           f"{max(self.layer_ffn_widths)}, vocab_size={self.vocab_size})")
     if self.embedding_scale not in EMBEDDING_SCALES:
       fail("embedding_scale", f"one of {EMBEDDING_SCALES}")
     if self.logit_scale not in LOGIT_SCALES:
@@ -199,6 +251,12 @@ class ModelConfig:
       fail("attention_impl", f"not 'cudnn' with attn_logit_softcap = {self.attn_logit_softcap} "
            f"(cuDNN's fused attention has no logit soft-cap; Gemma-2 needs 'auto', 'chunked', "
            f"'splash' or 'xla')")
+
+  def estimated_params(self) -> int:
+    """Parameters, to within the norms and biases: embedding(s), attention and FFN matrices."""
+    d, heads = self.d_model, (self.num_heads + self.num_kv_heads) * self.head_dim
+    embeddings = self.vocab_size * d * (1 if self.tie_embeddings is True else 2)
+    return embeddings + sum(2 * d * heads + 3 * d * m for m in self.layer_ffn_widths)
 
   def replace(self, **overrides: Any) -> "ModelConfig":
     known = {f.name for f in dataclasses.fields(self)}
@@ -220,6 +278,9 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    if not isinstance(data, dict):
+      raise ConfigError(f"model config: expected a JSON object of fields, got "
+                        f"{type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

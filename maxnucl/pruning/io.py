@@ -3,9 +3,10 @@
 Built on the streaming API of `maxnucl.checkpoints`:
 
   reading  `checkpoints.read_array`: one stored tensor at a time (TensorStore), e.g. one layer's
-           {gate U, up V, out W} (`CheckpointReader.read_ffn`).  Tensors copied unchanged (the
+           {gate U, up V, out W} (`CheckpointReader.read_ffn`), each verified (checksum, missing
+           chunks, finiteness; docs/checkpoints.md).  Tensors copied unchanged (the
            embedding, norms, attention, unselected layers) are opened lazily (`open_lazy`: a
-           TensorStore view on the zarr leaf or on the OCDBT store Orbax writes) so the writer
+           verified view on the zarr leaf or on the OCDBT store Orbax writes) so the writer
            reads them block by block as it writes, when their stored chunks are small
            (StreamingWriter's row blocks, e.g. converter outputs; `checkpoints.save` and trainer
            checkpoints, chunked by Orbax to <= 64 MiB).  A leaf stored as one large chunk (plain
@@ -51,6 +52,8 @@ class CheckpointReader:
     self.path = checkpoints.resolve(path)
     self.cfg: ModelConfig = checkpoints.load_config(self.path)
     self.stored: dict[Key, tuple[tuple[int, ...], str]] = checkpoints.stored_arrays(self.path)
+    # every read is verified against these (checkpoints._read_leaf, VerifiedView)
+    self.checksums: dict[Key, int] = checkpoints.stored_checksums(self.path)
 
   @property
   def dtype(self) -> str:
@@ -67,19 +70,17 @@ class CheckpointReader:
     if key not in self.stored:
       raise checkpoints.CheckpointError(
           f"{self.path}: tensor {'/'.join(key)} is not stored in this checkpoint")
-    return checkpoints.read_listed_array(self.path, key, self.stored[key])
+    return checkpoints.read_listed_array(self.path, key, self.stored[key],
+                                         checksums=self.checksums)
 
   def open_lazy(self, key: Key):
-    """A read-only TensorStore view of one leaf (`checkpoints.open_array`: nothing read yet), or,
-    for a leaf whose layout it cannot open or whose chunks are too large to copy block by block,
-    the array itself (`read`).  Slicing the view and np.asarray on the slice reads only those
-    rows, which is how StreamingWriter.write consumes it."""
+    """A read-only view of one leaf (`checkpoints.open_array`: nothing read yet, verified as
+    StreamingWriter.write reads it block by block), or, for a leaf whose chunks are too large
+    to copy block by block, the array itself (`read`)."""
     if key not in self.stored:
       return self.read(key)  # raises the "not stored" error
-    shape, dtype = self.stored[key]
-    view = checkpoints.open_array(self.path, key)
-    if view is None or tuple(view.shape) != tuple(shape) or view.dtype.numpy_dtype.name != dtype:
-      return self.read(key)
+    view = checkpoints.open_array(self.path, key, stored=self.stored[key],
+                                  checksums=self.checksums)
     chunk = view.chunk_layout.read_chunk.shape
     if chunk is None or np.prod(chunk) * view.dtype.numpy_dtype.itemsize > MAX_LAZY_CHUNK_BYTES:
       # Orbax's default stores a single-host array as one chunk: every row block would decode
