@@ -212,7 +212,7 @@ def _train_without_training(monkeypatch):
   """train.main up to the trainer: the gin configuration is parsed and checked, the model
   configuration is built from it; the training loop itself does not run."""
   built = []
-  monkeypatch.setattr(train, "train_loop", lambda workdir: built.append(
+  monkeypatch.setattr(train, "train_loop", lambda workdir, **options: built.append(
       models.configured_model()) or {"workdir": pathlib.Path(workdir), "history": []})
   monkeypatch.setattr(train, "_print_outputs", lambda result: None)
   return built
