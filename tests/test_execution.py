@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from maxnucl.evaluation import execution
+from maxnucl.evaluation.execution import supervisor
 
 PASSING = "def add(a, b):\n  return a + b\nassert add(1, 2) == 3\n"
 SHORT_TIMEOUT_S = 1.0
@@ -124,7 +125,7 @@ def test_failing_assert_fails_with_its_traceback_in_stderr():
   assert result["returncode"] == 1
   assert "Traceback" in result["stderr"] and "AssertionError: square(3)" in result["stderr"]
   assert "program.py\", line 4" in result["stderr"]
-  assert "execution.py" not in result["stderr"], "the launcher's frames are not the program's"
+  assert "launcher.py" not in result["stderr"], "the launcher's frames are not the program's"
 
 
 def test_syntax_error_fails():
@@ -593,10 +594,10 @@ def test_the_launchers_reports_are_parsed_one_thread_at_a_time():
   once failed parsing a report ("SystemError: AST constructor recursion depth mismatch"): report
   lines are parsed under one lock, and a parse waits while another holds it."""
   import threading  # pylint: disable=import-outside-toplevel
-  run = execution._Run(capture_bytes=1024)
+  run = supervisor.Run(capture_bytes=1024)
   buffer = bytearray(b"{'containment': {'no_new_privs': True}, 'started': True}\n{'exit'")
-  with execution._AST_LOCK:
-    parser = threading.Thread(target=execution._parse_reports, args=(buffer, run))
+  with supervisor._AST_LOCK:
+    parser = threading.Thread(target=supervisor._parse_reports, args=(buffer, run))
     parser.start()
     parser.join(0.3)
     assert parser.is_alive() and run.reports == []  # waiting for the lock
