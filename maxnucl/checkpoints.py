@@ -279,12 +279,15 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     raise ConfigError(f"{config_file}: model config: {e}") from None
 
 
-def _tree_metadata(directory: paths.Path) -> dict:
-  """params/_METADATA, parsed and checked for the fields the readers use."""
+def _tree_metadata(directory: paths.Path, required: bool = True) -> dict:
+  """params/_METADATA, parsed and checked for the fields the readers use ({} when absent and not
+  `required`: a PyTree directory of an older Orbax, e.g. a DeepMind checkpoint)."""
   metadata_file = directory / "_METADATA"
   try:
     metadata = json.loads(metadata_file.read_bytes())
   except FileNotFoundError:
+    if not required:
+      return {}
     raise CheckpointError(f"{metadata_file}: missing (the tree metadata of the stored "
                           f"arrays)") from None
   except (OSError, ValueError) as e:
@@ -356,7 +359,7 @@ def pytree_arrays(directory: str | os.PathLike
                   ) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
   """Like `stored_arrays`, for any Orbax PyTree directory (e.g. a DeepMind `gemma` checkpoint)."""
   directory = _existing(directory)
-  _tree_metadata(directory)
+  _tree_metadata(directory, required=False)
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(paths.orbax_path(directory)).tree
     out = {}
@@ -382,7 +385,7 @@ def read_pytree_array(directory: str | os.PathLike, key_path: tuple[str, ...],
   if key_path not in stored:
     raise CheckpointError(f"{directory}: no stored tensor {'/'.join(key_path)}")
   shape, stored_dtype = stored[key_path]
-  checksum = _checksums(directory, _tree_metadata(directory)).get(key_path)
+  checksum = _checksums(directory, _tree_metadata(directory, required=False)).get(key_path)
   return _read_leaf(directory, key_path, shape, stored_dtype, dtype, axes, checksum,
                     allow_nonfinite)
 
@@ -482,8 +485,8 @@ def _leaf_spec(params_dir: paths.Path, key_path: tuple[str, ...]) -> dict:
   elif (leaf_dir / "zarr.json").is_file():
     spec = {"driver": "zarr3", "kvstore": paths.kvstore_spec(leaf_dir)}
   else:
-    metadata = _tree_metadata(params_dir)
-    if not metadata.get("use_ocdbt"):
+    metadata = _tree_metadata(params_dir, required=False)
+    if not metadata.get("use_ocdbt", (params_dir / "manifest.ocdbt").is_file()):
       raise CheckpointError(f"{leaf_dir}: missing (tensor {'/'.join(key_path)}: expected a zarr "
                             f"array directory, as {params_dir / '_METADATA'} says the arrays are "
                             f"not in an OCDBT store)")
