@@ -5,13 +5,16 @@ everything outside its temporary directory as it was, (4) leave no process behin
 the evaluation able to run the next program.  `assert_contained` checks (2)-(5).
 """
 
+import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -182,17 +185,21 @@ def test_exit_status_zero_after_a_failed_assert_does_not_pass(outside):
   assert_contained(result, outside)
 
 
-def test_writing_to_every_descriptor_does_not_fake_completion(outside):
-  result = run("""
-      import os, sys
+def write_to_every_descriptor(data: bytes) -> str:
+  """Program lines writing `data` to every descriptor from 3 to 63 that takes it."""
+  return textwrap.dedent(f"""
+      import os
       for fd in range(3, 64):
         try:
-          os.write(fd, b"0123456789abcdef0123456789abcdef")
+          os.write(fd, {data!r})
         except OSError:
           pass
-      os._exit(0)
-      assert False
   """)
+
+
+def test_writing_to_every_descriptor_does_not_fake_completion(outside):
+  result = run(write_to_every_descriptor(b"0123456789abcdef0123456789abcdef") +
+               "os._exit(0)\nassert False\n")
   assert not result["passed"] and result["status"] == "early_exit", result
   assert_contained(result, outside)
 
@@ -545,7 +552,7 @@ def test_every_facility_this_machine_offers_is_active(available):
   assert containment["landlock_abi"] == available["landlock_abi"]
   assert containment["landlock_network"] is (available["landlock_abi"] >= 4)
   assert containment["landlock_scopes"] is (available["landlock_abi"] >= 6)
-  for name in ("fresh_proc", "readonly_root", "private_tmpfs", "capabilities_dropped",
+  for name in ("fresh_proc", "readonly_root", "private_tmpfs", "private_shm", "capabilities_dropped",
                "no_new_privs", "process_group", "nproc_enforced"):
     assert containment[name] is True, (name, containment)
   assert set(containment["rlimits"]) == {"RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE",
@@ -604,3 +611,207 @@ def test_the_launchers_reports_are_parsed_one_thread_at_a_time():
   parser.join(10)
   assert run.reports == [{"containment": {"no_new_privs": True}, "started": True}]
   assert run.started and buffer == bytearray(b"{'exit'")  # the incomplete line stays
+
+
+# ---- issue 27: what the sandbox hands back, the program text, shared memory, leftovers ---------
+
+
+FLOOD_EVERY_DESCRIPTOR = """
+    import os, time
+    fds = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
+    chunk = b"x" * (1 << 20)
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:
+      for fd in fds:
+        try:
+          os.write(fd, chunk)
+        except OSError:
+          pass
+"""
+
+
+def test_flooding_the_completion_pipe_is_cut_and_the_evaluators_memory_stays_bounded(outside):
+  """Everything read from the sandbox is capped: a program that writes hundreds of MiB into every
+  descriptor it holds (the completion pipe included) is stopped as output_limit, and the
+  evaluator's peak RSS grows by less than 32 MiB (it once grew by 650 MiB)."""
+  evaluator = textwrap.dedent(f"""
+      import json, resource, textwrap
+      from maxnucl.evaluation import execution
+      def peak_bytes():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+      assert execution.check_program({PASSING!r})["passed"]
+      before = peak_bytes()
+      result = execution.check_program(textwrap.dedent({FLOOD_EVERY_DESCRIPTOR!r}), timeout_s=5)
+      print(json.dumps({{"status": result["status"], "reason": result["reason"],
+                        "growth": peak_bytes() - before, "workdir": result["workdir"]}}))
+  """)
+  completed = subprocess.run([sys.executable, "-c", evaluator], capture_output=True, text=True,
+                             timeout=60, check=False)
+  assert completed.returncode == 0, completed.stderr
+  report = json.loads(completed.stdout)
+  assert report["status"] == "output_limit", report
+  assert report["growth"] < 32 << 20, f"the evaluator's peak RSS grew by {report['growth']} bytes"
+  assert not os.path.exists(report["workdir"])
+  assert outside.unchanged()
+
+
+def test_a_lone_surrogate_in_the_program_fails_it_without_raising():
+  result = run("s = '\ud800'\nassert len(s) == 1\n")
+  assert result["status"] == "failed" and "surrogates not allowed" in result["stderr"], result
+
+
+def test_no_program_text_makes_check_programs_raise():
+  """A seeded fuzz of program texts: random code points (lone surrogates, NULs and controls
+  included), huge lines, truncated valid programs; every one gets a status, none raises."""
+  rng = random.Random(27)
+  alphabet = ["\0", "\ud800", "\udfff", "\x7f", "\u2028", "\r", "\n", "'", '"', "\\", "#", "(",
+              "assert ", "def f():\n  ", "\t", "\U0001f600", "\ufeff", "é"]
+  texts = [PASSING[:cut] for cut in range(0, len(PASSING), 7)]
+  for _ in range(24):
+    pieces = [rng.choice(alphabet) if rng.random() < 0.6 else chr(rng.randrange(0x110000))
+              for _ in range(rng.randrange(1, 200))]
+    texts.append("".join(pieces))
+  texts += ["x = '" + "\ud800" * 100_000 + "'\n", "y = 1  # " + "z" * (1 << 20) + "\n",
+            PASSING + "\0\n", "\ufeff" + PASSING, PASSING.replace("\n", "\r\n")]
+  results = execution.check_programs(texts, workers=2)
+  assert len(results) == len(texts)
+  for text, result in zip(texts, results):
+    assert result["status"] in execution.STATUSES and result["status"] != "sandbox_error", (
+        text[:80], result)
+  assert results[-1]["passed"], results[-1]  # CRLF line ends, as python reads a file
+
+
+def test_a_stray_byte_on_the_completion_pipe_does_not_hide_a_run_to_the_end():
+  result = run(write_to_every_descriptor(b"?") + "assert 1 + 1 == 2\n")
+  assert result["passed"] and result["status"] == "passed", result
+
+
+def test_programs_using_multiprocessing_pass_with_a_private_size_limited_dev_shm(outside):
+  marker = uuid.uuid4().hex
+  result = run(f"""
+      import multiprocessing, os
+      def square(x):
+        return x * x
+      if __name__ == "__main__":
+        with multiprocessing.Pool(2) as pool:
+          assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+        queue = multiprocessing.Queue()
+        process = multiprocessing.Process(target=queue.put, args=(42,))
+        process.start()
+        assert queue.get(timeout=5) == 42
+        process.join()
+        open("/dev/shm/{marker}", "w").write("inside")
+        try:
+          for i in range(16):  # 128 MiB in files below the 16 MiB file size limit
+            with open(f"/dev/shm/big{{i}}", "wb") as f:
+              f.write(b"x" * (8 << 20))
+        except OSError as error:
+          print("shm full:", error.strerror)
+  """, timeout_s=10)
+  assert result["passed"], result
+  assert "shm full: No space left on device" in result["stdout"], result
+  assert result["containment"]["private_shm"] is True
+  assert not os.path.exists(f"/dev/shm/{marker}"), "the sandbox wrote the host's /dev/shm"
+  assert_contained(result, outside)
+
+
+def test_workdirs_left_by_a_killed_evaluator_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
+  """A SIGKILLed evaluator cannot remove its runs' directories; the next evaluator using the same
+  temporary directory removes them, but never one whose evaluator is alive nor another user's."""
+  def evaluator():
+    return subprocess.Popen(
+        [sys.executable, "-c", "from maxnucl.evaluation import execution\n"
+         "execution.check_program('import time\\ntime.sleep(100)\\n', timeout_s=60)\n"],
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+
+  def workdirs():
+    return set(tmp_path.glob("maxnucl-sandbox-*"))
+
+  def start_evaluator_and_its_run():
+    """The new evaluator and its run's directory, once its program started."""
+    before = workdirs()
+    process = evaluator()
+    deadline = time.monotonic() + 10
+    while not workdirs() - before and time.monotonic() < deadline:
+      time.sleep(0.05)
+    new, = workdirs() - before
+    time.sleep(0.5)
+    return process, new
+
+  alive, live_dir = start_evaluator_and_its_run()
+  try:
+    killed, killed_dir = start_evaluator_and_its_run()
+    foreign, foreign_dir = start_evaluator_and_its_run()
+    for process in (killed, foreign):
+      process.kill()
+      process.wait()
+    deadline = time.monotonic() + 5
+    while (processes_mentioning(str(killed_dir)) or processes_mentioning(str(foreign_dir))) and (
+        time.monotonic() < deadline):
+      time.sleep(0.05)  # the killed evaluators' launchers exit
+    assert workdirs() == {live_dir, killed_dir, foreign_dir}, "nothing removed them yet"
+    os.chown(foreign_dir, 65534, 65534)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert execution.check_program(PASSING)["passed"]
+    assert workdirs() == {live_dir, foreign_dir}
+  finally:
+    alive.kill()
+    alive.wait()
+
+
+def collect_candidates_and_fake_completion(collect: str) -> str:
+  """A program that gathers every str/bytes its `collect` code reaches that looks like the
+  completion token (32 hex digits), writes each to every open descriptor, then exits with 0
+  before its failing assert (a program that found the token this way once passed)."""
+  return textwrap.dedent("""
+      import gc, os, sys
+      found, seen = [], set()
+      def visit(value, depth=0):
+        if id(value) in seen or depth > 4:
+          return
+        seen.add(id(value))
+        if isinstance(value, (str, bytes)) and len(value) == 32:
+          text = value if isinstance(value, bytes) else value.encode(errors="replace")
+          if all(c in b"0123456789abcdef" for c in text) and text not in found:
+            found.append(text)
+        elif isinstance(value, dict):
+          for item in list(value.values()):
+            visit(item, depth + 1)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+          for item in list(value):
+            visit(item, depth + 1)
+  """) + textwrap.dedent(collect) + textwrap.dedent("""
+      fds = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
+      for candidate in found:
+        for fd in fds:
+          try:
+            os.write(fd, candidate)
+          except OSError:
+            pass
+      os._exit(0)
+      assert False, "the tests never ran"
+  """)
+
+
+def test_the_completion_token_is_not_in_the_harness_frames(outside):
+  result = run(collect_candidates_and_fake_completion("""
+      frame = sys._getframe(0)
+      while frame is not None:
+        visit(dict(frame.f_locals))
+        for cell in (frame.f_code.co_consts, frame.f_globals):
+          visit(cell)
+        frame = frame.f_back
+  """))
+  assert not result["passed"] and result["status"] in ("early_exit", "output_limit"), result
+  assert_contained(result, outside)
+
+
+def test_the_completion_token_is_not_reachable_through_gc(outside):
+  result = run(collect_candidates_and_fake_completion("""
+      for obj in gc.get_objects():
+        visit(obj)
+        for referent in gc.get_referents(obj):
+          visit(referent, 4)
+  """))
+  assert not result["passed"] and result["status"] in ("early_exit", "output_limit"), result
+  assert_contained(result, outside)

@@ -14,7 +14,7 @@ STATUSES = ("passed", "failed", "early_exit", "timeout", "memory", "killed", "ou
             "sandbox_error")
 
 
-def classify(run: Run, nonce: str, timeout_s: float, limits: Limits) -> dict:
+def classify(run: Run, timeout_s: float, limits: Limits) -> dict:
   """The result's passed/status/reason/returncode/containment from what was observed."""
   containment, unavailable, exit_status = {}, {}, None
   for report in run.reports:
@@ -25,7 +25,7 @@ def classify(run: Run, nonce: str, timeout_s: float, limits: Limits) -> dict:
   returncode = None
   if exit_status is not None:
     returncode = -exit_status["signal"] if exit_status["signal"] else exit_status["code"]
-  completed = bytes(run.done) == nonce.encode()
+  completed = run.completion.seen  # whatever else the program wrote to the completion pipe
 
   def result(status, reason):
     return {"passed": status == "passed", "status": status, "reason": reason,
@@ -38,7 +38,7 @@ def classify(run: Run, nonce: str, timeout_s: float, limits: Limits) -> dict:
     return result("sandbox_error", f"the launcher exited with {run.launcher_returncode} before "
                                    f"the program started: {_last_line(run.stderr)}")
   if run.stopped_for == "output_limit":
-    return result("output_limit", f"stdout or stderr passed {limits.output_bytes} bytes")
+    return result("output_limit", f"{run.overflowed}: runaway output, the run was stopped")
   if run.stopped_for == "timeout":
     return result("timeout", f"still running after the {timeout_s} s wall-clock timeout")
   if exit_status is None:

@@ -100,14 +100,17 @@ def _write_id_maps(pid: int, text: str) -> int:
   return 0
 
 
-def prepare_mounts(workdir: str, fresh_proc: bool, disk_bytes: int, contained: dict,
-                    unavailable: dict):
+def prepare_mounts(workdir: str, fresh_proc: bool, limits: dict, contained: dict,
+                   unavailable: dict):
   """In a new mount namespace: nothing propagates back, /proc shows only the sandbox's PID
-  namespace, every mount is read-only, and the work directory is a private tmpfs of
-  `disk_bytes` (so the program cannot fill the disk, and its files vanish with the namespace)."""
+  namespace, every mount is read-only, the work directory is a private tmpfs of
+  `limits["disk_bytes"]` (so the program cannot fill the disk, and its files vanish with the
+  namespace) and /dev/shm a private tmpfs of `limits["shm_bytes"]` (multiprocessing's semaphores
+  and shared memory live there; the host's stays read-only and unseen)."""
   if not attempt(lambda: mount(None, "/", None, MS_REC | MS_PRIVATE), "mount_namespace",
                   unavailable):
-    contained.update(fresh_proc=False, readonly_root=False, private_tmpfs=False)
+    contained.update(fresh_proc=False, readonly_root=False, private_tmpfs=False,
+                     private_shm=False)
     return
   if fresh_proc:
     contained["fresh_proc"] = attempt(
@@ -118,7 +121,12 @@ def prepare_mounts(workdir: str, fresh_proc: bool, disk_bytes: int, contained: d
   contained["readonly_root"] = attempt(_make_mounts_readonly, "readonly_root", unavailable)
   contained["private_tmpfs"] = attempt(
       lambda: mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-                     f"size={disk_bytes},nr_inodes=16384,mode=0700"), "private_tmpfs", unavailable)
+                    f"size={limits['disk_bytes']},nr_inodes=16384,mode=0700"),
+      "private_tmpfs", unavailable)
+  contained["private_shm"] = attempt(
+      lambda: mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    f"size={limits['shm_bytes']},nr_inodes=4096,mode=1777"),
+      "private_shm", unavailable)
 
 
 def _make_mounts_readonly():
@@ -173,10 +181,11 @@ def drop_capabilities():
   check(libc().capset(ctypes.byref(CapHeader(0x20080522, 0)), data), "capset(0)")
 
 
-def apply_landlock(workdir: str, abi: int):
+def apply_landlock(workdir: str, abi: int, writable_shm: bool):
   """Read and execute everywhere; create, write, rename and remove only beneath `workdir` (and
-  write /dev/null); with ABI >= 4 no TCP bind/connect; with ABI >= 6 signals and abstract unix
-  sockets only within the sandbox."""
+  /dev/shm when `writable_shm`: only where it is the sandbox's private tmpfs), and write
+  /dev/null; with ABI >= 4 no TCP bind/connect; with ABI >= 6 signals and abstract unix sockets
+  only within the sandbox."""
   if abi < 1:
     raise OSError(errno.ENOSYS, "Landlock is not available in this kernel")
   handled = 0
@@ -190,12 +199,14 @@ def apply_landlock(workdir: str, abi: int):
       handled_access_net=(LANDLOCK_NET_BIND_TCP | LANDLOCK_NET_CONNECT_TCP) if abi >= 4 else 0,
       scoped=(LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL) if abi >= 6 else 0)
   ruleset = check(libc().syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
-                                   ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
-                   "landlock_create_ruleset")
+                                  ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
+                  "landlock_create_ruleset")
+  allowed_paths = [("/", rights("execute", "read_file", "read_dir")), (workdir, handled),
+                   ("/dev/null", rights("read_file", "write_file", "truncate"))]
+  if writable_shm:
+    allowed_paths.append(("/dev/shm", handled))
   try:
-    for path, allowed in (("/", rights("execute", "read_file", "read_dir")),
-                          (workdir, handled),
-                          ("/dev/null", rights("read_file", "write_file", "truncate"))):
+    for path, allowed in allowed_paths:
       _landlock_allow(ruleset, path, allowed)
     prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
     check(libc().syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")

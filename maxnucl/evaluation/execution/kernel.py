@@ -12,6 +12,7 @@ depends on), loaded with ctypes, so the filter is correct for the machine's arch
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 
@@ -83,6 +84,11 @@ class ScmpArgCmp(ctypes.Structure):
 def libc():
   library = ctypes.CDLL(None, use_errno=True)
   library.syscall.restype = ctypes.c_long
+  library.calloc.restype = ctypes.c_void_p
+  library.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+  for name in ("read", "write"):
+    getattr(library, name).restype = ctypes.c_ssize_t
+    getattr(library, name).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
   return library
 
 
@@ -92,6 +98,28 @@ def check(result: int, what: str) -> int:
     number = ctypes.get_errno()
     raise OSError(number, f"{what}: {os.strerror(number)}")
   return result
+
+
+def read_into_c_memory(fd: int, size: int) -> int:
+  """Reads exactly `size` bytes from `fd` into memory allocated by libc (never freed) and returns
+  its address: the bytes never become a Python object."""
+  address = libc().calloc(1, size)
+  if not address:
+    raise OSError(errno.ENOMEM, f"calloc({size})")
+  done = 0
+  while done < size:
+    count = check(libc().read(fd, address + done, size - done), f"read(fd {fd})")
+    if count == 0:
+      raise OSError(errno.EPIPE, f"fd {fd} closed after {done} of {size} bytes")
+    done += count
+  return address
+
+
+def write_from_c_memory(fd: int, address: int, size: int):
+  """Writes `size` bytes at `address` (read_into_c_memory) to `fd`."""
+  done = 0
+  while done < size:
+    done += check(libc().write(fd, address + done, size - done), f"write(fd {fd})")
 
 
 def unshare(flags: int, what: str):

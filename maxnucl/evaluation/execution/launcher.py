@@ -21,8 +21,8 @@ from .containment import (PROGRAM_UID, apply_landlock, apply_rlimits, apply_secc
                           prepare_mounts)
 from .kernel import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUTS,
                      PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, landlock_abi,
-                     prctl, seccomp_supported, unshare)
-from .limits import PROGRAM_NAME
+                     prctl, read_into_c_memory, seccomp_supported, unshare, write_from_c_memory)
+from .limits import PROGRAM_NAME, TOKEN_BYTES
 
 
 def _descendants(root: int) -> list[int]:
@@ -116,7 +116,8 @@ def _launcher(config_fd: int):
   prctl(PR_SET_PDEATHSIG, signal.SIGTERM, "PR_SET_PDEATHSIG")  # the evaluator died: clean up
   if os.getppid() != config["parent_pid"]:
     raise SystemExit("maxnucl sandbox: the evaluator exited before the launcher started")
-  with open(os.path.join(config["workdir"], PROGRAM_NAME), encoding="utf-8") as f:
+  with open(os.path.join(config["workdir"], PROGRAM_NAME), encoding="utf-8",
+            errors="surrogatepass") as f:
     source = f.read()
   report.send(containment=contained, unavailable=unavailable)
 
@@ -131,6 +132,7 @@ def _launcher(config_fd: int):
   if pid == 0:
     _init(config, source, report, contained["pid_namespace"])  # never returns
   init_pid.append(pid)
+  os.close(config["token_fd"])  # only the program's process reads it
   _, status = os.waitpid(pid, 0)
   if not contained["pid_namespace"]:
     _kill_descendants()
@@ -147,15 +149,18 @@ def _init(config: dict, source: str, report: _Reporter, pid_namespace: bool):
   for name, flag in (("mount_namespace", CLONE_NEWNS), ("network_namespace", CLONE_NEWNET),
                      ("ipc_namespace", CLONE_NEWIPC | CLONE_NEWUTS)):  # IPC and host name
     contained[name] = attempt_unless_disabled(functools.partial(unshare, flag, name), name,
-                                               disabled, unavailable)
+                                              disabled, unavailable)
   if contained["mount_namespace"]:
-    prepare_mounts(config["workdir"], pid_namespace, config["limits"]["disk_bytes"], contained,
-                    unavailable)
+    prepare_mounts(config["workdir"], pid_namespace, config["limits"], contained, unavailable)
+  else:
+    contained["private_shm"], unavailable["private_shm"] = False, "no mount namespace"
+  config["private_shm"] = contained["private_shm"]
   report.send(containment=contained, unavailable=unavailable)
 
   program_pid = os.fork()
   if program_pid == 0:
     _program(config, source, report)  # never returns
+  os.close(config["token_fd"])
   exit_status = None
   while exit_status is None:  # as init, reap every orphan until the program itself ends
     pid, status = os.waitpid(-1, 0)
@@ -172,24 +177,25 @@ def _program(config: dict, source: str, report: _Reporter):
   disabled = set(config["disable"])
   os.chdir(workdir)  # into the tmpfs, which was mounted over the directory after our cwd was set
   path = os.path.join(workdir, PROGRAM_NAME)
-  with open(path, "w", encoding="utf-8") as f:
+  with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
     f.write(source)
   contained, unavailable = {}, {}
   program_uid = config["program_uid"]
   contained["program_uid"] = program_uid is not None and attempt(
       lambda: os.setresuid(program_uid, 0, 0), "program_uid", unavailable)
   contained["capabilities_dropped"] = attempt(drop_capabilities, "capabilities_dropped",
-                                               unavailable)
+                                              unavailable)
   contained["no_new_privs"] = attempt(
       lambda: prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS"), "no_new_privs", unavailable)
   abi = landlock_abi()
   contained.update(landlock_abi=abi, landlock_network=False, landlock_scopes=False)
-  contained["landlock"] = attempt_unless_disabled(lambda: apply_landlock(workdir, abi),
-                                                   "landlock", disabled, unavailable)
+  contained["landlock"] = attempt_unless_disabled(
+      lambda: apply_landlock(workdir, abi, writable_shm=config["private_shm"]), "landlock",
+      disabled, unavailable)
   if contained["landlock"]:
     contained.update(landlock_network=abi >= 4, landlock_scopes=abi >= 6)
   contained["seccomp"] = attempt_unless_disabled(apply_seccomp, "seccomp", disabled,
-                                                  unavailable)
+                                                 unavailable)
   contained["rlimits"] = apply_rlimits(config["limits"], config["timeout_s"])
   # Root's tasks are exempt from RLIMIT_NPROC; PROGRAM_UID's real uid holds only while seccomp
   # denies the set*id calls that could take 0 back.
@@ -198,13 +204,22 @@ def _program(config: dict, source: str, report: _Reporter):
   report.send(containment=contained, unavailable=unavailable, started=True)
   report.close()
   os.set_inheritable(config["done_fd"], False)  # not into what the program executes
-  _run_to_completion(path, source, config["done_fd"], config["nonce"].encode())
+  _run_to_completion(path, source, config["done_fd"], config["token_fd"])
 
 
-def _run_to_completion(path: str, source: str, done_fd: int, nonce: bytes):
-  """Executes the program as `__main__`; only if its code object returns normally is the nonce
-  written.  Exceptions are shown from the program's own frames on, as `python program.py` would."""
-  write = os.write  # bound before the program could replace it
+def _run_to_completion(path: str, source: str, done_fd: int, token_fd: int):
+  """Executes the program as `__main__`; only if its code object returns normally is the
+  completion token written to `done_fd`.  Exceptions are shown from the program's own frames on,
+  as `python program.py` would.
+
+  The token never exists as a Python object in this interpreter: it is read from `token_fd`
+  (which is then closed) into memory that libc allocated, and written from there, so neither the
+  frames above the program's code nor gc's objects hold it.  What a program can still reach is
+  the residual risk in docs/evaluation.md (reading its own memory through ctypes or
+  /proc/self/mem, or calling this module's code)."""
+  token = read_into_c_memory(token_fd, TOKEN_BYTES)
+  os.close(token_fd)
+  write_token = functools.partial(write_from_c_memory, done_fd, token, TOKEN_BYTES)
   module = types.ModuleType("__main__")
   module.__file__, module.__builtins__ = path, builtins
   sys.modules["__main__"] = module
@@ -222,7 +237,7 @@ def _run_to_completion(path: str, source: str, done_fd: int, nonce: bytes):
     error = error.with_traceback(error.__traceback__.tb_next)
     sys.excepthook(type(error), error, error.__traceback__)
     raise SystemExit(1) from None
-  write(done_fd, nonce)
+  write_token()
   raise SystemExit(0)
 
 

@@ -10,10 +10,14 @@ import collections
 
 DEFAULT_TIMEOUT_S = 3.0
 PROGRAM_NAME = "program.py"
+# The completion token: hex digits, written by the program's process once the program's code
+# returned normally (launcher.run_to_completion), looked for by the supervisor.
+TOKEN_BYTES = 32
 LIMIT_DEFAULTS = {
     "memory_bytes": 1 << 30,  # RLIMIT_AS (address space)
     "file_bytes": 16 << 20,  # RLIMIT_FSIZE: the largest file the program may write
     "disk_bytes": 64 << 20,  # size of the tmpfs work directory: all files together
+    "shm_bytes": 64 << 20,  # size of the sandbox's private /dev/shm (multiprocessing's semaphores)
     "processes": 16,  # RLIMIT_NPROC: the program's tasks (processes and threads) together
     "open_files": 64,  # RLIMIT_NOFILE
     "output_bytes": 1 << 20,  # stdout or stderr past this is runaway output: the run is killed

@@ -1,6 +1,7 @@
-"""The evaluator's side of one run: starts the launcher, reads its pipes (stdout, stderr, the
-completion pipe, the launcher's reports) with caps, enforces the wall-clock timeout and the
-output cap, and removes the work directory.  Imports only the standard library, the modules only
+"""The evaluator's side of one run: makes the work directory (and sweeps those that evaluators
+killed before they could remove theirs), starts the launcher, reads its pipes (stdout, stderr, the
+completion pipe, the launcher's reports) each with a cap, so that nothing the sandbox writes can
+grow the evaluator's memory, enforces the wall-clock timeout, and removes the work directory.  Imports only the standard library, the modules only
 the evaluator needs where they are used (the launcher's interpreter never runs this code)."""
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ ENVIRONMENT_PATH = "/usr/local/bin:/usr/bin:/bin"
 KILL_GRACE_S = 1.0  # after asking the launcher to clean up, before SIGKILL to its process group
 DRAIN_S = 0.5  # after the launcher exited, how long pipes still held by escaped processes are read
 CHUNK = 1 << 16
+# Past these a stream is runaway output (the run is stopped, status output_limit): the completion
+# pipe carries one TOKEN_BYTES token (anything else on it is the program's), the report pipe a few
+# short lines from the launcher's own code.
+COMPLETION_BYTES = 4096
+REPORT_BYTES = 1 << 20
+WORKDIR_PREFIX = "maxnucl-sandbox-"
 # CPython 3.11's AST constructor keeps its recursion depth in interpreter-wide state: two threads
 # parsing at once (check_program calls run in a thread pool) can fail with "SystemError: AST
 # constructor recursion depth mismatch".  The evaluator parses the launchers' reports under this
@@ -30,13 +37,14 @@ _AST_LOCK = _thread.allocate_lock()
 class Run:
   """What the evaluator observed of one run."""
 
-  def __init__(self, capture_bytes: int):
+  def __init__(self, capture_bytes: int, token: bytes = b""):
     self.stdout = Capture(capture_bytes)
     self.stderr = Capture(capture_bytes)
-    self.done = bytearray()  # what arrived on the completion pipe
+    self.completion = TokenWatch(token)  # whether the token arrived on the completion pipe
     self.reports: list[dict] = []  # the launcher's report lines
     self.started = False  # the program's code was about to run
     self.stopped_for: str | None = None  # "timeout" / "output_limit" / "startup": we killed it
+    self.overflowed = ""  # with output_limit: which stream passed which cap
     self.launcher_returncode: int | None = None
 
 
@@ -65,6 +73,24 @@ class Capture:
     return (self.head.decode(errors="replace") + middle + self.tail.decode(errors="replace"))
 
 
+class TokenWatch:
+  """Whether `token` appeared anywhere in a stream, in bounded memory (the last len(token) - 1
+  bytes are kept): stray bytes the program wrote to the completion pipe before or after do not
+  hide a token the harness wrote."""
+
+  def __init__(self, token: bytes):
+    self.token = token
+    self.window = b""
+    self.seen = False
+
+  def add(self, chunk: bytes):
+    if self.seen or not self.token:
+      return
+    data = self.window + chunk
+    self.seen = self.token in data
+    self.window = data[len(data) - len(self.token) + 1:]
+
+
 def interpreter_command(mode: str, *args: str) -> list[str]:
   """`python -I -S -c <bootstrap> <this package's folder> <mode> ...`: a fresh isolated
   interpreter that imports launcher.py (through its bytecode cache) as a submodule of a bare
@@ -82,48 +108,56 @@ def environment(workdir: str) -> dict:
   return {"PATH": ENVIRONMENT_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
 
 
-def start_launcher(config: dict):
-  """Starts the launcher in a new session; hands it the config (and so the nonce) through a
-  pipe.  Returns (process, done read fd, report read fd)."""
+def start_launcher(config: dict, token: bytes):
+  """Starts the launcher in a new session; hands it the config through one pipe and the
+  completion token through another, which only the program's process reads, into C memory
+  (launcher.run_to_completion).  Returns (process, done read fd, report read fd)."""
   import subprocess  # pylint: disable=import-outside-toplevel
   config_r, config_w = os.pipe()
+  token_r, token_w = os.pipe()
   done_r, done_w = os.pipe()
   report_r, report_w = os.pipe()
-  config.update(done_fd=done_w, report_fd=report_w)
+  config.update(token_fd=token_r, done_fd=done_w, report_fd=report_w)
   try:
     process = subprocess.Popen(
         interpreter_command("launch", config["workdir"], str(config_r)),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        pass_fds=(config_r, done_w, report_w), start_new_session=True,
+        pass_fds=(config_r, token_r, done_w, report_w), start_new_session=True,
         env=environment(config["workdir"]), cwd=config["workdir"])
   except BaseException:
-    for fd in (config_w, done_r, report_r):
+    for fd in (config_w, token_w, done_r, report_r):
       os.close(fd)
     raise
   finally:
-    for fd in (config_r, done_w, report_w):
+    for fd in (config_r, token_r, done_w, report_w):
       os.close(fd)
-  try:
-    os.write(config_w, marshal.dumps(config))  # a few hundred bytes: never blocks
-  except BrokenPipeError:
-    pass  # the launcher died at once; its stderr says why
-  finally:
-    os.close(config_w)
+  for fd, data in ((config_w, marshal.dumps(config)), (token_w, token)):
+    try:
+      os.write(fd, data)  # a few hundred bytes: never blocks
+    except BrokenPipeError:
+      pass  # the launcher died at once; its stderr says why
+    finally:
+      os.close(fd)
   return process, done_r, report_r
 
 
-def supervise(launched, timeout_s: float, limits: Limits) -> Run:
+def supervise(launched, token: bytes, timeout_s: float, limits: Limits) -> Run:
   """Reads stdout, stderr, the completion pipe and the launcher's reports until all are closed,
-  stopping the run at the wall-clock timeout or when an output stream passes its cap."""
+  stopping the run at the wall-clock timeout or when a stream passes its cap.  Memory stays
+  bounded whatever the sandbox writes: each read is at most CHUNK bytes, and what is kept of each
+  stream is bounded (Capture, TokenWatch, REPORT_BYTES of reports)."""
   import selectors  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   process, done_r, report_r = launched
-  run = Run(limits.capture_bytes)
+  run = Run(limits.capture_bytes, token)
   report_buffer = bytearray()
-  sinks = {process.stdout.fileno(): run.stdout.add, process.stderr.fileno(): run.stderr.add,
-           done_r: run.done.extend, report_r: report_buffer.extend}
+  streams = {process.stdout.fileno(): _Stream("stdout", run.stdout.add, limits.output_bytes),
+             process.stderr.fileno(): _Stream("stderr", run.stderr.add, limits.output_bytes),
+             done_r: _Stream("the completion pipe", run.completion.add, COMPLETION_BYTES),
+             report_r: _Stream("the launcher's reports", report_buffer.extend, REPORT_BYTES,
+                               keep_past_cap=False)}
   selector = selectors.DefaultSelector()
-  for fd in sinks:
+  for fd in streams:
     selector.register(fd, selectors.EVENT_READ)
   deadline = time.monotonic() + limits.startup_timeout_s  # until the program starts
   kill_at = drain_until = math.inf
@@ -147,14 +181,8 @@ def supervise(launched, timeout_s: float, limits: Limits) -> Run:
         break  # only processes that escaped every containment still hold a pipe
       wait = min(deadline, kill_at, drain_until, now + 0.25) - now
       for key, _ in selector.select(timeout=max(wait, 0.0)):
-        chunk = os.read(key.fd, CHUNK)
-        if not chunk:
+        if not streams[key.fd].read(key.fd, run):
           selector.unregister(key.fd)
-          continue
-        sinks[key.fd](chunk)
-        longest = max(run.stdout.total, run.stderr.total)
-        if run.stopped_for is None and longest > limits.output_bytes:
-          run.stopped_for = "output_limit"
   finally:
     selector.close()
     os.close(done_r)
@@ -168,6 +196,27 @@ def supervise(launched, timeout_s: float, limits: Limits) -> Run:
       run.launcher_returncode = process.wait()
   _parse_reports(report_buffer, run)
   return run
+
+
+class _Stream:
+  """One pipe from the sandbox: what keeps its bytes (a bounded amount of them), its cap and how
+  many arrived; past the cap the run is stopped as output_limit."""
+
+  def __init__(self, name: str, sink, cap: int, keep_past_cap: bool = True):
+    self.name, self.sink, self.cap, self.keep_past_cap = name, sink, cap, keep_past_cap
+    self.received = 0
+
+  def read(self, fd: int, run: Run) -> bool:
+    """Reads one chunk (at most CHUNK bytes) from `fd`; False at its end."""
+    chunk = os.read(fd, CHUNK)
+    if not chunk:
+      return False
+    self.received += len(chunk)
+    if self.received <= self.cap or self.keep_past_cap:
+      self.sink(chunk)
+    if self.received > self.cap and run.stopped_for is None:
+      run.stopped_for, run.overflowed = "output_limit", f"{self.name} passed {self.cap} bytes"
+    return True
 
 
 def _parse_reports(buffer: bytearray, run: Run) -> bool:
@@ -201,6 +250,65 @@ def _kill_group(process):
     os.killpg(process.pid, signal.SIGKILL)
   except (ProcessLookupError, PermissionError):
     pass
+
+
+def make_workdir() -> str:
+  """A fresh temporary directory whose name records this process's PID namespace and pid, so
+  that `sweep_stale_workdirs` can tell when its evaluator is gone."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  return tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{_pid_namespace()}-{os.getpid()}-")
+
+
+def sweep_stale_workdirs(directory: str) -> list[str]:
+  """Removes the work directories in `directory` that an evaluator killed mid-run (SIGKILL, OOM)
+  left behind: only directories (not links) of this user, named by `make_workdir` in this PID
+  namespace, whose evaluator process no longer exists.  Returns the paths removed."""
+  removed = []
+  try:
+    entries = os.listdir(directory)
+  except OSError:
+    return removed
+  for entry in entries:
+    owner = _workdir_owner(entry)
+    path = os.path.join(directory, entry)
+    if owner is None or owner[0] != _pid_namespace() or _process_exists(owner[1]):
+      continue
+    try:
+      info = os.lstat(path)
+      if not os.path.isdir(path) or os.path.islink(path) or info.st_uid != os.getuid():
+        continue
+      remove_tree(path)
+      removed.append(path)
+    except OSError:
+      continue  # another evaluator swept it first, or it is not ours to remove
+  return removed
+
+
+def _workdir_owner(name: str) -> tuple[int, int] | None:
+  """(PID namespace, pid) from a name `make_workdir` gave; None for any other name."""
+  if not name.startswith(WORKDIR_PREFIX):
+    return None
+  fields = name[len(WORKDIR_PREFIX):].split("-", 2)
+  if len(fields) != 3 or not (fields[0].isdigit() and fields[1].isdigit()):
+    return None
+  return int(fields[0]), int(fields[1])
+
+
+def _pid_namespace() -> int:
+  try:
+    return os.stat("/proc/self/ns/pid").st_ino
+  except OSError:
+    return 0
+
+
+def _process_exists(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's
+  return True
 
 
 def remove_tree(path: str):
