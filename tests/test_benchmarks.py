@@ -50,6 +50,7 @@ BAD_ARGUMENTS = {
     "smollm2_speed.py": (["--gguf", "x.gguf", "--new_tokens", "1"], "--new_tokens"),
     "real_model_quickstart.py": (["--json", "/nonexistent/dir/x.json"], "--json"),
     "humaneval_sandbox.py": (["--workers", "0"], "--workers"),
+    "checkpoint_checksum.py": (["--repeats", "0"], "--repeats"),
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 
