@@ -77,7 +77,7 @@ def _attention(hf: dict[str, Any], model_type: str, num_layers: int, window
                ) -> tuple[tuple[str, ...], Any]:
   """(attention_pattern, sliding_window)."""
   if model_type == "qwen2":
-    if not hf.get("use_sliding_window"):
+    if not hf.get("use_sliding_window") or window is None:  # transformers: no window, global
       return ("global",), None
     if hf.get("layer_types"):
       return hf_format.attention_pattern_from_layer_types(hf["layer_types"], num_layers), window
