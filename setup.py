@@ -59,7 +59,7 @@ setuptools.setup(
     # The mains of `python -m maxnucl.X` and `python tools/X.py` (README: "Command-line entry
     # points").
     entry_points={"console_scripts": [
-        "maxnucl-train = maxnucl.train:main",
+        "maxnucl-train = maxnucl.train:cli",
         "maxnucl-evaluate = maxnucl.evaluate:main",
         "maxnucl-generate = maxnucl.generate:main",
         "maxnucl-summary = maxnucl.summary:main",

@@ -27,9 +27,8 @@ from __future__ import annotations
 if __name__ == "__main__":
   # `python -m maxnucl.train`: run the imported module's main, so gin sees each configurable once
   # (as maxnucl.train.*) rather than also as __main__.*.
-  import sys
   from maxnucl import train
-  sys.exit(train.main())
+  train.cli()
 
 import argparse
 import contextlib
@@ -42,6 +41,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -60,6 +60,7 @@ from maxnucl import flops
 from maxnucl import losses
 from maxnucl import models
 from maxnucl import paths
+from maxnucl import run_guard
 from maxnucl import sharding
 from maxnucl import evaluate
 from maxnucl import gin_config
@@ -182,7 +183,7 @@ def eval_step(params: dict, batch: dict, *, cfg: ModelConfig) -> tuple[jax.Array
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-@gin.configurable(denylist=["workdir", "mesh"])
+@gin.configurable(denylist=["workdir", "mesh", "allow_config_change"])
 def train_loop(workdir: str | os.PathLike, *,
                num_steps: int = 100,
                seed: int = 0,
@@ -199,7 +200,8 @@ def train_loop(workdir: str | os.PathLike, *,
                keep_checkpoints: int = 3,
                async_checkpointing: bool = True,
                progress_bar: bool = True,
-               mesh: Optional[Mesh] = None) -> dict:
+               mesh: Optional[Mesh] = None,
+               allow_config_change: bool = False) -> dict:
   """Train for `num_steps` optimizer steps in `workdir`, resuming its latest checkpoint if any.
 
   Args:
@@ -225,6 +227,9 @@ def train_loop(workdir: str | os.PathLike, *,
     async_checkpointing: write checkpoints in the background while training continues.
     progress_bar: tqdm bar with ETA on stderr.
     mesh: a device mesh (default: `create_mesh()` from gin); tests pass one explicitly.
+    allow_config_change: resume with gin bindings that differ from the run's (`config.gin`),
+      recording the change in config_changes.jsonl (`maxnucl.run_guard`); without it such a
+      resume is refused.
 
   Returns:
     {"state": final TrainState, "cfg": ModelConfig, "history": list of logged metric dicts,
@@ -259,13 +264,19 @@ def train_loop(workdir: str | os.PathLike, *,
   # Created once every setting, the data and the initial checkpoint have been checked; a run
   # refused after that (a compilation that fails, a checkpoint that does not fit) removes the
   # workdir it created: a refused run leaves nothing behind.
-  with _removed_unless_started(workdir) as started, sharding.activate(mesh, rules):
-    workdir.mkdir(parents=True, exist_ok=True)
+  primary = distributed.is_primary()  # the one process that prints, writes logs and locks
+  fresh = not workdir.exists()
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = run_guard.Lock(workdir).acquire() if primary else None  # one trainer per workdir
+  with (_removed_unless_started(workdir, fresh) as started, _released(lock),
+        sharding.activate(mesh, rules)):
     manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
-    primary = distributed.is_primary()  # the one process that prints and writes logs
-    if primary:
-      (workdir / "config.gin").write_text(gin.config_str())
     resume_step = manager.latest_step()
+    if resume_step is not None:  # the run's configuration stays what it was, unless allowed
+      run_guard.check_resumed_config(workdir, gin.config_str(), resume_step,
+                                     allow_config_change, primary)
+    elif primary:
+      (workdir / run_guard.CONFIG_NAME).write_text(gin.config_str())
     if resume_step is None and init_checkpoint is not None:
       cfg = _config_from_checkpoint(init_checkpoint, cfg)
       _check_data(cfg, train_iter, accumulation_steps, mesh)
@@ -362,7 +373,7 @@ def train_loop(workdir: str | os.PathLike, *,
         if step % checkpoint_every == 0 or is_last:
           _save(manager, step, cfg, state, {"step": step, "seed": seed,
                                             "data_iterator": train_iter.get_state()})
-        if step == start + 1 and primary:
+        if step == start + 1 and primary and not (workdir / "operative_config.gin").exists():
           (workdir / "operative_config.gin").write_text(gin.operative_config_str())
     finally:
       bar.close()
@@ -559,10 +570,10 @@ class _Started:
 
 
 @contextlib.contextmanager
-def _removed_unless_started(workdir: paths.Path):
-  """Removes `workdir` again when it did not exist before this run and the run stops before its
-  first step is done: everything in it is then this run's config.gin and empty checkpoints/."""
-  fresh = not workdir.exists()
+def _removed_unless_started(workdir: paths.Path, fresh: bool):
+  """Removes `workdir` again when it did not exist before this run (`fresh`) and the run stops
+  before its first step is done: everything in it is then this run's config.gin, lock and empty
+  checkpoints/."""
   started = _Started()
   try:
     yield started
@@ -570,6 +581,15 @@ def _removed_unless_started(workdir: paths.Path):
     if fresh and not started.done and distributed.is_primary() and workdir.exists():
       paths.remove_tree(workdir)
     raise
+
+
+@contextlib.contextmanager
+def _released(lock: Optional[run_guard.Lock]):
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def _batch_shardings(it, mesh, rules) -> dict:
@@ -851,6 +871,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "after the files)")
   parser.add_argument("--workdir", default=None,
                       help="output directory (default: train_main.workdir in gin)")
+  parser.add_argument("--allow_config_change", action="store_true",
+                      help="resume with bindings that differ from the run's config.gin (the "
+                           "change is recorded in WORKDIR/config_changes.jsonl with its step); "
+                           "without it such a resume is refused")
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
   # force: importing Orbax already installed a root handler; INFO for maxnucl's own lines only
@@ -864,17 +888,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     distributed.initialize_from_args(args)
     parse_gin(args.gin_file, args.gin_param)
     workdir = args.workdir or train_main()
-    result = train_loop(workdir)
+    result = train_loop(workdir, allow_config_change=args.allow_config_change)
   except NonFiniteLossError as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 3
   except (OSError, ValueError, KeyError, TrainingError, checkpoints.CheckpointError,
-          SyntaxError) as e:
+          SyntaxError, run_guard.WorkdirInUse) as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 2
   if distributed.is_primary():
     _print_outputs(result)
   return 0
+
+
+def cli() -> None:
+  """The `maxnucl-train` / `python -m maxnucl.train` entry point: `main`, then `exit_process`."""
+  exit_process(main())
+
+
+def exit_process(code: int, grace_s: float = 10.0) -> None:
+  """Exit with `code`.  After a failure, threads that are still running (Orbax's background
+  writers blocked on a failed save, a data worker) would keep the interpreter alive forever:
+  they get `grace_s` to finish, then the process ends without waiting for them."""
+  if code:
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+      if thread is not threading.main_thread() and not thread.daemon:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+      log.warning("exiting without waiting for threads still running: %s", ", ".join(stuck))
+      logging.shutdown()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 @gin.configurable

@@ -290,7 +290,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
                         "train_loop.num_steps = 8", "train_loop.checkpoint_every = 2",
                         "create_mesh.shape = (-1, 1, 1)",
                         "learning_rate_schedule.warmup_steps = 0",
-                        "learning_rate_schedule.peak_learning_rate = 1e30"]])
+                        "learning_rate_schedule.peak_learning_rate = 1e30"]]
+                    + ["--allow_config_change"])
   err = capsys.readouterr().err
   assert code != 0
   assert "at step 5" in err and "non-finite" in err, err
@@ -334,12 +335,19 @@ def test_cli_missing_init_checkpoint_exits_nonzero_naming_it(tmp_path):
 def test_resume_with_a_different_optimizer_exits_naming_the_checkpoint(tmp_path, capsys):
   run(tmp_path, "train_loop.num_steps = 2", "train_loop.checkpoint_every = 2")
   gin.clear_config()
-  code = train.main(["--workdir", str(tmp_path), "--gin_file=gin/base.gin",
-                     "--gin_file=gin/models/gemma2_tiny.gin", "--gin_file=gin/data/synthetic.gin",
-                     "--gin_file=gin/optimizers/adafactor.gin",
-                     "--gin_file=gin/schedules/constant.gin"]
-                    + [f"--gin_param={b}" for b in TINY + ["train_loop.num_steps = 4",
-                                                           "create_mesh.shape = (1, 1, 1)"]])
+  args = (["--gin_file=gin/base.gin", "--gin_file=gin/models/gemma2_tiny.gin",
+           "--gin_file=gin/data/synthetic.gin", "--gin_file=gin/optimizers/adafactor.gin",
+           "--gin_file=gin/schedules/constant.gin"]
+          + [f"--gin_param={b}" for b in TINY + ["train_loop.num_steps = 4",
+                                                 "create_mesh.shape = (1, 1, 1)"]])
+  code = train.main(["--workdir", str(tmp_path)] + args)
+  err = capsys.readouterr().err
+  assert code != 0
+  # The changed optimizer is named among the changed bindings ...
+  assert "create_optimizer.name: 'adamw' -> 'adafactor'" in err, err
+  # ... and when the change is allowed, the checkpoint that cannot hold it is named.
+  gin.clear_config()
+  code = train.main(["--workdir", str(tmp_path), "--allow_config_change"] + args)
   err = capsys.readouterr().err
   assert code != 0
   assert f"cannot resume from {tmp_path / 'checkpoints' / '2'}" in err, err
