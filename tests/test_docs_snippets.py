@@ -586,7 +586,8 @@ def command_world(tmp_path_factory, demo_workdir):
       f"{p['question']} {p['answer']}\n" for p in synthetic.arithmetic_problems(0, "train", 200)))
   tokenizer = vocabularies.train_sentencepiece([root / "corpus" / "problems.txt"],
                                                root / "sentencepiece", vocab_size=384)
-  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  # Gemma-2's context (8192): the pages fine-tune it at 1024 tokens.
+  cfg = models.get_config("gemma2_tiny", num_layers=2, max_positions=8192)
   params = models.init(cfg, jax.random.PRNGKey(0))
   checkpoints.save(root / "ckpt_tiny", cfg, params)
   convert.maxnucl_to_hf(root / "ckpt_tiny", root / "work" / "gemma-2-9b")
