@@ -105,3 +105,15 @@ def arithmetic_checkpoint(tmp_path_factory):
   finally:
     gin.clear_config()
   return checkpoints.resolve(workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+  """A one-layer random gemma2_tiny saved by `checkpoints.save`: a model for the commands'
+  input checks, whose outputs nothing compares."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from maxnucl import checkpoints, models  # pylint: disable=import-outside-toplevel
+  cfg = models.get_config("gemma2_tiny", num_layers=1)
+  path = tmp_path_factory.mktemp("tiny") / "ckpt"
+  checkpoints.save(path, cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  return path

@@ -441,14 +441,6 @@ class _ModelLoaded(BaseException):
   """Raised where the model would be loaded: nothing may get that far with bad data."""
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-  cfg = models.get_config("gemma2_tiny", num_layers=1)
-  path = tmp_path_factory.mktemp("tiny") / "ckpt"
-  checkpoints.save(path, cfg, models.init(cfg, jax.random.PRNGKey(0)))
-  return path
-
-
 GSM8K_FLAGS = ["--gin_file=gin/eval/gsm8k.gin", "--gin_param=gsm8k.num_shots = 2",
                "--no_progress"]
 

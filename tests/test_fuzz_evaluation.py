@@ -31,12 +31,11 @@ import types
 import zlib
 
 import gin
-import jax
 import numpy as np
 import pytest
 
 import fuzzing
-from maxnucl import checkpoints, evaluate, models
+from maxnucl import evaluate, models
 from maxnucl.data import formats, sources
 from maxnucl.evaluation import core, execution, gsm8k, humaneval
 
@@ -85,14 +84,6 @@ def scripted_check_programs(programs, *, timeout_s=3.0, workers=None, **unused):
   return [{"passed": _hash(p) % 2 == 0, "status": "passed" if _hash(p) % 2 == 0 else "failed",
            "reason": "", "stderr": "" if _hash(p) % 2 == 0 else "AssertionError"}
           for p in programs]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-  cfg = models.get_config("gemma2_tiny", num_layers=1)
-  path = tmp_path_factory.mktemp("fuzz_eval") / "ckpt"
-  checkpoints.save(path, cfg, models.init(cfg, jax.random.PRNGKey(0)))
-  return path
 
 
 @pytest.fixture
