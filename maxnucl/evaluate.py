@@ -59,6 +59,7 @@ def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: Optional[str] = No
   devices, for a model that needs sharding to fit)."""
   if isinstance(benchmark, str):
     benchmark = get_benchmark(benchmark)
+  core.check_limit(limit, "evaluate.limit =")
   return {"benchmark": benchmark, "vocab": vocab, "batch_size": batch_size, "dtype": dtype,
           "limit": limit, "mesh_shape": mesh_shape}
 
@@ -96,6 +97,9 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
     print(f"vocabulary: {vocab} ({source})", flush=True)
     if hasattr(benchmark, "describe"):
       print(benchmark.describe(), flush=True)
+    if limit is not None and limit > prepared.available:
+      print(f"limit {limit}: {benchmark.name} has {prepared.available} examples; evaluating all "
+            f"{prepared.available}", flush=True)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
   replace = overwrite and primary and pathlib.Path(output).exists()

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from maxnucl import distributed, outputs
+from maxnucl.evaluation import core as evaluation_core
 from maxnucl.pruning import analysis, prune
 from maxnucl.pruning.scores import METHODS
 
@@ -117,6 +118,7 @@ def prune_main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   outputs.exit_on_sigterm()  # like Ctrl-C: the temporary output is removed, then exit 143
   try:
+    evaluation_core.check_limit(args.eval_task_limit, "--eval_task_limit")
     distributed.initialize_from_args(args)
     if args.eval_gin_param:
       import importlib  # pylint: disable=import-outside-toplevel

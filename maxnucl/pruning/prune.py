@@ -213,6 +213,8 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     raise PruningError(f"unknown pruning method {method!r}; known methods: {_method_names()}")
   if budget not in BUDGETS:
     raise PruningError(f"--budget {budget!r}: expected one of {BUDGETS}")
+  from maxnucl.evaluation import core  # pylint: disable=import-outside-toplevel
+  core.check_limit(eval_task_limit, "--eval_task_limit")
   input_path = paths.as_path(input_path)  # a local path or a URL (gs://, file://)
   if not input_path.exists():
     raise FileNotFoundError(f"input checkpoint {input_path} does not exist")
