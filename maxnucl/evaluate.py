@@ -154,13 +154,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not args.gin_file:
     parser.error("give a --gin_file, e.g. gin/eval/gsm8k.gin")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  outputs.hide_failed_write_noise()
   try:
     distributed.initialize_from_args(args)
     gin_config.parse(args.gin_file, args.gin_param)
-    results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
-                                  vocab=args.vocab, batch_size=args.batch_size,
-                                  dtype=args.dtype, progress=not args.no_progress,
-                                  mesh_shape=args.mesh_shape, overwrite=args.overwrite)
+    with outputs.failed_writes_raised(args.output):
+      results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
+                                    vocab=args.vocab, batch_size=args.batch_size,
+                                    dtype=args.dtype, progress=not args.no_progress,
+                                    mesh_shape=args.mesh_shape, overwrite=args.overwrite)
+  except outputs.WriteFailed as e:  # a failure while working (a full disk), not bad input
+    print(f"error: {distributed.label()}{e}", file=sys.stderr)
+    return 1
   except (OSError, ValueError, KeyError, SyntaxError) as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 2

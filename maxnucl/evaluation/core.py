@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Protocol, Sequence
 import jax
 import numpy as np
 
-from maxnucl import decoding, distributed
+from maxnucl import decoding, distributed, outputs
 from maxnucl.data import sources, vocabularies
 from maxnucl.models.config import ModelConfig
 
@@ -214,7 +214,8 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   bar = tqdm(total=len(examples), initial=resumed, desc=benchmark.name, unit="ex",
              disable=not progress or not primary, dynamic_ncols=True)
   new: dict[str, dict] = {}
-  with (output_dir / PREDICTIONS).open("a") if write_files else _NullFile() as sink:
+  # unbuffered: a failed write fails here, naming the file, not again when the file is closed
+  with (output_dir / PREDICTIONS).open("ab", buffering=0) if write_files else _NullFile() as sink:
     for start_index in range(0, len(todo), chunk_size):
       chunk = todo[start_index:start_index + chunk_size]
       records = benchmark.predict(model, chunk)
@@ -222,10 +223,13 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
         raise EvaluationError(f"benchmark {benchmark.name!r} returned records out of order")
       for record in records:
         new[str(record["id"])] = record
-        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-      sink.flush()
-      if write_files:
-        os.fsync(sink.fileno())
+      data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                for r in records).encode())
+      with outputs.naming_errors(output_dir / PREDICTIONS):
+        while data:  # an unbuffered write may write less than asked
+          data = data[sink.write(data):]
+        if write_files:
+          os.fsync(sink.fileno())
       bar.update(len(chunk))
   bar.close()
   records = [done.get(i) or new[i] for i in ids]
@@ -481,9 +485,7 @@ def _flat(run: dict) -> dict:
 
 
 def _write_json_atomically(path: pathlib.Path, data: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  outputs.write_file_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class _NullFile:
@@ -493,11 +495,8 @@ class _NullFile:
   def __exit__(self, *exc):
     return False
 
-  def write(self, text):
-    pass
-
-  def flush(self):
-    pass
+  def write(self, data):
+    return len(data)
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
