@@ -18,7 +18,7 @@ import sys
 import jax
 import pytest
 
-from maxnucl import checkpoints, models, outputs
+from maxnucl import checkpoints, models
 from maxnucl.conversion import convert
 from maxnucl.evaluation import core
 
