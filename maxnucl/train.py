@@ -59,6 +59,7 @@ from maxnucl import distributed
 from maxnucl import flops
 from maxnucl import losses
 from maxnucl import models
+from maxnucl import outputs
 from maxnucl import paths
 from maxnucl import run_guard
 from maxnucl import sharding
@@ -952,16 +953,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                       force=True)
   logging.getLogger("maxnucl").setLevel(logging.INFO)
+  outputs.hide_failed_write_noise()  # a full disk: reported below in one line, not per thread
   if not args.gin_file:
     parser.error("at least one --gin_file is required (e.g. gin/demo_cpu.gin)")
   try:
     distributed.initialize_from_args(args)
     parse_gin(args.gin_file, args.gin_param)
     workdir = args.workdir or train_main()
-    result = train_loop(workdir, allow_config_change=args.allow_config_change)
+    with outputs.failed_writes_raised(workdir):
+      result = train_loop(workdir, allow_config_change=args.allow_config_change)
   except NonFiniteLossError as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 3
+  except outputs.WriteFailed as e:  # a failure while working, not bad input
+    print(f"error: {distributed.label()}{e}", file=sys.stderr)
+    return 1
   except (OSError, ValueError, KeyError, TrainingError, checkpoints.CheckpointError,
           SyntaxError, run_guard.WorkdirInUse) as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
@@ -973,13 +979,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli() -> None:
   """The `maxnucl-train` / `python -m maxnucl.train` entry point: `main`, then `exit_process`."""
-  exit_process(main())
+  code = main()
+  # exit 1: a save failed for lack of space, reported in one line; Orbax's writers blocked on it
+  # are expected, and a line naming them after that one would only blur it
+  exit_process(code, name_stuck_threads=code != 1)
 
 
-def exit_process(code: int, grace_s: float = 10.0) -> None:
+def exit_process(code: int, grace_s: float = 10.0, name_stuck_threads: bool = True) -> None:
   """Exit with `code`.  After a failure, threads that are still running (Orbax's background
   writers blocked on a failed save, a data worker) would keep the interpreter alive forever:
-  they get `grace_s` to finish, then the process ends without waiting for them."""
+  they get `grace_s` to finish, then the process ends without waiting for them (named in a
+  warning, with `name_stuck_threads`)."""
   if code:
     deadline = time.monotonic() + grace_s
     for thread in threading.enumerate():
@@ -988,7 +998,8 @@ def exit_process(code: int, grace_s: float = 10.0) -> None:
     stuck = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if stuck:
-      log.warning("exiting without waiting for threads still running: %s", ", ".join(stuck))
+      (log.warning if name_stuck_threads else log.debug)(
+          "exiting without waiting for threads still running: %s", ", ".join(stuck))
       logging.shutdown()
       sys.stdout.flush()
       sys.stderr.flush()

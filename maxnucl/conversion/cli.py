@@ -13,7 +13,8 @@ existing output unless --overwrite, and leave nothing under the output name if i
 Every path may be a URL, gs://bucket/dir or file:///dir: a URL output counts as complete only
 once it holds its commit marker, commit_success.txt (see docs/conversion.md).
 An output that is the input, lies inside it or contains it (symlinks resolved) is refused
-before any work (exit status 2; other errors: 1).  SIGTERM, like Ctrl-C, removes the temporary
+before any work (exit status 2; other errors, a full disk among them: 1, the full disk in one line
+naming the file being written).  SIGTERM, like Ctrl-C, removes the temporary
 directory before exiting (status 143); one left by a killed run is removed by the next run.
 `python tools/convert_checkpoint.py` is the same command.  Library: maxnucl.conversion.convert /
 maxnucl.conversion.inspect (see docs/conversion.md).
@@ -254,9 +255,14 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
+  outputs.hide_failed_write_noise()
   outputs.exit_on_sigterm()
   try:
-    args.fn(args)
+    with outputs.failed_writes_raised(getattr(args, "output", None)):
+      args.fn(args)
+  except outputs.WriteFailed as e:  # a full disk: a failure while working, exit code 1
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except (outputs.OutputPathError,) + ERRORS as e:  # bad usage or input: exit code 2
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {message}", file=sys.stderr)

@@ -448,11 +448,13 @@ def _check_dtype(dtype: str) -> None:
 
 
 def _guard(fn: Callable[[], Any], prefix: str = "") -> Any:
-  """Run fn, turning library errors into ConversionErrors (message prefixed with the source)."""
+  """Run fn, turning library errors into ConversionErrors (message prefixed with the source).
+  A write that failed for lack of space is raised as it is: it names the output file, and is
+  no fault of the source."""
   try:
     return fn()
   except (hf_io.SafetensorsError, checkpoints.CheckpointError, ValueError, OSError) as e:
-    if isinstance(e, (ConversionError, FileExistsError)):
+    if isinstance(e, (ConversionError, FileExistsError)) or outputs.write_failure(e):
       raise
     raise ConversionError(f"{prefix}{e}") from e
 
