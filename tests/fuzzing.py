@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -191,7 +192,7 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], timeout_
   """Calls a CLI's `main(argv)` with stdout/stderr captured; SystemExit gives the exit code."""
   out, err = io.StringIO(), io.StringIO()
   code, error = None, ""
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _own_logging():
     try:
       with time_limit(timeout_s):
         code = main(list(argv))
@@ -203,6 +204,20 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str], timeout_
     except Exception:  # noqa: BLE001 - classified below
       error = traceback.format_exc()
   return Run(code, out.getvalue(), err.getvalue(), error)
+
+
+@contextlib.contextmanager
+def _own_logging():
+  """The root logger without the handlers earlier tests left on it (one bound to a stream that is
+  closed by now prints '--- Logging error ---' and a traceback into the captured stderr): the
+  command's own `logging.basicConfig` then installs its handler on this run's stderr."""
+  root = logging.getLogger()
+  saved, level = root.handlers[:], root.level
+  root.handlers = []
+  try:
+    yield
+  finally:
+    root.handlers, root.level = saved, level
 
 
 def refusal_lines(stderr: str) -> list[str]:

@@ -1,6 +1,8 @@
 """The fuzz framework's own specification (tests/fuzzing.py): each outcome is told apart on
 constructed readers, and the mutators are deterministic in their seed."""
 
+import io
+import logging
 import sys
 import time
 
@@ -74,3 +76,26 @@ def test_the_table_sums_runs_of_a_reader():
   rows = fuzz_table.table(lines).splitlines()
   assert rows[2].startswith("| q | 1 | 0 | 0 | 1 |")
   assert rows[3].startswith("| r | 6 | 2 | 4 | 0 |")
+
+
+def test_a_handler_left_on_a_closed_stream_does_not_turn_a_refusal_into_a_traceback(tmp_path):
+  # An earlier test's logging handler bound to a stream closed since then: Python's logging
+  # would print '--- Logging error ---' and a traceback into the captured stderr.
+  closed = io.StringIO()
+  stale = logging.StreamHandler(closed)
+  closed.close()
+  logging.getLogger().addHandler(stale)
+
+  def main(argv):
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    logging.getLogger("maxnucl.x").warning("%s: no tokenizer metadata", argv[0])
+    print(f"error: {argv[0]}: bad", file=sys.stderr)
+    return 2
+  try:
+    source = tmp_path / "input.gguf"
+    run = fuzzing.run_main(main, [str(source)], timeout_s=5)
+  finally:
+    logging.getLogger().removeHandler(stale)
+  assert fuzzing.classify(run, [source.name], {}, {}) == (fuzzing.REFUSED,
+                                                          f"error: {source}: bad")
+  assert stale not in logging.getLogger().handlers

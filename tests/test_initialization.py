@@ -32,9 +32,11 @@ def _models_with_the_fan_ins_of(cfg):
   Two layers (a local/global pair where the pattern has one)."""
   if models.param_count(cfg)["total"] <= WHOLE_MODEL_LIMIT:
     return [cfg]
-  keep_d = cfg.replace(num_layers=2, vocab_size=64, num_heads=1, num_kv_heads=1, head_dim=8,
-                       ffn_dim=8, query_pre_attn_scalar=None)
-  keep_inner = cfg.replace(num_layers=2, vocab_size=64, d_model=8)
+  # The special token ids move into the shrunk vocabulary (they do not touch any kernel).
+  small_vocab = dict(vocab_size=64, pad_id=0, eos_id=1, bos_id=2)
+  keep_d = cfg.replace(num_layers=2, num_heads=1, num_kv_heads=1, head_dim=8, ffn_dim=8,
+                       query_pre_attn_scalar=None, **small_vocab)
+  keep_inner = cfg.replace(num_layers=2, d_model=8, **small_vocab)
   return [keep_d, keep_inner]
 
 
