@@ -308,7 +308,10 @@ def _missing_leaf_directories(directory: paths.Path, metadata: dict) -> None:
   if not metadata or metadata.get("use_ocdbt", False):
     return
   for entry in metadata["tree_metadata"].values():
-    keys = [str(k.get("key")) for k in entry.get("key_metadata", ()) if isinstance(k, dict)]
+    listed = entry.get("key_metadata") if isinstance(entry, dict) else None
+    if not isinstance(listed, list):
+      continue  # a malformed entry: the tree's own check refuses it
+    keys = [str(k.get("key")) for k in listed if isinstance(k, dict)]
     leaf = directory / ".".join(keys)
     if keys and not (leaf / ".zarray").exists() and not (leaf / "zarr.json").exists():
       raise CheckpointError(f"{leaf}: missing (the data of tensor {'/'.join(keys)}, listed in "
