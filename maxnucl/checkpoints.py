@@ -302,6 +302,22 @@ def _tree_metadata(directory: paths.Path, required: bool = True) -> dict:
   return metadata
 
 
+def _missing_leaf_directories(directory: paths.Path, metadata: dict) -> None:
+  """A checkpoint of one zarr directory per leaf (not OCDBT) must hold each leaf's directory:
+  a missing one is named with its tensor, not with the spec TensorStore fails to open."""
+  if not metadata or metadata.get("use_ocdbt", False):
+    return
+  for entry in metadata["tree_metadata"].values():
+    listed = entry.get("key_metadata") if isinstance(entry, dict) else None
+    if not isinstance(listed, list):
+      continue  # a malformed entry: the tree's own check refuses it
+    keys = [str(k.get("key")) for k in listed if isinstance(k, dict)]
+    leaf = directory / ".".join(keys)
+    if keys and not (leaf / ".zarray").exists() and not (leaf / "zarr.json").exists():
+      raise CheckpointError(f"{leaf}: missing (the data of tensor {'/'.join(keys)}, listed in "
+                            f"{directory / '_METADATA'})")
+
+
 def stored_checksums(path: str | os.PathLike) -> dict[tuple[str, ...], int]:
   """Leaf path -> the CRC32C its writer recorded (empty for a checkpoint written before
   checksums, or by a writer that records none)."""
@@ -359,7 +375,7 @@ def pytree_arrays(directory: str | os.PathLike
                   ) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
   """Like `stored_arrays`, for any Orbax PyTree directory (e.g. a DeepMind `gemma` checkpoint)."""
   directory = _existing(directory)
-  _tree_metadata(directory, required=False)
+  _missing_leaf_directories(directory, _tree_metadata(directory, required=False))
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(paths.orbax_path(directory)).tree
     out = {}

@@ -59,6 +59,7 @@ def evaluation_settings(benchmark: Any = gin.REQUIRED, vocab: Optional[str] = No
   devices, for a model that needs sharding to fit)."""
   if isinstance(benchmark, str):
     benchmark = get_benchmark(benchmark)
+  core.check_limit(limit, "evaluate.limit =")
   return {"benchmark": benchmark, "vocab": vocab, "batch_size": batch_size, "dtype": dtype,
           "limit": limit, "mesh_shape": mesh_shape}
 
@@ -96,6 +97,9 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
     print(f"vocabulary: {vocab} ({source})", flush=True)
     if hasattr(benchmark, "describe"):
       print(benchmark.describe(), flush=True)
+    if limit is not None and limit > prepared.available:
+      print(f"limit {limit}: {benchmark.name} has {prepared.available} examples; evaluating all "
+            f"{prepared.available}", flush=True)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
   replace = overwrite and primary and pathlib.Path(output).exists()
@@ -150,13 +154,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not args.gin_file:
     parser.error("give a --gin_file, e.g. gin/eval/gsm8k.gin")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  outputs.hide_failed_write_noise()
   try:
     distributed.initialize_from_args(args)
     gin_config.parse(args.gin_file, args.gin_param)
-    results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
-                                  vocab=args.vocab, batch_size=args.batch_size,
-                                  dtype=args.dtype, progress=not args.no_progress,
-                                  mesh_shape=args.mesh_shape, overwrite=args.overwrite)
+    with outputs.failed_writes_raised(args.output):
+      results = evaluate_checkpoint(args.checkpoint, args.output, limit=args.limit,
+                                    vocab=args.vocab, batch_size=args.batch_size,
+                                    dtype=args.dtype, progress=not args.no_progress,
+                                    mesh_shape=args.mesh_shape, overwrite=args.overwrite)
+  except outputs.WriteFailed as e:  # a failure while working (a full disk), not bad input
+    print(f"error: {distributed.label()}{e}", file=sys.stderr)
+    return 1
   except (OSError, ValueError, KeyError, SyntaxError) as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 2

@@ -10,6 +10,8 @@
   replace_directory(tmp, path, overwrite)                               one-step replacement
   publish(tmp, url, overwrite), is_committed(url)                       the same for a URL output
   remove_stale_temporaries(output)                                      temporaries of killed runs
+  write_file_atomically(report, text)                                   one file, in one step
+  with failed_writes_raised(output): ...                                a full disk -> WriteFailed
   exit_on_sigterm()                                                     SIGTERM cleans up as Ctrl-C
 
 A temporary directory `.NAME.tmp-XXXXXXXX/` (a sibling of the output NAME, so the final rename
@@ -45,12 +47,23 @@ under an input (or containing one, when it replaces a whole directory) is refuse
 and the file:// URL of the same directory included.  Writability of a bucket is not checked in
 advance (it shows at the first write).
 
+A single file (a report, results.json) is written to a temporary sibling `.NAME.tmp-PID-START-HOST`
+(the writer's pid, its start time and host: `temporary_sibling`), fsynced and renamed over NAME;
+an error removes the temporary, and the next write of NAME removes those whose process is gone.
+
+A write that fails for lack of space (ENOSPC, EDQUOT, EFBIG: a full disk, a quota, a file size
+limit) is a failure while working, not bad input: the commands report it as one line naming the
+file being written and exit 1 (`failed_writes_raised`, `WriteFailed`), and
+`hide_failed_write_noise` drops the tracebacks that Orbax's background writers, asyncio and
+TensorStore print for each failed write of the same save.
+
 Only the standard library for local paths: the data pipeline (numpy only) uses this module too;
 etils is imported (by maxnucl.paths) only when a URL is given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -59,6 +72,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import sys
@@ -483,6 +497,176 @@ def _pid_namespace() -> Optional[str]:
     return os.readlink("/proc/self/ns/pid")
   except OSError:
     return None
+
+
+# ---- single files --------------------------------------------------------------------------------
+
+def temporary_sibling(path: str | os.PathLike) -> pathlib.Path:
+  """The temporary file `.NAME.tmp-PID-START-HOST` beside `path` of this process (pid, process
+  start time, host), where `write_file_atomically` writes `path`."""
+  path = pathlib.Path(path)
+  pid = os.getpid()
+  return path.with_name(f".{path.name}.tmp-{pid}-{_process_start_time(pid) or 0}-"
+                        f"{socket.gethostname()}")
+
+
+def write_file_atomically(path: str | os.PathLike, text: str) -> None:
+  """Replace the file `path` by `text` in one step: written to `temporary_sibling(path)`,
+  fsynced, renamed over `path` (a URL: written at once; an object appears whole).  An error
+  leaves `path` as it was and removes the temporary (an OSError names `path`).  The temporaries
+  of `path` that processes now gone left behind are removed first (`remove_stale_files`)."""
+  if paths.is_url(path):
+    paths.as_path(path).write_text(text)
+    return
+  path = pathlib.Path(path)
+  remove_stale_files(path)
+  tmp = temporary_sibling(path)
+  try:
+    with naming_errors(path), tmp.open("w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def remove_stale_files(path: str | os.PathLike) -> list[pathlib.Path]:
+  """Delete the temporaries `.NAME.tmp-PID-START-HOST` of the file `path` whose process is gone
+  (killed while writing it); returns those deleted.  Those of a live process, of another host,
+  or without a recognisable name are left alone."""
+  path = pathlib.Path(path)
+  pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"(\d+)-(\d+)-(.+)")
+  removed = []
+  if not path.parent.is_dir():
+    return removed
+  for candidate in path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"):
+    match = pattern.fullmatch(candidate.name)
+    if match is None or candidate.is_dir():
+      continue
+    pid, start, host = int(match[1]), int(match[2]), match[3]
+    owner = {"pid": pid, "start_time": start or None, "hostname": host,
+             "pid_namespace": _pid_namespace()}  # the name does not say; taken to be this one
+    if not _owner_alive(owner):
+      log.warning("removing %s: temporary file of %s left by process %d, which is gone",
+                  candidate, path, pid)
+      candidate.unlink(missing_ok=True)
+      removed.append(candidate)
+  return removed
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | os.PathLike):
+  """An OSError raised inside without a file name (a failed write(), flush() or fsync()) is
+  raised again naming `path`."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+# ---- writes that fail while working --------------------------------------------------------------
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# TensorStore (Orbax's writer) reports an OS error as text: `... [os_error_code='28']`
+_ERROR_CODE = re.compile(r"os_error_code=\\?'?(\d+)|\[Errno (\d+)\]")
+_WRITTEN_FILE = (re.compile(r'local file "([^"]+)"'), re.compile(r'Failed writing: "([^"]+)"'))
+_TEMPORARY_CONTENT = re.compile(r"(.*)/\.([^/]+)\.tmp-[0-9a-f]{8}/content(/.*)?")
+
+
+class WriteFailed(Exception):
+  """Writing an output failed while working for lack of space (not bad input: a command exits 1
+  with this message, one line naming the file)."""
+
+
+def write_failure(error: BaseException, target: Any = None) -> Optional[str]:
+  """The one line "<strerror> while writing FILE; ..." when `error`, or an error it was raised
+  from or during, is a write that failed for lack of space (`OUT_OF_SPACE`, as an OSError's errno or in
+  TensorStore's message); None for any other error.  FILE: the one the error names, else
+  `target` (the command's output)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    code, written = _out_of_space(error)
+    if code is not None:
+      written = written or (str(target) if target is not None else "the output")
+      whole = _TEMPORARY_CONTENT.fullmatch(written)
+      where = f" (the temporary output of {whole[1]}/{whole[2]})" if whole else ""
+      return (f"{os.strerror(code)} while writing {written}{where}; free some space and run the "
+              f"command again")
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _out_of_space(error: BaseException) -> tuple[Optional[int], Optional[str]]:
+  """(errno, file written) of an out-of-space error, else (None, None)."""
+  if isinstance(error, OSError) and error.errno is not None:
+    if error.errno not in OUT_OF_SPACE:
+      return None, None
+    name = error.filename
+    return error.errno, None if name is None else os.fsdecode(name)
+  return _out_of_space_in_text(str(error))
+
+
+def _out_of_space_in_text(text: str) -> tuple[Optional[int], Optional[str]]:
+  codes = [int(a or b) for a, b in _ERROR_CODE.findall(text)]
+  code = next((c for c in codes if c in OUT_OF_SPACE), None)
+  if code is None:
+    return None, None
+  found = (pattern.search(text) for pattern in _WRITTEN_FILE)
+  return code, next((m[1] for m in found if m), None)
+
+
+@contextlib.contextmanager
+def failed_writes_raised(target: Any = None):
+  """An error inside that is a write failed for lack of space (`write_failure`) is raised again
+  as WriteFailed with its one-line message; `target`: what to name when the error names no
+  file (the command's output)."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise ValueError, Python OSError
+    message = write_failure(e, target)
+    if message is None:
+      raise
+    raise WriteFailed(message) from e
+
+
+class _FailedWriteLogs(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None and write_failure(record.exc_info[1]):
+      return False
+    try:
+      text = record.getMessage()
+    except (TypeError, ValueError):
+      return True
+    return _out_of_space_in_text(text)[0] is None
+
+
+def hide_failed_write_noise() -> None:
+  """Drop what a save that failed for lack of space prints besides the command's own one line
+  (`failed_writes_raised`): on the root logger's handlers, the records about such writes
+  (Orbax's background threads log each failed write of a save with its traceback, some 460
+  lines for one checkpoint, and asyncio each failed task at exit), and the "Event loop is
+  closed" tracebacks of TensorStore's callbacks for writes that finish after the failed save
+  closed its event loop (a result nobody waits for).  Call after logging is configured."""
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _FailedWriteLogs) for f in handler.filters):
+      handler.addFilter(_FailedWriteLogs())
+  if not getattr(sys.unraisablehook, "hides_closed_loop_callbacks", False):
+    sys.unraisablehook = _hiding_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _hiding_closed_loop_callbacks(hook):
+  def unraisable(info):
+    if not (info.object is None and isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == "Event loop is closed"):
+      hook(info)
+
+  unraisable.hides_closed_loop_callbacks = True
+  return unraisable
 
 
 # ---- signals ----------------------------------------------------------------------------------

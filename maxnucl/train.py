@@ -59,6 +59,7 @@ from maxnucl import distributed
 from maxnucl import flops
 from maxnucl import losses
 from maxnucl import models
+from maxnucl import outputs
 from maxnucl import paths
 from maxnucl import run_guard
 from maxnucl import sharding
@@ -245,7 +246,6 @@ def train_loop(workdir: str | os.PathLike, *,
   cfg = models.configured_model()
   if init_checkpoint is not None and not paths.as_path(init_checkpoint).exists():
     raise FileNotFoundError(f"train_loop.init_checkpoint {init_checkpoint} does not exist")
-
   schedule = learning_rate_schedule(num_steps)
   tx = create_optimizer(schedule)
   train_iter = pipeline.create_data_iterator("train", seed=seed)
@@ -253,14 +253,8 @@ def train_loop(workdir: str | os.PathLike, *,
   batch_sh = _batch_shardings(train_iter, mesh, rules)
   with sharding.activate(mesh, rules):
     _trace_step(cfg, tx, schedule, accumulation_steps, train_iter)  # the loss terms' settings
-  eval_data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
-  if eval_tasks and jax.process_count() > 1:
-    raise TrainingError("train_loop.eval_tasks runs on a single process; on several, evaluate "
-                        "the checkpoints afterwards with python -m maxnucl.evaluate")
-  if eval_tasks and paths.is_url(workdir):
-    raise TrainingError(f"train_loop.eval_tasks writes predictions to a local workdir only, not "
-                        f"{workdir}; evaluate the checkpoints afterwards with python -m "
-                        f"maxnucl.evaluate")
+  evaluation = _Evaluation(eval_every, eval_split, eval_batches, eval_tasks, eval_tasks_every,
+                           eval_tasks_limit, seed, batch_sh, train_iter, workdir)
   # Created once every setting, the data and the initial checkpoint have been checked; a run
   # refused after that (a compilation that fails, a checkpoint that does not fit) removes the
   # workdir it created: a refused run leaves nothing behind.
@@ -271,116 +265,197 @@ def train_loop(workdir: str | os.PathLike, *,
   with (_removed_unless_started(workdir, fresh) as started, _released(lock),
         sharding.activate(mesh, rules)):
     manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
-    resume_step = manager.latest_step()
-    if resume_step is not None:  # the run's configuration stays what it was, unless allowed
-      run_guard.check_resumed_config(workdir, gin.config_str(), resume_step,
-                                     allow_config_change, primary)
-    elif primary:
-      (workdir / run_guard.CONFIG_NAME).write_text(gin.config_str())
-    if resume_step is None and init_checkpoint is not None:
-      cfg = _config_from_checkpoint(init_checkpoint, cfg)
-      _check_data(cfg, train_iter, accumulation_steps, mesh)
-    state_sh = state_shardings(cfg, tx, mesh, rules)
-    if resume_step is not None:
-      resume_step, state, train_state = _restore_latest(manager, cfg, tx, state_sh)
-      train_iter.set_state(train_state["data_iterator"])
-      seed = train_state["seed"]
-      if primary:
-        print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})",
-              flush=True)
-    else:
-      state = _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules)
+    cfg, state, seed, resume_step = _start(workdir, manager, cfg, tx, train_iter, seed,
+                                           init_checkpoint, accumulation_steps, mesh, rules,
+                                           allow_config_change)
     rng = jax.random.PRNGKey(seed)
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn = jax.jit(
-        functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
-                          accumulation_steps=accumulation_steps),
-        in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
-        donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg), in_shardings=(state_sh["params"],
-                      batch_sh), out_shardings=replicated)
-    entropy_fn = jax.jit(lambda p: jnp.sum(losses.outgoing_entropy(p, cfg)),
-                         in_shardings=(state_sh["params"],), out_shardings=replicated)
-    # Compiled before the loop, each between two lines (compilation.compile_announced).
-    abstract_batch = _abstract_batch(train_iter, batch_sh)
-    shape = f"{cfg.name}, batch {train_iter.batch_size}×{train_iter.seq_len}"
-    step_fn = compilation.compile_announced(step_fn, state, abstract_batch, rng,
-                                            what=f"the train step ({shape})")
-    if eval_every:
-      eval_fn = compilation.compile_announced(eval_fn, state["params"], abstract_batch,
-                                              what=f"the eval step ({shape})")
-      if primary:
-        print(f"eval_loss: {perplexity.scored_tokens(train_iter.metadata['loss_on_inputs'])}, "
-              f"{eval_batches} batches of {train_iter.metadata['source']} {eval_split}",
-              flush=True)
-    benchmarks = _benchmarks(eval_tasks, train_iter)
-    tasks_every = eval_tasks_every or eval_every
-    metrics_log = _MetricsLog(workdir, resume_step or 0) if primary else _NoMetricsLog()
-    step_flops = flops.training_flops_per_step(cfg, train_iter.batch_size,
-                                               train_iter.seq_len)
-    peak = flops.peak_flops_per_device()
-    num_devices = mesh.devices.size
-    if peak is None:
-      log.info("mfu is reported as null: no peak FLOP/s known for device kind %r (bind "
-               "peak_flops_per_device.value to set one)", jax.devices()[0].device_kind)
-    history = []
+    programs = _Programs(cfg, tx, schedule, accumulation_steps, state, batch_sh, train_iter,
+                         rng, mesh, rules, evaluation)
+    logger = _Logger(workdir, resume_step or 0, cfg, train_iter, mesh, log_every, num_steps,
+                     int(state["step"]), progress_bar and primary)
     start = int(state["step"])
-    interval_time, interval_steps = 0.0, 0
-    bar = _progress(start, num_steps, progress_bar and primary)
     try:
       for step in range(start + 1, num_steps + 1):
         t_start = time.perf_counter()
         batch = _device_batch(next(train_iter), batch_sh)
-        new_state, metrics = step_fn(state, batch, rng)
+        new_state, metrics = programs.train_step(state, batch, rng)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        step_time = time.perf_counter() - t_start
-        bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
-        if bad:
-          last = manager.latest_step()
-          raise NonFiniteLossError(
-              f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}, grad_norm="
-              f"{metrics['grad_norm']}, param_norm={metrics['param_norm']}); stopped without "
-              f"saving this step's state; last good checkpoint: "
-              f"{_step_dir(manager, last) if last is not None else 'none'}")
+        _refuse_non_finite(metrics, step, manager)
         state = new_state
         started.set()
-        interval_time, interval_steps = interval_time + step_time, interval_steps + 1
-        bar.update(1)
+        logger.step_done(time.perf_counter() - t_start)
         is_last = step == num_steps
-        run_tasks = bool(benchmarks) and (is_last or (tasks_every and step % tasks_every == 0))
-        if (step % log_every == 0 or is_last or (eval_every and step % eval_every == 0)
-            or run_tasks):
-          # Throughput over the steps since the last log (data loading included; logging,
-          # evaluation and checkpointing excluded).
-          step_time = interval_time / interval_steps
-          interval_time, interval_steps = 0.0, 0
-          tokens_per_s = train_iter.batch_size * train_iter.seq_len / step_time
-          tflops = step_flops / step_time / num_devices / 1e12
-          record = {"step": step, **metrics,
-                    "outgoing_entropy": float(entropy_fn(state["params"])),
-                    "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-                    "tflops_per_device": tflops,
-                    "mfu": tflops * 1e12 / peak if peak else None}
-          if eval_every and (step % eval_every == 0 or is_last):
-            record["eval_loss"] = _evaluate(cfg, eval_fn, state["params"], eval_data)
-          if run_tasks:
-            record.update(_run_benchmarks(benchmarks, cfg, state["params"], train_iter, step,
-                                          workdir, eval_tasks_limit, mesh, rules))
-          metrics_log.write(record)
-          history.append(record)
-          bar.set_postfix(loss=f"{record['loss']:.4f}", nll=f"{record['nll']:.4f}")
+        if logger.due(step, is_last) or evaluation.due(step, is_last):
+          logger.log(step, metrics, programs.entropy(state["params"]),
+                     evaluation.run(step, is_last, cfg, programs, state["params"], mesh, rules))
         if step % checkpoint_every == 0 or is_last:
           _save(manager, step, cfg, state, {"step": step, "seed": seed,
                                             "data_iterator": train_iter.get_state()})
         if step == start + 1 and primary and not (workdir / "operative_config.gin").exists():
           (workdir / "operative_config.gin").write_text(gin.operative_config_str())
     finally:
-      bar.close()
+      logger.close()
       manager.wait_until_finished()
       manager.close()
-      metrics_log.close()
-  return {"state": state, "cfg": cfg, "history": history, "workdir": workdir}
+  return {"state": state, "cfg": cfg, "history": logger.history, "workdir": workdir}
+
+
+def _start(workdir, manager, cfg, tx, train_iter, seed, init_checkpoint, accumulation_steps,
+           mesh, rules, allow_config_change) -> tuple[ModelConfig, TrainState, int, Optional[int]]:
+  """The state the loop starts from: the latest checkpoint's (with the run's configuration
+  checked against the one it started with), or a new run's (random or `init_checkpoint`, its
+  config.gin written).  Returns (cfg, state, seed, resumed step or None)."""
+  primary = distributed.is_primary()
+  resume_step = manager.latest_step()
+  if resume_step is not None:  # the run's configuration stays what it was, unless allowed
+    run_guard.check_resumed_config(workdir, gin.config_str(), resume_step, allow_config_change,
+                                   primary)
+  elif primary:
+    (workdir / run_guard.CONFIG_NAME).write_text(gin.config_str())
+  if resume_step is None and init_checkpoint is not None:
+    cfg = _config_from_checkpoint(init_checkpoint, cfg)
+    _check_data(cfg, train_iter, accumulation_steps, mesh)
+  state_sh = state_shardings(cfg, tx, mesh, rules)
+  if resume_step is None:
+    return cfg, _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules), seed, None
+  resume_step, state, train_state = _restore_latest(manager, cfg, tx, state_sh)
+  train_iter.set_state(train_state["data_iterator"])
+  if primary:
+    print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})", flush=True)
+  return cfg, state, train_state["seed"], resume_step
+
+
+def _refuse_non_finite(metrics: dict, step: int, manager) -> None:
+  bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
+  if bad:
+    last = manager.latest_step()
+    raise NonFiniteLossError(
+        f"non-finite {', '.join(bad)} at step {step} (loss={metrics['loss']}, grad_norm="
+        f"{metrics['grad_norm']}, param_norm={metrics['param_norm']}); stopped without saving "
+        f"this step's state; last good checkpoint: "
+        f"{_step_dir(manager, last) if last is not None else 'none'}")
+
+
+class _Programs:
+  """The compiled train step, eval step and outgoing entropy of a run, compiled before the loop,
+  each between two lines (compilation.compile_announced)."""
+
+  def __init__(self, cfg, tx, schedule, accumulation_steps, state, batch_sh, train_iter, rng,
+               mesh, rules, evaluation: "_Evaluation"):
+    state_sh = state_shardings(cfg, tx, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn = jax.jit(
+        functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
+                          accumulation_steps=accumulation_steps),
+        in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
+        donate_argnums=0)
+    self.entropy_fn = jax.jit(lambda p: jnp.sum(losses.outgoing_entropy(p, cfg)),
+                              in_shardings=(state_sh["params"],), out_shardings=replicated)
+    abstract_batch = _abstract_batch(train_iter, batch_sh)
+    shape = f"{cfg.name}, batch {train_iter.batch_size}×{train_iter.seq_len}"
+    self.train_step = compilation.compile_announced(step_fn, state, abstract_batch, rng,
+                                                    what=f"the train step ({shape})")
+    self.eval_step = None
+    if evaluation.eval_every:
+      eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg),
+                        in_shardings=(state_sh["params"], batch_sh), out_shardings=replicated)
+      self.eval_step = compilation.compile_announced(eval_fn, state["params"], abstract_batch,
+                                                     what=f"the eval step ({shape})")
+      evaluation.announce()
+
+  def entropy(self, params) -> float:
+    return float(self.entropy_fn(params))
+
+
+class _Evaluation:
+  """What the loop evaluates and when: the held-out NLL (`eval_every`) and the benchmarks
+  (`eval_tasks`, every `eval_tasks_every`), both at the last step too.  Built, with its data,
+  before the workdir is created."""
+
+  def __init__(self, eval_every, eval_split, eval_batches, eval_tasks, eval_tasks_every,
+               eval_tasks_limit, seed, batch_sh, train_iter, workdir):
+    if eval_tasks and jax.process_count() > 1:
+      raise TrainingError("train_loop.eval_tasks runs on a single process; on several, "
+                          "evaluate the checkpoints afterwards with python -m maxnucl.evaluate")
+    if eval_tasks and paths.is_url(workdir):
+      raise TrainingError(f"train_loop.eval_tasks writes predictions to a local workdir only, "
+                          f"not {workdir}; evaluate the checkpoints afterwards with python -m "
+                          f"maxnucl.evaluate")
+    self.eval_every, self.split, self.batches = eval_every, eval_split, eval_batches
+    self.data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
+    self.benchmarks = _benchmarks(eval_tasks, train_iter)
+    self.tasks_every = eval_tasks_every or eval_every
+    self.tasks_limit, self.train_iter, self.workdir = eval_tasks_limit, train_iter, workdir
+
+  def announce(self) -> None:
+    if distributed.is_primary():
+      print(f"eval_loss: {perplexity.scored_tokens(self.train_iter.metadata['loss_on_inputs'])}"
+            f", {self.batches} batches of {self.train_iter.metadata['source']} {self.split}",
+            flush=True)
+
+  def _nll_due(self, step: int, is_last: bool) -> bool:
+    return bool(self.eval_every) and (is_last or step % self.eval_every == 0)
+
+  def _tasks_due(self, step: int, is_last: bool) -> bool:
+    return bool(self.benchmarks) and (is_last or bool(self.tasks_every
+                                                      and step % self.tasks_every == 0))
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return self._nll_due(step, is_last) or self._tasks_due(step, is_last)
+
+  def run(self, step, is_last, cfg, programs: _Programs, params, mesh, rules) -> dict:
+    """{"eval_loss": ..., "<benchmark>/<metric>": ...} of what is due at `step`."""
+    out = {}
+    if self._nll_due(step, is_last):
+      out["eval_loss"] = perplexity.heldout_nll(cfg, params, self.data,
+                                                step_fn=programs.eval_step)["nll"]
+    if self._tasks_due(step, is_last):
+      out.update(_run_benchmarks(self.benchmarks, cfg, params, self.train_iter, step,
+                                 self.workdir, self.tasks_limit, mesh, rules))
+    return out
+
+
+class _Logger:
+  """metrics.jsonl, TensorBoard and the progress bar (process 0), and throughput over the steps
+  since the last log (data loading included; logging, evaluation and checkpointing excluded)."""
+
+  def __init__(self, workdir, resume_step, cfg, train_iter, mesh, log_every, num_steps, start,
+               show_progress):
+    primary = distributed.is_primary()
+    self.log_every, self.history = log_every, []
+    self.metrics_log = _MetricsLog(workdir, resume_step) if primary else _NoMetricsLog()
+    self.tokens = train_iter.batch_size * train_iter.seq_len
+    self.step_flops = flops.training_flops_per_step(cfg, train_iter.batch_size,
+                                                    train_iter.seq_len)
+    self.peak = flops.peak_flops_per_device()
+    self.num_devices = mesh.devices.size
+    if self.peak is None:
+      log.info("mfu is reported as null: no peak FLOP/s known for device kind %r (bind "
+               "peak_flops_per_device.value to set one)", jax.devices()[0].device_kind)
+    self.interval_time, self.interval_steps = 0.0, 0
+    self.bar = _progress(start, num_steps, show_progress)
+
+  def step_done(self, seconds: float) -> None:
+    self.interval_time, self.interval_steps = self.interval_time + seconds, self.interval_steps + 1
+    self.bar.update(1)
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return is_last or step % self.log_every == 0
+
+  def log(self, step: int, metrics: dict, entropy: float, evaluations: dict) -> None:
+    step_time = self.interval_time / self.interval_steps
+    self.interval_time, self.interval_steps = 0.0, 0
+    tflops = self.step_flops / step_time / self.num_devices / 1e12
+    record = {"step": step, **metrics, "outgoing_entropy": entropy, "step_time_s": step_time,
+              "tokens_per_s": self.tokens / step_time, "tflops_per_device": tflops,
+              "mfu": tflops * 1e12 / self.peak if self.peak else None, **evaluations}
+    self.metrics_log.write(record)
+    self.history.append(record)
+    self.bar.set_postfix(loss=f"{record['loss']:.4f}", nll=f"{record['nll']:.4f}")
+
+  def close(self) -> None:
+    self.bar.close()
+    self.metrics_log.close()
 
 
 # ---- optimizer and learning-rate schedule (gin) -------------------------------------------------
@@ -669,10 +744,6 @@ def _run_benchmarks(benchmarks, cfg, params, train_iter, step, workdir, limit, m
   return out
 
 
-def _evaluate(cfg, eval_fn, params, eval_data) -> float:
-  return perplexity.heldout_nll(cfg, params, eval_data, step_fn=eval_fn)["nll"]
-
-
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def _checkpoint_manager(workdir, keep, async_checkpointing) -> ocp.CheckpointManager:
@@ -882,16 +953,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                       force=True)
   logging.getLogger("maxnucl").setLevel(logging.INFO)
+  outputs.hide_failed_write_noise()  # a full disk: reported below in one line, not per thread
   if not args.gin_file:
     parser.error("at least one --gin_file is required (e.g. gin/demo_cpu.gin)")
   try:
     distributed.initialize_from_args(args)
     parse_gin(args.gin_file, args.gin_param)
     workdir = args.workdir or train_main()
-    result = train_loop(workdir, allow_config_change=args.allow_config_change)
+    with outputs.failed_writes_raised(workdir):
+      result = train_loop(workdir, allow_config_change=args.allow_config_change)
   except NonFiniteLossError as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
     return 3
+  except outputs.WriteFailed as e:  # a failure while working, not bad input
+    print(f"error: {distributed.label()}{e}", file=sys.stderr)
+    return 1
   except (OSError, ValueError, KeyError, TrainingError, checkpoints.CheckpointError,
           SyntaxError, run_guard.WorkdirInUse) as e:
     print(f"error: {distributed.label()}{gin_config.error_message(e)}", file=sys.stderr)
@@ -903,13 +979,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli() -> None:
   """The `maxnucl-train` / `python -m maxnucl.train` entry point: `main`, then `exit_process`."""
-  exit_process(main())
+  code = main()
+  # exit 1: a save failed for lack of space, reported in one line; Orbax's writers blocked on it
+  # are expected, and a line naming them after that one would only blur it
+  exit_process(code, name_stuck_threads=code != 1)
 
 
-def exit_process(code: int, grace_s: float = 10.0) -> None:
+def exit_process(code: int, grace_s: float = 10.0, name_stuck_threads: bool = True) -> None:
   """Exit with `code`.  After a failure, threads that are still running (Orbax's background
   writers blocked on a failed save, a data worker) would keep the interpreter alive forever:
-  they get `grace_s` to finish, then the process ends without waiting for them."""
+  they get `grace_s` to finish, then the process ends without waiting for them (named in a
+  warning, with `name_stuck_threads`)."""
   if code:
     deadline = time.monotonic() + grace_s
     for thread in threading.enumerate():
@@ -918,7 +998,8 @@ def exit_process(code: int, grace_s: float = 10.0) -> None:
     stuck = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if stuck:
-      log.warning("exiting without waiting for threads still running: %s", ", ".join(stuck))
+      (log.warning if name_stuck_threads else log.debug)(
+          "exiting without waiting for threads still running: %s", ", ".join(stuck))
       logging.shutdown()
       sys.stdout.flush()
       sys.stderr.flush()

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -429,6 +430,16 @@ def test_a_missing_chunk_is_refused_by_every_reader_never_read_as_zeros(zarr_ckp
   chunk = path / "params" / leaf / ("0.0" if separator == "." else "0/0")
   chunk.unlink()
   _assert_every_reader_refuses(path, tmp_path, "embedder", "0", leaf=EMBEDDING)
+
+
+def test_a_missing_tensor_directory_is_named_with_its_tensor_not_a_spec_dump(zarr_ckpt,
+                                                                             tmp_path):
+  path = _copy(zarr_ckpt[2], tmp_path)
+  shutil.rmtree(path / "params" / "layers_0.mlp.out")
+  _assert_every_reader_refuses(path, tmp_path, "tensor layers_0/mlp/out",
+                               str(path / "params" / "layers_0.mlp.out") + ": missing")
+  for reader, run in _readers(path, tmp_path, None).items():
+    assert "tensorstore_spec" not in run().stderr, reader
 
 
 def test_every_writer_records_the_crc32c_of_each_array(zarr_ckpt, ocdbt_ckpt):

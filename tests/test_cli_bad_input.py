@@ -49,6 +49,10 @@ CASES = [
      "OUT/missing"),
     ("maxnucl-prune", ["--input", "OUT/missing", "--output", "OUT/pruned", "--method", "entropy",
                        "--ratio", "0.25", "--report", "OUT/report.json"], "OUT/missing"),
+    # --eval_task_limit -1 evaluated all but the last example, and only after the pruning
+    ("maxnucl-prune", ["--input", "OUT/missing", "--output", "OUT/pruned", "--method", "entropy",
+                       "--ratio", "0.25", "--eval_task", "gsm8k", "--eval_task_limit", "-1"],
+     "--eval_task_limit -1; expected an integer >= 1"),
     ("maxnucl-analyze", ["--input", "OUT/missing", "--output_dir", "OUT/analysis"],
      "OUT/missing"),
     ("maxnucl-lm-eval", ["--model", "maxnucl", "--model_args", "checkpoint=OUT/missing",

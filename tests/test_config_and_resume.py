@@ -69,6 +69,8 @@ def test_unread_macro_is_refused_naming_the_closest_known_macro():
     ("model_config.vocab_size = 10", "data vocabulary has 259 ids but model 'gemma2_tiny' has "
      "vocab_size 10"),
     ("train_loop.eval_split = 'nope'", "split 'nope'"),
+    ("train_loop.num_steps = (1", "gin binding(s) 'train_loop.num_steps = (1': EOF in "
+     "multi-line statement (an unclosed bracket or quote?)"),
 ])
 def test_bad_bindings_give_a_one_line_error_and_create_nothing(binding, message, tmp_path,
                                                                capsys):
@@ -79,6 +81,15 @@ def test_bad_bindings_give_a_one_line_error_and_create_nothing(binding, message,
   assert err == f"error: {err[len('error: '):]}" and "\n" not in err
   assert message in err
   assert not workdir.exists()
+
+
+def test_an_unclosed_bracket_in_a_gin_file_is_one_line_naming_the_file(tmp_path, capsys):
+  gin_file = tmp_path / "run.gin"
+  gin_file.write_text("include 'gin/demo_cpu.gin'\ntrain_loop.num_steps = [1, 2\n")
+  assert train.main([f"--gin_file={gin_file}", f"--workdir={tmp_path / 'run'}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and str(gin_file) in err and "unclosed bracket" in err
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("existed", [False, True])

@@ -26,6 +26,8 @@ from jax.sharding import NamedSharding
 from maxnucl import checkpoints, ffn, models, outputs, sharding
 from maxnucl.conversion import cli, convert, deepmind_gemma, hf_gemma2, hf_io
 from maxnucl.conversion import inspect as inspect_lib
+from maxnucl.data import vocabularies
+import hf_export
 import interrupting
 from hf_reference import hf_logits, maxnucl_from_hf, tiny_hf_gemma2
 from tolerances import EPS64, decoder_terms, magnitude, rounding_atol
@@ -204,8 +206,9 @@ def test_non_uniform_ffn_widths_are_refused_for_hf(tmp_path):
 
 # ---- DeepMind gemma -> maxnucl -------------------------------------------------------------------
 
-def _deepmind_fixture(hf_model, path, gating_layout, padded_vocab):
-  """A flat DeepMind-layout Orbax checkpoint of the HF model (embedding padded with junk rows)."""
+def _deepmind_fixture(hf_model, path, gating_layout, padded_vocab, layout="flat"):
+  """A DeepMind-layout Orbax checkpoint of the HF model (embedding padded with junk rows): the
+  flat layout of the released checkpoints, or the nested one of `gm.ckpts.save_params`."""
   cfg, params = maxnucl_from_hf(hf_model)
   flat = {}
   pad = np.random.default_rng(1).normal(size=(padded_vocab - cfg.vocab_size, cfg.d_model))
@@ -214,9 +217,12 @@ def _deepmind_fixture(hf_model, path, gating_layout, padded_vocab):
   flat["transformer/final_norm"] = {"scale": params["final_norm"]["scale"]}
   for i in range(cfg.num_layers):
     p, dm = params[f"layers_{i}"], f"transformer/layer_{i}"
-    flat[f"{dm}/attn/q_einsum"] = {"w": p["attn"]["q"].transpose(1, 0, 2)}
-    flat[f"{dm}/attn/kv_einsum"] = {"w": np.stack([p["attn"]["k"].transpose(1, 0, 2),
-                                                   p["attn"]["v"].transpose(1, 0, 2)])}
+    q, k, v = (p["attn"][name].transpose(1, 0, 2) for name in ("q", "k", "v"))  # (N, d, H)
+    if cfg.num_kv_heads == cfg.num_heads:  # the library's `use_qkv_einsum`
+      flat[f"{dm}/attn/qkv_einsum"] = {"w": np.stack([q, k, v])}
+    else:
+      flat[f"{dm}/attn/q_einsum"] = {"w": q}
+      flat[f"{dm}/attn/kv_einsum"] = {"w": np.stack([k, v])}
     flat[f"{dm}/attn/attn_vec_einsum"] = {"w": p["attn"]["o"]}
     gate, up = p["mlp"]["gate"], p["mlp"]["up"]  # [d, m]
     flat[f"{dm}/mlp/gating_einsum"] = {"w": np.stack([gate, up]) if gating_layout == "dm"
@@ -224,23 +230,125 @@ def _deepmind_fixture(hf_model, path, gating_layout, padded_vocab):
     flat[f"{dm}/mlp/linear"] = {"w": p["mlp"]["out"]}
     for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
       flat[f"{dm}/{norm}"] = {"scale": p[norm]["scale"]}
-  ocp.PyTreeCheckpointer().save(path, flat)
+  if layout == "flat":
+    ocp.PyTreeCheckpointer().save(path, flat)
+  else:  # gm.ckpts.save_params: StandardCheckpointer().save(path, params) of the nested tree
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, _nested_as_gemma_library(flat))
+    checkpointer.wait_until_finished()
   return cfg
 
 
-@pytest.mark.parametrize("gating_layout", ["dm", "md"])
+def _nested_as_gemma_library(flat):
+  """gm.ckpts' `_flat_to_nested` (gemma 3.3.0, ckpts/_checkpoint.py and _compat.py): the MLP's
+  {"w": array} dicts lose their "w" (`param_remapper`), the paths are nested at "/"
+  (`nest_params`) and the "transformer" level is dropped."""
+  remapped = {}
+  for key, value in flat.items():
+    if "mlp/" in key:
+      layer_name, param = key.rsplit("/", maxsplit=1)
+      remapped.setdefault(layer_name, {})[param] = value["w"]
+    else:
+      remapped[key] = value
+  nested = {}
+  for key, value in remapped.items():
+    *parents, leaf = key.split("/")
+    node = nested
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  return nested["transformer"]
+
+
+@pytest.mark.parametrize("layout, gating_layout",
+                         [("flat", "dm"), ("flat", "md"), ("nested", "dm"), ("nested", "md")])
 def test_deepmind_layout_converts_to_equal_logits(hf_model, reference_logits, converted, tmp_path,
-                                                  gating_layout):
-  cfg = _deepmind_fixture(hf_model, tmp_path / "dm", gating_layout, padded_vocab=136)
+                                                  layout, gating_layout):
+  cfg = _deepmind_fixture(hf_model, tmp_path / "dm", gating_layout, padded_vocab=136,
+                          layout=layout)
   assert deepmind_gemma.gating_layout_of(
-      checkpoints.pytree_arrays(tmp_path / "dm")[
-          ("transformer/layer_0/mlp/gating_einsum", "w")][0], cfg, 0) == gating_layout
+      _stored_shapes(tmp_path / "dm")[("transformer/layer_0/mlp/gating_einsum", "w")], cfg,
+      0) == gating_layout
   convert.gemma_to_maxnucl(tmp_path / "dm", tmp_path / "ckpt", cfg)
   _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1],
                            checkpoints.load(converted[0])[1])
   logits = _logits(tmp_path / "ckpt")
   np.testing.assert_allclose(logits, reference_logits, rtol=0,
                              atol=_logit_atol(tmp_path / "ckpt", logits, reference_logits))
+
+
+def _stored_shapes(dm_dir):
+  """Stored shapes by flat-layout key (a nested path: "transformer/" + its parents, and the
+  leaf, or "w" for the MLP's matrices)."""
+  out = {}
+  for path, (shape, _) in checkpoints.pytree_arrays(dm_dir).items():
+    if not path[0].startswith("transformer/"):
+      path = (("transformer/" + "/".join(path), "w") if path[-2] == "mlp" else
+              ("transformer/" + "/".join(path[:-1]), path[-1]))
+    out[path] = shape
+  return out
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_deepmind_qkv_einsum_of_as_many_kv_heads_as_query_heads_converts_to_equal_logits(
+    tmp_path, layout):
+  hf_model = tiny_hf_gemma2(seed=2, num_key_value_heads=4)  # N == K: one qkv_einsum (3, N, d, H)
+  reference = hf_logits(hf_model, TOKENS)
+  cfg = _deepmind_fixture(hf_model, tmp_path / "dm", "md", padded_vocab=136, layout=layout)
+  assert ("transformer/layer_0/attn/qkv_einsum", "w") in _stored_shapes(tmp_path / "dm")
+  convert.gemma_to_maxnucl(tmp_path / "dm", tmp_path / "ckpt", cfg)
+  logits = _logits(tmp_path / "ckpt")
+  np.testing.assert_allclose(logits, reference, rtol=0,
+                             atol=_logit_atol(tmp_path / "ckpt", logits, reference))
+
+
+def test_gemma_to_maxnucl_reads_a_download_folder_and_carries_its_tokenizer(hf_model, converted,
+                                                                            tmp_path):
+  """DeepMind's downloads hold the checkpoint as a subfolder beside tokenizer.model."""
+  download = tmp_path / "gemma2-tiny"
+  cfg = _deepmind_fixture(hf_model, download / "gemma2-tiny", "md", padded_vocab=136)
+  tokenizer = vocabularies.train_sentencepiece([hf_export.corpus(tmp_path)], tmp_path / "sp",
+                                               vocab_size=100, byte_fallback=False)
+  shutil.copy(tokenizer, download / "tokenizer.model")
+  (tmp_path / "cfg.json").write_text(cfg.to_json())
+  result = _run_cli("gemma-to-maxnucl", "--input", download, "--output", tmp_path / "ckpt",
+                    "--config", tmp_path / "cfg.json")
+  assert result.returncode == 0, result.stderr
+  _assert_params_identical(checkpoints.load(tmp_path / "ckpt")[1],
+                           checkpoints.load(converted[0])[1])
+  carried = checkpoints.checkpoint_vocab(tmp_path / "ckpt")
+  assert pathlib.Path(carried).read_bytes() == (download / "tokenizer.model").read_bytes()
+  (download / "other").mkdir()  # a second checkpoint folder: which one is meant is unclear
+  shutil.copy(download / "gemma2-tiny" / "_METADATA", download / "other")
+  result = _run_cli("gemma-to-maxnucl", "--input", download, "--output", tmp_path / "x",
+                    "--config", tmp_path / "cfg.json")
+  assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+  assert "checkpoint folders: 2: ['gemma2-tiny', 'other']" in result.stderr
+
+
+def test_gemma_to_maxnucl_wrong_size_names_the_differing_config_sizes(hf_model, tmp_path):
+  _deepmind_fixture(hf_model, tmp_path / "dm", "md", padded_vocab=136)
+  result = _run_cli("gemma-to-maxnucl", "--input", tmp_path / "dm", "--output", tmp_path / "x",
+                    "--size", "2b")
+  assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+  assert ("the checkpoint's d_model is 48, num_layers is 4, num_heads is 4, num_kv_heads is 2, "
+          "head_dim is 16, ffn_dim is 96; model 'gemma2_2b' has d_model 2304, num_layers 26, "
+          "num_heads 8, num_kv_heads 4, head_dim 256, ffn_dim 9216") in result.stderr
+  assert not (tmp_path / "x").exists()
+
+
+def test_gemma_to_maxnucl_config_must_give_query_pre_attn_scalar(hf_model, tmp_path):
+  """The checkpoint does not store the query scale (27b's is d_model / num_heads, not head_dim):
+  a --config without it would silently give other logits."""
+  cfg = _deepmind_fixture(hf_model, tmp_path / "dm", "md", padded_vocab=136)
+  fields = json.loads(cfg.to_json())
+  del fields["query_pre_attn_scalar"]
+  (tmp_path / "cfg.json").write_text(json.dumps(fields))
+  result = _run_cli("gemma-to-maxnucl", "--input", tmp_path / "dm", "--output", tmp_path / "x",
+                    "--config", tmp_path / "cfg.json")
+  assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+  assert f"{tmp_path / 'cfg.json'}: no query_pre_attn_scalar" in result.stderr
+  assert not (tmp_path / "x").exists()
 
 
 def test_gemma_to_maxnucl_cli_with_config_file(hf_model, converted, tmp_path):
@@ -251,6 +359,8 @@ def test_gemma_to_maxnucl_cli_with_config_file(hf_model, converted, tmp_path):
   assert result.returncode == 0, result.stderr
   stored = checkpoints.stored_arrays(tmp_path / "ckpt")
   assert stored[("embedder", "embedding")] == ((128, 48), "bfloat16")
+  assert {dtype for _, dtype in stored.values()} == {"bfloat16"}
+  assert checkpoints.load_config(tmp_path / "ckpt").param_dtype == "bfloat16"  # as stored
   wrong = _run_cli("gemma-to-maxnucl", "--input", tmp_path / "dm", "--output", tmp_path / "x",
                    "--config", tmp_path / "cfg.json", "--vocab_size", 200)
   assert wrong.returncode == 2 and "input_embedding" in wrong.stderr and "200" in wrong.stderr

@@ -98,7 +98,7 @@ def test_mbpp_3shot_prompt_holds_prompt_tasks_2_3_4_then_the_question():
     ("super_glue_copa_v102", "train", "copa choice1: The liquid froze. choice2: The liquid "
      "spilled. premise: I tipped the bottle. question: effect", "choice2"),
     ("super_glue_multirc_v102", "train", "multirc question: What did Ann plant? answer: A "
-     "flower paragraph: Sent 1: Ann planted a tree. Sent 2: It grew tall in two years.",
+     "flower paragraph: Sent 1: Ann planted a tree. Sent 2: It grew tall in two years. ",
      "False"),
     ("super_glue_rte_v102", "train", "rte hypothesis: Ana lives in Rome. premise: Ana lives in "
      "Lisbon.", "not_entailment"),
@@ -119,8 +119,8 @@ def test_record_lists_entities_replaces_highlights_and_trains_on_every_answer():
   train = catalog.get_task("super_glue_record_v102").examples("train")
   assert [e["targets"] for e in train] == ["Eiffel Tower", "Paris"]
   assert train[0]["inputs"] == (
-      "record query: Tourists climbed the @placeholder again. entities: Paris, Eiffel Tower, "
-      "France, CNN passage: Paris (CNN) The Eiffel Tower reopened on Monday. The tower in Paris "
+      "record query: Tourists climbed the @placeholder again. entities: CNN, Eiffel Tower, "
+      "France, Paris passage: Paris (CNN) The Eiffel Tower reopened on Monday. The tower in Paris "
       "reopened. Visitors returned to France")
   assert catalog.get_task("super_glue_record_v102").examples("test")[0]["targets"] == ""
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import processes
+from cli_messages import message_lines
 from maxnucl import checkpoints, evaluate, models, sharding, train
 from maxnucl.data import pipeline, vocabularies
 from maxnucl.evaluation import core, gsm8k, perplexity
@@ -580,3 +581,61 @@ def test_an_interrupted_last_line_is_redone_and_the_results_equal_a_full_run(
   path.write_bytes(lines[0] + lines[1][:20] + b"\n")
   code, printed = _evaluate(argv, capsys)
   assert code == 2 and f"{path}, line 2: not valid JSON" in printed.err
+
+
+def test_a_complete_last_line_without_its_newline_is_kept_and_the_next_record_starts_a_line(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys):
+  """A valid last record without its newline (a run killed between the record and its "\\n")
+  had the next record joined onto it: the run reported 2, the file held 1 line, and every later
+  run failed on that line."""
+  out, argv = _finished_gsm8k_run(tmp_path, tiny_checkpoint, monkeypatch, capsys)
+  finished = json.loads((out / core.RESULTS).read_text())
+  path = out / core.PREDICTIONS
+  lines = path.read_bytes().splitlines(keepends=True)
+  path.write_bytes(lines[0].rstrip(b"\n"))
+  code, printed = _evaluate(argv, capsys)
+  resumed = json.loads((out / core.RESULTS).read_text())
+  assert code == 0, printed.err
+  assert resumed["num_resumed"] == 1 and resumed["metrics"] == finished["metrics"]
+  assert path.read_bytes() == b"".join(lines)
+  code, printed = _evaluate(argv, capsys)  # and the file stays readable
+  assert code == 0 and json.loads((out / core.RESULTS).read_text())["num_resumed"] == 2
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--limit", "0"], "--limit"), (["--limit", "-3"], "--limit"),
+    (["--gin_param=evaluate.limit = 0"], "evaluate.limit = 0"),
+    (["--gin_param=evaluate.limit = -1"], "evaluate.limit = -1"),
+])
+def test_a_limit_below_one_is_refused_in_one_line(tmp_path, tiny_checkpoint, monkeypatch,
+                                                   capsys, flags, named):
+  """evaluate.limit = -1 evaluated all but the last example (Python's slice), 0 nothing."""
+  monkeypatch.setenv("MAXNUCL_DATA_DIR", str(FIXTURE_DATA))
+  _fake_model(monkeypatch)
+  out = tmp_path / "out"
+  try:
+    code, printed = _evaluate(GSM8K_FLAGS + flags + [f"--checkpoint={tiny_checkpoint}",
+                                                     f"--output={out}"], capsys)
+  except SystemExit as e:  # argparse
+    code, printed = e.code, capsys.readouterr()
+  [message] = message_lines(printed.err.strip())
+  assert code == 2 and named in message and "expected an integer >= 1" in message, printed.err
+  assert not out.exists()
+
+
+def test_library_limits_below_one_are_refused(tmp_path):
+  for limit in (0, -1, True, 2.5):
+    with pytest.raises(core.EvaluationError, match=r"limit .*expected an integer >= 1"):
+      core.prepare_run(gsm8k.GSM8K(**ARITHMETIC), tmp_path / "out", limit=limit)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_limit_above_the_number_of_examples_says_how_many_exist(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys):
+  monkeypatch.setenv("MAXNUCL_DATA_DIR", str(FIXTURE_DATA))
+  _fake_model(monkeypatch)
+  code, printed = _evaluate(GSM8K_FLAGS + ["--limit", "50", f"--checkpoint={tiny_checkpoint}",
+                                           f"--output={tmp_path / 'out'}"], capsys)
+  assert code == 0, printed.err
+  assert "limit 50: gsm8k has 2 examples; evaluating all 2" in printed.out
+  assert json.loads((tmp_path / "out" / core.RESULTS).read_text())["num_examples"] == 2

@@ -247,6 +247,70 @@ def test_wsc_rank_format_equals_t5s_wsc_preprocessor(t5, superglue_data):
       assert superglue.wsc_classification_inputs(record) == expected
 
 
+# ---- formats against T5's preprocessors ---------------------------------------------------------
+
+def _t5_examples(config: str, path: pathlib.Path, split: str, tfds_dir: pathlib.Path) -> list:
+  """T5's examples of one released file, independently of maxnucl: TFDS's own SuperGLUE reader
+  (`_generate_examples` run on the file: nothing is downloaded), then the preprocessors that
+  t5.data.tasks registers for `super_glue_<config>_v102` (WSC: the `wsc_simple` tasks; AX-b
+  rekeyed as RTE), tokenization left out."""
+  # pylint: disable=import-outside-toplevel
+  import functools
+  import tensorflow as tf
+  from t5.data import glue_utils, preprocessors
+  from tensorflow_datasets.text import super_glue as tfds_glue
+  # pylint: enable=import-outside-toplevel
+  builder = tfds_glue.SuperGlue(config="wsc.fixed" if config == "wsc" else config,
+                                data_dir=str(tfds_dir))
+  if config == "wsc":
+    steps = [functools.partial(preprocessors.wsc_simple, correct_referent_only=split == "train")]
+  elif config == "axb":
+    steps = [functools.partial(preprocessors.rekey, key_map={
+        "premise": "sentence1", "hypothesis": "sentence2", "label": "label", "idx": "idx"}),
+             glue_utils.get_glue_text_preprocessor(builder.builder_config)]
+  else:
+    steps = [glue_utils.get_glue_text_preprocessor(builder.builder_config)]
+  examples = []
+  for _, record in builder._generate_examples(str(path), split):  # pylint: disable=protected-access
+    if config == "record":
+      labelled = bool(record["answers"])
+      for key in ("entities", "answers"):
+        record[key] = tf.constant(record[key], tf.string, shape=[len(record[key])])
+    else:
+      record["label"] = builder.info.features["label"].encode_example(record["label"])
+      labelled = record["label"] >= 0 or config == "wsc"  # wsc_simple: always the referent
+    dataset = tf.data.Dataset.from_tensors(record)
+    for step in steps:
+      dataset = step(dataset)
+    per_record = [{"inputs": e["inputs"].numpy().decode(),
+                   "targets": e["targets"].numpy().decode() if labelled else ""}
+                  for e in dataset]
+    # ReCoRD outside training: one example per query, T5's first (its metric deduplicates the
+    # per-answer examples by query idx, keeping the first)
+    examples += per_record[:1] if config == "record" and split != "train" else per_record
+  return examples
+
+
+@pytest.mark.parametrize("fixture_root", ["offline_data", "evaluation_data"])
+def test_every_config_formats_as_t5s_preprocessors_exactly(t5, fixture_root, request,
+                                                            tmp_path):
+  """Every SuperGLUE config's examples (inputs and targets, MultiRC's markup and spacing included)
+  are the strings T5's preprocessors make of the same released files; unlabelled test records get
+  "" where T5 writes "<unk>" (docs/data.md)."""
+  del t5  # the fixture checks that the t5 package imports
+  root = request.getfixturevalue(fixture_root) / "super_glue"
+  compared = 0
+  for config, (directory, files) in sources.SUPER_GLUE_FILES.items():
+    for split, filename in files.items():
+      path = root / directory / filename
+      if not path.exists():
+        continue
+      ours = catalog.get_task(catalog.super_glue_task_name(config)).examples(split)
+      assert ours == _t5_examples(config, path, split, tmp_path), (config, split)
+      compared += 1
+  assert compared >= 10
+
+
 # ---- examples ----------------------------------------------------------------------------------
 
 def test_examples_are_the_registered_tasks_inputs_and_targets(superglue_data):

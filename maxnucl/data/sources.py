@@ -512,8 +512,9 @@ def _check_multirc_groups(records: list[Record]) -> None:
 
 
 def _flat_record(config: str, record: Record, split: str) -> list[Record]:
-  """One released ReCoRD passage -> one record per query, as in TFDS.  Entity spans are
-  character offsets, end inclusive, inside the passage."""
+  """One released ReCoRD passage -> one record per query, as in TFDS (entities and answers
+  deduplicated and sorted).  Entity spans are character offsets, end inclusive, inside the
+  passage."""
   del config
   _require(record, ("passage", "qas", "idx"))
   passage_idx = _integer(record, record, "idx")
@@ -541,7 +542,7 @@ def _flat_record(config: str, record: Record, split: str) -> list[Record]:
       if answer_text not in answers:
         answers.append(answer_text)
     flat.append({"passage": text, "query": _text(record, qa, "query", f"{where}.query"),
-                 "entities": entities, "answers": answers,
+                 "entities": sorted(entities), "answers": sorted(answers),  # as TFDS does
                  "idx": {"passage": passage_idx,
                          "query": _integer(record, qa, "idx", f"{where}.idx")},
                  "_location": record["_location"]})

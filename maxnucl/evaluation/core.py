@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Protocol, Sequence
 import jax
 import numpy as np
 
-from maxnucl import decoding, distributed
+from maxnucl import decoding, distributed, outputs
 from maxnucl.data import sources, vocabularies
 from maxnucl.models.config import ModelConfig
 
@@ -144,6 +144,7 @@ class PreparedRun:
   done: dict[str, dict]  # id -> resumed record
   run: dict  # run.json's content
   keep_bytes: Optional[int] = None  # predictions.jsonl's length without an interrupted last line
+  available: int = 0  # the benchmark's examples before `limit`
 
 
 def prepare_run(benchmark: Benchmark, output_dir: Optional[str | os.PathLike], *,
@@ -152,7 +153,9 @@ def prepare_run(benchmark: Benchmark, output_dir: Optional[str | os.PathLike], *
   OUTPUT_DIR resumes (run.json and predictions.jsonl validated, every record scored again; none
   when `output_dir` is None); raises EvaluationError / MalformedRecordError naming the file, line
   and field.  Nothing is written.  With several processes, process 0 reads OUTPUT_DIR."""
+  check_limit(limit)
   examples = benchmark.examples()
+  available = len(examples)
   if limit is not None:
     examples = examples[:limit]
   ids = [str(e["id"]) for e in examples]
@@ -160,7 +163,7 @@ def prepare_run(benchmark: Benchmark, output_dir: Optional[str | os.PathLike], *
     raise EvaluationError(f"benchmark {benchmark.name!r} has duplicate example ids")
   run = run_record(benchmark, checkpoint, limit)
   if output_dir is None:
-    return PreparedRun(examples, {}, run)
+    return PreparedRun(examples, {}, run, available=available)
   output_dir = pathlib.Path(output_dir)
 
   def resumed():
@@ -170,7 +173,14 @@ def prepare_run(benchmark: Benchmark, output_dir: Optional[str | os.PathLike], *
     return {"done": check_resumed(benchmark, examples, lines, path), "keep": keep}
 
   read = from_primary(resumed)
-  return PreparedRun(examples, read["done"], run, read["keep"])
+  return PreparedRun(examples, read["done"], run, read["keep"], available)
+
+
+def check_limit(limit: Optional[int], name: str = "limit") -> None:
+  """Refuse a limit that is not None or an integer >= 1 (a slice would take 0 examples, or
+  all but the last |limit|)."""
+  if limit is not None and (type(limit) is not int or limit < 1):
+    raise EvaluationError(f"{name} {limit!r}; expected an integer >= 1")
 
 
 def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | os.PathLike, *,
@@ -196,7 +206,7 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   if write_files:  # only now, everything read having been validated
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json_atomically(output_dir / RUN, prepared.run)  # new, the same, or a larger limit
-    _drop_interrupted_line(output_dir / PREDICTIONS, prepared.keep_bytes)
+    _repair_tail(output_dir / PREDICTIONS, prepared.keep_bytes)
   todo = [e for e in examples if str(e["id"]) not in done]
   resumed = len(examples) - len(todo)
   chunk_size = chunk_size or max(model.batch_size * 4, 16)
@@ -204,7 +214,8 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   bar = tqdm(total=len(examples), initial=resumed, desc=benchmark.name, unit="ex",
              disable=not progress or not primary, dynamic_ncols=True)
   new: dict[str, dict] = {}
-  with (output_dir / PREDICTIONS).open("a") if write_files else _NullFile() as sink:
+  # unbuffered: a failed write fails here, naming the file, not again when the file is closed
+  with (output_dir / PREDICTIONS).open("ab", buffering=0) if write_files else _NullFile() as sink:
     for start_index in range(0, len(todo), chunk_size):
       chunk = todo[start_index:start_index + chunk_size]
       records = benchmark.predict(model, chunk)
@@ -212,10 +223,13 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
         raise EvaluationError(f"benchmark {benchmark.name!r} returned records out of order")
       for record in records:
         new[str(record["id"])] = record
-        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-      sink.flush()
-      if write_files:
-        os.fsync(sink.fileno())
+      data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                for r in records).encode())
+      with outputs.naming_errors(output_dir / PREDICTIONS):
+        while data:  # an unbuffered write may write less than asked
+          data = data[sink.write(data):]
+        if write_files:
+          os.fsync(sink.fileno())
       bar.update(len(chunk))
   bar.close()
   records = [done.get(i) or new[i] for i in ids]
@@ -230,11 +244,24 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   return results
 
 
-def _drop_interrupted_line(path: pathlib.Path, keep_bytes: Optional[int]) -> None:
-  if keep_bytes is not None and path.exists() and path.stat().st_size > keep_bytes:
+def _repair_tail(path: pathlib.Path, keep_bytes: Optional[int]) -> None:
+  """Make predictions.jsonl end where a record ends, before records are appended: an
+  interrupted last line is dropped (its example is evaluated again), and a complete last record
+  without its newline (a run stopped between the two) gets it, so that the next record starts a
+  line of its own."""
+  if keep_bytes is None or not path.exists():
+    return
+  if path.stat().st_size > keep_bytes:
     logging.warning("%s: dropping the incomplete last line (the run was interrupted while "
                     "writing it); its example is evaluated again", path)
     os.truncate(path, keep_bytes)
+  if keep_bytes:
+    with path.open("rb+") as f:
+      f.seek(keep_bytes - 1)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def from_primary(compute):
@@ -458,9 +485,7 @@ def _flat(run: dict) -> dict:
 
 
 def _write_json_atomically(path: pathlib.Path, data: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  outputs.write_file_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class _NullFile:
@@ -470,11 +495,8 @@ class _NullFile:
   def __exit__(self, *exc):
     return False
 
-  def write(self, text):
-    pass
-
-  def flush(self):
-    pass
+  def write(self, data):
+    return len(data)
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from maxnucl import distributed, outputs
+from maxnucl.evaluation import core as evaluation_core
 from maxnucl.pruning import analysis, prune
 from maxnucl.pruning.scores import METHODS
 
@@ -62,6 +63,8 @@ def prune_main(argv=None) -> int:
   shards with --data_cache_dir (docs/pruning.md).
   Every output path is checked before any work (an output that is, lies inside or contains the
   input is refused, symlinks resolved; --report's directory must exist); errors exit with 2.
+  A full disk while writing exits with 1, one line naming the file; the report is written in
+  one step, and a checkpoint the failed run created is removed again.
   SIGTERM, like Ctrl-C, removes the temporary output before exiting (status 143); one left by a
   killed run is removed by the next run.
   --mesh_shape data,fsdp,tensor (e.g. 1,-1,1): calibration and perplexity run with the model
@@ -115,8 +118,10 @@ def prune_main(argv=None) -> int:
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  outputs.hide_failed_write_noise()
   outputs.exit_on_sigterm()  # like Ctrl-C: the temporary output is removed, then exit 143
   try:
+    evaluation_core.check_limit(args.eval_task_limit, "--eval_task_limit")
     distributed.initialize_from_args(args)
     if args.eval_gin_param:
       import importlib  # pylint: disable=import-outside-toplevel
@@ -126,15 +131,19 @@ def prune_main(argv=None) -> int:
       gin_config.check_types()
     args.vocab = _input_vocab(args.input, args.vocab, announce=bool(args.eval_task) or _tokenizes(
         args.calibration, args.eval_perplexity))
-    report = prune.prune_ffn_neurons(
-        args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
-        budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
-        calibration=args.calibration, calibration_examples=args.calibration_examples,
-        eval_perplexity=args.eval_perplexity, eval_examples=args.eval_examples,
-        batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
-        data_vocab=args.vocab, eval_tasks=args.eval_task,
-        eval_task_limit=args.eval_task_limit, report_path=args.report,
-        overwrite=args.overwrite, mesh_shape=args.mesh_shape)
+    with outputs.failed_writes_raised(args.output):
+      report = prune.prune_ffn_neurons(
+          args.input, args.output, method=args.method, ratio=args.ratio, layers=args.layers,
+          budget=args.budget, seed=args.seed, method_params=dict(args.method_param),
+          calibration=args.calibration, calibration_examples=args.calibration_examples,
+          eval_perplexity=args.eval_perplexity, eval_examples=args.eval_examples,
+          batch_size=args.batch_size, seq_len=args.seq_len, data_cache_dir=args.data_cache_dir,
+          data_vocab=args.vocab, eval_tasks=args.eval_task,
+          eval_task_limit=args.eval_task_limit, report_path=args.report,
+          overwrite=args.overwrite, mesh_shape=args.mesh_shape)
+  except outputs.WriteFailed as e:  # a failure while working (a full disk), not bad input
+    print(f"{parser.prog}: error: {distributed.label()}{e}", file=sys.stderr)
+    return 1
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     from maxnucl import gin_config  # pylint: disable=import-outside-toplevel
     print(f"{parser.prog}: error: {distributed.label()}{gin_config.error_message(e)}",

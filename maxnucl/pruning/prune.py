@@ -18,6 +18,8 @@ Flow (one layer's FFN in memory at a time, see maxnucl.pruning.io):
      columns and W rows and write them at once, in the input's stored dtype;
   5. the writer works in a temporary sibling directory renamed to the output at the end (the
      input is only read); the report JSON lists, per layer, the sorted kept original indices.
+     It is written in one step (outputs.write_file_atomically); should it, or the perplexity or
+     benchmarks after, fail, a checkpoint this run created is removed again.
 A layer pruned to width 0 loses its FFN branch (and Gemma-2's FFN norms), which is exact because
 the branch's output was the zero vector.
 
@@ -29,6 +31,7 @@ every process for the "after" perplexity: a shared filesystem or bucket).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -213,6 +216,8 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     raise PruningError(f"unknown pruning method {method!r}; known methods: {_method_names()}")
   if budget not in BUDGETS:
     raise PruningError(f"--budget {budget!r}: expected one of {BUDGETS}")
+  from maxnucl.evaluation import core  # pylint: disable=import-outside-toplevel
+  core.check_limit(eval_task_limit, "--eval_task_limit")
   input_path = paths.as_path(input_path)  # a local path or a URL (gs://, file://)
   if not input_path.exists():
     raise FileNotFoundError(f"input checkpoint {input_path} does not exist")
@@ -275,29 +280,44 @@ def prune_ffn_neurons(input_path: str | os.PathLike, output_path: str | os.PathL
     before = calib.perplexity(cfg, full_params, eval_rows.count(eval_batches),
                               mesh=mesh, rules=rules)
   full_params = None
+  created = primary and not paths.exists(output_path)
   if primary:  # the others wait: one process scores, cuts and writes
     report.update(_cut_and_write(reader, output_path, method=method, seed=seed,
                                  method_params=method_params, stats=stats, selected=selected,
                                  ratio=ratio, budget=budget, overwrite=overwrite))
   distributed.sync("maxnucl-prune: pruned checkpoint written")
-  if eval_perplexity is not None:
-    after_reader = io.CheckpointReader(output_path)
-    after = calib.perplexity(after_reader.cfg, load_whole_model(after_reader, mesh, rules),
-                             calib.iterate_batches(eval_perplexity, num_examples=eval_examples,
-                                                   split=calib.HELD_OUT, **source_kwargs),
-                             mesh=mesh, rules=rules)
-    report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_rows.rows,
-                            "examples_requested": eval_examples, "before": before,
-                            "after": after}
-  if eval_tasks:
-    report["eval_tasks"] = _evaluate_tasks(eval_tasks, eval_task_limit, data_vocab, batch_size,
-                                           io.CheckpointReader(input_path),
-                                           io.CheckpointReader(output_path), mesh, rules)
-  report["seconds"] = time.time() - start
-  if report_path is not None and primary:
-    report_path.write_text(json.dumps(report, indent=1))
+  with _removed_on_failure(output_path, created):  # a failed run leaves no output to refuse
+    if eval_perplexity is not None:
+      after_reader = io.CheckpointReader(output_path)
+      after = calib.perplexity(after_reader.cfg, load_whole_model(after_reader, mesh, rules),
+                               calib.iterate_batches(eval_perplexity, num_examples=eval_examples,
+                                                     split=calib.HELD_OUT, **source_kwargs),
+                               mesh=mesh, rules=rules)
+      report["perplexity"] = {"source": str(eval_perplexity), "examples": eval_rows.rows,
+                              "examples_requested": eval_examples, "before": before,
+                              "after": after}
+    if eval_tasks:
+      report["eval_tasks"] = _evaluate_tasks(eval_tasks, eval_task_limit, data_vocab,
+                                             batch_size, io.CheckpointReader(input_path),
+                                             io.CheckpointReader(output_path), mesh, rules)
+    report["seconds"] = time.time() - start
+    if report_path is not None and primary:
+      outputs.write_file_atomically(report_path, json.dumps(report, indent=1))
   distributed.sync("maxnucl-prune: done")  # nobody exits while another process still works
   return report
+
+
+@contextlib.contextmanager
+def _removed_on_failure(output_path: paths.Path, created: bool):
+  """Removes the pruned checkpoint that this run `created` when what follows its writing fails
+  (the perplexity after, the benchmarks, the report on a full disk): a rerun would otherwise be
+  refused because its output exists.  A checkpoint that replaced another (--overwrite) stays."""
+  try:
+    yield
+  except BaseException:
+    if created and paths.exists(output_path):
+      paths.remove_tree(output_path)
+    raise
 
 
 def _cut_and_write(reader: io.CheckpointReader, output_path, *, method, seed, method_params,

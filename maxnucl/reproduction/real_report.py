@@ -29,7 +29,7 @@ from maxnucl.reproduction.report import FAILS, HOLDS, NOT_TESTABLE, UNSURE, fmt,
 
 DOMAINS = ("code", "prose")
 EXTRA = ("humaneval", "arithmetic")  # scored for some models only (real_model.EXTRA_DOMAINS)
-SECTION_MARKER = "<!-- real-model section: tools/reproduce.py --model ... --publish_docs -->"
+SECTION_MARKER = report.REAL_SECTION_MARKER
 PAPER = {"lp_share_median": 0.587, "lp_share_range": (0.330, 0.861),
          "scar_prot_ppl_50": 54.8, "wanda_channel_ppl_50": 989.2}
 

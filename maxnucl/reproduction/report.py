@@ -434,9 +434,13 @@ def write_report(runner, *, wall_time_s: float) -> dict:
   return {"report": out / "report.md", "results": out / "results.json", "figures": figures}
 
 
+# Where docs/reproduction.md's real-model section (maxnucl.reproduction.real_report) begins: this
+# study's publish rewrites what precedes it and keeps the rest.
+REAL_SECTION_MARKER = "<!-- real-model section: tools/reproduce.py --model ... --publish_docs -->"
+
+
 def _finished(runner) -> list[str]:
-  from maxnucl.reproduction.stages import STAGES  # pylint: disable=import-outside-toplevel
-  return [s for s in STAGES if runner.stage_path(s).exists()]
+  return [s for s in runner.stage_names if runner.stage_path(s).exists()]
 
 
 def markdown(results: dict, summary: dict, config, figures: dict, *,
@@ -825,9 +829,8 @@ def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str) -> pathl
             "What each stage does, the verdict rules and how to read the tables: "
             "[the reproduction guide](reproduction-guide.md).", ""]
   path = docs_dir / "reproduction.md"
-  from maxnucl.reproduction import real_report  # pylint: disable=import-outside-toplevel
   existing = path.read_text() if path.exists() else ""
-  real = existing[existing.index(real_report.SECTION_MARKER):] \
-      if real_report.SECTION_MARKER in existing else ""  # the real-model section is kept
+  real = existing[existing.index(REAL_SECTION_MARKER):] \
+      if REAL_SECTION_MARKER in existing else ""  # the real-model section is kept
   path.write_text("\n".join(header) + body + ("\n\n" + real if real else ""))
   return path
