@@ -143,6 +143,9 @@ def test_bf16_conversion_stores_bf16_rounded_values(hf_dir, converted, tmp_path)
       checkpoints.load(converted[0])[1])
   for key in f32:
     np.testing.assert_array_equal(bf16[key], f32[key].astype(ml_dtypes.bfloat16))
+  # the config describes the arrays stored beside it (it said float32)
+  assert checkpoints.load_config(tmp_path / "bf16").param_dtype == "bfloat16"
+  assert checkpoints.load_config(converted[0]).param_dtype == "float32"
 
 
 def test_stored_lm_head_must_equal_embedding(hf_dir, tmp_path):

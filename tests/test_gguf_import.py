@@ -109,6 +109,9 @@ def test_bfloat16_output_is_the_float32_output_rounded(files, tmp_path):
     stored = checkpoints.read_array(tmp_path / "bf16", key)
     assert stored.dtype.name == "bfloat16"
     np.testing.assert_array_equal(stored, array.astype(stored.dtype))
+  # the config describes the arrays stored beside it (it said float32)
+  assert checkpoints.load_config(tmp_path / "bf16").param_dtype == "bfloat16"
+  assert checkpoints.load_config(tmp_path / "f32").param_dtype == "float32"
 
 
 def llama_cpp_rope_factors(head_dim, theta, factor, low, high, original):

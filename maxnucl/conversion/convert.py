@@ -95,6 +95,7 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
   Llama, Mistral or Qwen2 (`hf_architectures`) to a maxnucl checkpoint.
 
   dtype: stored dtype of the output ("float32" / "bfloat16"); default: the embedding's dtype.
+  The output config's param_dtype is the stored dtype.
   """
   outputs.check_output_path(output, {"Hugging Face input directory": hf_dir},
                             overwrite=overwrite)
@@ -125,6 +126,7 @@ def hf_to_maxnucl(hf_dir: str | os.PathLike, output: str | os.PathLike, *,
     _check_tied(reader, embedding)
   dtype = dtype or reader.dtype(embedding).name
   _check_dtype(dtype)
+  cfg = cfg.replace(param_dtype=dtype)  # the config describes the arrays stored beside it
   tokenizer = hf_tokenizer.hf_tokenizer_files(hf_dir)  # carried in CKPT/tokenizer/
   with checkpoints.StreamingWriter(output, cfg, dtype=dtype, overwrite=overwrite,
                                    tokenizer_files=tokenizer) as writer:

