@@ -36,7 +36,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
+import pathlib
+import re
 import sys
 from typing import Optional
 
@@ -53,7 +56,7 @@ except ImportError as e:  # an optional dependency
   raise ImportError(f"maxnucl's lm-evaluation-harness model needs lm-eval ({e}): "
                     f"pip install -e \".[eval]\"") from e
 
-from maxnucl import checkpoints, decoding, sharding
+from maxnucl import checkpoints, decoding, outputs, paths, sharding
 from maxnucl.generate import load_model, load_tokenizer, model_vocab
 
 # Arguments the harness passes to every model; JAX chooses its own devices.
@@ -181,13 +184,13 @@ class MaxnuclLM(TemplateLM):
         raise ValueError(f"max_gen_toks {max_new} leaves no room for a context within "
                          f"max_length {self.max_length}")
       prompts = [self.tok_encode(context)[-budget:] for _, (context, _) in batch]
-      outputs = decoding.generate(
+      generated = decoding.generate(
           self.cfg, self.params, prompts, max_new,
           temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
           top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"), seed=int(kwargs.get("seed", 0)),
           stop_token_ids=[self.eot_token_id], stop_strings=until or None,
           tokenizer=self.tokenizer, mesh=self.mesh)
-      for (index, (context, gen_kwargs)), tokens in zip(batch, outputs):
+      for (index, (context, gen_kwargs)), tokens in zip(batch, generated):
         text = decoding.cut_at_stop(self.tok_decode(tokens), until)
         results[index] = text
         self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
@@ -245,13 +248,77 @@ def main() -> int:
   for parser in (cli._parser, cli._subparsers.choices["run"]):  # lm-eval-harness 0.4.13's
     parser.epilog = f"{parser.epilog or ''}\n{model_help()}\n"
   args = cli.parse_args()
+  outputs.hide_failed_write_noise()
+  output_path = getattr(args, "output_path", None)
   try:
     _check_model_args(args)
-    cli.execute(args)
+    with outputs.failed_writes_raised(output_path), _SaveFailures(output_path) as failures:
+      cli.execute(args)
+    failures.raise_any()
+  except outputs.WriteFailed as e:  # a full disk: a failure while working, not bad input
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except (OSError, ValueError) as e:  # checkpoints.CheckpointError is a ValueError
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   return 0
+
+
+class _SaveFailures(logging.Filter):
+  """lm-eval's EvaluationTracker catches an error while saving the results or samples, logs
+  "Could not save ..." and the error's repr, and the run exits 0 with a torn or missing file.
+  Within this block those two records are taken off its logger; `raise_any()` then removes
+  the files the run created under the output path and raises WriteFailed, one line naming the
+  output path and the error."""
+
+  LOGGER = "lm_eval.loggers.evaluation_tracker"
+  _ERRNO = re.compile(r"^\w*Error\((\d+), ")
+
+  def __init__(self, output_path):
+    super().__init__()
+    self.output_path = output_path
+    self.messages: list[str] = []
+    self.failed = False
+    self._before: set = set()
+
+  def __enter__(self) -> "_SaveFailures":
+    self._before = set(self._files())
+    logging.getLogger(self.LOGGER).addFilter(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    logging.getLogger(self.LOGGER).removeFilter(self)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if message.startswith("Could not save"):
+      self.failed = True
+      return False
+    if self.failed and record.levelno == logging.INFO and not self.messages:
+      self.messages.append(message)  # the repr of the error, logged just after
+      return False
+    return True
+
+  def _files(self) -> list[pathlib.Path]:
+    if not self.output_path or paths.is_url(self.output_path):
+      return []
+    root = pathlib.Path(self.output_path)
+    return [p for p in (root.parent if root.suffix == ".json" else root).rglob("*")
+            if p.is_file()] if root.parent.exists() else []
+
+  def raise_any(self) -> None:
+    if not self.failed:
+      return
+    for created in set(self._files()) - self._before:  # this run's: torn, or without the rest
+      created.unlink(missing_ok=True)
+    error = self.messages[0] if self.messages else "an error lm-eval did not name"
+    code = self._ERRNO.match(error)
+    if code and int(code[1]) in outputs.OUT_OF_SPACE:
+      raise outputs.WriteFailed(
+          f"{os.strerror(int(code[1]))} while writing {self.output_path} (lm-eval's results); "
+          f"free some space and run the command again")
+    raise outputs.WriteFailed(f"lm-eval could not save its results under {self.output_path}: "
+                              f"{error}")
 
 
 def _check_model_args(args) -> None:

@@ -78,7 +78,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Mapping, Optional
 
 from maxnucl import paths
 
@@ -511,25 +511,41 @@ def temporary_sibling(path: str | os.PathLike) -> pathlib.Path:
 
 
 def write_file_atomically(path: str | os.PathLike, text: str) -> None:
-  """Replace the file `path` by `text` in one step: written to `temporary_sibling(path)`,
-  fsynced, renamed over `path` (a URL: written at once; an object appears whole).  An error
-  leaves `path` as it was and removes the temporary (an OSError names `path`).  The temporaries
-  of `path` that processes now gone left behind are removed first (`remove_stale_files`)."""
+  """Replace the file `path` by `text` (UTF-8) in one step (`write_atomically`)."""
+  write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+  """Replace the file `path` by what `write(f)` writes to the binary file `f`, in one step:
+  written to `temporary_sibling(path)`, fsynced, renamed over `path` (a URL: written at once; an
+  object appears whole).  An error leaves `path` as it was and removes the temporary (an
+  OSError names `path`).  The temporaries of `path` that processes now gone left behind are
+  removed first (`remove_stale_files`)."""
   if paths.is_url(path):
-    paths.as_path(path).write_text(text)
+    with paths.as_path(path).open("wb") as f:
+      write(f)
     return
   path = pathlib.Path(path)
   remove_stale_files(path)
   tmp = temporary_sibling(path)
   try:
-    with naming_errors(path), tmp.open("w", encoding="utf-8") as f:
-      f.write(text)
+    with naming_errors(path), tmp.open("wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+
+
+class WriteOnly:
+  """A file seen through its `write` alone, for numpy's writers: `np.save` writes an array to a
+  real file with `tofile`, whose failure on a full disk carries no errno ("N requested and M
+  written"); through `write` it is the OSError ENOSPC that names the problem."""
+
+  def __init__(self, f):
+    self.write = f.write
 
 
 def remove_stale_files(path: str | os.PathLike) -> list[pathlib.Path]:
@@ -573,7 +589,9 @@ def naming_errors(path: str | os.PathLike):
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # TensorStore (Orbax's writer) reports an OS error as text: `... [os_error_code='28']`
 _ERROR_CODE = re.compile(r"os_error_code=\\?'?(\d+)|\[Errno (\d+)\]")
-_WRITTEN_FILE = (re.compile(r'local file "([^"]+)"'), re.compile(r'Failed writing: "([^"]+)"'))
+_WRITTEN_FILE = (re.compile(r'local file "([^"]+)"'), re.compile(r'Failed writing: "([^"]+)"'),
+                 # an OSError's text, as gin re-raises it (a copy without errno or filename)
+                 re.compile(r"\[Errno \d+\] [^:\n]*: '([^'\n]+)'"))
 _TEMPORARY_CONTENT = re.compile(r"(.*)/\.([^/]+)\.tmp-[0-9a-f]{8}/content(/.*)?")
 
 

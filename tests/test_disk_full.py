@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from maxnucl import checkpoints, models
@@ -178,6 +179,72 @@ def test_evaluator_on_a_full_disk_fails_in_one_line_at_every_file_and_then_resum
   expected = json.loads((tmp_path / "roomy" / core.RESULTS).read_text())
   assert results["metrics"] == expected["metrics"]
   assert results["num_examples"] == results["num_resumed"] == expected["num_examples"]
+
+
+def test_analyzer_on_a_full_disk_names_each_file_and_leaves_only_whole_ones(tmp_path,
+                                                                          tiny_checkpoint):
+  """The analyzer named its output directory, not the plot it was writing, and left a torn PNG
+  under its final name.  With more room on each run (four pages more) it fails at each file in
+  turn, each time naming it and leaving only whole files, until it finishes."""
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  named = []
+  for attempt in range(12):
+    name = f"attempt_{attempt}"
+    disk = tmp_path / name / "disk"
+    proc, after = run_on_full_disk(
+        [BIN / "maxnucl-analyze", "--input", tiny_checkpoint, "--output_dir", disk / "analysis",
+         "--methods", "entropy,magnitude"], tmp_path, name, free=4 * attempt * PAGE)
+    written = _files(after)
+    assert not [f for f in written if ".tmp-" in f], written
+    for png in (after / "analysis").glob("*.png"):
+      assert matplotlib.image.imread(png).ndim == 3, png  # whole: it decodes
+    if proc.returncode == 0:
+      break
+    line = assert_one_line_naming(proc, disk / "analysis")
+    named.append(line.split(" while writing ")[1].split(";")[0])
+    assert "analysis/analysis.json" not in written  # written last: there only when finished
+  else:
+    pytest.fail(f"still failing with {4 * attempt} free pages: {proc.stderr[-2000:]}")
+  assert json.loads((after / "analysis" / "analysis.json").read_text())["methods"] == [
+      "entropy", "magnitude"]
+  assert named[0] == str(disk.parent.parent / "attempt_0" / "disk" / "analysis" /
+                         "entropy_histograms.png")  # the first file it writes, named
+
+
+def test_data_cache_on_a_full_disk_names_the_shard_and_leaves_no_torn_one(tmp_path):
+  """numpy's write failure carries no errno ("N requested and M written") and gin re-raises the
+  error without its file name: the message said "while writing the output", and a torn shard
+  stayed under its final name."""
+  fixtures = REPO / "tests" / "fixtures" / "data"
+  for free in (0, 2 * PAGE):
+    name = f"free_{free}"
+    disk = tmp_path / name / "disk"
+    proc, after = run_on_full_disk(
+        [BIN / "maxnucl-data", "cache", "--source=gsm8k", "--split=test", "--seq_len=64",
+         f"--cache_dir={disk / 'cache'}", f"--data_dir={fixtures}"], tmp_path, name, free=free)
+    line = assert_one_line_naming(proc, disk / "cache" / "gsm8k" / "test" / "shard-00000.")
+    written = _files(after)
+    assert not [f for f in written if ".tmp" in f or f.endswith("index.json")], written
+    for shard in (after / "cache" / "gsm8k" / "test").glob("*.npy"):
+      assert shard.name not in line
+      assert np.load(shard).ndim == 2  # whole: it loads
+
+
+def test_reproduction_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path):
+  """The study named its run directory and left `.settings.json.tmp-PID` behind."""
+  for free in (0, 8 * PAGE):
+    name = f"free_{free}"
+    disk = tmp_path / name / "disk"
+    proc, after = run_on_full_disk(
+        [sys.executable, "tools/reproduce.py", "--quick", "--output", disk / "run", "--stages",
+         "data", "--no_report"], tmp_path, name, free=free)
+    line = assert_one_line_naming(proc, disk / "run")
+    if free == 0:  # the first file the run writes
+      assert f"writing {disk / 'run' / 'settings.json'};" in line, line
+    else:  # the corpus (larger than the disk), in its temporary directory, named as such
+      corpus = disk / "run" / "data" / "corpus"
+      assert f"/train.jsonl (the temporary output of {corpus})" in line, line
+    assert not [f for f in _files(after) if ".tmp-" in f], _files(after)
 
 
 def test_a_temporary_file_of_a_process_that_is_gone_is_swept_by_the_next_write(tmp_path):

@@ -19,6 +19,7 @@ from lm_eval.tasks import TaskManager
 import maxnucl.lm_eval_adapter  # registers the "maxnucl" model
 from maxnucl import checkpoints, decoding
 from maxnucl.data import synthetic, vocabularies
+from test_disk_full import assert_one_line_naming, run_on_full_disk
 from tolerances import EPS64, decoder_terms, magnitude, rounding_atol
 
 MAX_LENGTH = 96  # model_args max_length: documents of ~250 bytes need several rolling windows
@@ -175,6 +176,18 @@ def test_command_line_runs_the_harness_and_names_the_results_after_the_checkpoin
   assert results["model_name"] == str(checkpoint)
   acc = results["results"]["maxnucl_test_mc"]["acc,none"]
   assert acc == harness["results"]["maxnucl_test_mc"]["acc,none"]
+
+
+def test_command_line_on_a_full_disk_exits_1_in_one_line_naming_the_results_file(setup, tmp_path):
+  """The harness's results file could not be written: one line naming it, exit 1 (a failure
+  while working), as every maxnucl command (tests/test_disk_full.py)."""
+  root, _, _ = setup
+  disk = tmp_path / "lm_eval" / "disk"
+  proc, _ = run_on_full_disk(
+      [SCRIPT, "--model", "maxnucl", "--model_args", f"checkpoint={root / 'ckpt'},vocab=byte",
+       "--tasks", "maxnucl_test_mc", "--include_path", root / "tasks", "--batch_size", "2",
+       "--output_path", disk / "results"], tmp_path, "lm_eval", free=0)
+  assert_one_line_naming(proc, disk / "results")
 
 
 def test_help_describes_the_maxnucl_model_and_every_model_argument():

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from maxnucl import outputs
 from maxnucl.data import packing
 
 CACHE_FORMAT = "maxnucl-packed-rows-v1"
@@ -48,14 +49,15 @@ def write_rows(directory: str | os.PathLike, rows: Mapping[str, np.ndarray],
     for feature in packing.FEATURES:
       array = np.ascontiguousarray(rows[feature][start:stop],
                                    dtype=packing.FEATURE_DTYPES[feature])
-      np.save(directory / f"{name}.{feature}.npy", array)
+      # whole or not at all: a full disk leaves no torn shard
+      outputs.write_atomically(directory / f"{name}.{feature}.npy",
+                               lambda f, array=array: np.save(outputs.WriteOnly(f), array))
     shards.append({"name": name, "num_rows": stop - start})
   index = {"format": CACHE_FORMAT, **metadata, "num_rows": num_rows, "shards": shards,
            "features": {f: np.dtype(packing.FEATURE_DTYPES[f]).name for f in packing.FEATURES}}
   index_path = directory / INDEX_FILE
-  tmp = index_path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-  os.replace(tmp, index_path)  # the index appears last: a cache with an index is complete
+  # the index appears last: a cache with an index is complete
+  outputs.write_file_atomically(index_path, json.dumps(index, indent=2, sort_keys=True))
   return index_path
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from maxnucl import gin_config
+from maxnucl import gin_config, outputs
 
 
 def _parse_feature_lengths(text: Optional[str]):
@@ -127,7 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
-    return COMMANDS[argv[0]](argv[1:])
+    with outputs.failed_writes_raised():
+      return COMMANDS[argv[0]](argv[1:])
+  except outputs.WriteFailed as e:  # a full disk: a failure while working, not bad input
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except KeyError as e:  # an unknown task, split or field: KeyError's str() adds quotes
     print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
   except (ValueError, OSError) as e:  # bad values, missing or malformed dataset files

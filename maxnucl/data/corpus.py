@@ -144,7 +144,8 @@ def prepare_corpus(root: str | os.PathLike, output_dir: str | os.PathLike, *,
               "files": files, "skipped": skipped}
   with outputs.TemporaryOutput(output_dir, overwrite=False) as staging:
     for split in SPLITS:
-      with open(staging / f"{split}.jsonl", "w") as f:
+      with outputs.naming_errors(staging / f"{split}.jsonl"), \
+          open(staging / f"{split}.jsonl", "w") as f:
         for piece in pieces[split]:
           f.write(json.dumps({"text": piece}) + "\n")
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -295,12 +295,7 @@ def train_sentencepiece(text_files: Iterable[str | os.PathLike], model_prefix: s
                 ".model": proto.SerializeToString()}
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     for suffix, content in contents.items():  # each appears by one rename, the model last
-      staged = model_prefix.parent / f".{model_prefix.name}{suffix}.tmp-{os.getpid()}"
-      try:
-        staged.write_bytes(content)
-        os.replace(staged, f"{model_prefix}{suffix}")
-      finally:
-        staged.unlink(missing_ok=True)
+      outputs.write_atomically(f"{model_prefix}{suffix}", lambda f, c=content: f.write(c))
   return pathlib.Path(f"{model_prefix}.model")
 
 

@@ -87,6 +87,11 @@ def overlap(sets: dict[str, dict]) -> dict[str, Any]:
   return out
 
 
+def _save_png(fig, path: pathlib.Path) -> None:
+  """The figure as a PNG at `path`, whole or not at all (a full disk leaves no torn file)."""
+  outputs.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
 def _plots(result: dict, output_dir: pathlib.Path) -> list[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -106,7 +111,7 @@ def _plots(result: dict, output_dir: pathlib.Path) -> list[str]:
   if len(hist) <= 12:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(output_dir / "entropy_histograms.png", dpi=120)
+  _save_png(fig, output_dir / "entropy_histograms.png")
   plt.close(fig)
   written.append("entropy_histograms.png")
 
@@ -119,7 +124,7 @@ def _plots(result: dict, output_dir: pathlib.Path) -> list[str]:
     ax.set_ylabel("share of LP mass in top 1%")
     ax.set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(output_dir / "lp_concentration.png", dpi=120)
+    _save_png(fig, output_dir / "lp_concentration.png")
     plt.close(fig)
     written.append("lp_concentration.png")
 
@@ -136,7 +141,7 @@ def _plots(result: dict, output_dir: pathlib.Path) -> list[str]:
         ax.text(c, r, f"{matrix[r, c]:.2f}", ha="center", va="center", color="gray", fontsize=8)
     fig.colorbar(im, ax=ax, label="mean Jaccard of removal sets")
     fig.tight_layout()
-    fig.savefig(output_dir / "overlap.png", dpi=120)
+    _save_png(fig, output_dir / "overlap.png")
     plt.close(fig)
     written.append("overlap.png")
   return written
@@ -181,5 +186,6 @@ def analyze_ffn(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     result["overlap"] = overlap(sets)
   output_dir.mkdir(parents=True, exist_ok=True)
   result["plots"] = _plots(result, output_dir)
-  (output_dir / "analysis.json").write_text(json.dumps(result, indent=1))
+  # analysis.json last: its presence says the plots beside it are this run's, and whole
+  outputs.write_file_atomically(output_dir / "analysis.json", json.dumps(result, indent=1))
   return result

@@ -194,14 +194,20 @@ def analyze_main(argv=None) -> int:
   parser.add_argument("--data_cache_dir", default=None,
                       help="read a registered task's cached shards from here")
   args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  outputs.hide_failed_write_noise()
   try:
     args.vocab = _input_vocab(args.input, args.vocab, announce=_tokenizes(args.calibration))
-    result = analysis.analyze_ffn(
-        args.input, args.output_dir, methods=[m for m in args.methods.split(",") if m],
-        ratio=args.ratio, layers=args.layers, seed=args.seed, calibration=args.calibration,
-        calibration_examples=args.calibration_examples, batch_size=args.batch_size,
-        seq_len=args.seq_len, bins=args.bins,
-        data_cache_dir=args.data_cache_dir, data_vocab=args.vocab)
+    with outputs.failed_writes_raised(args.output_dir):
+      result = analysis.analyze_ffn(
+          args.input, args.output_dir, methods=[m for m in args.methods.split(",") if m],
+          ratio=args.ratio, layers=args.layers, seed=args.seed, calibration=args.calibration,
+          calibration_examples=args.calibration_examples, batch_size=args.batch_size,
+          seq_len=args.seq_len, bins=args.bins,
+          data_cache_dir=args.data_cache_dir, data_vocab=args.vocab)
+  except outputs.WriteFailed as e:  # a failure while working (a full disk), not bad input
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 1
   except (ValueError, FileNotFoundError) as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2

@@ -66,34 +66,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   else:
     files = args.gin_file or ["gin/reproduce/quick.gin" if args.quick else "gin/reproduce/full.gin"]
     bindings = args.gin_param
+  outputs.hide_failed_write_noise()
   try:
-    gin_config.parse(files, bindings)
-    start = time.perf_counter()
-    if args.model:
-      chosen = args.stages or list(real_model.STAGES)
-      real_model.check_stages(chosen)
-      runner = real_model.RealModelStudy(args.output, real_model.real_settings(),
-                                         model_path=args.model_path)
-    else:
-      chosen = args.stages or list(stages.STAGES)
-      stages.check_stages(chosen, args.output)  # before anything is written
-      runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
-    runner.run(chosen)
-    if not args.no_report:
-      if args.model:
-        from maxnucl.reproduction import real_report as reporter  # pylint: disable=import-outside-toplevel
-      else:
-        from maxnucl.reproduction import report as reporter  # pylint: disable=import-outside-toplevel
-      written = reporter.write_report(runner, wall_time_s=time.perf_counter() - start)
-      print(f"report:  {written['report']}\nresults: {written['results']}")
-      if args.publish_docs:
-        published = reporter.publish(runner.out, pathlib.Path(args.publish_docs),
-                                     command=_command(argv))
-        print(f"docs:    {published}")
+    with outputs.failed_writes_raised(args.output):
+      return _run(args, argv, files, bindings)
+  except outputs.WriteFailed as e:  # a full disk: a failure while working, not bad input
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except (OSError, ValueError, KeyError, stages.ReproductionError,
           dependencies.MissingDependency) as e:
     print(f"error: {gin_config.error_message(e)}", file=sys.stderr)
     return 2
+
+
+def _run(args, argv, files, bindings) -> int:
+  """The study's stages and report, as the command line asked."""
+  from maxnucl.reproduction import real_model, stages  # pylint: disable=import-outside-toplevel
+  gin_config.parse(files, bindings)
+  start = time.perf_counter()
+  if args.model:
+    chosen = args.stages or list(real_model.STAGES)
+    real_model.check_stages(chosen)
+    runner = real_model.RealModelStudy(args.output, real_model.real_settings(),
+                                       model_path=args.model_path)
+  else:
+    chosen = args.stages or list(stages.STAGES)
+    stages.check_stages(chosen, args.output)  # before anything is written
+    runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
+  runner.run(chosen)
+  if not args.no_report:
+    if args.model:
+      from maxnucl.reproduction import real_report as reporter  # pylint: disable=import-outside-toplevel
+    else:
+      from maxnucl.reproduction import report as reporter  # pylint: disable=import-outside-toplevel
+    written = reporter.write_report(runner, wall_time_s=time.perf_counter() - start)
+    print(f"report:  {written['report']}\nresults: {written['results']}")
+    if args.publish_docs:
+      published = reporter.publish(runner.out, pathlib.Path(args.publish_docs),
+                                   command=_command(argv))
+      print(f"docs:    {published}")
   return 0
 
 

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from maxnucl import checkpoints, ffn, losses
+from maxnucl import checkpoints, ffn, losses, outputs
 from maxnucl.conversion import convert, gguf_import
 from maxnucl.data import corpus, packing, pipeline, vocabularies
 from maxnucl.evaluation import core, humaneval, perplexity
@@ -217,8 +217,9 @@ class RealModelStudy(stages.Reproduction):
         "prose test split")
     calib_rows, sources["calibration"] = document_rows(code["train"], tokenizer, c.seq_len,
                                                        c.calibration_rows, "code train split")
-    np.save(self.data_dir / "calibration.npy",
-            np.concatenate([calib_rows["tokens"][:, :1], calib_rows["targets"]], axis=1))
+    calibration = np.concatenate([calib_rows["tokens"][:, :1], calib_rows["targets"]], axis=1)
+    outputs.write_atomically(self.data_dir / "calibration.npy",
+                             lambda f: np.save(outputs.WriteOnly(f), calibration))
     rows["humaneval"], sources["humaneval"] = humaneval_rows(tokenizer, c.seq_len,
                                                              c.humaneval_nll_problems)
     task = pipeline.build_packed_rows("synthetic_arithmetic", "test", seq_len=c.seq_len,
@@ -227,7 +228,8 @@ class RealModelStudy(stages.Reproduction):
     sources["arithmetic"] = {"task": "synthetic_arithmetic", "split": "test",
                              "rows": int(rows["arithmetic"]["tokens"].shape[0])}
     for name, value in rows.items():
-      np.savez(self.data_dir / f"{name}.npz", **value)
+      outputs.write_atomically(self.data_dir / f"{name}.npz",
+                               lambda f, value=value: np.savez(outputs.WriteOnly(f), **value))
     return {"sources": sources, "rows": {k: int(v["tokens"].shape[0]) for k, v in rows.items()},
             "loss_tokens": {k: int(v["loss_mask"].sum()) for k, v in rows.items()},
             "calibration_rows": int(calib_rows["tokens"].shape[0]), "seq_len": c.seq_len,
@@ -518,9 +520,8 @@ class RealEvaluator:
     model = core.LanguageModel(cfg, params, self.tokenizer, batch_size=16)
     records = benchmark.predict(model, examples)
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "predictions.jsonl", "w") as f:
-      for record in records:
-        f.write(json.dumps(record, default=stages._jsonable) + "\n")
+    outputs.write_file_atomically(directory / "predictions.jsonl", "".join(
+        json.dumps(record, default=stages._jsonable) + "\n" for record in records))
     metrics = benchmark.metrics(records)
     return {"humaneval_pass_at_1": metrics["pass_at_1"],
             "humaneval_problems": len(records)}

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from maxnucl import outputs
 from maxnucl.reproduction import report
 from maxnucl.reproduction.report import FAILS, HOLDS, NOT_TESTABLE, UNSURE, fmt, fmt_ci
 
@@ -320,9 +321,10 @@ def write_report(runner, *, wall_time_s: float) -> dict:
                           "stages": {s: r.get("wall_time_s") for s, r in results.items()}},
           "summary": summary, "stages": results}
   figures = plot_figures(results, summary, out / "figures")
-  (out / "results.json").write_text(json.dumps(data, indent=1, default=_jsonable))
-  (out / "report.md").write_text(markdown(results, summary, runner.config, figures,
-                                          relative_to=out))
+  outputs.write_file_atomically(out / "results.json",
+                                json.dumps(data, indent=1, default=_jsonable))
+  outputs.write_file_atomically(out / "report.md", markdown(results, summary, runner.config,
+                                                            figures, relative_to=out))
   return {"report": out / "report.md", "results": out / "results.json", "figures": figures}
 
 
@@ -671,5 +673,5 @@ def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str) -> pathl
   path = docs_dir / "reproduction.md"
   existing = path.read_text() if path.exists() else ""
   kept = existing.split(SECTION_MARKER)[0].rstrip("\n")
-  path.write_text((kept + "\n\n" if kept else "") + "\n".join(section))
+  outputs.write_file_atomically(path, (kept + "\n\n" if kept else "") + "\n".join(section))
   return path

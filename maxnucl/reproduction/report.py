@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from maxnucl import outputs
+
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 NOT_TESTABLE = "not testable at this scale"
 # Tolerance for "quality is kept": the larger of this many nats and twice the seed spread.
@@ -428,9 +430,9 @@ def write_report(runner, *, wall_time_s: float) -> dict:
                           "stages": {s: r.get("wall_time_s") for s, r in results.items()}},
           "summary": summary, "stages": results}
   figures = plot_figures(results, summary, out / "figures")
-  (out / "results.json").write_text(json.dumps(data, indent=1))
-  (out / "report.md").write_text(markdown(results, summary, config, figures,
-                                          relative_to=out))
+  outputs.write_file_atomically(out / "results.json", json.dumps(data, indent=1))
+  outputs.write_file_atomically(out / "report.md", markdown(results, summary, config, figures,
+                                                            relative_to=out))
   return {"report": out / "report.md", "results": out / "results.json", "figures": figures}
 
 
@@ -781,7 +783,7 @@ def finetune_curves(results: dict) -> dict[str, dict[str, list[dict]]]:
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  outputs.write_atomically(path, lambda f: fig.savefig(f, format=path.suffix[1:], dpi=110))
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   plt.close(fig)
   return path
@@ -832,5 +834,5 @@ def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str) -> pathl
   existing = path.read_text() if path.exists() else ""
   real = existing[existing.index(REAL_SECTION_MARKER):] \
       if REAL_SECTION_MARKER in existing else ""  # the real-model section is kept
-  path.write_text("\n".join(header) + body + ("\n\n" + real if real else ""))
+  outputs.write_file_atomically(path, "\n".join(header) + body + ("\n\n" + real if real else ""))
   return path

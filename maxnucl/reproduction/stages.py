@@ -46,7 +46,7 @@ import jax
 import numpy as np
 import tqdm
 
-from maxnucl import checkpoints, dependencies, ffn, losses, models
+from maxnucl import checkpoints, dependencies, ffn, losses, models, outputs
 from maxnucl.conversion import convert
 from maxnucl.data import corpus, pipeline, vocabularies
 from maxnucl.evaluation import core, gsm8k, perplexity
@@ -261,7 +261,7 @@ class Reproduction:
     self._environment()
     text = data_dir / "vocab" / "train.txt"
     text.parent.mkdir(parents=True)
-    with open(text, "w") as f:
+    with outputs.naming_errors(text), open(text, "w") as f:
       for piece in corpus.read_split("train"):
         f.write(piece if piece.endswith("\n") else piece + "\n")
     vocabularies.train_sentencepiece([text], data_dir / "vocab" / "sp",
@@ -327,7 +327,7 @@ class Reproduction:
     workdir.mkdir(parents=True, exist_ok=True)
     points = max(1, self.config.curve_points)
     gin_file = workdir / "run.gin"
-    gin_file.write_text(self._gin(
+    outputs.write_file_atomically(gin_file, self._gin(
         source=source, eval_source=eval_source, steps=steps, learning_rate=learning_rate,
         seed=seed, init_checkpoint=init_checkpoint, terms=terms, ffn_widths=ffn_widths,
         checkpoint_every=max(1, steps // points)))
@@ -718,9 +718,7 @@ def _read_metrics(path: pathlib.Path) -> list[dict]:
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(value, indent=1, default=_jsonable))
-  os.replace(tmp, path)
+  outputs.write_file_atomically(path, json.dumps(value, indent=1, default=_jsonable))
 
 
 def _jsonable(value):
