@@ -6,9 +6,11 @@ when the holder dies, however it dies), its text naming the holder (host, pid, s
 bucket (`gs://`, or a `file://` URL on the same code path) there is no flock: the lock is the
 object `DIR/trainer.lock` holding the holder and a lease (`expires` in Unix seconds) that a
 background thread renews every `LEASE_S / 3`; a lock whose lease has run out (its holder died
-without releasing it) is taken over.  Taking a bucket lock is write-then-read-back: two trainers
-that start within the same instant can both read their own write only if the store reorders
-them, which Cloud Storage's strong read-after-write consistency does not.
+without releasing it) is taken over.  Taking a bucket lock is check, write, then read back: it refuses a trainer whose
+write was overwritten by another's before its read, but two trainers whose check-write-read
+sequences do not overlap that way both read their own write and both run (the second overwrites
+the first's lock).  Exclusivity needs a create-only write (Cloud Storage's `ifGenerationMatch=0`),
+which this lock does not use yet; the local flock has no such gap.
 
 The configuration: `DIR/config.gin` is the gin configuration the run started with.  A resumed
 run whose bindings differ is refused with the changed bindings listed, unless the change is
