@@ -228,8 +228,10 @@ class RealModelStudy(stages.Reproduction):
     sources["arithmetic"] = {"task": "synthetic_arithmetic", "split": "test",
                              "rows": int(rows["arithmetic"]["tokens"].shape[0])}
     for name, value in rows.items():
+      # np.savez writes a zip, which needs the real (seekable) file; its writes are plain
+      # write() calls, so a full disk is the OSError ENOSPC naming the file
       outputs.write_atomically(self.data_dir / f"{name}.npz",
-                               lambda f, value=value: np.savez(outputs.WriteOnly(f), **value))
+                               lambda f, value=value: np.savez(f, **value))
     return {"sources": sources, "rows": {k: int(v["tokens"].shape[0]) for k, v in rows.items()},
             "loss_tokens": {k: int(v["loss_mask"].sum()) for k, v in rows.items()},
             "calibration_rows": int(calib_rows["tokens"].shape[0]), "seq_len": c.seq_len,
