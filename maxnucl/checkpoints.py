@@ -64,6 +64,7 @@ included.)
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -382,10 +383,26 @@ def pytree_arrays(directory: str | os.PathLike
     for keys, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]:
       out[tuple(str(k.key) for k in keys)] = (tuple(int(n) for n in leaf.shape),
                                               np.dtype(leaf.dtype).name)
+    return out
   except Exception as e:  # noqa: BLE001 - Orbax's errors on malformed metadata vary widely
-    raise CheckpointError(f"{directory / '_METADATA'}: cannot read the stored arrays' metadata "
-                          f"({type(e).__name__}: {_one_line(e)})") from None
-  return out
+    failure = (f"{directory / '_METADATA'}: cannot read the stored arrays' metadata "
+               f"({type(e).__name__}: {_one_line(e)})")
+  _collect_unretrieved_futures()
+  raise CheckpointError(failure)
+
+
+def _collect_unretrieved_futures() -> None:
+  """Orbax reads the arrays' metadata concurrently (asyncio); when one read fails, the failed
+  futures of the others are never retrieved, and asyncio logs each with a traceback ("Future
+  exception was never retrieved") whenever the garbage collector reaches it: after a command's
+  one-line refusal, or in a later run in the same process.  The failure is reported by the
+  caller, so they are collected now, with asyncio's logger silent meanwhile."""
+  asyncio_log = logging.getLogger("asyncio")
+  disabled, asyncio_log.disabled = asyncio_log.disabled, True
+  try:
+    gc.collect()
+  finally:
+    asyncio_log.disabled = disabled
 
 
 # ---- reading: one path for every reader --------------------------------------------------------
