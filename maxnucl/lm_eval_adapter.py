@@ -303,8 +303,8 @@ class _SaveFailures(logging.Filter):
     if not self.output_path or paths.is_url(self.output_path):
       return []
     root = pathlib.Path(self.output_path)
-    return [p for p in (root.parent if root.suffix == ".json" else root).rglob("*")
-            if p.is_file()] if root.parent.exists() else []
+    folder = root.parent if root.suffix == ".json" else root  # lm-eval's file or folder form
+    return [p for p in folder.rglob("*") if p.is_file()]  # none while it does not exist
 
   def raise_any(self) -> None:
     if not self.failed:
@@ -313,10 +313,9 @@ class _SaveFailures(logging.Filter):
       created.unlink(missing_ok=True)
     error = self.messages[0] if self.messages else "an error lm-eval did not name"
     code = self._ERRNO.match(error)
-    if code and int(code[1]) in outputs.OUT_OF_SPACE:
-      raise outputs.WriteFailed(
-          f"{os.strerror(int(code[1]))} while writing {self.output_path} (lm-eval's results); "
-          f"free some space and run the command again")
+    if code and int(code[1]) in outputs.OUT_OF_SPACE:  # the one line every command prints
+      raise outputs.WriteFailed(outputs.write_failure(
+          OSError(int(code[1]), os.strerror(int(code[1]))), self.output_path))
     raise outputs.WriteFailed(f"lm-eval could not save its results under {self.output_path}: "
                               f"{error}")
 
