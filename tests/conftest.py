@@ -133,3 +133,19 @@ def tiny_checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny") / "ckpt"
   checkpoints.save(path, cfg, models.init(cfg, jax.random.PRNGKey(0)))
   return path
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """A Cloud Storage emulator on 127.0.0.1 for the session (tests/gcs_emulator.py), with
+  TensorStore, gcsfs/etils and google-auth pointed at it."""
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  server = gcs_emulator.start()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):
+  """A new, empty bucket on the emulator: "gs://<name>"."""
+  return gcs_server.new_bucket()
