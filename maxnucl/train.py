@@ -221,7 +221,8 @@ def train_loop(workdir: str | os.PathLike, *,
     eval_tasks: benchmarks run on the current params during training, e.g. `[@gsm8k()]` or
       `['gsm8k', 'perplexity']` (configured by their gin bindings; maxnucl.evaluate); their
       metrics are logged as "<name>/<metric>", their predictions written to
-      WORKDIR/eval/<name>/step_<N>/.  Generation uses the training data's vocabulary.
+      WORKDIR/eval/<name>/step_<N>/ (a URL workdir too).  Generation uses the training data's
+      vocabulary.  With several processes all of them generate and score, process 0 writes.
     eval_tasks_every: run them every N steps and at the last step (0 = with eval_every, or only
       at the last step when eval_every is 0).
     eval_tasks_limit: examples per benchmark (None = all).
