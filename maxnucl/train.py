@@ -39,8 +39,10 @@ import logging
 import math
 import numbers
 import os
+import pathlib
 import re
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -219,7 +221,8 @@ def train_loop(workdir: str | os.PathLike, *,
     eval_tasks: benchmarks run on the current params during training, e.g. `[@gsm8k()]` or
       `['gsm8k', 'perplexity']` (configured by their gin bindings; maxnucl.evaluate); their
       metrics are logged as "<name>/<metric>", their predictions written to
-      WORKDIR/eval/<name>/step_<N>/.  Generation uses the training data's vocabulary.
+      WORKDIR/eval/<name>/step_<N>/ (a URL workdir too).  Generation uses the training data's
+      vocabulary.  With several processes all of them generate and score, process 0 writes.
     eval_tasks_every: run them every N steps and at the last step (0 = with eval_every, or only
       at the last step when eval_every is 0).
     eval_tasks_limit: examples per benchmark (None = all).
@@ -374,13 +377,6 @@ class _Evaluation:
 
   def __init__(self, eval_every, eval_split, eval_batches, eval_tasks, eval_tasks_every,
                eval_tasks_limit, seed, batch_sh, train_iter, workdir):
-    if eval_tasks and jax.process_count() > 1:
-      raise TrainingError("train_loop.eval_tasks runs on a single process; on several, "
-                          "evaluate the checkpoints afterwards with python -m maxnucl.evaluate")
-    if eval_tasks and paths.is_url(workdir):
-      raise TrainingError(f"train_loop.eval_tasks writes predictions to a local workdir only, "
-                          f"not {workdir}; evaluate the checkpoints afterwards with python -m "
-                          f"maxnucl.evaluate")
     self.eval_every, self.split, self.batches = eval_every, eval_split, eval_batches
     self.data = _eval_batches(eval_split, eval_batches, seed, batch_sh) if eval_every else []
     self.benchmarks = _benchmarks(eval_tasks, train_iter)
@@ -731,17 +727,37 @@ def _benchmarks(eval_tasks, train_iter) -> list:
 
 def _run_benchmarks(benchmarks, cfg, params, train_iter, step, workdir, limit, mesh,
                     rules) -> dict:
-  """Each benchmark on the current params; {"<name>/<metric>": value}."""
+  """Each benchmark on the current params; {"<name>/<metric>": value}, the same on every
+  process.  With several processes all generate and score together (the model's calls are
+  collective) and process 0 alone writes WORKDIR/eval/<name>/step_<N>/ (`core.run_benchmark`)."""
   model = core.LanguageModel(cfg, params,
                              vocabularies.get_tokenizer(train_iter.metadata["vocab"]),
                              batch_size=train_iter.batch_size, mesh=mesh, rules=rules)
   out = {}
   for bench in benchmarks:
-    results = core.run_benchmark(bench, model, workdir / "eval" / bench.name / f"step_{step}",
-                                 limit=limit, progress=False, checkpoint=f"step {step}")
+    with _written_to(workdir / "eval" / bench.name / f"step_{step}") as folder:
+      results = core.run_benchmark(bench, model, folder, limit=limit, progress=False,
+                                   checkpoint=f"step {step}")
     out.update({f"{bench.name}/{k}": float(v) for k, v in results["metrics"].items()
                 if isinstance(v, (int, float))})
   return out
+
+
+@contextlib.contextmanager
+def _written_to(folder: paths.Path):
+  """The folder a benchmark run writes into: `folder` itself if local.  A URL's run is written
+  to a local temporary folder whose files process 0 copies to `folder` when it is done,
+  results.json last (`core.run_benchmark` appends to predictions.jsonl, and a bucket object
+  cannot be appended to)."""
+  if not paths.is_url(folder):
+    yield folder
+    return
+  with tempfile.TemporaryDirectory(prefix="maxnucl-eval-") as local:
+    yield pathlib.Path(local)
+    if distributed.is_primary():
+      folder.mkdir(parents=True, exist_ok=True)
+      for name in (core.RUN, core.PREDICTIONS, core.RESULTS):
+        paths.copy_file(pathlib.Path(local) / name, folder / name)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -168,6 +168,53 @@ def test_one_process_checkpoint_restores_on_two_processes(runs, tmp_path):
   _assert_close(_losses(tmp_path / "w"), _losses(root / "one"), [3, 4], resumed_at=2)
 
 
+EVAL_TASKS = ["--gin_param=train_loop.num_steps = 2", "--gin_param=train_loop.log_every = 1",
+              "--gin_param=train_loop.checkpoint_every = 2",
+              "--gin_param=train_loop.eval_every = 0",
+              "--gin_param=train_loop.async_checkpointing = False",
+              "--gin_param=import maxnucl.evaluation.gsm8k",
+              "--gin_param=import maxnucl.evaluation.perplexity",
+              "--gin_param=train_loop.eval_tasks = ['gsm8k', 'perplexity']",
+              "--gin_param=train_loop.eval_tasks_limit = 4",
+              "--gin_param=gsm8k.source = 'synthetic_arithmetic'",
+              "--gin_param=gsm8k.num_shots = 0", "--gin_param=gsm8k.max_new_tokens = 8",
+              "--gin_param=perplexity.seq_len = 64"]
+
+
+def test_eval_tasks_on_two_processes_equal_one_process(tmp_path):
+  """Benchmarks in the loop on 2 processes x 2 devices: the metrics and predictions of 1 process
+  x 4 devices (the same mesh), each file written once, by process 0."""
+  _run_two(tmp_path / "two", EVAL_TASKS)
+  _run_one(tmp_path / "one", extra=EVAL_TASKS)
+  logged = {}
+  for run in ("one", "two"):
+    lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2]
+    logged[run] = {k: v for k, v in json.loads(lines[-1]).items() if "/" in k}
+  arithmetic = [k for k in logged["one"] if k.startswith("synthetic_arithmetic/")]
+  assert sorted(logged["two"]) == sorted(logged["one"]) and arithmetic
+  # greedy decoding: the same tokens, hence the same answers and exact-match metrics
+  assert {k: logged["two"][k] for k in arithmetic} == {k: logged["one"][k] for k in arithmetic}
+  for run in ("one", "two"):
+    folder = tmp_path / run / "eval" / "synthetic_arithmetic" / "step_2"
+    assert sorted(p.name for p in folder.iterdir()) == ["predictions.jsonl", "results.json",
+                                                        "run.json"]
+  predictions = [(tmp_path / run / "eval" / "synthetic_arithmetic" / "step_2" /
+                  "predictions.jsonl").read_text().splitlines() for run in ("one", "two")]
+  assert len(predictions[1]) == 4 and predictions[1] == predictions[0]  # each example once
+  # the held-out NLL: as the loss of a third step (_assert_close), the roundings of its own sum
+  # over its tokens and those of the 2 gradients that made the params
+  cfg, tokens = models.get_config("gemma2_tiny"), 16 * 64
+  assert logged["two"]["perplexity/tokens"] == logged["one"]["perplexity/tokens"]
+  rtol = EPS32 * (decoder_terms(cfg, 64) + cfg.vocab_size + logged["one"]["perplexity/tokens"]
+                  + 2 * gradient_terms(cfg, 64, tokens))
+  assert logged["two"]["perplexity/num_rows"] == logged["one"]["perplexity/num_rows"]
+  np.testing.assert_allclose(logged["two"]["perplexity/nll"], logged["one"]["perplexity/nll"],
+                             rtol=rtol)
+  assert sorted(p.name for p in (tmp_path / "two" / "eval" / "perplexity" / "step_2").iterdir()
+                ) == ["predictions.jsonl", "results.json", "run.json"]
+
+
 def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
   """Kill process 1 once training runs: process 0 exits with an error within the heartbeat
   timeout (plus slack), instead of waiting forever in a collective."""

@@ -16,6 +16,7 @@ import pytest
 
 from maxnucl import checkpoints, models, outputs, paths
 from maxnucl.conversion import convert
+from maxnucl.evaluation import core
 from maxnucl.outputs import OutputPathError
 from maxnucl.pruning import prune_ffn_neurons
 
@@ -280,10 +281,10 @@ TRAIN = ["model_config.num_layers = 2", "DATA_SEQ_LEN = 32", "DATA_BATCH_SIZE = 
          "train_loop.async_checkpointing = False"]
 
 
-def _train(workdir, steps):
+def _train(workdir, steps, extra=()):
   from maxnucl import gin_config, sharding, train  # pylint: disable=import-outside-toplevel
   gin.clear_config()
-  gin_config.parse(["gin/demo_cpu.gin"], TRAIN + [f"train_loop.num_steps = {steps}"])
+  gin_config.parse(["gin/demo_cpu.gin"], TRAIN + [f"train_loop.num_steps = {steps}", *extra])
   try:
     return train.train_loop(workdir, mesh=sharding.create_mesh((1, 1, 1),
                                                                devices=jax.devices()[:1]))
@@ -313,3 +314,25 @@ def test_training_in_a_file_url_workdir_resumes_as_in_a_local_one(tmp_path):
   assert (tmp_path / "run" / "checkpoints" / "3" / outputs.COMMIT_MARKER).is_file()
   _assert_same_params(checkpoints.load(latest)[1],
                       jax.device_get(straight["state"]["params"]))
+
+
+EVAL_TASKS = ["import maxnucl.evaluation.gsm8k", "train_loop.eval_tasks = ['gsm8k']",
+              "train_loop.eval_tasks_limit = 4", "gsm8k.source = 'synthetic_arithmetic'",
+              "gsm8k.num_shots = 0", "gsm8k.max_new_tokens = 8"]
+
+
+def test_eval_tasks_in_a_file_url_workdir_write_what_a_local_one_does(tmp_path):
+  url_run = _train(_url(tmp_path / "run"), 2, EVAL_TASKS)
+  local_run = _train(tmp_path / "local", 2, EVAL_TASKS)
+  assert url_run["history"][-1]["synthetic_arithmetic/accuracy_strict"] == (
+      local_run["history"][-1]["synthetic_arithmetic/accuracy_strict"])
+  written = tmp_path / "run" / "eval" / "synthetic_arithmetic" / "step_2"
+  expected = tmp_path / "local" / "eval" / "synthetic_arithmetic" / "step_2"
+  assert sorted(p.name for p in written.iterdir()) == sorted(
+      [core.RUN, core.PREDICTIONS, core.RESULTS])
+  assert written.joinpath(core.PREDICTIONS).read_text() == (
+      expected.joinpath(core.PREDICTIONS).read_text())
+  assert written.joinpath(core.RUN).read_text() == expected.joinpath(core.RUN).read_text()
+  results = json.loads(written.joinpath(core.RESULTS).read_text())
+  assert results["metrics"] == json.loads(expected.joinpath(core.RESULTS).read_text())["metrics"]
+  assert results["num_examples"] == 4
