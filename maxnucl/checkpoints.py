@@ -58,7 +58,9 @@ handling.  A bucket has no rename, so `save` and StreamingWriter build a URL che
 the temporary prefix and publish it by copying, the commit marker `commit_success.txt` last
 (`outputs.publish`); the readers here refuse a URL checkpoint without that marker as
 incomplete.  (Orbax writes the same marker into every checkpoint it finishes, trainer steps
-included.)
+included.)  `save` is called by every process of a multi-process run, each with its shards: the
+temporary prefix is process 0's, shared with the others, and process 0 publishes it once all have
+written; StreamingWriter writes from one process, under a prefix of its own.
 """
 
 from __future__ import annotations
