@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 import processes
-from maxnucl import distributed, models
+from maxnucl import checkpoints, distributed, models, outputs
 from tolerances import EPS32, decoder_terms, gradient_terms, magnitude, rounding_atol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -322,9 +323,9 @@ def test_generation_and_scoring_span_two_processes():
 
 
 SAVE_SCRIPT = r"""
-import argparse, sys
+import argparse
 import jax, numpy as np
-from maxnucl import checkpoints, distributed, models, outputs, sharding
+from maxnucl import checkpoints, distributed, models, outputs, paths, sharding
 parser = argparse.ArgumentParser()
 parser.add_argument("--url")
 parser.add_argument("--local")
@@ -341,8 +342,8 @@ placed = jax.device_put(params, sharding.tree_shardings(
 split = sum(not leaf.is_fully_addressable for leaf in jax.tree.leaves(placed))
 for target in (args.url, args.local):
   checkpoints.save(target, cfg, placed)
-  print("SAVED", target, split, outputs.is_committed(checkpoints.paths.as_path(target)) if
-        target == args.url else "", flush=True)
+  committed = outputs.is_committed(paths.as_path(target)) if target == args.url else ""
+  print("SAVED", target, split, committed, flush=True)
   try:
     checkpoints.save(target, cfg, placed)
   except FileExistsError as e:
@@ -369,10 +370,8 @@ def test_two_processes_save_one_sharded_checkpoint_to_a_url(tmp_path):
     refused = [l for l in lines if l.startswith("REFUSED")]
     assert refused == [f"REFUSED checkpoint {target} already exists; pass overwrite=True "
                        f"(--overwrite) to replace it" for target in (url, local)]
-  from maxnucl import checkpoints, outputs  # pylint: disable=import-outside-toplevel
   cfg = models.get_config("gemma2_tiny", dtype="float32", param_dtype="float32")
   rng = np.random.default_rng(7)
-  import jax  # pylint: disable=import-outside-toplevel
   expected = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
                           models.abstract_params(cfg))
   assert (tmp_path / "url_ckpt" / outputs.COMMIT_MARKER).is_file()
