@@ -58,11 +58,14 @@ handling.  A bucket has no rename, so `save` and StreamingWriter build a URL che
 the temporary prefix and publish it by copying, the commit marker `commit_success.txt` last
 (`outputs.publish`); the readers here refuse a URL checkpoint without that marker as
 incomplete.  (Orbax writes the same marker into every checkpoint it finishes, trainer steps
-included.)
+included.)  `save` is called by every process of a multi-process run, each with its shards: the
+temporary prefix is process 0's, shared with the others, and process 0 publishes it once all have
+written; StreamingWriter writes from one process, under a prefix of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -81,7 +84,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maxnucl import gin_config, models, outputs, paths, sharding
+from maxnucl import distributed, gin_config, models, outputs, paths, sharding
 from maxnucl.data import vocabularies
 from maxnucl.models.config import ConfigError, ModelConfig
 
@@ -106,15 +109,24 @@ def _checkpointer() -> ocp.Checkpointer:
 def save(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
          overwrite: bool = False) -> paths.Path:
   """Write `params` and `cfg` to `path` (atomically: Orbax writes a temporary directory first;
-  for a URL, see the module docstring: from one process only, the temporary prefix is this
-  process's own), with the CRC32C of every array in params/_METADATA (`params_metadata`).
+  for a URL, see the module docstring), with the CRC32C of every array in params/_METADATA
+  (`params_metadata`).
+
+  Every process of a multi-process run calls it, each with its shards of `params` (arrays on a
+  global mesh): process 0 decides whether `path` may be written and chooses the one temporary
+  directory, every process writes its shards there through Orbax, and process 0 alone puts the
+  result in place; an error of process 0 is raised on every process (`distributed.on_primary`).
 
   Refuses to replace an existing path unless `overwrite=True`.
   """
   path = paths.as_path(path)
-  if paths.exists(path) and not overwrite:
-    raise FileExistsError(f"checkpoint {path} already exists; pass overwrite=True "
-                          f"(--overwrite) to replace it")
+
+  def refuse_existing() -> None:
+    if paths.exists(path) and not overwrite:
+      raise FileExistsError(f"checkpoint {path} already exists; pass overwrite=True "
+                            f"(--overwrite) to replace it")
+
+  distributed.on_primary(refuse_existing)
   check_params(cfg, params)
   items = ocp.args.Composite(**{
       PARAMS: ocp.args.PyTreeSave(params, save_args=save_args(params),
@@ -123,9 +135,31 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
   if not paths.is_url(path):
     _checkpointer().save(path, items, force=overwrite)
     return path
-  with outputs.TemporaryOutput(path, overwrite, make_content=False) as tmp:
+  with _shared_temporary_output(path, overwrite) as tmp:
     _checkpointer().save(paths.orbax_path(tmp), items)
   return path
+
+
+@contextlib.contextmanager
+def _shared_temporary_output(path: paths.Path, overwrite: bool) -> Iterator[paths.Path]:
+  """`outputs.TemporaryOutput(path)` for every process: made, published (or discarded on an
+  error) and owned by process 0, its content directory shared with all (not created: Orbax
+  creates it).  Every process leaves the block only once the output is published."""
+  temporary: list[outputs.TemporaryOutput] = []
+
+  def make() -> str:
+    temporary.append(outputs.TemporaryOutput(path, overwrite, make_content=False))
+    return str(temporary[0].content)
+
+  content = paths.as_path(distributed.on_primary(make))
+  try:
+    yield content
+  except BaseException:
+    if temporary:
+      temporary[0].discard()
+    raise
+  # Orbax's save returns on every process once all of them have written their shards
+  distributed.on_primary(lambda: str(temporary[0].commit()))
 
 
 def save_args(params: dict) -> dict:

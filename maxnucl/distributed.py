@@ -23,12 +23,14 @@ errors carry "[process I/N]" once more than one process runs.
 from __future__ import annotations
 
 import argparse
+import builtins
 import logging
 import os
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,46 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
+
+
+def from_primary(value: str) -> str:
+  """The primary's `value` on every process (the others' `value` is ignored; every process must
+  call this, as for `sync`): e.g. the name of a temporary directory that process 0 chose."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(value.encode("utf-8"), np.uint8) if is_primary() else np.zeros(0, np.uint8)
+  # two broadcasts: every process must pass an array of the primary's size
+  size = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int64)))
+  buffer = np.zeros(max(size, 1), np.uint8)
+  buffer[:data.size] = data
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size]).decode("utf-8")
+
+
+_ERROR = "\0error\0"  # from_primary's value when `on_primary`'s function raised
+
+
+def on_primary(fn: Callable[[], Optional[str]]) -> str:
+  """`fn()` run by the primary process alone (a check, a write), its result (a string; None is
+  "") on every process.  An exception of `fn` is raised on every process: the primary's own, and
+  on the others one of the same built-in type (FileExistsError, ValueError, ...; else
+  RuntimeError naming the type) with the same message, so that all of them stop alike instead
+  of waiting for the primary at the next barrier."""
+  value = ""
+  if is_primary():
+    try:
+      value = fn() or ""
+    except Exception as e:  # noqa: BLE001 - told to the other processes, then raised here
+      from_primary(f"{_ERROR}{type(e).__name__}\0{e}")
+      raise
+  value = from_primary(value)
+  if not value.startswith(_ERROR):
+    return value
+  kind, message = value[len(_ERROR):].split("\0", 1)
+  error = getattr(builtins, kind, None)
+  if isinstance(error, type) and issubclass(error, Exception):
+    raise error(message)
+  raise RuntimeError(f"process 0 failed: {kind}: {message}")
 
 
 def label() -> str:

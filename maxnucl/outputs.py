@@ -9,6 +9,8 @@
                                                                         success, removed on error)
   replace_directory(tmp, path, overwrite)                               one-step replacement
   publish(tmp, url, overwrite), is_committed(url)                       the same for a URL output
+  move_aside(directory, name)                                           to a free sibling name,
+                                                                        never losing the only copy
   remove_stale_temporaries(output)                                      temporaries of killed runs
   write_file_atomically(report, text)                                   one file, in one step
   with failed_writes_raised(output): ...                                a full disk -> WriteFailed
@@ -68,6 +70,7 @@ import ctypes
 import errno
 import functools
 import glob
+import itertools
 import json
 import logging
 import os
@@ -285,12 +288,7 @@ def publish(content: paths.Path, path: paths.Path, overwrite: bool, *,
     if paths.exists(path):
       (path / COMMIT_MARKER).unlink(missing_ok=True)  # from here on, readers see it incomplete
       paths.remove_tree(path)
-    marker = (COMMIT_MARKER,)
-    for parts in paths.files_below(content):
-      if parts != marker:
-        target = path.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        paths.copy_file(content.joinpath(*parts), target)
+    _copy_unmarked(content, path)
     if (content / COMMIT_MARKER).exists():
       paths.copy_file(content / COMMIT_MARKER, path / COMMIT_MARKER)
     else:
@@ -299,6 +297,52 @@ def publish(content: paths.Path, path: paths.Path, overwrite: bool, *,
     if not is_committed(path):
       paths.remove_tree(path)
     raise
+
+
+def _copy_unmarked(source: paths.Path, target: paths.Path) -> None:
+  """Copy every file below the directory `source` to `target`, except its commit marker."""
+  for parts in paths.files_below(source):
+    if parts != (COMMIT_MARKER,):
+      (target.joinpath(*parts)).parent.mkdir(parents=True, exist_ok=True)
+      paths.copy_file(source.joinpath(*parts), target.joinpath(*parts))
+
+
+def move_aside(directory: str | os.PathLike, name: str) -> paths.Path:
+  """Move the directory `directory` to the first free sibling name among `name`, `name.2`,
+  `name.3`, ...; returns where it went.
+
+  A local directory moves by one rename (that refuses to replace what appeared meanwhile).  A
+  bucket has no rename, and its "rename" (copy and delete object by object) killed half-way
+  could lose the only copy; so a URL is copied, the copy marked complete by its commit marker
+  (written last), and only then is the original deleted, its own marker first (from there on it
+  is no longer a finished directory).  An error while copying removes the partial copy and a
+  process killed then leaves it without a marker: either way the original stays whole."""
+  directory = paths.as_path(directory)
+  for number in itertools.count(1):
+    target = directory.with_name(name if number == 1 else f"{name}.{number}")
+    if paths.exists(target):
+      continue
+    if paths.is_url(directory):
+      break
+    try:
+      if not _renameat2(directory, target, _RENAME_NOREPLACE):
+        os.rename(directory, target)
+    except OSError:
+      if paths.exists(target):  # taken meanwhile: the next name
+        continue
+      raise
+    _fsync_directory(target.parent)
+    return target
+  try:
+    _copy_unmarked(directory, target)
+    (target / COMMIT_MARKER).write_text(f"complete copy of {directory}")
+  except BaseException:  # an error or Ctrl-C / SIGTERM: the original is the only copy
+    if not is_committed(target):
+      paths.remove_tree(target)
+    raise
+  (directory / COMMIT_MARKER).unlink(missing_ok=True)
+  paths.remove_tree(directory)
+  return target
 
 
 def is_committed(path: paths.Path) -> bool:

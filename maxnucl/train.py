@@ -321,7 +321,7 @@ def _start(workdir, manager, cfg, tx, train_iter, seed, init_checkpoint, accumul
   state_sh = state_shardings(cfg, tx, mesh, rules)
   if resume_step is None:
     return cfg, _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules), seed, None
-  resume_step, state, train_state = _restore_latest(manager, cfg, tx, state_sh)
+  resume_step, state, train_state = _restore_latest(manager, workdir, cfg, tx, state_sh)
   train_iter.set_state(train_state["data_iterator"])
   if primary:
     print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})", flush=True)
@@ -792,9 +792,11 @@ class CorruptCheckpointError(TrainingError):
   """A committed checkpoint whose array data cannot be read."""
 
 
-def _restore_latest(manager, cfg, tx, state_sh) -> tuple[int, TrainState, dict]:
-  """The newest checkpoint that can be read.  A corrupted one is moved aside (renamed
-  `corrupted_step_<N>`, nothing deleted) with a warning and the previous one is used."""
+def _restore_latest(manager, workdir, cfg, tx, state_sh) -> tuple[int, TrainState, dict]:
+  """The newest checkpoint that can be read.  A corrupted one is moved aside, nothing deleted,
+  to `corrupted_step_<N>` (`.2`, `.3`, ... when that name is taken) with a warning, and the
+  previous one is used.  In a URL workdir the move is a copy, marked complete before the
+  original is deleted (`outputs.move_aside`): a run killed meanwhile never loses the step."""
   while True:
     step = manager.latest_step()
     try:
@@ -804,10 +806,10 @@ def _restore_latest(manager, cfg, tx, state_sh) -> tuple[int, TrainState, dict]:
       if not earlier:
         raise TrainingError(f"{e}; there is no earlier checkpoint to resume from (remove "
                             f"{_step_dir(manager, step)} to start over)") from None
-      aside = _step_dir(manager, step).with_name(f"corrupted_step_{step}")
-      if distributed.is_primary():
-        _step_dir(manager, step).rename(aside)
-      distributed.sync(f"corrupted_step_{step}")
+      # named through the workdir: a file:// URL workdir moves its steps as a bucket does
+      # (Orbax is given its local path); process 0 moves it, the others wait for where to
+      aside = distributed.on_primary(lambda: str(outputs.move_aside(
+          workdir / "checkpoints" / str(step), f"corrupted_step_{step}")))
       manager.reload()
       log.warning("%s; moved it to %s and resuming from the previous checkpoint, step %d", e,
                   aside, max(earlier))

@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 import processes
-from maxnucl import distributed, models
+from maxnucl import checkpoints, distributed, models, outputs
 from tolerances import EPS32, decoder_terms, gradient_terms, magnitude, rounding_atol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -366,3 +367,67 @@ def test_generation_and_scoring_span_two_processes():
         magnitude(local), decoder_terms(cfg, 20) + cfg.vocab_size + 3))
   assert lines[0].split()[2] == "4"                  # the mesh spans both processes
   assert lines[0].split(" ", 3)[3] == lines[1].split(" ", 3)[3]   # the same tokens on both
+
+
+SAVE_SCRIPT = r"""
+import argparse
+import jax, numpy as np
+from maxnucl import checkpoints, distributed, models, outputs, paths, sharding
+parser = argparse.ArgumentParser()
+parser.add_argument("--url")
+parser.add_argument("--local")
+distributed.add_arguments(parser)
+args = parser.parse_args()
+distributed.initialize_from_args(args)
+cfg = models.get_config("gemma2_tiny", dtype="float32", param_dtype="float32")
+rng = np.random.default_rng(7)  # the same arrays on both processes (and in the test)
+params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                      models.abstract_params(cfg))
+mesh = sharding.create_mesh((1, -1, 1))
+placed = jax.device_put(params, sharding.tree_shardings(
+    models.logical_axes(cfg), params, mesh, sharding.logical_axis_rules()))
+split = sum(not leaf.is_fully_addressable for leaf in jax.tree.leaves(placed))
+for target in (args.url, args.local):
+  checkpoints.save(target, cfg, placed)
+  committed = outputs.is_committed(paths.as_path(target)) if target == args.url else ""
+  print("SAVED", target, split, committed, flush=True)
+  try:
+    checkpoints.save(target, cfg, placed)
+  except FileExistsError as e:
+    print("REFUSED", e, flush=True)
+"""
+
+
+def test_two_processes_save_one_sharded_checkpoint_to_a_url(tmp_path):
+  """Both processes write their shards into the one temporary prefix process 0 chose; process 0
+  publishes it; each returns once it is committed; a second save is refused on both alike.  One
+  process then loads exactly the arrays both held (a local path, through Orbax's own
+  multi-process save, too)."""
+  url, local = f"file://{tmp_path / 'url_ckpt'}", tmp_path / "local_ckpt"
+  results = processes.run(["-c", SAVE_SCRIPT, "--url", url, "--local", str(local)],
+                          timeout=TIMEOUT)
+  for code, _, stderr in results:
+    assert code == 0, stderr[-3000:]
+  for _, stdout, _ in results:
+    lines = processes.printed_lines(stdout)
+    saved = [l.split() for l in lines if l.startswith("SAVED")]
+    assert [s[1] for s in saved] == [url, str(local)]
+    assert int(saved[0][2]) > 0  # some arrays span both processes: no process holds them whole
+    assert saved[0][3] == "True"  # committed when save returns, on each process
+    refused = [l for l in lines if l.startswith("REFUSED")]
+    assert refused == [f"REFUSED checkpoint {target} already exists; pass overwrite=True "
+                       f"(--overwrite) to replace it" for target in (url, local)]
+  cfg = models.get_config("gemma2_tiny", dtype="float32", param_dtype="float32")
+  rng = np.random.default_rng(7)
+  expected = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                          models.abstract_params(cfg))
+  assert (tmp_path / "url_ckpt" / outputs.COMMIT_MARKER).is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["local_ckpt", "url_ckpt"]  # no temporaries
+  for target in (url, local):
+    loaded_cfg, loaded = checkpoints.load(target)
+    assert loaded_cfg == cfg
+    flat, flat_expected = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (loaded, expected))
+    assert [k for k, _ in flat] == [k for k, _ in flat_expected]
+    for (key, actual), (_, want) in zip(flat, flat_expected):
+      assert np.asarray(actual).dtype == want.dtype, key
+      np.testing.assert_array_equal(np.asarray(actual), want, err_msg=f"{target} {key}")

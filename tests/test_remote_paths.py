@@ -336,3 +336,94 @@ def test_eval_tasks_in_a_file_url_workdir_write_what_a_local_one_does(tmp_path):
   results = json.loads(written.joinpath(core.RESULTS).read_text())
   assert results["metrics"] == json.loads(expected.joinpath(core.RESULTS).read_text())["metrics"]
   assert results["num_examples"] == 4
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+  """Flip bytes of the largest params data file (the arrays' chunks) of a step."""
+  data = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  for i in range(len(raw) // 3, len(raw), 97):
+    raw[i] ^= 0xFF
+  data.write_bytes(bytes(raw))
+
+
+def _without_marker(sums: dict) -> dict:
+  return {k: v for k, v in sums.items() if k != outputs.COMMIT_MARKER}
+
+
+def test_a_corrupted_step_in_a_url_workdir_is_copied_aside_marked_then_deleted(tmp_path, caplog):
+  """A bucket has no rename: the corrupted step is copied to corrupted_step_4, the copy gets its
+  commit marker, and only then is step 4 deleted; the run resumes from step 2."""
+  steps = tmp_path / "run" / "checkpoints"
+  _train(_url(tmp_path / "run"), 4)
+  _corrupt(steps / "4")
+  corrupted = _checksums(steps / "4")
+  _train(_url(tmp_path / "run"), 3)  # resumes from step 2 and stops at step 3: no new step 4
+  aside = steps / "corrupted_step_4"
+  assert _without_marker(_checksums(aside)) == _without_marker(corrupted)  # every file, as it was
+  assert outputs.is_committed(aside)  # the copy is marked complete
+  assert not (steps / "4").exists()  # and only then the original deleted
+  assert sorted(p.name for p in steps.iterdir()) == ["2", "3", "corrupted_step_4"]
+  assert f"moved it to {_url(aside)} and resuming from the previous checkpoint, step 2" in (
+      caplog.text)
+
+
+def test_a_second_corrupted_step_of_the_same_number_goes_to_the_next_free_name(tmp_path):
+  steps = tmp_path / "run" / "checkpoints"
+  _train(_url(tmp_path / "run"), 4)
+  _corrupt(steps / "4")
+  first = _checksums(steps / "4")
+  _train(_url(tmp_path / "run"), 3)  # step 4 -> corrupted_step_4
+  _train(_url(tmp_path / "run"), 4)  # a new step 4
+  _corrupt(steps / "4")
+  second = _checksums(steps / "4")
+  _train(_url(tmp_path / "run"), 4)  # step 4 again -> corrupted_step_4.2, resumed from step 3
+  assert _without_marker(_checksums(steps / "corrupted_step_4")) == _without_marker(first)
+  assert _without_marker(_checksums(steps / "corrupted_step_4.2")) == _without_marker(second)
+  assert outputs.is_committed(steps / "corrupted_step_4.2")
+  assert first != second
+
+
+def test_a_failure_while_copying_a_corrupted_step_aside_leaves_the_step_in_place(tmp_path,
+                                                                              monkeypatch):
+  """The copy fails after some files: the original step stays whole (marker included), the
+  partial copy is removed, and the next run moves the step aside normally."""
+  steps = tmp_path / "run" / "checkpoints"
+  _train(_url(tmp_path / "run"), 4)
+  _corrupt(steps / "4")
+  original = _checksums(steps / "4")
+  copy_file, copied = paths.copy_file, []
+
+  def failing_copy(source, target):
+    if len(copied) == 3:
+      raise OSError(5, "simulated failure while copying", str(target))
+    copy_file(source, target)
+    copied.append(target)
+
+  monkeypatch.setattr(paths, "copy_file", failing_copy)
+  with pytest.raises(OSError, match="simulated failure while copying"):
+    _train(_url(tmp_path / "run"), 3)
+  assert len(copied) == 3  # it failed part-way through the copy
+  assert _checksums(steps / "4") == original  # never delete the only copy
+  assert not (steps / "corrupted_step_4").exists()  # the partial copy is gone
+  monkeypatch.setattr(paths, "copy_file", copy_file)
+  _train(_url(tmp_path / "run"), 3)
+  assert _without_marker(_checksums(steps / "corrupted_step_4")) == _without_marker(original)
+  assert not (steps / "4").exists()
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_move_aside_takes_the_first_free_name(tmp_path, as_url):
+  """Locally one rename, for a URL a marked copy; either way to `name`, `name.2`, ..."""
+  for n in (1, 2, 3):
+    (tmp_path / "step" / "sub").mkdir(parents=True)
+    (tmp_path / "step" / "sub" / "data").write_text(f"step {n}")
+    (tmp_path / "step" / outputs.COMMIT_MARKER).write_text("done")
+    source = _url(tmp_path / "step") if as_url else tmp_path / "step"
+    moved = outputs.move_aside(source, "aside")
+    assert str(moved) == str(source).replace("/step", "/aside" + ("" if n == 1 else f".{n}"))
+    assert not (tmp_path / "step").exists()
+  for n, name in [(1, "aside"), (2, "aside.2"), (3, "aside.3")]:
+    assert (tmp_path / name / "sub" / "data").read_text() == f"step {n}"
+    assert (tmp_path / name / outputs.COMMIT_MARKER).is_file()
