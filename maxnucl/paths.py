@@ -183,8 +183,8 @@ def tensorboard_logdir(path: PathLike) -> str:
   tensorboardX writes local paths itself, and `gs://` (`s3://`) only through
   google-cloud-storage (boto3), which maxnucl does not install: a logdir with any other URL
   would become a local directory named "file:" or "gs:".  For those URLs this registers an
-  event-file writer that goes through etils.epath (its `flush` uploads what was written so far
-  with tf.io.gfile; with fsspec the file appears when it is closed).
+  event-file writer that goes through etils.epath (`_EpathEventFile`: each flush uploads the
+  event file so far as one object).
   """
   path = as_path(path)
   if not is_url(path):
@@ -208,22 +208,24 @@ class _EpathEventFiles:
 
 
 class _EpathEventFile:
-  """A binary file written through epath (whose `open` may be a context manager)."""
+  """An event file at a URL, uploaded whole at every `flush` (a bucket object is written whole:
+  an upload left open until `close` would lose every event of a run that is killed).  A killed
+  run leaves the file as of its last flush, as a local file would be; each flush re-uploads the
+  file so far (kilobytes per thousand logged steps)."""
 
   def __init__(self, path):
-    self._context = path.open("wb")
-    self._file = self._context.__enter__()
+    self._path, self._data, self._flushed = path, bytearray(), -1
 
   def write(self, data: bytes) -> None:
-    self._file.write(bytes(data))
+    self._data += bytes(data)
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._flushed != len(self._data):
+      self._path.write_bytes(bytes(self._data))
+      self._flushed = len(self._data)
 
   def close(self) -> None:
-    if self._context is not None:
-      context, self._context = self._context, None
-      context.__exit__(None, None, None)
+    self.flush()
 
 
 # ---- file:// URLs through epath ---------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Checkpoints, converter, pruner and trainer on URLs: `file://` URLs run the code path of
-`gs://` (etils.epath, TensorStore kvstore URLs, publication by copying with a commit marker) on
-a local disk, and must give exactly what local paths give."""
+"""Checkpoints, converters, pruner, evaluation and trainer on URLs, each in two stores: `gs://`
+buckets on a Cloud Storage emulator (tests/gcs_emulator.py: the real gcs clients, TensorStore's
+`gcs` driver, gcsfs) and `file://` URLs, which run the same code path (etils.epath, TensorStore
+kvstore URLs, publication by copying with a commit marker) on a local disk.  Both must give
+exactly what local paths give."""
 
 import hashlib
 import json
@@ -27,6 +29,28 @@ def _url(path) -> str:
   return "file://" + str(pathlib.Path(path).absolute())
 
 
+class Store:
+  """Where a test's URL outputs go: under a `gs://` bucket or a `file://` directory."""
+
+  def __init__(self, root: str):
+    self.root = root
+
+  def url(self, name: str) -> str:
+    return f"{self.root}/{name}"
+
+  def path(self, name: str):
+    return paths.as_path(self.url(name))
+
+
+@pytest.fixture(params=["file", "gs"])
+def store(request, tmp_path) -> Store:
+  """A `file://` directory, or a new bucket on the Cloud Storage emulator."""
+  if request.param == "gs":
+    return Store(request.getfixturevalue("gcs_bucket"))
+  (tmp_path / "store").mkdir()
+  return Store(_url(tmp_path / "store"))
+
+
 def _random_params(cfg, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0]))
@@ -34,10 +58,10 @@ def _random_params(cfg, seed=0):
 
 
 def _checksums(directory) -> dict:
-  """sha256 of every file below `directory` (a local path) by relative name."""
-  directory = pathlib.Path(directory)
-  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(directory.rglob("*")) if p.is_file()}
+  """sha256 of every file below `directory` (a local path or a URL) by relative name."""
+  directory = paths.as_path(directory)
+  return {"/".join(parts): hashlib.sha256(directory.joinpath(*parts).read_bytes()).hexdigest()
+          for parts in paths.files_below(directory)}
 
 
 def _content(directory) -> dict:
@@ -58,7 +82,7 @@ def _assert_same_params(a, b):
 
 
 def _no_temporaries(directory) -> bool:
-  return not [p for p in pathlib.Path(directory).iterdir() if ".tmp-" in p.name]
+  return not [p for p in paths.as_path(directory).iterdir() if ".tmp-" in p.name]
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +122,12 @@ def test_file_urls_are_urls_and_compare_by_normalised_url(tmp_path):
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
-def test_save_load_through_file_url_equals_local_path(local_ckpt, tmp_path):
+def test_save_load_through_a_url_equals_local_path(local_ckpt, store):
   path, params = local_ckpt
-  url = _url(tmp_path / "ckpt")
+  url = store.url("ckpt")
   assert str(checkpoints.save(url, TINY, params)) == url
-  assert (tmp_path / "ckpt" / outputs.COMMIT_MARKER).is_file()
-  assert _no_temporaries(tmp_path)
+  assert (store.path("ckpt") / outputs.COMMIT_MARKER).is_file()
+  assert _no_temporaries(store.root)
   cfg_url, from_url = checkpoints.load(url)
   cfg_local, from_local = checkpoints.load(path)
   assert cfg_url == cfg_local == TINY
@@ -117,53 +141,52 @@ def test_save_load_through_file_url_equals_local_path(local_ckpt, tmp_path):
   assert checkpoints.stored_arrays(url) == checkpoints.stored_arrays(path)
 
 
-def test_streaming_writer_through_file_url_equals_local_path(local_ckpt, tmp_path):
+def test_streaming_writer_through_a_url_equals_local_path(local_ckpt, store, tmp_path):
   path, params = local_ckpt
-  for target in (tmp_path / "local", _url(tmp_path / "url")):
+  for target in (tmp_path / "local", store.url("url")):
     with checkpoints.StreamingWriter(target, TINY, dtype="bfloat16") as writer:
       for key, array in checkpoints.iter_arrays(path):
         writer.write(key, array)
-  assert _content(tmp_path / "url") == _content(tmp_path / "local")
-  assert (tmp_path / "url" / outputs.COMMIT_MARKER).is_file()
-  _assert_same_params(checkpoints.load(_url(tmp_path / "url"))[1],
+  assert _content(store.url("url")) == _content(tmp_path / "local")
+  assert (store.path("url") / outputs.COMMIT_MARKER).is_file()
+  _assert_same_params(checkpoints.load(store.url("url"))[1],
                       checkpoints.load(tmp_path / "local")[1])
-  assert _no_temporaries(tmp_path)
+  assert _no_temporaries(store.root)
 
 
-def test_url_checkpoint_without_commit_marker_is_refused_as_incomplete(local_ckpt, tmp_path):
-  url = _url(tmp_path / "ckpt")
+def test_url_checkpoint_without_commit_marker_is_refused_as_incomplete(local_ckpt, store):
+  url = store.url("ckpt")
   checkpoints.save(url, TINY, local_ckpt[1])
-  (tmp_path / "ckpt" / outputs.COMMIT_MARKER).unlink()
+  (store.path("ckpt") / outputs.COMMIT_MARKER).unlink()
   for read in (checkpoints.load, checkpoints.load_config, checkpoints.stored_arrays,
                checkpoints.resolve,
                lambda p: checkpoints.read_array(p, ("layers_0", "mlp", "out")),
-               lambda p: prune_ffn_neurons(p, _url(tmp_path / "pruned"), method="entropy",
+               lambda p: prune_ffn_neurons(p, store.url("pruned"), method="entropy",
                                            ratio=0.5),
-               lambda p: convert.maxnucl_to_hf(p, _url(tmp_path / "hf"))):
+               lambda p: convert.maxnucl_to_hf(p, store.url("hf"))):
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"incomplete \(no commit marker commit_success.txt\)"):
       read(url)
-  assert not (tmp_path / "pruned").exists() and not (tmp_path / "hf").exists()
-  checkpoints.load(tmp_path / "ckpt")  # as a local path it is an ordinary Orbax checkpoint
+  assert not store.path("pruned").exists() and not store.path("hf").exists()
 
 
 def test_existing_url_output_is_refused_without_overwrite_and_replaced_with_it(local_ckpt,
-                                                                               tmp_path):
+                                                                               store):
   path, params = local_ckpt
-  url = _url(tmp_path / "ckpt")
+  url = store.url("ckpt")
   checkpoints.save(url, TINY, params)
-  before = _checksums(tmp_path / "ckpt")
+  before = _checksums(url)
   with pytest.raises(FileExistsError, match="already exists"):
     checkpoints.save(url, TINY, params)
   with pytest.raises(FileExistsError, match="already exists"):
     prune_ffn_neurons(path, url, method="entropy", ratio=0.5)
   with pytest.raises(FileExistsError, match="already exists"):
     convert.maxnucl_to_hf(path, url)
-  assert _checksums(tmp_path / "ckpt") == before
+  assert _checksums(url) == before
   prune_ffn_neurons(path, url, method="entropy", ratio=0.5, overwrite=True)
   cfg, _ = checkpoints.load(url)
   assert cfg.layer_ffn_widths == tuple(w // 2 for w in TINY.layer_ffn_widths)
-  assert _no_temporaries(tmp_path)
+  assert _no_temporaries(store.root)
 
 
 def test_url_output_equal_to_or_inside_an_input_is_refused(local_ckpt, hf_dir, tmp_path):
@@ -182,7 +205,19 @@ def test_url_output_equal_to_or_inside_an_input_is_refused(local_ckpt, hf_dir, t
     convert.maxnucl_to_hf(url, path, overwrite=True)  # URL input, local output
 
 
-def test_failed_publication_leaves_nothing_at_the_url(local_ckpt, tmp_path, monkeypatch):
+def test_output_equal_to_or_inside_a_bucket_input_is_refused(local_ckpt, gcs_bucket):
+  url = gcs_bucket + "/ckpt"
+  checkpoints.save(url, TINY, local_ckpt[1])
+  before = _checksums(url)
+  for output in (url, url + "/inside", gcs_bucket + "/x/../ckpt/params/x"):
+    with pytest.raises(OutputPathError, match="is the|lies inside"):
+      prune_ffn_neurons(url, output, method="entropy", ratio=0.5, overwrite=True)
+  with pytest.raises(OutputPathError, match="contains"):
+    convert.maxnucl_to_hf(url, gcs_bucket, overwrite=True)
+  assert _checksums(url) == before
+
+
+def test_failed_publication_leaves_nothing_at_the_url(local_ckpt, store, monkeypatch):
   copied = []
 
   def failing_copy(source, target):
@@ -193,84 +228,127 @@ def test_failed_publication_leaves_nothing_at_the_url(local_ckpt, tmp_path, monk
 
   monkeypatch.setattr(paths, "copy_file", failing_copy)
   with pytest.raises(OSError, match="connection reset"):
-    checkpoints.save(_url(tmp_path / "ckpt"), TINY, local_ckpt[1])
-  assert os.listdir(tmp_path) == []
+    checkpoints.save(store.url("ckpt"), TINY, local_ckpt[1])
+  assert len(copied) == 3
+  assert list(paths.as_path(store.root).iterdir()) == []
 
 
-def test_publication_of_a_killed_run_is_finished_by_the_next_run(local_ckpt, tmp_path):
-  """A run killed while copying leaves the output without marker and its temporary prefix
-  (owner gone, `publishing` recorded); the next writer of that URL completes it first."""
-  url = _url(tmp_path / "ckpt")
-  tmp = outputs.TemporaryOutput(url, make_content=False)
-  checkpoints.save(tmp.content.local_path, TINY, local_ckpt[1])  # as the killed run did
-  (tmp.root / outputs.PUBLISHING).write_text("{}")
-  (tmp_path / "ckpt" / "params").mkdir(parents=True)  # a few files were copied
-  (tmp_path / "ckpt" / "params" / "_METADATA").write_bytes(
-      (tmp.content.local_path / "params" / "_METADATA").read_bytes())
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True)
-  owner = json.loads((tmp.root / outputs.OWNER_FILE).read_text())
-  (tmp.root / outputs.OWNER_FILE).write_text(json.dumps({**owner, "pid": int(dead.stdout)}))
-  with pytest.raises(checkpoints.CheckpointError, match="incomplete"):
-    checkpoints.load(url)
+KILLED_MID_UPLOAD = """
+import os, signal, sys
+from maxnucl import checkpoints, paths
+copy_file, copied = paths.copy_file, []
+def copy_then_die(source, target):  # SIGKILL after 3 objects of the publication
+  if len(copied) == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+  copy_file(source, target)
+  copied.append(target)
+paths.copy_file = copy_then_die
+cfg, params = checkpoints.load(sys.argv[1])
+checkpoints.save(sys.argv[2], cfg, params)
+"""
+
+
+def test_a_writer_killed_mid_upload_leaves_it_unpublished_and_the_next_writer_finishes_it(
+    local_ckpt, store):
+  """A real process killed (SIGKILL) while copying its finished output to the URL leaves the
+  output without its commit marker, refused by every reader as incomplete, and its temporary
+  prefix (owner dead, `publishing` recorded); the next writer of that URL completes it."""
+  path, params = local_ckpt
+  url = store.url("ckpt")
+  killed = subprocess.run([sys.executable, "-c", KILLED_MID_UPLOAD, str(path), url],
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert killed.returncode == -9, killed.stderr
+  assert paths.exists(store.path("ckpt"))  # partly uploaded
+  assert not (store.path("ckpt") / outputs.COMMIT_MARKER).exists()
+  for read in (checkpoints.load, checkpoints.resolve, checkpoints.stored_arrays):
+    with pytest.raises(checkpoints.CheckpointError, match="incomplete"):
+      read(url)
+  (temporary,) = [p for p in paths.as_path(store.root).iterdir() if ".tmp-" in p.name]
+  assert (temporary / outputs.PUBLISHING).exists()
   removed = outputs.remove_stale_temporaries(url)
-  assert [str(r) for r in removed] == [str(tmp.root)]
-  _assert_same_params(checkpoints.load(url)[1], local_ckpt[1])
-  assert _no_temporaries(tmp_path)
+  assert [str(r) for r in removed] == [str(temporary)]
+  _assert_same_params(checkpoints.load(url)[1], params)
+  assert _no_temporaries(store.root)
 
 
-# ---- converter ----------------------------------------------------------------------------------
+def _upload(directory: pathlib.Path, url: str) -> str:
+  """Every file of the local `directory` copied to `url`; returns `url`."""
+  for parts in paths.files_below(directory):
+    target = paths.as_path(url).joinpath(*parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    paths.copy_file(directory.joinpath(*parts), target)
+  return url
 
-def test_hf_to_maxnucl_with_file_urls_equals_local_paths_and_leaves_input_unchanged(
-    hf_dir, tmp_path):
-  before = _checksums(hf_dir)
+
+# ---- converters ---------------------------------------------------------------------------------
+
+def test_hf_to_maxnucl_with_urls_equals_local_paths_and_leaves_input_unchanged(
+    hf_dir, store, tmp_path):
+  hf_url = _upload(hf_dir, store.url("hf"))
+  before = _checksums(hf_url)
   convert.hf_to_maxnucl(hf_dir, tmp_path / "local")
-  convert.hf_to_maxnucl(_url(hf_dir), _url(tmp_path / "url"))
-  assert _checksums(hf_dir) == before
-  assert _content(tmp_path / "url") == _content(tmp_path / "local")
-  assert (tmp_path / "url" / outputs.COMMIT_MARKER).is_file()
-  _assert_same_params(checkpoints.load(_url(tmp_path / "url"))[1],
+  convert.hf_to_maxnucl(hf_url, store.url("url"))
+  assert _checksums(hf_url) == before
+  assert _content(store.url("url")) == _content(tmp_path / "local")
+  assert (store.path("url") / outputs.COMMIT_MARKER).is_file()
+  _assert_same_params(checkpoints.load(store.url("url"))[1],
                       checkpoints.load(tmp_path / "local")[1])
 
 
-def test_maxnucl_to_hf_with_file_urls_equals_local_paths_and_leaves_input_unchanged(
-    local_ckpt, tmp_path):
+def test_maxnucl_to_hf_with_urls_equals_local_paths_and_leaves_input_unchanged(
+    local_ckpt, store, tmp_path):
   path, _ = local_ckpt
-  url_input = _url(tmp_path / "input")
+  url_input = store.url("input")
   checkpoints.save(url_input, TINY, local_ckpt[1])
-  before = _checksums(tmp_path / "input")
-  files = convert.maxnucl_to_hf(url_input, _url(tmp_path / "url"), max_shard_bytes=1 << 15)
+  before = _checksums(url_input)
+  files = convert.maxnucl_to_hf(url_input, store.url("url"), max_shard_bytes=1 << 15)
   convert.maxnucl_to_hf(path, tmp_path / "local", max_shard_bytes=1 << 15)
-  assert _checksums(tmp_path / "input") == before
-  assert len(files) > 1 and all(str(f).startswith("file://") for f in files)
-  assert _content(tmp_path / "url") == _content(tmp_path / "local")  # byte for byte
-  assert (tmp_path / "url" / outputs.COMMIT_MARKER).is_file()
+  assert _checksums(url_input) == before
+  assert len(files) > 1 and all(str(f).startswith(store.root) for f in files)
+  assert _content(store.url("url")) == _content(tmp_path / "local")  # byte for byte
+  assert (store.path("url") / outputs.COMMIT_MARKER).is_file()
   # and back, reading the sharded safetensors from the URL
-  convert.hf_to_maxnucl(_url(tmp_path / "url"), _url(tmp_path / "back"))
-  _assert_same_params(checkpoints.load(_url(tmp_path / "back"))[1], local_ckpt[1])
+  convert.hf_to_maxnucl(store.url("url"), store.url("back"))
+  _assert_same_params(checkpoints.load(store.url("back"))[1], local_ckpt[1])
+
+
+def test_gguf_from_a_bucket_to_a_bucket_equals_local_paths(gcs_bucket, tmp_path):
+  import gguf_files  # pylint: disable=import-outside-toplevel
+  from maxnucl.conversion import gguf_import  # pylint: disable=import-outside-toplevel
+  local = tmp_path / "model.gguf"
+  gguf_files.write_gguf(local, gguf_files.SHAPES["llama"])
+  url = gcs_bucket + "/in/model.gguf"
+  paths.copy_file(local, paths.as_path(url))
+  gguf_import.gguf_to_maxnucl(local, tmp_path / "ckpt")
+  gguf_import.gguf_to_maxnucl(url, gcs_bucket + "/ckpt")
+  assert _content(gcs_bucket + "/ckpt") == _content(tmp_path / "ckpt")
+  _assert_same_params(checkpoints.load(gcs_bucket + "/ckpt")[1],
+                      checkpoints.load(tmp_path / "ckpt")[1])
+  with pytest.raises(gguf_import.ConversionError, match="no such file"):
+    gguf_import.gguf_to_maxnucl(gcs_bucket + "/in/missing.gguf", gcs_bucket + "/other")
 
 
 # ---- pruner -------------------------------------------------------------------------------------
 
-def test_pruning_with_file_urls_equals_local_paths_and_leaves_input_unchanged(local_ckpt,
-                                                                              tmp_path):
+def test_pruning_with_urls_equals_local_paths_and_leaves_input_unchanged(local_ckpt, store,
+                                                                         tmp_path):
   path, params = local_ckpt
-  url_input = _url(tmp_path / "input")
+  url_input = store.url("input")
   checkpoints.save(url_input, TINY, params)
-  before = _checksums(tmp_path / "input")
+  before = _checksums(url_input)
   kwargs = dict(method="entropy", ratio=0.25, layers="odd")
   local = prune_ffn_neurons(path, tmp_path / "local", report_path=tmp_path / "local.json",
                             **kwargs)
-  url = prune_ffn_neurons(url_input, _url(tmp_path / "url"),
-                          report_path=_url(tmp_path / "url.json"), **kwargs)
-  assert _checksums(tmp_path / "input") == before
+  url = prune_ffn_neurons(url_input, store.url("url"),
+                          report_path=store.url("url.json"), **kwargs)
+  assert _checksums(url_input) == before
   assert [e["kept"] for e in url["layers"]] == [e["kept"] for e in local["layers"]]
-  assert json.loads((tmp_path / "url.json").read_text())["output"] == _url(tmp_path / "url")
-  cfg_url, from_url = checkpoints.load(_url(tmp_path / "url"))
+  assert json.loads(store.path("url.json").read_text())["output"] == store.url("url")
+  cfg_url, from_url = checkpoints.load(store.url("url"))
   cfg_local, from_local = checkpoints.load(tmp_path / "local")
   assert cfg_url == cfg_local and cfg_url.layer_ffn_widths != TINY.layer_ffn_widths
   _assert_same_params(from_url, from_local)
-  assert _no_temporaries(tmp_path)
+  assert _no_temporaries(store.root)
 
 
 # ---- trainer ------------------------------------------------------------------------------------

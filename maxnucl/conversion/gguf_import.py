@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Optional
 import gguf
 import numpy as np
 
-from maxnucl import checkpoints, ffn, outputs
+from maxnucl import checkpoints, ffn, outputs, paths
 from maxnucl.conversion import hf_format
 from maxnucl.conversion.convert import ConversionError, DTYPES, _prefetched, check_finite
 from maxnucl.layers.embeddings import rope_inverse_frequencies
@@ -99,7 +99,20 @@ ARCHITECTURES = {
 @contextlib.contextmanager
 def open_gguf(path: str | os.PathLike, member: Optional[str] = None
               ) -> Iterator[tuple[gguf.GGUFReader, str]]:
-  """(GGUFReader, a name for messages) of a .gguf file or of the .gguf member of a wheel/zip."""
+  """(GGUFReader, a name for messages) of a .gguf file or of the .gguf member of a wheel/zip.
+  At a URL (gs://...) the file is first copied to a local temporary directory: the reader maps
+  the file into memory."""
+  if paths.is_url(path):
+    url = paths.as_path(path)
+    if not url.is_file():
+      raise ConversionError(f"{url}: no such file (expected a .gguf file, or a .whl/.zip "
+                            f"containing one)")
+    with tempfile.TemporaryDirectory(prefix="maxnucl-gguf-") as tmp:
+      local = pathlib.Path(tmp) / url.name
+      paths.copy_file(url, local)
+      with open_gguf(local, member) as (reader, label):
+        yield reader, label.replace(str(local), str(url), 1)
+    return
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConversionError(f"{path}: no such file (expected a .gguf file, or a .whl/.zip "
