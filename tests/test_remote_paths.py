@@ -328,6 +328,27 @@ def test_evaluation_into_a_bucket_writes_what_a_local_output_holds(local_ckpt, t
   assert len(gcs_server.object_names(gcs_bucket)) == 4
 
 
+def test_written_to_a_url_publishes_results_after_the_predictions_and_nothing_on_error(
+    tmp_path, monkeypatch):
+  url = _url(tmp_path / "eval")
+  with pytest.raises(RuntimeError, match="interrupted"):
+    with core.written_to(url) as folder:
+      (folder / core.PREDICTIONS).write_text("{}\n")
+      raise RuntimeError("interrupted")
+  assert not (tmp_path / "eval").exists()
+  copied = []
+  copy_file = paths.copy_file
+  monkeypatch.setattr(paths, "copy_file", lambda source, target: (
+      copied.append(target.name), copy_file(source, target)))
+  with core.written_to(url) as folder:
+    assert not paths.is_url(folder)
+    for name in (core.RESULTS, core.PREDICTIONS, "zz_extra.txt", core.RUN):
+      (folder / name).write_text(name)
+  assert copied == ["zz_extra.txt", core.RUN, core.PREDICTIONS, core.RESULTS]
+  assert (tmp_path / "eval" / outputs.COMMIT_MARKER).is_file()
+  assert (tmp_path / "eval" / core.RESULTS).read_text() == core.RESULTS
+
+
 def test_evaluation_output_url_equal_to_or_inside_the_checkpoint_is_refused(
     local_ckpt, tmp_path, capsys):
   path, params = local_ckpt
