@@ -9,7 +9,10 @@ extracted answer, reference, correct/score).  Rerunning the same command after a
 resumes: examples already in predictions.jsonl are skipped (a larger --limit adds to them).  An
 OUT that holds an evaluation of other settings (benchmark settings, checkpoint, a smaller
 --limit) is refused (exit 2, nothing changed) unless --overwrite is given, which evaluates afresh
-and replaces OUT when done.  Protocols and metrics: docs/evaluation.md.
+and replaces OUT when done.  OUT may be a URL (gs://bucket/dir, file:///dir): the run is written
+to a local temporary folder and its files copied to OUT when done, marked complete by
+commit_success.txt; an existing OUT URL is refused without --overwrite (an interrupted run into a
+URL is not resumed).  Protocols and metrics: docs/evaluation.md.
 
 `--mesh_shape 1,-1,1` (or `evaluate.mesh_shape` in gin) restores the checkpoint straight into
 its shardings on that (data, fsdp, tensor) mesh, for a model too large for one device.  Several
@@ -29,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import gin
 
-from maxnucl import checkpoints, distributed, generate, gin_config, outputs, sharding
+from maxnucl import checkpoints, distributed, generate, gin_config, outputs, paths, sharding
 from maxnucl.evaluation import core
 from maxnucl.evaluation.gsm8k import GSM8K
 from maxnucl.evaluation.humaneval import HumanEval
@@ -75,7 +78,9 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
   settings (benchmark, its settings, checkpoint, a smaller limit) is refused before the model is
   loaded; with the same settings (or a larger limit) it is resumed.  The benchmark's data and
   the resumed records are validated (`core.prepare_run`) before the model is loaded.
-  `overwrite`: evaluate afresh in a temporary folder that replaces `output` when done.  With
+  `overwrite`: evaluate afresh in a temporary folder that replaces `output` when done.  A URL
+  `output` (`core.written_to`) is never resumed: an existing one is refused (FileExistsError)
+  unless `overwrite`, which replaces it when the new run is published.  With
   several processes every one calls this; process 0 writes the files, and all return when it is
   done."""
   settings = evaluation_settings()
@@ -86,11 +91,14 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
     benchmark.vocab = vocab
   mesh = sharding.mesh_for_flag(mesh_shape if mesh_shape is not None else settings["mesh_shape"])
   path = checkpoints.resolve(checkpoint)
+  url = paths.is_url(output)
   # results go beside the checkpoint, never into it (symlinks resolved); a replaced output must
-  # not contain it either; checked before loading
-  outputs.check_output_path(output, {"checkpoint": path}, overwrite=None, replaces=overwrite)
+  # not contain it either; a URL is not resumed, so an existing one needs --overwrite; checked
+  # before loading
+  outputs.check_output_path(output, {"checkpoint": path}, overwrite=overwrite if url else None,
+                            replaces=overwrite)
   # the data and what --output resumes, validated before anything is loaded or written
-  prepared = core.prepare_run(benchmark, None if overwrite else output, limit=limit,
+  prepared = core.prepare_run(benchmark, None if overwrite or url else output, limit=limit,
                               checkpoint=str(path))
   primary = distributed.is_primary()
   if primary:
@@ -102,9 +110,13 @@ def evaluate_checkpoint(checkpoint: str, output: str | pathlib.Path, *,
             f"{prepared.available}", flush=True)
   model = core.LanguageModel.load(str(path), vocab, dtype=dtype or settings["dtype"],
                                   batch_size=batch_size or settings["batch_size"], mesh=mesh)
-  replace = overwrite and primary and pathlib.Path(output).exists()
-  with (outputs.TemporaryOutput(output, overwrite=True) if replace
-        else contextlib.nullcontext(output)) as target:
+  if url:
+    destination = core.written_to(output, overwrite=overwrite)
+  elif overwrite and primary and pathlib.Path(output).exists():
+    destination = outputs.TemporaryOutput(output, overwrite=True)
+  else:
+    destination = contextlib.nullcontext(output)
+  with destination as target:
     results = core.run_benchmark(benchmark, model, target, limit=limit, progress=progress,
                                  checkpoint=str(path), gin_config=gin.config_str(),
                                  prepared=prepared)
@@ -134,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--checkpoint", required=True,
                       help="checkpoint directory, or a training workdir (its latest step)")
   parser.add_argument("--output", required=True, help="directory for results.json and "
-                      "predictions.jsonl (an interrupted run in it is resumed)")
+                      "predictions.jsonl (an interrupted run in it is resumed), or a URL "
+                      "(gs://bucket/dir, file:///dir; published when done, not resumed)")
   parser.add_argument("--limit", type=_positive_int, default=None,
                       help="evaluate the first N examples (N >= 1)")
   parser.add_argument("--vocab", default=None, help="'byte' or a SentencePiece model file "
@@ -145,7 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--overwrite", action="store_true",
                       help="evaluate afresh and replace what --output holds when done (without "
-                           "it, an --output of other settings is refused, the same resumed)")
+                           "it, an --output of other settings is refused, the same resumed; an "
+                           "existing URL --output is refused)")
   parser.add_argument("--mesh_shape", default=None, metavar="DATA,FSDP,TENSOR",
                       help="restore the model sharded on this device mesh, e.g. 1,-1,1 "
                            "(overrides evaluate.mesh_shape; default: one device)")
@@ -172,8 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not distributed.is_primary():
     return 0
   print(format_results(results))
-  print(f"results:     {pathlib.Path(args.output) / core.RESULTS}")
-  print(f"predictions: {pathlib.Path(args.output) / core.PREDICTIONS}")
+  output = paths.as_path(args.output) if paths.is_url(args.output) else pathlib.Path(args.output)
+  print(f"results:     {output / core.RESULTS}")
+  print(f"predictions: {output / core.PREDICTIONS}")
   return 0
 
 

@@ -81,7 +81,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, BinaryIO, Callable, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
 
 from maxnucl import paths
 
@@ -271,11 +271,12 @@ class TemporaryOutput:
 
 
 def publish(content: paths.Path, path: paths.Path, overwrite: bool, *,
-            record: Optional[paths.Path] = None) -> None:
-  """Put the finished directory `content` at the URL `path` by copying it, the commit marker
-  `COMMIT_MARKER` last (written if `content` has none); an existing `path` only if `overwrite`
-  (deleted first, its marker before anything else).  `record`: where to note, before anything at
-  `path` changes, that `content` is complete (see the module docstring).  An exception while
+            record: Optional[paths.Path] = None, last: Sequence[str] = ()) -> None:
+  """Put the finished directory `content` at the URL `path` by copying it, the files named in
+  `last` after the others (in that order), the commit marker `COMMIT_MARKER` last of all
+  (written if `content` has none); an existing `path` only if `overwrite` (deleted first, its
+  marker before anything else).  `record`: where to note, before anything at `path` changes,
+  that `content` is complete (see the module docstring).  An exception while
   copying removes what was copied (a process killed meanwhile leaves it to
   `remove_stale_temporaries` of the next run).  `content` is left as it is."""
   if paths.exists(path):
@@ -288,7 +289,7 @@ def publish(content: paths.Path, path: paths.Path, overwrite: bool, *,
     if paths.exists(path):
       (path / COMMIT_MARKER).unlink(missing_ok=True)  # from here on, readers see it incomplete
       paths.remove_tree(path)
-    _copy_unmarked(content, path)
+    _copy_unmarked(content, path, last)
     if (content / COMMIT_MARKER).exists():
       paths.copy_file(content / COMMIT_MARKER, path / COMMIT_MARKER)
     else:
@@ -299,9 +300,12 @@ def publish(content: paths.Path, path: paths.Path, overwrite: bool, *,
     raise
 
 
-def _copy_unmarked(source: paths.Path, target: paths.Path) -> None:
-  """Copy every file below the directory `source` to `target`, except its commit marker."""
-  for parts in paths.files_below(source):
+def _copy_unmarked(source: paths.Path, target: paths.Path, last: Sequence[str] = ()) -> None:
+  """Copy every file below the directory `source` to `target`, except its commit marker; the
+  files named in `last` (top-level names) after the others, in that order."""
+  files = paths.files_below(source)
+  order = {(name,): i + 1 for i, name in enumerate(last)}
+  for parts in sorted(files, key=lambda p: order.get(p, 0)):  # stable: the rest stay sorted
     if parts != (COMMIT_MARKER,):
       (target.joinpath(*parts)).parent.mkdir(parents=True, exist_ok=True)
       paths.copy_file(source.joinpath(*parts), target.joinpath(*parts))

@@ -39,10 +39,8 @@ import logging
 import math
 import numbers
 import os
-import pathlib
 import re
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -735,29 +733,15 @@ def _run_benchmarks(benchmarks, cfg, params, train_iter, step, workdir, limit, m
                              batch_size=train_iter.batch_size, mesh=mesh, rules=rules)
   out = {}
   for bench in benchmarks:
-    with _written_to(workdir / "eval" / bench.name / f"step_{step}") as folder:
+    # in a URL workdir: written locally, then published (replacing a step evaluated before a
+    # resume)
+    step_folder = workdir / "eval" / bench.name / f"step_{step}"
+    with core.written_to(step_folder, overwrite=True) as folder:
       results = core.run_benchmark(bench, model, folder, limit=limit, progress=False,
                                    checkpoint=f"step {step}")
     out.update({f"{bench.name}/{k}": float(v) for k, v in results["metrics"].items()
                 if isinstance(v, (int, float))})
   return out
-
-
-@contextlib.contextmanager
-def _written_to(folder: paths.Path):
-  """The folder a benchmark run writes into: `folder` itself if local.  A URL's run is written
-  to a local temporary folder whose files process 0 copies to `folder` when it is done,
-  results.json last (`core.run_benchmark` appends to predictions.jsonl, and a bucket object
-  cannot be appended to)."""
-  if not paths.is_url(folder):
-    yield folder
-    return
-  with tempfile.TemporaryDirectory(prefix="maxnucl-eval-") as local:
-    yield pathlib.Path(local)
-    if distributed.is_primary():
-      folder.mkdir(parents=True, exist_ok=True)
-      for name in (core.RUN, core.PREDICTIONS, core.RESULTS):
-        paths.copy_file(pathlib.Path(local) / name, folder / name)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -351,6 +351,101 @@ def test_pruning_with_urls_equals_local_paths_and_leaves_input_unchanged(local_c
   assert _no_temporaries(store.root)
 
 
+# ---- evaluator ----------------------------------------------------------------------------------
+
+def _evaluate(checkpoint, output, doc, *extra):
+  """`python -m maxnucl.evaluate` (perplexity of `doc`) on `checkpoint` into `output`: its exit
+  status, and what it printed."""
+  from maxnucl import evaluate  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  try:
+    code = evaluate.main(["--gin_file=gin/eval/perplexity.gin",
+                          "--gin_param=perplexity.seq_len = 64",
+                          f"--gin_param=perplexity.source = '{doc}'", "--batch_size", "4",
+                          f"--checkpoint={checkpoint}", f"--output={output}", "--no_progress",
+                          *extra])
+  finally:
+    gin.clear_config()
+  return code
+
+
+def test_evaluation_into_a_bucket_writes_what_a_local_output_holds(local_ckpt, tmp_path,
+                                                                   gcs_server, gcs_bucket, capsys):
+  """`--output gs://...`: the files of a local --output (and the commit marker), read back
+  through the URL; an existing one is refused without --overwrite (naming it, left as it was)
+  and replaced with it."""
+  path, _ = local_ckpt
+  doc = tmp_path / "doc.txt"
+  doc.write_text("Outgoing connections of feed-forward neurons.\n" * 5)
+  url = f"{gcs_bucket}/runs/eval"
+  assert _evaluate(path, tmp_path / "local", doc) == 0
+  capsys.readouterr()
+  assert _evaluate(path, url, doc) == 0
+  assert f"results:     {url}/{core.RESULTS}" in capsys.readouterr().out.splitlines()
+  assert gcs_server.object_names(gcs_bucket) == sorted(
+      f"runs/eval/{name}" for name in (core.RUN, core.PREDICTIONS, core.RESULTS,
+                                       outputs.COMMIT_MARKER))
+  assert outputs.is_committed(paths.as_path(url))
+  remote, local = paths.as_path(url), tmp_path / "local"
+  written = json.loads((remote / core.RESULTS).read_text())
+  expected = json.loads((local / core.RESULTS).read_text())
+  assert written["metrics"] == expected["metrics"] and written["num_examples"] == 4
+  assert (remote / core.PREDICTIONS).read_text() == (local / core.PREDICTIONS).read_text()
+  assert (remote / core.RUN).read_text() == (local / core.RUN).read_text()
+
+  results = (remote / core.RESULTS).read_bytes()
+  assert _evaluate(path, url, doc) == 2
+  assert capsys.readouterr().err == (f"error: output {url} already exists; pass --overwrite "
+                                     f"(overwrite=True) to replace it\n")
+  assert (remote / core.RESULTS).read_bytes() == results
+  assert _evaluate(path, url, doc, "--limit", "2", "--overwrite") == 0
+  replaced = json.loads((remote / core.RESULTS).read_text())
+  assert replaced["num_examples"] == 2 and replaced["num_resumed"] == 0
+  assert len((remote / core.PREDICTIONS).read_text().splitlines()) == 2
+  assert outputs.is_committed(paths.as_path(url))
+  assert len(gcs_server.object_names(gcs_bucket)) == 4
+
+
+def test_written_to_a_url_publishes_results_after_the_predictions_and_nothing_on_error(
+    tmp_path, monkeypatch):
+  url = _url(tmp_path / "eval")
+  with pytest.raises(RuntimeError, match="interrupted"):
+    with core.written_to(url) as folder:
+      (folder / core.PREDICTIONS).write_text("{}\n")
+      raise RuntimeError("interrupted")
+  assert not (tmp_path / "eval").exists()
+  copied = []
+  copy_file = paths.copy_file
+  monkeypatch.setattr(paths, "copy_file", lambda source, target: (
+      copied.append(target.name), copy_file(source, target)))
+  with core.written_to(url) as folder:
+    assert not paths.is_url(folder)
+    for name in (core.RESULTS, core.PREDICTIONS, "zz_extra.txt", core.RUN):
+      (folder / name).write_text(name)
+  assert copied == ["zz_extra.txt", core.RUN, core.PREDICTIONS, core.RESULTS]
+  assert (tmp_path / "eval" / outputs.COMMIT_MARKER).is_file()
+  assert (tmp_path / "eval" / core.RESULTS).read_text() == core.RESULTS
+
+
+def test_evaluation_output_url_equal_to_or_inside_the_checkpoint_is_refused(
+    local_ckpt, tmp_path, capsys):
+  path, params = local_ckpt
+  checkpoint = _url(tmp_path / "ckpt")
+  checkpoints.save(checkpoint, TINY, params)
+  before = _checksums(tmp_path / "ckpt")
+  doc = tmp_path / "doc.txt"
+  doc.write_text("Outgoing connections of feed-forward neurons.\n" * 5)
+  for output, relation in [(checkpoint, "is"), (checkpoint + "/eval", "lies inside"),
+                           (_url(path / "eval"), "lies inside")]:  # a local checkpoint's URL
+    source = checkpoint if output.startswith(checkpoint) else path
+    assert _evaluate(source, output, doc, "--overwrite") == 2
+    assert f"--output {output} {relation} the checkpoint " in capsys.readouterr().err
+  assert _checksums(tmp_path / "ckpt") == before
+  assert not (path / "eval").exists()
+  assert _evaluate(path, _url(path.parent), doc, "--overwrite") == 2  # replacing would delete it
+  assert "contains the checkpoint" in capsys.readouterr().err
+
+
 # ---- trainer ------------------------------------------------------------------------------------
 
 TRAIN = ["model_config.num_layers = 2", "DATA_SEQ_LEN = 32", "DATA_BATCH_SIZE = 8",
@@ -407,7 +502,7 @@ def test_eval_tasks_in_a_file_url_workdir_write_what_a_local_one_does(tmp_path):
   written = tmp_path / "run" / "eval" / "synthetic_arithmetic" / "step_2"
   expected = tmp_path / "local" / "eval" / "synthetic_arithmetic" / "step_2"
   assert sorted(p.name for p in written.iterdir()) == sorted(
-      [core.RUN, core.PREDICTIONS, core.RESULTS])
+      [core.RUN, core.PREDICTIONS, core.RESULTS, outputs.COMMIT_MARKER])
   assert written.joinpath(core.PREDICTIONS).read_text() == (
       expected.joinpath(core.PREDICTIONS).read_text())
   assert written.joinpath(core.RUN).read_text() == expected.joinpath(core.RUN).read_text()

@@ -18,23 +18,27 @@ refused, naming the file, the line and the field.
 With several processes (maxnucl.distributed) every process runs the same loop (the model calls
 are collective); process 0 alone reads and writes the files and shows the progress bar, and
 sends the predictions it resumes to the others so that all evaluate the same examples.
+The loop writes a local folder (it appends to predictions.jsonl, and a bucket object cannot be
+appended to); `written_to(url)` gives one whose files are published to a URL when it is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import pathlib
+import tempfile
 import time
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
 
-from maxnucl import decoding, distributed, outputs
+from maxnucl import decoding, distributed, outputs, paths
 from maxnucl.data import sources, vocabularies
 from maxnucl.models.config import ModelConfig
 
@@ -164,7 +168,7 @@ def prepare_run(benchmark: Benchmark, output_dir: Optional[str | os.PathLike], *
   run = run_record(benchmark, checkpoint, limit)
   if output_dir is None:
     return PreparedRun(examples, {}, run, available=available)
-  output_dir = pathlib.Path(output_dir)
+  output_dir = _local_folder(output_dir)
 
   def resumed():
     check_resumable(output_dir, run)
@@ -200,7 +204,7 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
                                      limit=limit, checkpoint=checkpoint)
   examples, done = prepared.examples, prepared.done
   ids = [str(e["id"]) for e in examples]
-  output_dir = pathlib.Path(output_dir)
+  output_dir = _local_folder(output_dir) if write_files else pathlib.Path(output_dir)
   primary = distributed.is_primary()
   write_files = write_files and primary
   if write_files:  # only now, everything read having been validated
@@ -242,6 +246,33 @@ def run_benchmark(benchmark: Benchmark, model: LanguageModel, output_dir: str | 
   if write_files:
     _write_json_atomically(output_dir / RESULTS, results)
   return results
+
+
+def _local_folder(output_dir: str | os.PathLike) -> pathlib.Path:
+  """`output_dir` as a local folder; a URL is refused (pathlib would write a local folder named
+  "gs:")."""
+  if paths.is_url(output_dir):
+    raise EvaluationError(f"{output_dir}: the evaluation loop writes a local folder; for a URL "
+                          f"run it in `written_to(url)`")
+  return pathlib.Path(output_dir)
+
+
+@contextlib.contextmanager
+def written_to(folder: str | os.PathLike, *, overwrite: bool = False):
+  """The folder a benchmark run writes into: `folder` itself if local.  For a URL, a new local
+  temporary folder whose files process 0 publishes to `folder` when the block ends without an
+  error (`outputs.publish`: copied, results.json after run.json and predictions.jsonl, the
+  commit marker last; an existing `folder` is replaced only with `overwrite`, else
+  FileExistsError).  An error inside publishes nothing.  Nothing is resumed from a URL: the
+  temporary folder starts empty."""
+  if not paths.is_url(folder):
+    yield folder
+    return
+  url = paths.as_path(folder)
+  with tempfile.TemporaryDirectory(prefix="maxnucl-eval-") as local:
+    yield pathlib.Path(local)
+    if distributed.is_primary():
+      outputs.publish(pathlib.Path(local), url, overwrite, last=(RUN, PREDICTIONS, RESULTS))
 
 
 def _repair_tail(path: pathlib.Path, keep_bytes: Optional[int]) -> None:
