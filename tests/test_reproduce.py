@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from maxnucl import checkpoints
-from maxnucl.reproduction import stages
+from maxnucl import checkpoints, paths
+from maxnucl.reproduction import cli, stages
 from tolerances import EPS64, decoder_terms, rounding_atol
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,6 +150,78 @@ def test_rerun_skips_finished_stages_and_redoes_a_missing_one(quick_run):
       assert path.stat().st_mtime_ns == mtime, path
   assert (output / "stages" / "supernodes.json").exists()
   assert {p: p.stat().st_size for p in (output / "runs").glob("*/train.log")} == logs
+
+
+def _files(root: str | os.PathLike) -> dict[str, bytes]:
+  """Every file below the directory or URL `root`: {relative name: content}."""
+  root = paths.as_path(root)
+  return {"/".join(parts): root.joinpath(*parts).read_bytes() for parts in paths.files_below(root)}
+
+
+def _without_timing(value):
+  """A stage's or the report's JSON without its wall times (which differ from run to run)."""
+  if isinstance(value, dict):
+    return {k: _without_timing(v) for k, v in value.items() if k != "wall_time_s"}
+  if isinstance(value, list):
+    return [_without_timing(v) for v in value]
+  return value
+
+
+def test_a_url_output_holds_what_a_local_one_does_and_a_rerun_resumes_from_it(gcs_bucket,
+                                                                              tmp_path):
+  """--output gs://...: the same files, with the same content (but the wall times and the
+  working directory's path) as a local --output; a rerun with a new staging directory downloads
+  the finished stage instead of running it again; a stage whose record never reached the bucket
+  (an interrupted upload) runs again."""
+  # names of equal length: sp.model records its training paths in length-prefixed fields
+  local, staging = tmp_path / "local", tmp_path / "stage"
+  url = f"{gcs_bucket}/repro"
+  for output, extra in ((str(local), ()), (url, ("--staging_dir", str(staging)))):
+    done = _reproduce("--quick", "--output", output, *extra, "--stages", "data")
+    assert done.returncode == 0, done.stderr[-3000:]
+  assert f"report:  {url}/report.md" in done.stdout
+  remote, expected = _files(url), _files(local)
+  expected = {name: data for name, data in expected.items() if not name.startswith(".jax_cache/")}
+  assert set(remote) == set(expected) | {"uploads/data.json"}
+  for name, data in expected.items():
+    got = remote[name].replace(str(staging).encode(), str(local).encode())
+    if name.endswith(".json"):
+      assert _without_timing(json.loads(got)) == _without_timing(json.loads(data)), name
+    else:
+      assert got == data, name
+  uploaded = json.loads(remote["uploads/data.json"])["files"]
+  assert uploaded[-1] == "stages/data.json"  # the stage's record, uploaded last
+  assert set(uploaded) == set(expected) - {"report.md", "results.json"}
+
+  rerun = tmp_path / "rerun"
+  done = _reproduce("--quick", "--output", url, "--staging_dir", str(rerun), "--stages", "data")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "stage data: running" not in done.stderr
+  assert _files(f"{url}/stages")["data.json"] == remote["stages/data.json"]
+  assert (rerun / "data" / "vocab" / "sp.model").read_bytes() == remote["data/vocab/sp.model"]
+
+  (paths.as_path(url) / "stages" / "data.json").unlink()  # an upload cut before the record
+  done = _reproduce("--quick", "--output", url, "--staging_dir", str(tmp_path / "third"),
+                    "--stages", "data", "--no_report")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "stage data: running" in done.stderr
+  assert "downloaded" not in done.stderr
+  assert (paths.as_path(url) / "stages" / "data.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "OUT", "--staging_dir", "S"],
+     "--staging_dir is for a URL --output (a local --output is worked in directly)"),
+    (["--output", "gs://b/x", "--staging_dir", "gs://b/s"],
+     "--staging_dir gs://b/s: expected a local directory, not a URL"),
+    (["--output", "gs://b/x", "--publish_docs", "gs://b/docs"],
+     "--publish_docs gs://b/docs: expected a local directory, not a URL"),
+])
+def test_what_cannot_be_a_url_is_refused_in_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(argv)
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
 def test_changed_settings_are_refused(quick_run, tmp_path):

@@ -7,7 +7,8 @@ standard library), end to end: train, NUCL fine-tune, prune, analyse, export, re
   python tools/reproduce.py --model smollm2_135m --output /tmp/maxnucl_real   # the real model
 
 Each stage is cached in DIR (a rerun skips it; an interrupted one continues).  The report is
-DIR/report.md with DIR/results.json and DIR/figures/*.png; see docs/reproduction.md.
+DIR/report.md with DIR/results.json and DIR/figures/*.png; see docs/reproduction.md.  DIR may be
+a URL (gs://bucket/dir): the run works in a local --staging_dir and uploads each finished stage.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from maxnucl import dependencies, gin_config, outputs
+from maxnucl import dependencies, gin_config, outputs, paths
+from maxnucl.reproduction import remote as remote_output
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,7 +32,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       epilog="Stages: " + ", ".join(stages.STAGES) + "; with --model: " +
       ", ".join(real_model.STAGES) + ".  See docs/reproduction.md.")
   parser.add_argument("--output", required=True, help="directory of the run (created; reused "
-                      "by a rerun with the same settings)")
+                      "by a rerun with the same settings), or a URL (gs://bucket/dir)")
+  parser.add_argument("--staging_dir", help="with a URL --output: the local directory the run "
+                      "works in (default: one under the temporary directory, the same for "
+                      "every run on that URL)")
   parser.add_argument("--quick", action="store_true",
                       help="gin/reproduce/quick.gin: every stage on a tiny budget (minutes)")
   parser.add_argument("--model", choices=sorted(real_model.MODELS),
@@ -60,6 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--model_path needs --model")
   if args.model and args.corpus:
     parser.error("--corpus is for the small-scale study; the real model's data is fixed")
+  if args.staging_dir and not paths.is_url(args.output):
+    parser.error("--staging_dir is for a URL --output (a local --output is worked in directly)")
+  for flag in ("staging_dir", "publish_docs"):
+    if getattr(args, flag) and paths.is_url(getattr(args, flag)):
+      parser.error(f"--{flag} {getattr(args, flag)}: expected a local directory, not a URL")
   if args.model:
     files = args.gin_file or [real_model.MODEL_GIN[args.model][1 if args.quick else 0]]
     bindings = [*args.gin_param, f"reproduce_real.model = {args.model!r}"]
@@ -84,15 +94,24 @@ def _run(args, argv, files, bindings) -> int:
   from maxnucl.reproduction import real_model, stages  # pylint: disable=import-outside-toplevel
   gin_config.parse(files, bindings)
   start = time.perf_counter()
+  study = real_model if args.model else stages
+  chosen = args.stages or list(study.STAGES)
   if args.model:
-    chosen = args.stages or list(real_model.STAGES)
     real_model.check_stages(chosen)
-    runner = real_model.RealModelStudy(args.output, real_model.real_settings(),
+  else:
+    stages.check_stages(chosen, args.output)  # before anything is written
+  remote, directory = None, args.output
+  if paths.is_url(args.output):
+    directory = args.staging_dir or remote_output.default_staging_dir(args.output)
+    remote = remote_output.RemoteOutput(args.output, directory)
+    remote.download_finished(study.STAGES)
+  if args.model:
+    runner = real_model.RealModelStudy(directory, real_model.real_settings(),
                                        model_path=args.model_path)
   else:
-    chosen = args.stages or list(stages.STAGES)
-    stages.check_stages(chosen, args.output)  # before anything is written
-    runner = stages.Reproduction(args.output, stages.settings(), corpus_root=args.corpus)
+    runner = stages.Reproduction(directory, stages.settings(), corpus_root=args.corpus)
+  if remote is not None:
+    runner.on_stage_done = remote.upload_stage
   runner.run(chosen)
   if not args.no_report:
     if args.model:
@@ -100,6 +119,9 @@ def _run(args, argv, files, bindings) -> int:
     else:
       from maxnucl.reproduction import report as reporter  # pylint: disable=import-outside-toplevel
     written = reporter.write_report(runner, wall_time_s=time.perf_counter() - start)
+    if remote is not None:
+      remote.upload_changed()
+      written = {k: remote.url / written[k].relative_to(runner.out) for k in ("report", "results")}
     print(f"report:  {written['report']}\nresults: {written['results']}")
     if args.publish_docs:
       published = reporter.publish(runner.out, pathlib.Path(args.publish_docs),

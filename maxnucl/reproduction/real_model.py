@@ -450,7 +450,7 @@ class RealModelStudy(stages.Reproduction):
     premise = {}
     for key, by_seed in self.result("finetune")["runs"].items():
       for seed, run in by_seed.items():
-        checkpoint = str(checkpoints.resolve(run["workdir"]))
+        checkpoint = str(checkpoints.resolve(self.out / "runs" / run["name"]))
         cfg, params = checkpoints.load(checkpoint)
         rows.append({"variant": key, **self.prune_and_evaluate(
             f"ft_{key}_s{seed}", checkpoint, method="entropy", ratio=c.prune_ratio,

@@ -39,14 +39,14 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax
 import numpy as np
 import tqdm
 
-from maxnucl import checkpoints, dependencies, ffn, losses, models, outputs
+from maxnucl import checkpoints, dependencies, ffn, losses, models, outputs, paths
 from maxnucl.conversion import convert
 from maxnucl.data import corpus, pipeline, vocabularies
 from maxnucl.evaluation import core, gsm8k, perplexity
@@ -131,11 +131,11 @@ def check_stages(stages: Sequence[str],
                  output_dir: Optional[str | os.PathLike] = None) -> None:
   """Refuse unknown stages, and stages whose optional imports are missing
   (`dependencies.MissingDependency`), before anything is written.  With `output_dir`, stages
-  already finished there (and so skipped) need nothing."""
+  already finished there (and so skipped) need nothing; it may be a URL."""
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ReproductionError(f"unknown stages {unknown}; stages: {list(STAGES)}")
-  done = pathlib.Path(output_dir) / "stages" if output_dir is not None else None
+  done = paths.as_path(output_dir) / "stages" if output_dir is not None else None
   pending = [s for s in with_requirements(stages)
              if done is None or not (done / f"{s}.json").exists()]
   for stage in pending:
@@ -163,6 +163,8 @@ class Reproduction:
   stage_names = STAGES
   requires = REQUIRES
   layout = LAYOUT
+  # Called with a stage's name once its JSON is written (a URL output uploads it then).
+  on_stage_done: Optional[Callable[[str], None]] = None
 
   def __init__(self, output_dir: str | os.PathLike, config: Settings, *,
                corpus_root: Optional[str | os.PathLike] = None, progress: bool = True):
@@ -219,6 +221,8 @@ class Reproduction:
         _write_json(path, value)
         self.results[stage] = value
         log.info("stage %s: done in %.0f s", stage, value["wall_time_s"])
+        if self.on_stage_done is not None:
+          self.on_stage_done(stage)
     return self.results[stage]
 
   def run(self, stages: Optional[Sequence[str]] = None) -> dict:
@@ -416,7 +420,9 @@ class Reproduction:
     return {"runs": runs, "main": main}
 
   def finetuned(self, key: str) -> dict[str, str]:
-    return {seed: str(checkpoints.resolve(run["workdir"]))
+    # the run's directory in this output, not the recorded path: a URL output's staging
+    # directory may differ between runs
+    return {seed: str(checkpoints.resolve(self.out / "runs" / run["name"]))
             for seed, run in self.result("finetune")["runs"][key].items()}
 
   # ---- stages: pruning --------------------------------------------------------------------------
