@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 from gin import config_parser
 
-from maxnucl import paths
+from maxnucl import outputs, paths
 
 log = logging.getLogger("maxnucl.workdir")
 
@@ -80,6 +80,7 @@ class Lock:
     self._renewer: Optional[threading.Thread] = None
     self._stop = threading.Event()
     self.holder = _holder()
+    self._owner = outputs._owner_record()  # pylint: disable=protected-access
 
   def acquire(self) -> "Lock":
     if paths.is_url(self.path):
@@ -108,13 +109,17 @@ class Lock:
   def _acquire_lease(self) -> None:
     if self.path.exists():
       current = _parse(self.path.read_text())
-      if current.get("expires", 0) > time.time() and current.get("token") != self._token():
+      if (current.get("expires", 0) > time.time() and current.get("token") != self._token()
+          and outputs._owner_alive(current.get("owner", {}))):  # pylint: disable=protected-access
         raise WorkdirInUse(f"{self.path.parent} is in use by another trainer "
                            f"({_describe(current)}; its lease on {self.path} runs until "
                            f"{_utc(current['expires'])}; it is taken over once that passes)")
       if current:
-        log.warning("%s: taking over the lock of %s, whose lease ran out at %s", self.path,
-                    _describe(current), _utc(current.get("expires", 0)))
+        log.warning("%s: taking over the lock of %s, whose lease %s", self.path,
+                    _describe(current),
+                    f"ran out at {_utc(current.get('expires', 0))}"
+                    if current.get("expires", 0) <= time.time() else
+                    "has not run out, but whose process on this machine is gone")
     self._write_lease()
     if _parse(self.path.read_text()).get("token") != self._token():
       raise WorkdirInUse(f"{self.path.parent} was locked by another trainer at the same "
@@ -126,8 +131,11 @@ class Lock:
     return f"{self.holder['host']}:{self.holder['pid']}:{self.holder['since']}"
 
   def _write_lease(self) -> None:
+    # owner: how a later trainer on this machine tells that this process is gone (a killed
+    # trainer's lease is then taken over at once instead of when it runs out)
     self.path.write_text(json.dumps(dict(self.holder, token=self._token(),
-                                         expires=time.time() + LEASE_S)) + "\n")
+                                         expires=time.time() + LEASE_S,
+                                         owner=self._owner)) + "\n")
 
   def _renew(self) -> None:
     while not self._stop.wait(LEASE_S / 3):

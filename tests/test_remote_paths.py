@@ -6,10 +6,10 @@ exactly what local paths give."""
 
 import hashlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import gin
 import jax
@@ -271,8 +271,8 @@ def test_a_writer_killed_mid_upload_leaves_it_unpublished_and_the_next_writer_fi
   assert _no_temporaries(store.root)
 
 
-def _upload(directory: pathlib.Path, url: str) -> str:
-  """Every file of the local `directory` copied to `url`; returns `url`."""
+def _upload(directory, url: str) -> str:
+  """Every file below `directory` copied to `url` (each a local path or a URL); returns `url`."""
   for parts in paths.files_below(directory):
     target = paths.as_path(url).joinpath(*parts)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ def _upload(directory: pathlib.Path, url: str) -> str:
 
 def test_hf_to_maxnucl_with_urls_equals_local_paths_and_leaves_input_unchanged(
     hf_dir, store, tmp_path):
-  hf_url = _upload(hf_dir, store.url("hf"))
+  hf_url = _upload(hf_dir, store.url(hf_dir.name))  # the name is the config's name
   before = _checksums(hf_url)
   convert.hf_to_maxnucl(hf_dir, tmp_path / "local")
   convert.hf_to_maxnucl(hf_url, store.url("url"))
@@ -600,3 +600,39 @@ def test_move_aside_takes_the_first_free_name(tmp_path, as_url):
   for n, name in [(1, "aside"), (2, "aside.2"), (3, "aside.3")]:
     assert (tmp_path / name / "sub" / "data").read_text() == f"step {n}"
     assert (tmp_path / name / outputs.COMMIT_MARKER).is_file()
+
+
+def test_training_in_a_bucket_killed_mid_run_resumes_bit_identically(gcs_bucket, tmp_path):
+  """`python -m maxnucl.train --workdir gs://...` SIGKILLed once its step-4 checkpoint is
+  committed, then run again: it resumes from the bucket, and its params, metrics and TensorBoard
+  steps equal those of a run that was never interrupted."""
+  workdir = gcs_bucket + "/run"
+  command = [sys.executable, "-m", "maxnucl.train", "--gin_file=gin/demo_cpu.gin",
+             *[f"--gin_param={p}" for p in TRAIN + ["train_loop.num_steps = 8"]],
+             f"--workdir={workdir}"]
+  marker = paths.as_path(workdir) / "checkpoints" / "4" / outputs.COMMIT_MARKER
+  run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+      assert run.poll() is None, f"finished before it could be killed: {run.stderr.read()}"
+      assert time.monotonic() < deadline, "no committed step 4 in 600 s"
+      time.sleep(0.2)
+  finally:
+    run.kill()
+  assert run.wait(timeout=60) == -9
+  resumed = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+  assert resumed.returncode == 0, resumed.stderr
+  straight = _train(tmp_path / "local", 8)
+  assert str(checkpoints.resolve(workdir)) == workdir + "/checkpoints/8"
+  _assert_same_params(checkpoints.load(checkpoints.resolve(workdir))[1],
+                      jax.device_get(straight["state"]["params"]))
+  logged = [json.loads(line) for line in
+            (paths.as_path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == list(range(1, 9))
+  assert [r["loss"] for r in logged] == [r["loss"] for r in straight["history"]]
+  events = _upload(paths.as_path(workdir) / "tensorboard", str(tmp_path / "events"))
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(events)
+  accumulator.Reload()
+  assert sorted({e.step for e in accumulator.Scalars("loss")}) == list(range(1, 9))
