@@ -91,12 +91,24 @@ class NonFiniteLossError(TrainingError):
 
 # ---- the loss and the steps ---------------------------------------------------------------------
 
-def loss_fn(params: dict, batch: dict, dropout_rng: Optional[jax.Array], cfg: ModelConfig
+def loss_fn(params: dict, batch: dict, dropout_rng: Optional[jax.Array], cfg: ModelConfig,
+            teacher: Optional[dict] = None, teacher_cfg: Optional[ModelConfig] = None
             ) -> tuple[jax.Array, dict]:
-  """`total_loss` (NLL + the gin-bound terms, e.g. NUCL-mstd) of one (micro)batch."""
+  """`total_loss` (NLL + the gin-bound terms, e.g. NUCL-mstd) of one (micro)batch.  With a
+  `teacher` (params of `teacher_cfg`, frozen), its logits on the same tokens go to the loss
+  terms (`distill_kl`) in the batch under `losses.TEACHER_LOGITS`."""
   logits = models.apply(cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"],
                         dropout_rng=dropout_rng)
+  if teacher is not None:
+    batch = dict(batch, **{losses.TEACHER_LOGITS: teacher_logits(teacher, batch, teacher_cfg)})
   return losses.total_loss(params, logits, batch, cfg)
+
+
+def teacher_logits(teacher: dict, batch: dict, teacher_cfg: ModelConfig) -> jax.Array:
+  """The frozen teacher's float32 logits [B, L, V] (no dropout, no gradient)."""
+  logits = models.apply(teacher_cfg, jax.lax.stop_gradient(teacher), batch["tokens"],
+                        batch["segment_ids"], batch["positions"])
+  return jax.lax.stop_gradient(logits)
 
 
 def _microbatches(batch: dict, accumulation_steps: int) -> dict:
@@ -131,25 +143,29 @@ def _token_shares(micro: dict) -> tuple[dict, jax.Array]:
   return dict(micro, loss_mask=micro["loss_mask"] * mask_scale[:, None, None]), weights
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, rng: jax.Array, teacher: Optional[dict] = None, *,
+               cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               accumulation_steps: int = 1, teacher_cfg: Optional[ModelConfig] = None
+               ) -> tuple[TrainState, dict]:
   """One optimizer step over a global batch, accumulating gradients over microbatches.
 
   Microbatch losses are weighted by their share of the batch's loss tokens, with their loss masks
   rescaled by its inverse (`_token_shares`), so for `total_loss.normalization = 'mean'` and
   'sum' alike the accumulated gradient and metrics are those of the whole batch, and alpha keeps
   its meaning whatever `accumulation_steps` is (the NUCL terms get total weight 1).  Dropout uses
-  fold_in(fold_in(rng, step), microbatch): a resumed run draws the same masks.
+  fold_in(fold_in(rng, step), microbatch): a resumed run draws the same masks.  A distillation
+  `teacher` (params of `teacher_cfg`, not part of the state, never differentiated) runs on each
+  microbatch inside the step.
   """
   params, step = state["params"], state["step"]
   step_rng = jax.random.fold_in(rng, step)
   use_dropout = cfg.dropout_rate > 0.0
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, teacher_cfg=teacher_cfg),
+                               has_aux=True)
 
   def micro_grads(micro, k):
     (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(step_rng, k)
-                                  if use_dropout else None)
+                                  if use_dropout else None, teacher=teacher)
     return grads, metrics
 
   if accumulation_steps == 1:
@@ -247,13 +263,16 @@ def train_loop(workdir: str | os.PathLike, *,
   cfg = models.configured_model()
   if init_checkpoint is not None and not paths.as_path(init_checkpoint).exists():
     raise FileNotFoundError(f"train_loop.init_checkpoint {init_checkpoint} does not exist")
+  student_cfg = _config_from_checkpoint(init_checkpoint, cfg) if init_checkpoint else cfg
+  distillation = losses.distill()
+  teacher = _Teacher.configured(distillation, student_cfg)
   schedule = learning_rate_schedule(num_steps)
   tx = create_optimizer(schedule)
   train_iter = pipeline.create_data_iterator("train", seed=seed)
   _check_data(cfg, train_iter, accumulation_steps, mesh)
   batch_sh = _batch_shardings(train_iter, mesh, rules)
-  with sharding.activate(mesh, rules):
-    _trace_step(cfg, tx, schedule, accumulation_steps, train_iter)  # the loss terms' settings
+  with sharding.activate(mesh, rules):  # the loss terms' settings
+    _trace_step(student_cfg, tx, schedule, accumulation_steps, train_iter, teacher)
   evaluation = _Evaluation(eval_every, eval_split, eval_batches, eval_tasks, eval_tasks_every,
                            eval_tasks_limit, seed, batch_sh, train_iter, workdir)
   # Created once every setting, the data and the initial checkpoint have been checked; a run
@@ -268,10 +287,11 @@ def train_loop(workdir: str | os.PathLike, *,
     manager = _checkpoint_manager(workdir, keep_checkpoints, async_checkpointing)
     cfg, state, seed, resume_step = _start(workdir, manager, cfg, tx, train_iter, seed,
                                            init_checkpoint, accumulation_steps, mesh, rules,
-                                           allow_config_change)
+                                           allow_config_change, teacher)
+    teacher.load(cfg, mesh, rules)  # once; not part of the checkpointed state
     rng = jax.random.PRNGKey(seed)
     programs = _Programs(cfg, tx, schedule, accumulation_steps, state, batch_sh, train_iter,
-                         rng, mesh, rules, evaluation)
+                         rng, mesh, rules, evaluation, teacher)
     logger = _Logger(workdir, resume_step or 0, cfg, train_iter, mesh, log_every, num_steps,
                      int(state["step"]), progress_bar and primary)
     start = int(state["step"])
@@ -279,7 +299,7 @@ def train_loop(workdir: str | os.PathLike, *,
       for step in range(start + 1, num_steps + 1):
         t_start = time.perf_counter()
         batch = _device_batch(next(train_iter), batch_sh)
-        new_state, metrics = programs.train_step(state, batch, rng)
+        new_state, metrics = programs.train_step(state, batch, rng, teacher.params)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _refuse_non_finite(metrics, step, manager)
         state = new_state
@@ -291,7 +311,8 @@ def train_loop(workdir: str | os.PathLike, *,
                      evaluation.run(step, is_last, cfg, programs, state["params"], mesh, rules))
         if step % checkpoint_every == 0 or is_last:
           _save(manager, step, cfg, state, {"step": step, "seed": seed,
-                                            "data_iterator": train_iter.get_state()})
+                                            "data_iterator": train_iter.get_state(),
+                                            **teacher.record()})
         if step == start + 1 and primary and not (workdir / "operative_config.gin").exists():
           (workdir / "operative_config.gin").write_text(gin.operative_config_str())
     finally:
@@ -302,10 +323,13 @@ def train_loop(workdir: str | os.PathLike, *,
 
 
 def _start(workdir, manager, cfg, tx, train_iter, seed, init_checkpoint, accumulation_steps,
-           mesh, rules, allow_config_change) -> tuple[ModelConfig, TrainState, int, Optional[int]]:
+           mesh, rules, allow_config_change, teacher: "_Teacher"
+           ) -> tuple[ModelConfig, TrainState, int, Optional[int]]:
   """The state the loop starts from: the latest checkpoint's (with the run's configuration
   checked against the one it started with), or a new run's (random or `init_checkpoint`, its
-  config.gin written).  Returns (cfg, state, seed, resumed step or None)."""
+  config.gin written).  A run started from `init_checkpoint` resumes with the architecture its
+  checkpoints recorded (a pruned model's per-layer FFN widths), not gin's model.  Returns
+  (cfg, state, seed, resumed step or None)."""
   primary = distributed.is_primary()
   resume_step = manager.latest_step()
   if resume_step is not None:  # the run's configuration stays what it was, unless allowed
@@ -313,14 +337,16 @@ def _start(workdir, manager, cfg, tx, train_iter, seed, init_checkpoint, accumul
                                    primary)
   elif primary:
     (workdir / run_guard.CONFIG_NAME).write_text(gin.config_str())
-  if resume_step is None and init_checkpoint is not None:
-    cfg = _config_from_checkpoint(init_checkpoint, cfg)
+  if init_checkpoint is not None:
+    cfg = _config_from_checkpoint(init_checkpoint if resume_step is None
+                                  else _step_dir(manager, resume_step), cfg, warn=False)
     _check_data(cfg, train_iter, accumulation_steps, mesh)
   state_sh = state_shardings(cfg, tx, mesh, rules)
   if resume_step is None:
     return cfg, _initial_state(cfg, tx, state_sh, seed, init_checkpoint, mesh, rules), seed, None
   resume_step, state, train_state = _restore_latest(manager, workdir, cfg, tx, state_sh)
   train_iter.set_state(train_state["data_iterator"])
+  teacher.check_resumed(train_state, _step_dir(manager, resume_step))
   if primary:
     print(f"resumed from step {resume_step} ({_step_dir(manager, resume_step)})", flush=True)
   return cfg, state, train_state["seed"], resume_step
@@ -337,24 +363,79 @@ def _refuse_non_finite(metrics: dict, step: int, manager) -> None:
         f"{_step_dir(manager, last) if last is not None else 'none'}")
 
 
+class _Teacher:
+  """The frozen distillation teacher (`distill.teacher`; none when unbound): its config checked
+  against the student's before anything is created, its params loaded once onto the student's
+  mesh with the same logical sharding rules (data/fsdp/tensor), in `distill.teacher_dtype`, and
+  passed to every train step.  Not part of the checkpointed state: a resume loads it again, and
+  the checkpoint it was read from is recorded in each step's train_state."""
+
+  def __init__(self, path: Optional[paths.Path] = None, cfg: Optional[ModelConfig] = None):
+    self.path, self.cfg, self.params, self.shardings = path, cfg, None, None
+
+  @classmethod
+  def configured(cls, distillation: losses.Distillation, student: ModelConfig) -> "_Teacher":
+    if distillation.teacher is None:
+      return cls()
+    path = checkpoints.resolve(distillation.teacher)  # a workdir: its latest step
+    teacher = cls(path, checkpoints.load_config(path))
+    teacher.check_vocabulary(student)
+    dtype = distillation.teacher_dtype  # held and run in it; no dropout, no backward pass
+    teacher.cfg = teacher.cfg.replace(dtype=dtype, param_dtype=dtype, dropout_rate=0.0,
+                                      remat_policy="none", scan_layers=student.scan_layers,
+                                      attention_impl=student.attention_impl)
+    return teacher
+
+  def check_vocabulary(self, student: ModelConfig) -> None:
+    if self.cfg.vocab_size != student.vocab_size:
+      raise TrainingError(f"distill.teacher {self.path} has vocab_size {self.cfg.vocab_size} but "
+                          f"the student {student.name!r} has {student.vocab_size}: "
+                          f"distillation needs the same vocabulary")
+
+  def load(self, student: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> None:
+    if self.path is None:
+      return
+    self.check_vocabulary(student)
+    self.shardings = sharding.tree_shardings(models.logical_axes(self.cfg),
+                                             models.abstract_params(self.cfg), mesh, rules)
+    _, params = checkpoints.load(self.path, mesh=mesh, rules=rules, dtype=self.cfg.param_dtype)
+    self.params = jax.tree.map(jax.device_put, params, self.shardings)
+    log.info("distillation teacher %s (%s, FFN widths %s, %s)", self.path, self.cfg.name,
+             list(self.cfg.layer_ffn_widths), self.cfg.param_dtype)
+
+  def record(self) -> dict:
+    """What a checkpoint's train_state records of the teacher."""
+    return {} if self.path is None else {"teacher": str(self.path)}
+
+  def check_resumed(self, train_state: dict, step_dir) -> None:
+    """A resume whose teacher is not the one the run was trained with is warned about (the gin
+    binding `distill.teacher` itself cannot change without --allow_config_change; a workdir
+    teacher can have moved on to a later step)."""
+    recorded = train_state.get("teacher")
+    if recorded != self.record().get("teacher"):
+      log.warning("%s was trained with distill.teacher %s; resuming with %s", step_dir,
+                  recorded, self.path)
+
+
 class _Programs:
   """The compiled train step, eval step and outgoing entropy of a run, compiled before the loop,
   each between two lines (compilation.compile_announced)."""
 
   def __init__(self, cfg, tx, schedule, accumulation_steps, state, batch_sh, train_iter, rng,
-               mesh, rules, evaluation: "_Evaluation"):
+               mesh, rules, evaluation: "_Evaluation", teacher: _Teacher):
     state_sh = state_shardings(cfg, tx, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(
         functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
-                          accumulation_steps=accumulation_steps),
-        in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
-        donate_argnums=0)
+                          accumulation_steps=accumulation_steps, teacher_cfg=teacher.cfg),
+        in_shardings=(state_sh, batch_sh, replicated, teacher.shardings),
+        out_shardings=(state_sh, replicated), donate_argnums=0)
     self.entropy_fn = jax.jit(lambda p: jnp.sum(losses.outgoing_entropy(p, cfg)),
                               in_shardings=(state_sh["params"],), out_shardings=replicated)
     abstract_batch = _abstract_batch(train_iter, batch_sh)
     shape = f"{cfg.name}, batch {train_iter.batch_size}×{train_iter.seq_len}"
     self.train_step = compilation.compile_announced(step_fn, state, abstract_batch, rng,
+                                                    teacher.params,
                                                     what=f"the train step ({shape})")
     self.eval_step = None
     if evaluation.eval_every:
@@ -583,13 +664,13 @@ ARCHITECTURE_FROM_GIN = ("dtype", "param_dtype", "dropout_rate", "remat_policy",
                          "attention_impl")
 
 
-def _config_from_checkpoint(path: str, gin_cfg: ModelConfig) -> ModelConfig:
+def _config_from_checkpoint(path, gin_cfg: ModelConfig, warn: bool = True) -> ModelConfig:
   """The checkpoint's architecture with the gin model's numerics and training settings."""
   ckpt_cfg = checkpoints.load_config(path)
   cfg = ckpt_cfg.replace(**{f: getattr(gin_cfg, f) for f in ARCHITECTURE_FROM_GIN})
   differ = [f.name for f in dataclasses.fields(cfg)
             if f.name != "name" and getattr(cfg, f.name) != getattr(gin_cfg, f.name)]
-  if differ:
+  if differ and warn:
     log.warning("init_checkpoint %s: its architecture replaces the gin model %r; fields that "
                 "differ: %s", path, gin_cfg.name, differ)
   return cfg
@@ -614,18 +695,19 @@ def _check_data(cfg, it, accumulation_steps, mesh):
                         f"by the {shards} data x fsdp shards of mesh {dict(mesh.shape)}")
 
 
-def _trace_step(cfg, tx, schedule, accumulation_steps, it) -> None:
+def _trace_step(cfg, tx, schedule, accumulation_steps, it, teacher: _Teacher) -> None:
   """Traces the train step on abstract values (no compilation, no memory): settings that only
-  the step reads (the loss terms, their weights, the normalization) fail here, before the
-  workdir is created."""
+  the step reads (the loss terms, their weights, the normalization, a distillation term without
+  a teacher or a teacher without the term) fail here, before the workdir is created."""
   params = models.abstract_params(cfg)
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
   batch = _abstract_batch(it, {k: None for k in ("tokens", "targets", "loss_mask", "segment_ids",
                                                   "positions")})
+  teacher_params = None if teacher.cfg is None else models.abstract_params(teacher.cfg)
   jax.eval_shape(functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule,
-                                   accumulation_steps=accumulation_steps),
-                 state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+                                   accumulation_steps=accumulation_steps, teacher_cfg=teacher.cfg),
+                 state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), teacher_params)
 
 
 class _Started:
