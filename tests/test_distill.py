@@ -323,3 +323,43 @@ def test_a_resume_with_another_teacher_is_refused_naming_the_binding(teacher_and
                             f"--workdir={tmp_path / 'run'}"]) == 2
   err = capsys.readouterr().err
   assert "distill.teacher" in err and str(other) in err
+
+
+# ---- the recovery config (gin/recover_tiny.gin, the twin of gin/recover_smollm2.gin) -------------
+
+def test_the_tiny_recover_config_distils_logs_per_domain_nll_and_resumes(teacher_and_student,
+                                                                         tmp_path, capsys):
+  from maxnucl.data import corpus  # pylint: disable=import-outside-toplevel
+  teacher, student = teacher_and_student
+  # a small code corpus: the standard library's email package in 60 files of 1500 characters
+  # (named by number, so the split of each is the same on every Python), some held out
+  source = "".join(p.read_text() for p in sorted((corpus.python_stdlib_dir() / "email")
+                                                 .glob("*.py")))
+  root = tmp_path / "code"
+  root.mkdir()
+  for i in range(60):
+    (root / f"module_{i}.py").write_text(source[i * 1500:(i + 1) * 1500])
+  corpus_dir = tmp_path / "corpus"
+  corpus.prepare_corpus(root, corpus_dir, shares=(0.4, 0.2, 0.2, 0.2))
+  prose = tmp_path / "prose.txt"
+  prose.write_text("The teacher is frozen; the student learns its distribution over the next "
+                   "token, which carries more than the one token the data shows.\n" * 8)
+  workdir = tmp_path / "recover"
+  args = ["--gin_file=gin/recover_tiny.gin", f"--workdir={workdir}"] + [f"--gin_param={b}" for b in (
+      f"STUDENT = '{student}'", f"TEACHER = '{teacher}'", f"TEXT_CORPUS_DIR = '{corpus_dir}'",
+      f"PROSE_TEXT = '{prose}'", "EVAL_EVERY = 2", "EVAL_ROWS = 2",
+      "train_loop.progress_bar = False", "train_loop.async_checkpointing = False",
+      "train_loop.log_every = 2")]
+  gin.clear_config()
+  assert train.main(args + ["--gin_param=train_loop.num_steps = 2"]) == 0
+  gin.clear_config()
+  assert train.main(args + ["--gin_param=train_loop.num_steps = 4"]) == 0
+  assert "resumed from step 2" in capsys.readouterr().out
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records] == [2, 4]
+  for record in records:
+    assert record["distill_kl"] > 0 and record["nll_code/nll"] > 0 and record["nll_prose/nll"] > 0
+  # the recovered student is a plain checkpoint with the pruned widths
+  cfg, params = checkpoints.load(checkpoints.resolve(workdir))
+  assert cfg.ffn_widths == checkpoints.load_config(student).ffn_widths
+  assert params["layers_0"]["mlp"]["out"].shape[0] == cfg.ffn_widths[0]
