@@ -5,8 +5,9 @@
 
 Everything experiment-specific comes from gin (see gin/base.gin and docs/training.md): the model
 (`model_config`), the data (`create_data_iterator`), the loss terms (`total_loss.terms`, e.g.
-NUCL-mstd), the optimizer and schedule (`create_optimizer`, `learning_rate_schedule`), the mesh
-and logical axis rules (`create_mesh`, `logical_axis_rules`) and the loop (`train_loop`).
+NUCL-mstd, or `distill_kl` with a frozen teacher `distill.teacher`: docs/recovery.md), the
+optimizer and schedule (`create_optimizer`, `learning_rate_schedule`), the mesh and logical axis
+rules (`create_mesh`, `logical_axis_rules`) and the loop (`train_loop`).
 
 Read top to bottom: `loss_fn` -> `train_step` -> `eval_step` -> `train_loop` -> `main`.  The rest
 is setup: optimizer and schedule, shardings of the train state, checkpointing and metrics.
@@ -228,7 +229,8 @@ def train_loop(workdir: str | os.PathLike, *,
     accumulation_steps: microbatches per step; the data batch size must be divisible by it.
     init_checkpoint: a maxnucl checkpoint (e.g. a converted Gemma-2) to start from instead of
       random init; its architecture replaces the gin model's, while dtype, param_dtype,
-      dropout_rate, remat_policy, scan_layers and attention_impl come from gin.  Ignored when resuming.
+      dropout_rate, remat_policy, scan_layers and attention_impl come from gin.  A resumed run
+      keeps the architecture its checkpoints recorded (e.g. a pruned model's FFN widths).
     log_every: write metrics every N steps (and at the last step).
     eval_every: held-out NLL (`eval_loss`) every M steps and at the last step; 0 = never.
     eval_split, eval_batches: the held-out split of the training source and how many batches.
@@ -526,7 +528,9 @@ class _Logger:
               "mfu": tflops * 1e12 / self.peak if self.peak else None, **evaluations}
     self.metrics_log.write(record)
     self.history.append(record)
-    self.bar.set_postfix(loss=f"{record['loss']:.4f}", nll=f"{record['nll']:.4f}")
+    self.bar.set_postfix(loss=f"{record['loss']:.4f}", nll=f"{record['nll']:.4f}",
+                         **({"kl": f"{record['distill_kl']:.4f}"} if "distill_kl" in record
+                            else {}))
 
   def close(self) -> None:
     self.bar.close()
@@ -1115,5 +1119,5 @@ def _print_outputs(result: dict) -> None:
 
 
 def _summary_metrics(record: dict) -> str:
-  return ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "nll", "eval_loss")
+  return ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "nll", "distill_kl", "eval_loss")
                    if record.get(k) is not None)

@@ -292,6 +292,8 @@ def test_a_bfloat16_teacher_is_held_in_bfloat16_and_gives_a_nearby_kl(teacher_an
       "distill.temperature = 0.0"], "distill.temperature = 0.0: expected a finite number > 0"),
     (["distill.teacher = '{teacher}'", "total_loss.terms = {{'distill_kl': 1.0}}",
       "distill.teacher_dtype = 'float16'"], "distill.teacher_dtype = 'float16': expected one of"),
+    (["distill.teacher = '{tmp}/no_teacher'", "total_loss.terms = {{'distill_kl': 1.0}}"],
+     "no_teacher"),
     (["total_loss.nll_weight = -1.0"], "total_loss.nll_weight = -1.0: expected a finite number"),
 ])
 def test_bad_distillation_settings_are_one_line_errors_and_create_nothing(
@@ -302,7 +304,7 @@ def test_bad_distillation_settings_are_one_line_errors_and_create_nothing(
   checkpoints.save(other_vocab, cfg, models.init(cfg, jax.random.PRNGKey(0)))
   workdir = tmp_path / "run"
   args = [f"--gin_param={b}" for b in TINY]
-  args += [f"--gin_param={b.format(teacher=teacher, other_vocab=other_vocab)}" for b in bindings]
+  args += [f"--gin_param={b.format(teacher=teacher, other_vocab=other_vocab, tmp=tmp_path)}" for b in bindings]
   assert train.main([f"--gin_file={f}" for f in BASE_FILES] + args
                     + [f"--workdir={workdir}"]) == 2
   err = capsys.readouterr().err.strip()
