@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from maxnucl import checkpoints
 from maxnucl import losses
@@ -197,7 +198,6 @@ def test_a_pruned_student_learns_from_its_unpruned_teacher_with_nucl_in_the_same
   records = read_metrics(tmp_path / "run")
   assert [r["distill_kl"] for r in records] == kl
   tags = set()
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
   for events in (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"):
     acc = event_accumulator.EventAccumulator(str(events))
     acc.Reload()
@@ -304,7 +304,8 @@ def test_bad_distillation_settings_are_one_line_errors_and_create_nothing(
   checkpoints.save(other_vocab, cfg, models.init(cfg, jax.random.PRNGKey(0)))
   workdir = tmp_path / "run"
   args = [f"--gin_param={b}" for b in TINY]
-  args += [f"--gin_param={b.format(teacher=teacher, other_vocab=other_vocab, tmp=tmp_path)}" for b in bindings]
+  names = {"teacher": teacher, "other_vocab": other_vocab, "tmp": tmp_path}
+  args += [f"--gin_param={b.format(**names)}" for b in bindings]
   assert train.main([f"--gin_file={f}" for f in BASE_FILES] + args
                     + [f"--workdir={workdir}"]) == 2
   err = capsys.readouterr().err.strip()
@@ -347,11 +348,12 @@ def test_the_tiny_recover_config_distils_logs_per_domain_nll_and_resumes(teacher
   prose.write_text("The teacher is frozen; the student learns its distribution over the next "
                    "token, which carries more than the one token the data shows.\n" * 8)
   workdir = tmp_path / "recover"
-  args = ["--gin_file=gin/recover_tiny.gin", f"--workdir={workdir}"] + [f"--gin_param={b}" for b in (
-      f"STUDENT = '{student}'", f"TEACHER = '{teacher}'", f"TEXT_CORPUS_DIR = '{corpus_dir}'",
-      f"PROSE_TEXT = '{prose}'", "EVAL_EVERY = 2", "EVAL_ROWS = 2",
-      "train_loop.progress_bar = False", "train_loop.async_checkpointing = False",
-      "train_loop.log_every = 2")]
+  bindings = (f"STUDENT = '{student}'", f"TEACHER = '{teacher}'",
+              f"TEXT_CORPUS_DIR = '{corpus_dir}'", f"PROSE_TEXT = '{prose}'", "EVAL_EVERY = 2",
+              "EVAL_ROWS = 2", "train_loop.progress_bar = False",
+              "train_loop.async_checkpointing = False", "train_loop.log_every = 2")
+  args = ["--gin_file=gin/recover_tiny.gin", f"--workdir={workdir}"]
+  args += [f"--gin_param={b}" for b in bindings]
   gin.clear_config()
   assert train.main(args + ["--gin_param=train_loop.num_steps = 2"]) == 0
   gin.clear_config()
