@@ -265,7 +265,7 @@ def train_loop(workdir: str | os.PathLike, *,
   cfg = models.configured_model()
   if init_checkpoint is not None and not paths.as_path(init_checkpoint).exists():
     raise FileNotFoundError(f"train_loop.init_checkpoint {init_checkpoint} does not exist")
-  student_cfg = _config_from_checkpoint(init_checkpoint, cfg) if init_checkpoint else cfg
+  student_cfg = cfg if init_checkpoint is None else _config_from_checkpoint(init_checkpoint, cfg)
   distillation = losses.distill()
   teacher = _Teacher.configured(distillation, student_cfg)
   schedule = learning_rate_schedule(num_steps)
