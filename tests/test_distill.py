@@ -367,3 +367,21 @@ def test_the_tiny_recover_config_distils_logs_per_domain_nll_and_resumes(teacher
   cfg, params = checkpoints.load(checkpoints.resolve(workdir))
   assert cfg.ffn_widths == checkpoints.load_config(student).ffn_widths
   assert params["layers_0"]["mlp"]["out"].shape[0] == cfg.ffn_widths[0]
+
+
+def test_a_resume_whose_teacher_step_moved_on_is_warned_about(caplog, tmp_path):
+  """A workdir teacher resolves to its latest step, which can change between a run and its
+  resume (the binding itself stays the same, so run_guard lets it pass): the recorded step and
+  the new one are named."""
+  cfg = models.get_config("gemma2_tiny", num_layers=2)
+  teacher = train._Teacher(tmp_path / "teacher" / "checkpoints" / "40", cfg)
+  recorded = {"teacher": str(tmp_path / "teacher" / "checkpoints" / "30")}
+  with caplog.at_level("WARNING", logger="maxnucl.train"):
+    teacher.check_resumed(recorded, "RUN/checkpoints/4")
+  assert ("RUN/checkpoints/4 was trained with distill.teacher "
+          f"{tmp_path}/teacher/checkpoints/30; resuming with "
+          f"{tmp_path}/teacher/checkpoints/40") in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="maxnucl.train"):
+    teacher.check_resumed({"teacher": str(teacher.path)}, "RUN/checkpoints/4")
+  assert not caplog.text
