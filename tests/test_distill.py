@@ -3,6 +3,7 @@ the trainer's frozen teacher): the term against a float64 reference, a student e
 teacher, one device = a mesh, exact resume, a pruned student recovering from its unpruned
 teacher, refused settings.  Tiny 2-layer Gemma-2, CPU."""
 
+import functools
 import json
 import pathlib
 
@@ -10,6 +11,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -19,7 +21,7 @@ from maxnucl import models
 from maxnucl import sharding
 from maxnucl import train
 from maxnucl.pruning import prune_ffn_neurons
-from tolerances import decoder_terms, gradient_terms, magnitude, rounding_atol
+from tolerances import EPS32, decoder_terms, gradient_terms, magnitude, rounding_atol
 
 BASE_FILES = ["gin/base.gin", "gin/models/gemma2_tiny.gin", "gin/data/synthetic.gin",
               "gin/optimizers/adamw.gin", "gin/schedules/constant.gin"]
@@ -175,6 +177,52 @@ def test_a_student_that_is_a_copy_of_its_teacher_has_kl_0_and_gradient_0():
   atol = rounding_atol(nll_scale, gradient_terms(cfg, 16, 4 * 16))
   for (path, g) in jax.tree_util.tree_flatten_with_path(copy_grads)[0]:
     np.testing.assert_allclose(g, 0.0, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def test_accumulated_distillation_step_equals_the_whole_batch_step():
+  """The teacher runs on each microbatch inside the step: with 2 and 4 microbatches of unequal
+  loss-token counts (one with none) the KL, NLL and loss metrics and the gradients are the
+  whole batch's (4 microbatches; test_train checks 2 and 4 without a teacher).  The teacher has other FFN widths than the student (a pruned student)."""
+  student_cfg = models.get_config("gemma2_tiny", num_layers=2, ffn_widths=(64, 128))
+  teacher_cfg = models.get_config("gemma2_tiny", num_layers=2)
+  params = models.init(student_cfg, jax.random.PRNGKey(0))
+  teacher = models.init(teacher_cfg, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+  rows, length = 8, 16
+  counts = np.array([16, 3, 9, 0, 12, 1, 6, 0])  # per row; the 4 microbatches: 28, 4, 15, 0
+  batch = {"tokens": rng.integers(3, student_cfg.vocab_size, (rows, length)).astype(np.int32),
+           "targets": rng.integers(3, student_cfg.vocab_size, (rows, length)).astype(np.int32),
+           "loss_mask": (np.arange(length) < counts[:, None]).astype(np.float32),
+           "segment_ids": np.ones((rows, length), np.int32),
+           "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))}
+
+  def keep_gradient(grads, state, params=None):  # SGD whose state is the gradient it was given
+    del state, params
+    return jax.tree.map(lambda g: -0.1 * g, grads), grads
+  tx = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), keep_gradient)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  gin.parse_config(["total_loss.terms = {'distill_kl': 1.0, 'nucl_mstd': 0.5}",
+                    "total_loss.nll_weight = 0.25", "distill.temperature = 2.0"])
+  steps = {}
+  for a in (1, 4):
+    step_fn = jax.jit(functools.partial(train.train_step, cfg=student_cfg, tx=tx,
+                                        schedule=optax.constant_schedule(0.1),
+                                        accumulation_steps=a, teacher_cfg=teacher_cfg))
+    steps[a] = step_fn(state, batch, jax.random.PRNGKey(1), teacher)
+  # as test_train's accumulation test: a loss's or a gradient entry's roundings (gradient_terms,
+  # the teacher's log-softmax adding a vocabulary's), of the largest value
+  terms = gradient_terms(student_cfg, length, int(counts.sum())) + student_cfg.vocab_size
+  whole_state, whole = steps[1]
+  assert float(whole["distill_kl"]) > 0.1
+  grads_atol = rounding_atol(magnitude(*jax.tree.leaves(whole_state["opt_state"])), terms)
+  for a in (4,):
+    acc_state, acc = steps[a]
+    for key in ("distill_kl", "nll", "nucl_mstd", "loss"):
+      np.testing.assert_allclose(acc[key], whole[key], rtol=EPS32 * terms, err_msg=f"{key}, {a}")
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(acc_state["opt_state"])[0],
+                            jax.tree.leaves(whole_state["opt_state"])):
+      np.testing.assert_allclose(x, y, rtol=0, atol=grads_atol,
+                                 err_msg=f"{jax.tree_util.keystr(path)}, {a} microbatches")
 
 
 def test_a_pruned_student_learns_from_its_unpruned_teacher_with_nucl_in_the_same_run(
