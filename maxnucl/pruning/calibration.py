@@ -27,11 +27,12 @@ Statistics are gathered in one forward + backward pass per batch (whole model in
   a per sequence s: its mean over the sequence's tokens, squared and summed over the sequences
        -> sum_s (mean_{n in s} a_nj)^2 and sum_s (mean_{n in s} |a_nj|)^2  [m]  (`activation`)
 over the tokens with loss_mask > 0.  A sequence is one segment of a row (a packed row holds
-several; a file row is one), so the per-sequence sums need O(m) memory whatever the number of
-calibration rows, and a sequence without loss tokens adds nothing.  Rows (and packed segments) do not attend to each other, so
-g at a token is the gradient of the summed NLL of its own sequence: it does not depend on which
-other rows share its batch, and the statistics do not depend on how the calibration data is
-batched (a batch-mean L would scale g by 1 / the batch's token count).
+several; a file row is one); the per-sequence sums accumulate in O(m) whatever the number of
+calibration rows, and a sequence without loss tokens adds nothing.  Rows (and packed segments)
+do not attend to each other, so g at a token is the gradient of the summed NLL of its own
+sequence: it does not depend on which other rows share its batch, and the statistics do not
+depend on how the calibration data is batched (a batch-mean L would scale g by 1 / the batch's
+token count).
 
 On a mesh (`collect_stats(..., mesh=, rules=)`, `perplexity(..., mesh=, rules=)`; params restored
 sharded by `checkpoints.load(path, mesh=, rules=)`, so no host holds the whole model), the jitted
