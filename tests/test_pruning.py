@@ -101,7 +101,7 @@ def test_ratio_zero_gives_identical_checkpoint(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["entropy", "magnitude", "random", "wanda_channel", "flap",
-                                    "lp", "scar_prot"])
+                                    "lp", "scar_prot", "activation"])
 def test_non_compensating_pruning_equals_zeroing_removed_rows(tiny_ckpt, tmp_path, method):
   path, params = tiny_ckpt
   needs_data = METHODS[method].needs_calibration
@@ -238,6 +238,97 @@ def test_data_aware_choices_match_numpy_reference(tmp_path, method):
                               budget="global", calibration=jsonl, calibration_examples=8)
   for layer in overall["layers"]:
     assert set(range(256)) - set(layer["kept"]) == expected[layer["name"]], layer["name"]
+
+
+def _np_activation(x, gate, up, lengths, absolute=False):
+  """Minitron's F_neuron, (batch = L2, sequence = mean): sqrt(sum_s (mean_{n in s} a_nj)^2), with
+  a = gelu(x U) * (x V) recomputed in numpy from the FFN input and the weights; x holds the
+  sequences' tokens one after the other (`lengths` of them each)."""
+  a = _np_gelu_tanh(x @ gate) * (x @ up)
+  a = np.abs(a) if absolute else a
+  means = np.stack([rows.mean(0) for rows in np.split(a, np.cumsum(lengths)[:-1])])
+  return np.sqrt((means ** 2).sum(0))
+
+
+def test_activation_scores_match_numpy_reference_whatever_the_batching(tiny_ckpt, tmp_path):
+  """The `activation` scores (signed and absolute means) against numpy from the FFN inputs and
+  the weights, for 8 variable-length sequences collected as one batch or as batches of 3, 3, 2
+  (other padding, other rows per batch), and the per-layer removal set of prune_ffn_neurons."""
+  from maxnucl.pruning.scores import LayerInputs  # pylint: disable=import-outside-toplevel
+  path, params = tiny_ckpt
+  jsonl = _variable_length_jsonl(tmp_path / "calib.jsonl")
+  sequences = [json.loads(line) for line in jsonl.read_text().splitlines()]
+  lengths = [len(s) - 1 for s in sequences]
+  x, _ = _ffn_inputs_and_activations(params, sequences)
+  stats = {size: calibration.collect_stats(TINY, params, calibration.iterate_batches(
+      jsonl, num_examples=8, batch_size=size)) for size in (8, 3)}
+  references = {}
+  for i, name in enumerate(models.ffn_layer_names(TINY)):
+    mlp = {k: np.asarray(v, np.float64) for k, v in params[name]["mlp"].items()}
+    # each float32 activation is off by the roundings of its two d-term dots and the activation
+    # (as in _ffn_inputs_and_activations), a sequence mean adds its own sum's; the L2 norm over
+    # the sequences of those errors is at most sqrt(sequences) times the largest
+    size = max((np.abs(x[name]) @ np.abs(mlp["gate"])).max() * (np.abs(x[name]) @ np.abs(
+        mlp["up"])).max(), 1.0)
+    atol = np.sqrt(len(lengths)) * rounding_atol(size, 2 * (TINY.d_model + 8) + max(lengths))
+    for absolute in (False, True):
+      reference = _np_activation(x[name], mlp["gate"], mlp["up"], lengths, absolute)
+      if not absolute:
+        references[name] = reference
+      for size_, layer_stats in stats.items():
+        scores = METHODS["activation"].fn(LayerInputs(
+            i, name, params[name]["mlp"]["gate"], params[name]["mlp"]["up"],
+            params[name]["mlp"]["out"], layer_stats[name], np.random.default_rng(0),
+            {"absolute": absolute}))
+        np.testing.assert_allclose(scores, reference, rtol=0, atol=atol,
+                                   err_msg=f"{name} absolute={absolute} batch_size={size_}")
+  report = prune_ffn_neurons(path, tmp_path / "out", method="activation", ratio=0.3,
+                             calibration=jsonl, calibration_examples=8, batch_size=3)
+  for layer in report["layers"]:
+    assert set(range(256)) - set(layer["kept"]) == _reference_removed(
+        references[layer["name"]], math.floor(0.3 * 256), highest=False), layer["name"]
+
+
+def test_activation_statistic_on_constructed_sequences():
+  """sum_s (mean_{n in s} a_nj)^2 on a hand-made batch: two rows, the first packing two
+  sequences and a padding token, the second one sequence with two masked tokens.  Neuron 0 is
+  silent (0), neuron 1's signed activations cancel within every sequence (0 signed; its absolute
+  means are 2/3, 2 and 2), neuron 2 is 2 on every unmasked token (3 sequences of mean 2: 12; the
+  masked 100 and the rows' shared segment id 1 must not count)."""
+  a = np.zeros((2, 6, 3), np.float32)
+  a[0, :, 1] = [1, -1, 0, 2, -2, 7]
+  a[1, :, 1] = [3, -3, 1, -1, 50, 50]
+  a[..., 2] = 2.0
+  a[0, 5, 2] = a[1, 4:, 2] = 100.0
+  segment_ids = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]], np.float32)
+  signed, absolute = calibration.sequence_mean_squares(a, mask, segment_ids)
+  # a few float32 roundings of values up to 100 (masked to 0), means of at most 4 terms
+  atol = rounding_atol(100.0, 8)
+  np.testing.assert_allclose(signed, [0.0, 0.0, 12.0], rtol=0, atol=atol)
+  np.testing.assert_allclose(absolute, [0.0, (2 / 3) ** 2 + 4 + 4, 12.0], rtol=0, atol=atol)
+
+
+def test_activation_removes_silent_neurons_first(tmp_path):
+  """tools/prune_checkpoint.py --method activation with calibration data: neurons whose up
+  column V_j is 0 have a_j = 0 on every token, so they score exactly 0 and are removed first (in
+  index order); every layer is cut to 75 % of its width."""
+  cfg = TINY.replace(num_layers=2)
+  params = random_params(cfg, 1)
+  params["layers_0"]["mlp"]["up"][:, [5, 77]] = 0.0
+  checkpoints.save(tmp_path / "in", cfg, params)
+  jsonl = _variable_length_jsonl(tmp_path / "calib.jsonl")
+  run = subprocess.run(
+      [sys.executable, str(REPO / "tools" / "prune_checkpoint.py"), "--input",
+       str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--method", "activation",
+       "--ratio", "0.25", "--calibration", str(jsonl), "--calibration_examples", "8",
+       "--report", str(tmp_path / "report.json")],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert run.returncode == 0, run.stderr
+  assert checkpoints.load_config(tmp_path / "out").ffn_widths == (192, 192)
+  layer = json.loads((tmp_path / "report.json").read_text())["layers"][0]
+  assert layer["removed_order"][:2] == [5, 77]
+  assert layer["scores"]["removed"]["min"] == 0.0 < layer["scores"]["kept"]["min"]
 
 
 def test_entropy_removes_zero_rows_first(tmp_path):
@@ -493,6 +584,8 @@ def test_input_checkpoint_is_unchanged(tiny_ckpt, tmp_path):
     ({"method": "lp"}, PruningError, r"'lp' is data-aware and needs calibration"),
     ({"budget": "everything"}, PruningError, r"--budget"),
     ({"method_params": {"nope": 1}}, PruningError, r"has no parameter 'nope'"),
+    ({"method": "activation", "method_params": {"absolute": "maybe"}}, PruningError,
+     r"method 'activation': parameter absolute='maybe', expected true or false"),
 ])
 def test_invalid_requests_raise_and_write_nothing(tiny_ckpt, tmp_path, kwargs, error, match):
   args = dict(method="entropy", ratio=0.25) | kwargs

@@ -118,6 +118,14 @@ def test_sharded_statistics_and_perplexity_equal_the_single_device_ones(tiny):
     np.testing.assert_allclose(on_mesh[name].a_sum, stats.a_sum, rtol=0, err_msg=f"{name} a_sum",
                                atol=rounding_atol(np.sqrt(count * stats.a_sq_sum).max(),
                                                   forward + count))
+    # per-sequence means (`activation`): each off by a logit's path and its sum over at most SEQ
+    # tokens, times |a| <= A = max sqrt(sum a^2); squaring multiplies that by at most 2 A; then
+    # the sum over the 6 sequences (padded rows add nothing)
+    largest = np.sqrt(stats.a_sq_sum).max()
+    for field in ("seq_mean_sq_sum", "seq_abs_mean_sq_sum"):
+      np.testing.assert_allclose(
+          getattr(on_mesh[name], field), getattr(stats, field), rtol=0, err_msg=f"{name} {field}",
+          atol=6 * 2 * largest * rounding_atol(largest, forward + SEQ + 6))
   nll = calibration.perplexity(TINY, params, batches())
   assert calibration.perplexity(TINY, sharded, batches(), mesh=mesh, rules=rules)[
       "nll"] == pytest.approx(nll["nll"], abs=_nll_atol(nll["nll"], nll["tokens"]))

@@ -72,7 +72,7 @@ def test_every_stage_leaves_finite_results(quick_run):
   assert len(standard["0"]["curve"]) == 2 and "accuracy_strict" in standard["0"]["final"]
   methods = {r["method"] for r in s["prune"]["rows"]}
   assert methods == {"entropy", "random", "magnitude", "srinivas_babu", "stahlberg_byrne",
-                     "wanda_channel", "flap", "lp", "scar_prot"}
+                     "wanda_channel", "flap", "lp", "scar_prot", "activation"}
   for row in s["prune"]["rows"]:  # the pruned checkpoints really are smaller
     assert sum(row["ffn_widths"]) == round(4 * 128 * (1 - row["ratio"]))
   # every evaluation keeps its per-row NLL sums (the report's bootstrap resamples them)

@@ -24,10 +24,15 @@ Statistics are gathered in one forward + backward pass per batch (whole model in
   a  inner activation act(xU) * (xV)                -> sum_n a_nj, sum_n a_nj^2    [m]
   a*g with g = dL/da (L = the *summed* next-token NLL of the batch's loss tokens; taken as the
        gradient with respect to a multiplier of ones on a) -> sum_n (a_nj g_nj)^2  [m]
-over the tokens with loss_mask > 0.  Rows (and packed segments) do not attend to each other, so
-g at a token is the gradient of the summed NLL of its own sequence: it does not depend on which
-other rows share its batch, and the statistics do not depend on how the calibration data is
-batched (a batch-mean L would scale g by 1 / the batch's token count).
+  a per sequence s: its mean over the sequence's tokens, squared and summed over the sequences
+       -> sum_s (mean_{n in s} a_nj)^2 and sum_s (mean_{n in s} |a_nj|)^2  [m]  (`activation`)
+over the tokens with loss_mask > 0.  A sequence is one segment of a row (a packed row holds
+several; a file row is one); the per-sequence sums accumulate in O(m) whatever the number of
+calibration rows, and a sequence without loss tokens adds nothing.  Rows (and packed segments)
+do not attend to each other, so g at a token is the gradient of the summed NLL of its own
+sequence: it does not depend on which other rows share its batch, and the statistics do not
+depend on how the calibration data is batched (a batch-mean L would scale g by 1 / the batch's
+token count).
 
 On a mesh (`collect_stats(..., mesh=, rules=)`, `perplexity(..., mesh=, rules=)`; params restored
 sharded by `checkpoints.load(path, mesh=, rules=)`, so no host holds the whole model), the jitted
@@ -67,6 +72,8 @@ class LayerStats:
   a_sum: np.ndarray  # [m]
   a_sq_sum: np.ndarray  # [m]
   ag_sq_sum: np.ndarray  # [m]
+  seq_mean_sq_sum: np.ndarray  # [m] sum over sequences of (mean over its tokens of a_nj)^2
+  seq_abs_mean_sq_sum: np.ndarray  # [m] the same of |a_nj|
 
   @property
   def a_mean(self) -> np.ndarray:
@@ -83,6 +90,12 @@ class LayerStats:
     zeroed at token n alone, and E is the mean over all calibration tokens.  Independent of the
     calibration batch size (with the batch-mean NLL, LP scaled with 1 / tokens per batch^2)."""
     return 0.5 * self.ag_sq_sum / max(self.count, 1.0)
+
+  def activation_importance(self, absolute: bool = False) -> np.ndarray:
+    """Minitron's MLP neuron importance (Muralidharan et al. 2024, Sec. 2.2, F_neuron aggregated
+    by L2 over the batch of the mean over the sequence): || (mean_{n in s} a_nj)_s ||_2 over the
+    calibration sequences s; with `absolute`, of mean_{n in s} |a_nj| (NVIDIA ModelOpt's hook)."""
+    return np.sqrt(self.seq_abs_mean_sq_sum if absolute else self.seq_mean_sq_sum)
 
 
 class CalibrationError(ValueError):
@@ -357,6 +370,28 @@ def _complete(batch: dict, pad_id: int) -> dict[str, np.ndarray]:
 
 # ---- statistics --------------------------------------------------------------------------------
 
+def sequence_mean_squares(a, weight, segment_ids):
+  """(sum_s (mean_{n in s} a_nj)^2 [m], sum_s (mean_{n in s} |a_nj|)^2 [m]) over the sequences s
+  of a batch: a [B, L, m], weight [B, L] (the loss mask; the means are weighted by it), a sequence
+  = a maximal run of equal segment_ids [B, L] within a row.  Sequences of weight 0 add nothing.
+  The sums are taken per sequence (jax.ops.segment_sum into B * L slots), so a row of packed
+  examples counts as its examples, not as one sequence."""
+  rows, length, width = a.shape
+  starts = jnp.concatenate([jnp.ones((rows, 1), bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  slot = (jnp.arange(rows)[:, None] * length + jnp.cumsum(starts, axis=1) - 1).reshape(-1)
+  w = weight.reshape(-1)
+  tokens = jax.ops.segment_sum(w, slot, num_segments=rows * length)
+  inverse = jnp.where(tokens > 0, 1.0 / jnp.where(tokens > 0, tokens, 1.0), 0.0)[:, None]
+
+  def mean_squares(values):
+    sums = jax.ops.segment_sum(values.reshape(-1, width) * w[:, None], slot,
+                               num_segments=rows * length)
+    return jnp.sum((sums * inverse) ** 2, axis=0)
+
+  return mean_squares(a), mean_squares(jnp.abs(a))
+
+
 def _batch_stats(cfg: ModelConfig, params, batch):
   """One batch's sums (see the module docstring) per FFN layer, and its loss-token count."""
   names = models.ffn_layer_names(cfg)
@@ -386,7 +421,8 @@ def _batch_stats(cfg: ModelConfig, params, batch):
     a = layer["mlp"]["inner"][0].astype(jnp.float32)
     ag = grads[n]
     stats[n] = (jnp.sum(x.astype(jnp.float32) ** 2 * w, (0, 1)), jnp.sum(a * w, (0, 1)),
-                jnp.sum(a * a * w, (0, 1)), jnp.sum(ag * ag * w, (0, 1)))
+                jnp.sum(a * a * w, (0, 1)), jnp.sum(ag * ag * w, (0, 1)),
+                *sequence_mean_squares(a, mask, batch["segment_ids"]))
   return stats, jnp.sum(mask)
 
 

@@ -91,8 +91,21 @@ def _parse_method_params(method, overrides: Optional[dict]) -> dict:
     if key not in params:
       raise PruningError(f"method {method.name!r} has no parameter {key!r}; its parameters: "
                          f"{sorted(params) or 'none'}")
-    params[key] = type(params[key])(value)
+    params[key] = _parse_bool(method, key, value) if isinstance(params[key], bool) else \
+        type(params[key])(value)
   return params
+
+
+def _parse_bool(method, key: str, value) -> bool:
+  """A boolean method parameter from Python (True/False) or the command line (true/false/1/0);
+  bool("false") would be True."""
+  if isinstance(value, bool):
+    return value
+  text = str(value).strip().lower()
+  if text not in ("true", "false", "1", "0"):
+    raise PruningError(f"method {method.name!r}: parameter {key}={value!r}, expected true or "
+                       f"false (or 1 / 0)")
+  return text in ("true", "1")
 
 
 def _summary(values: np.ndarray) -> dict:

@@ -190,6 +190,21 @@ def loss_proxy(layer: LayerInputs) -> np.ndarray:
   return _require_stats(layer, "lp").loss_proxy
 
 
+@register("activation", remove="lowest", needs_calibration=True, absolute=False)
+def activation(layer: LayerInputs) -> np.ndarray:
+  """Minitron's activation-based width importance for MLP neurons (Muralidharan et al. 2024,
+  "Compact Language Models via Pruning and Knowledge Distillation", Sec. 2.2:
+  F_neuron^(i) = sum_{B,S} X (W_1^i)^T, with the aggregation their ablation found best, L2 over
+  the batch of the mean over the sequence): s_j = sqrt( sum_s (mean_{n in s} a_nj)^2 ), s over
+  the calibration sequences (file rows; a packed row's examples).
+  a = act(x U) * (x V) is the gated FFN's inner activation, the input of the down projection W:
+  the per-neuron quantity of a GLU (X W_1^T of the paper's plain MLP has no single per-neuron
+  analogue here) and what NVIDIA's ModelOpt implementation hooks.  The mean is of signed values,
+  as the equation writes; `absolute=true` takes the mean of |a_nj| instead, as ModelOpt does."""
+  stats = _require_stats(layer, "activation")
+  return stats.activation_importance(bool(layer.params["absolute"]))
+
+
 def supernodes(lp: np.ndarray, fraction: float) -> np.ndarray:
   """Indices of the top ceil(fraction * m) channels by LP (at least one)."""
   count = max(1, int(np.ceil(fraction * lp.size)))

@@ -101,7 +101,7 @@ class RealSettings:
   arithmetic_examples: int = 64
   arithmetic_max_new_tokens: int = 32
   prune_methods: tuple = ("entropy", "magnitude", "srinivas_babu", "stahlberg_byrne", "random",
-                          "wanda_channel", "flap", "lp", "scar_prot")
+                          "wanda_channel", "flap", "lp", "scar_prot", "activation")
   prune_ratio: float = 0.25
   prune_sweep: tuple = (0.1, 0.5)
   random_seeds: tuple = (0, 1, 2, 3, 4)        # at prune_ratio

@@ -106,7 +106,7 @@ class Settings:
   scratch_nucl_alpha: float = 1e-3       # nucl_ent during pre-training
   middle_fraction: float = 0.7
   prune_methods: tuple = ("entropy", "random", "magnitude", "srinivas_babu", "stahlberg_byrne",
-                          "wanda_channel", "flap", "lp", "scar_prot")
+                          "wanda_channel", "flap", "lp", "scar_prot", "activation")
   prune_ratio: float = 0.25
   prune_sweep: tuple = (0.1, 0.25, 0.5)
   layer_subsets: tuple = ("all", "bottom_half", "top_half", "even", "odd")
