@@ -6,7 +6,9 @@ exactly what local paths give."""
 
 import hashlib
 import json
+import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -646,6 +648,87 @@ def test_training_in_a_bucket_killed_mid_run_resumes_bit_identically(gcs_bucket,
   accumulator = event_accumulator.EventAccumulator(events)
   accumulator.Reload()
   assert sorted({e.step for e in accumulator.Scalars("loss")}) == list(range(1, 9))
+
+
+# ---- tools/tpu_vm.py's remote commands ----------------------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WHERE = ["--name", "nucl", "--zone", "us-west4-a", "--project", "my-proj"]
+
+
+def _worker_command(capsys, command: str, program_args) -> str:
+  """The shell command that `tools/tpu_vm.py COMMAND ... --dry_run -- PROGRAM_ARGS` has every
+  worker run: the `--command=` of the one `gcloud ... tpu-vm ssh` call it prints."""
+  from maxnucl import tpu_vm  # pylint: disable=import-outside-toplevel
+  capsys.readouterr()
+  assert tpu_vm.main([command, *WHERE, "--dry_run", "--", *program_args]) == 0
+  [line] = capsys.readouterr().out.splitlines()
+  [remote] = [a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("--command=")]
+  return remote
+
+
+def _worker_home(tmp_path) -> pathlib.Path:
+  """A home directory laid out as `tpu_vm.py setup` leaves a worker's: ~/maxnucl is the checkout
+  (a link to this one) and ~/maxnucl_venv/bin/python runs the interpreter of these tests."""
+  home = tmp_path / "home"
+  (home / "maxnucl_venv" / "bin").mkdir(parents=True)
+  (home / "maxnucl").symlink_to(REPO)
+  python = home / "maxnucl_venv" / "bin" / "python"
+  python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+  python.chmod(0o755)
+  return home
+
+
+def _on_the_worker(remote: str, home: pathlib.Path) -> str:
+  """`remote` run by bash with HOME=`home`, as sshd runs it on a worker (the emulator's
+  environment inherited); what it printed, after asserting that it succeeded."""
+  done = subprocess.run(["bash", "-c", remote], env={**os.environ, "HOME": str(home)},
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 0, (remote, done.stdout[-3000:], done.stderr[-3000:])
+  return done.stdout
+
+
+def test_tpu_vm_train_and_run_commands_write_their_outputs_into_the_bucket(
+    gcs_server, gcs_bucket, capsys, tmp_path):
+  """The remote commands of `tpu_vm.py train -- ... --workdir=gs://...` and of `tpu_vm.py run --
+  tools/prune_checkpoint.py --input gs://... --output gs://...`, taken verbatim from --dry_run,
+  run by bash as on a worker.  The one adaptation to this machine is the worker's home directory
+  (HOME), laid out as `setup` leaves it (`_worker_home`: the checkout and the venv's python);
+  the commands and the user's arguments are not changed.  The trainer's checkpoints (each with
+  its commit marker), metrics.jsonl and TensorBoard events land in the bucket, its log in
+  ~/maxnucl_logs/train.log; the pruner reads the trainer's step from the bucket and publishes the
+  checkpoint a local output of the same pruning holds."""
+  home = _worker_home(tmp_path)
+  workdir = gcs_bucket + "/runs/tiny"
+  train = _worker_command(capsys, "train", [
+      "--gin_file=gin/demo_cpu.gin", *[f"--gin_param={p}" for p in TRAIN],
+      "--gin_param=train_loop.num_steps = 4", f"--workdir={workdir}"])
+  printed = _on_the_worker(train, home)
+  log = (home / "maxnucl_logs" / "train.log").read_text()
+  assert log and log == printed  # tee: the log and this terminal
+  objects = gcs_server.object_names(gcs_bucket)
+  for step in (2, 4):
+    assert f"runs/tiny/checkpoints/{step}/{outputs.COMMIT_MARKER}" in objects
+  assert "runs/tiny/metrics.jsonl" in objects
+  assert any(name.startswith("runs/tiny/tensorboard/") for name in objects)
+  logged = [json.loads(line) for line in
+            (paths.as_path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [1, 2, 3, 4]
+  assert str(checkpoints.resolve(workdir)) == workdir + "/checkpoints/4"
+
+  step, pruned = workdir + "/checkpoints/4", gcs_bucket + "/ckpt/tiny_entropy25"
+  prune = _worker_command(capsys, "run", [
+      "tools/prune_checkpoint.py", "--input", step, "--output", pruned, "--method", "entropy",
+      "--ratio", "0.25"])
+  _on_the_worker(prune, home)
+  assert (home / "maxnucl_logs" / "prune_checkpoint.log").stat().st_size > 0
+  assert outputs.is_committed(paths.as_path(pruned))
+  prune_ffn_neurons(step, tmp_path / "local", method="entropy", ratio=0.25)
+  assert _content(pruned) == _content(tmp_path / "local")
+  assert checkpoints.load_config(pruned).layer_ffn_widths == tuple(
+      w - w // 4 for w in checkpoints.load_config(step).layer_ffn_widths)
+
+
 
 
 CLOSED_WRITER = """
