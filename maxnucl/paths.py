@@ -180,19 +180,21 @@ def files_below(root: Path) -> list[tuple[str, ...]]:
 def tensorboard_logdir(path: PathLike) -> str:
   """The logdir string to give tensorboardX's SummaryWriter for the directory `path`.
 
-  tensorboardX writes local paths itself, and `gs://` (`s3://`) only through
-  google-cloud-storage (boto3), which maxnucl does not install: a logdir with any other URL
-  would become a local directory named "file:" or "gs:".  For those URLs this registers an
-  event-file writer that goes through etils.epath (`_EpathEventFile`: each flush uploads the
-  event file so far as one object).
+  tensorboardX writes local paths itself, `s3://` through boto3, and `gs://` through
+  google-cloud-storage; a logdir with any other URL would become a local directory named
+  "file:".  For every URL but `s3://` (with boto3) this registers an event-file writer that goes
+  through etils.epath (`_EpathEventFile`: each flush uploads the event file so far as one
+  object), `gs://` included: tensorboardX's own GCS writer uploads the file again whenever the
+  writer object is garbage-collected, after `close` too, and retries for two minutes where the
+  bucket cannot be reached then (at interpreter exit, say); and epath is the client that reaches
+  the bucket for every other file of a run.
   """
   path = as_path(path)
   if not is_url(path):
     return str(path)
   from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
   scheme = os.fspath(path).split("://", 1)[0]
-  native = {"gs": record_writer.GCS_ENABLED, "s3": record_writer.S3_ENABLED}.get(scheme, False)
-  if not native:
+  if not (scheme == "s3" and record_writer.S3_ENABLED):
     record_writer.register_writer_factory(scheme, _EpathEventFiles())
   return os.fspath(path)
 

@@ -6,7 +6,9 @@ exactly what local paths give."""
 
 import hashlib
 import json
+import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -511,10 +513,13 @@ def test_eval_tasks_in_a_file_url_workdir_write_what_a_local_one_does(tmp_path):
   assert results["num_examples"] == 4
 
 
-def _corrupt(step_dir: pathlib.Path) -> None:
-  """Flip bytes of the largest params data file (the arrays' chunks) of a step."""
-  data = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
-             key=lambda p: p.stat().st_size)
+def _corrupt(step_dir) -> None:
+  """Flip bytes of the largest params data file (the arrays' chunks) of a step (a local path or
+  a URL)."""
+  step_dir = paths.as_path(step_dir)
+  chunks = [step_dir.joinpath("params", *parts) for parts in paths.files_below(step_dir / "params")
+            if len(parts) > 1 and parts[-2] == "d"]
+  data = max(chunks, key=paths.file_size)
   raw = bytearray(data.read_bytes())
   for i in range(len(raw) // 3, len(raw), 97):
     raw[i] ^= 0xFF
@@ -525,45 +530,48 @@ def _without_marker(sums: dict) -> dict:
   return {k: v for k, v in sums.items() if k != outputs.COMMIT_MARKER}
 
 
-def test_a_corrupted_step_in_a_url_workdir_is_copied_aside_marked_then_deleted(tmp_path, caplog):
+def _names(directory) -> list[str]:
+  return sorted(p.name for p in paths.as_path(directory).iterdir())
+
+
+def test_a_corrupted_step_in_a_url_workdir_is_copied_aside_marked_then_deleted(store, caplog):
   """A bucket has no rename: the corrupted step is copied to corrupted_step_4, the copy gets its
   commit marker, and only then is step 4 deleted; the run resumes from step 2."""
-  steps = tmp_path / "run" / "checkpoints"
-  _train(_url(tmp_path / "run"), 4)
+  workdir, steps = store.url("run"), store.path("run") / "checkpoints"
+  _train(workdir, 4)
   _corrupt(steps / "4")
   corrupted = _checksums(steps / "4")
-  _train(_url(tmp_path / "run"), 3)  # resumes from step 2 and stops at step 3: no new step 4
+  _train(workdir, 3)  # resumes from step 2 and stops at step 3: no new step 4
   aside = steps / "corrupted_step_4"
   assert _without_marker(_checksums(aside)) == _without_marker(corrupted)  # every file, as it was
   assert outputs.is_committed(aside)  # the copy is marked complete
-  assert not (steps / "4").exists()  # and only then the original deleted
-  assert sorted(p.name for p in steps.iterdir()) == ["2", "3", "corrupted_step_4"]
-  assert f"moved it to {_url(aside)} and resuming from the previous checkpoint, step 2" in (
-      caplog.text)
+  assert not paths.exists(steps / "4")  # and only then the original deleted
+  assert _names(steps) == ["2", "3", "corrupted_step_4"]
+  assert f"moved it to {aside} and resuming from the previous checkpoint, step 2" in caplog.text
 
 
-def test_a_second_corrupted_step_of_the_same_number_goes_to_the_next_free_name(tmp_path):
-  steps = tmp_path / "run" / "checkpoints"
-  _train(_url(tmp_path / "run"), 4)
+def test_a_second_corrupted_step_of_the_same_number_goes_to_the_next_free_name(store):
+  workdir, steps = store.url("run"), store.path("run") / "checkpoints"
+  _train(workdir, 4)
   _corrupt(steps / "4")
   first = _checksums(steps / "4")
-  _train(_url(tmp_path / "run"), 3)  # step 4 -> corrupted_step_4
-  _train(_url(tmp_path / "run"), 4)  # a new step 4
+  _train(workdir, 3)  # step 4 -> corrupted_step_4
+  _train(workdir, 4)  # a new step 4
   _corrupt(steps / "4")
   second = _checksums(steps / "4")
-  _train(_url(tmp_path / "run"), 4)  # step 4 again -> corrupted_step_4.2, resumed from step 3
+  _train(workdir, 4)  # step 4 again -> corrupted_step_4.2, resumed from step 3
   assert _without_marker(_checksums(steps / "corrupted_step_4")) == _without_marker(first)
   assert _without_marker(_checksums(steps / "corrupted_step_4.2")) == _without_marker(second)
   assert outputs.is_committed(steps / "corrupted_step_4.2")
   assert first != second
 
 
-def test_a_failure_while_copying_a_corrupted_step_aside_leaves_the_step_in_place(tmp_path,
+def test_a_failure_while_copying_a_corrupted_step_aside_leaves_the_step_in_place(store,
                                                                               monkeypatch):
   """The copy fails after some files: the original step stays whole (marker included), the
   partial copy is removed, and the next run moves the step aside normally."""
-  steps = tmp_path / "run" / "checkpoints"
-  _train(_url(tmp_path / "run"), 4)
+  workdir, steps = store.url("run"), store.path("run") / "checkpoints"
+  _train(workdir, 4)
   _corrupt(steps / "4")
   original = _checksums(steps / "4")
   copy_file, copied = paths.copy_file, []
@@ -576,14 +584,14 @@ def test_a_failure_while_copying_a_corrupted_step_aside_leaves_the_step_in_place
 
   monkeypatch.setattr(paths, "copy_file", failing_copy)
   with pytest.raises(OSError, match="simulated failure while copying"):
-    _train(_url(tmp_path / "run"), 3)
+    _train(workdir, 3)
   assert len(copied) == 3  # it failed part-way through the copy
   assert _checksums(steps / "4") == original  # never delete the only copy
-  assert not (steps / "corrupted_step_4").exists()  # the partial copy is gone
+  assert not paths.exists(steps / "corrupted_step_4")  # the partial copy is gone
   monkeypatch.setattr(paths, "copy_file", copy_file)
-  _train(_url(tmp_path / "run"), 3)
+  _train(workdir, 3)
   assert _without_marker(_checksums(steps / "corrupted_step_4")) == _without_marker(original)
-  assert not (steps / "4").exists()
+  assert not paths.exists(steps / "4")
 
 
 @pytest.mark.parametrize("as_url", [False, True])
@@ -640,3 +648,120 @@ def test_training_in_a_bucket_killed_mid_run_resumes_bit_identically(gcs_bucket,
   accumulator = event_accumulator.EventAccumulator(events)
   accumulator.Reload()
   assert sorted({e.step for e in accumulator.Scalars("loss")}) == list(range(1, 9))
+
+
+# ---- tools/tpu_vm.py's remote commands ----------------------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WHERE = ["--name", "nucl", "--zone", "us-west4-a", "--project", "my-proj"]
+
+
+def _worker_command(capsys, command: str, program_args) -> str:
+  """The shell command that `tools/tpu_vm.py COMMAND ... --dry_run -- PROGRAM_ARGS` has every
+  worker run: the `--command=` of the one `gcloud ... tpu-vm ssh` call it prints."""
+  from maxnucl import tpu_vm  # pylint: disable=import-outside-toplevel
+  capsys.readouterr()
+  assert tpu_vm.main([command, *WHERE, "--dry_run", "--", *program_args]) == 0
+  [line] = capsys.readouterr().out.splitlines()
+  [remote] = [a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("--command=")]
+  return remote
+
+
+def _worker_home(tmp_path) -> pathlib.Path:
+  """A home directory laid out as `tpu_vm.py setup` leaves a worker's: ~/maxnucl is the checkout
+  (a link to this one) and ~/maxnucl_venv/bin/python runs the interpreter of these tests."""
+  home = tmp_path / "home"
+  (home / "maxnucl_venv" / "bin").mkdir(parents=True)
+  (home / "maxnucl").symlink_to(REPO)
+  python = home / "maxnucl_venv" / "bin" / "python"
+  python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+  python.chmod(0o755)
+  return home
+
+
+def _on_the_worker(remote: str, home: pathlib.Path) -> str:
+  """`remote` run by bash with HOME=`home`, as sshd runs it on a worker (the emulator's
+  environment inherited); what it printed, after asserting that it succeeded."""
+  done = subprocess.run(["bash", "-c", remote], env={**os.environ, "HOME": str(home)},
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 0, (remote, done.stdout[-3000:], done.stderr[-3000:])
+  return done.stdout
+
+
+def test_tpu_vm_train_and_run_commands_write_their_outputs_into_the_bucket(
+    gcs_server, gcs_bucket, capsys, tmp_path):
+  """The remote commands of `tpu_vm.py train -- ... --workdir=gs://...` and of `tpu_vm.py run --
+  tools/prune_checkpoint.py --input gs://... --output gs://...`, taken verbatim from --dry_run,
+  run by bash as on a worker.  The one adaptation to this machine is the worker's home directory
+  (HOME), laid out as `setup` leaves it (`_worker_home`: the checkout and the venv's python);
+  the commands and the user's arguments are not changed.  The trainer's checkpoints (each with
+  its commit marker), metrics.jsonl and TensorBoard events land in the bucket, its log in
+  ~/maxnucl_logs/train.log; the pruner reads the trainer's step from the bucket and publishes the
+  checkpoint a local output of the same pruning holds."""
+  home = _worker_home(tmp_path)
+  workdir = gcs_bucket + "/runs/tiny"
+  train = _worker_command(capsys, "train", [
+      "--gin_file=gin/demo_cpu.gin", *[f"--gin_param={p}" for p in TRAIN],
+      "--gin_param=train_loop.num_steps = 4", f"--workdir={workdir}"])
+  printed = _on_the_worker(train, home)
+  log = (home / "maxnucl_logs" / "train.log").read_text()
+  assert log and log == printed  # tee: the log and this terminal
+  objects = gcs_server.object_names(gcs_bucket)
+  for step in (2, 4):
+    assert f"runs/tiny/checkpoints/{step}/{outputs.COMMIT_MARKER}" in objects
+  assert "runs/tiny/metrics.jsonl" in objects
+  assert any(name.startswith("runs/tiny/tensorboard/") for name in objects)
+  logged = [json.loads(line) for line in
+            (paths.as_path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [1, 2, 3, 4]
+  assert str(checkpoints.resolve(workdir)) == workdir + "/checkpoints/4"
+
+  step, pruned = workdir + "/checkpoints/4", gcs_bucket + "/ckpt/tiny_entropy25"
+  prune = _worker_command(capsys, "run", [
+      "tools/prune_checkpoint.py", "--input", step, "--output", pruned, "--method", "entropy",
+      "--ratio", "0.25"])
+  _on_the_worker(prune, home)
+  assert (home / "maxnucl_logs" / "prune_checkpoint.log").stat().st_size > 0
+  assert outputs.is_committed(paths.as_path(pruned))
+  prune_ffn_neurons(step, tmp_path / "local", method="entropy", ratio=0.25)
+  assert _content(pruned) == _content(tmp_path / "local")
+  assert checkpoints.load_config(pruned).layer_ffn_widths == tuple(
+      w - w // 4 for w in checkpoints.load_config(step).layer_ffn_widths)
+
+
+
+
+CLOSED_WRITER = """
+import os, sys, urllib.request
+from tensorboardX import SummaryWriter
+from maxnucl import paths
+writer = SummaryWriter(paths.tensorboard_logdir(sys.argv[1]))
+writer.add_scalar("loss", 1.5, 1)
+writer.flush()
+writer.add_scalar("loss", 1.25, 2)
+writer.close()
+[events] = paths.as_path(sys.argv[1]).iterdir()
+with open(sys.argv[2] + "/" + events.name, "wb") as f:  # the events as of close
+  f.write(events.read_bytes())
+events.unlink()
+bucket = sys.argv[1][len("gs://"):].split("/")[0]  # and the bucket deleted: a write now fails
+urllib.request.urlopen(urllib.request.Request(
+    os.environ["STORAGE_EMULATOR_HOST"] + "/storage/v1/b/" + bucket, method="DELETE"))
+"""
+
+
+def test_a_closed_tensorboard_writer_in_a_bucket_uploads_nothing_more(gcs_bucket, tmp_path):
+  """A TensorBoard writer in a bucket (the trainer's, `paths.tensorboard_logdir`): its event
+  file holds every step at close, and once closed nothing writes it again, not even at the
+  process's exit: with the bucket deleted after close, the process exits without a failed
+  upload (tensorboardX's own GCS writer uploads again whenever the writer object is
+  garbage-collected: a second upload, an error, or a two-minute wait at exit if the server is
+  gone)."""
+  done = subprocess.run([sys.executable, "-c", CLOSED_WRITER, gcs_bucket + "/tb", str(tmp_path)],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "Exception ignored" not in done.stderr, done.stderr  # no write after close, at exit
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(str(tmp_path))
+  accumulator.Reload()
+  assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [(1, 1.5), (2, 1.25)]

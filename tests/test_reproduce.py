@@ -5,9 +5,11 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -208,6 +210,56 @@ def test_a_url_output_holds_what_a_local_one_does_and_a_rerun_resumes_from_it(gc
   assert "downloaded" not in done.stderr
   assert (paths.as_path(url) / "stages" / "data.json").exists()
 
+
+
+def _layout(names) -> set[str]:
+  """The file names, less those of the checkpoints' array data files (`.../d/<random hex>`, whose
+  names and number vary from run to run), TensorBoard's names without their time and host."""
+  return {re.sub(r"/events\.out\.tfevents\..*$", "/events.out.tfevents.*", name)
+          for name in names if not re.search(r"/d/[0-9a-f]+$", name)}
+
+
+def test_a_url_output_of_the_pretrain_stage_holds_the_local_runs_and_a_rerun_downloads_them(
+    gcs_bucket, tmp_path):
+  """--output gs://... --stages pretrain (the cheapest stage that trains, with its data stage):
+  the bucket holds every file of a local output (but the compilation cache); each run's
+  checkpoints hold the local run's params bit for bit, its metrics.jsonl the same losses, the
+  stage's record the same results; the record is uploaded last; a rerun with a new staging
+  directory downloads the stage and trains nothing."""
+  local, staging = tmp_path / "local", tmp_path / "stage"  # names of equal length, as above
+  url = f"{gcs_bucket}/repro"
+  for output, extra in ((str(local), ()), (url, ("--staging_dir", str(staging)))):
+    done = _reproduce("--quick", "--output", output, *extra, "--stages", "pretrain",
+                      "--no_report")
+    assert done.returncode == 0, done.stderr[-3000:]
+  remote = _files(url)
+  expected = {name for name in _files(local) if not name.startswith(".jax_cache/")}
+  assert _layout(remote) == _layout(expected | {"uploads/data.json", "uploads/pretrain.json"})
+  assert json.loads(remote["uploads/pretrain.json"])["files"][-1] == "stages/pretrain.json"
+  record = remote["stages/pretrain.json"].replace(str(staging).encode(), str(local).encode())
+  assert _without_timing(json.loads(record)) == _without_timing(
+      json.loads((local / "stages" / "pretrain.json").read_text()))
+  runs = sorted({name.split("/")[1] for name in expected if name.startswith("runs/")})
+  assert runs == ["pretrain_s0", "pretrain_s1"]
+  for run in runs:
+    remote_ckpt = checkpoints.resolve(f"{url}/runs/{run}")
+    local_ckpt = checkpoints.resolve(local / "runs" / run)
+    assert str(remote_ckpt).rsplit("/", 1)[1] == local_ckpt.name  # the same final step
+    for a, b in zip(*(jax.tree.leaves(checkpoints.load(c)[1]) for c in (remote_ckpt,
+                                                                         local_ckpt))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    losses = [[json.loads(line)["loss"] for line in text.splitlines()] for text in (
+        remote[f"runs/{run}/metrics.jsonl"].decode(),
+        (local / "runs" / run / "metrics.jsonl").read_text())]
+    assert losses[0] == losses[1] and losses[0]
+
+  rerun = tmp_path / "rerun"
+  done = _reproduce("--quick", "--output", url, "--staging_dir", str(rerun), "--stages",
+                    "pretrain", "--no_report")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "stage pretrain: running" not in done.stderr
+  assert "run pretrain_s0" not in done.stderr and "run pretrain_s1" not in done.stderr
+  assert _files(url) == remote
 
 @pytest.mark.parametrize("argv, message", [
     (["--output", "OUT", "--staging_dir", "S"],
