@@ -274,9 +274,12 @@ def check_step(rehearsal: Rehearsal, command: str, outputs: list) -> str:
     return f"started on {len(rehearsal.background)} processes"
   if words[:1] == ["kill"]:
     (code0, _, err0), (code1, _, _) = outputs
+    facts["exits_at_kill"] = [code0, code1]
     if code1 != -signal.SIGKILL or code0 == 0:
       _fail(command, f"expected process 1 killed (-9) and process 0 failed; exits {code1}, "
                      f"{code0}")
+    if not re.search(r"another task died|tasks are unhealthy|stopped sending heartbeats", err0):
+      _fail(command, f"process 0 did not report its partner's death:\n{err0[-2000:]}")
     workdir = paths.as_path(rehearsal.fill(_option(rehearsal.train_command, "--workdir")))
     facts["committed_at_kill"] = _committed_steps(workdir)
     if not facts["committed_at_kill"]:
