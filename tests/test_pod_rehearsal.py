@@ -4,6 +4,7 @@ step's effect is then read back from the bucket here, independently of the scrip
 
 import json
 import math
+import os
 import pathlib
 import re
 import subprocess
@@ -30,9 +31,12 @@ def _in(bucket: str, command: str, flag: str) -> str:
 def test_the_pages_pod_commands_run_in_order_and_leave_their_effects_in_the_bucket(
     gcs_server, gcs_bucket, tmp_path):
   report_file = tmp_path / "rehearsal.json"
+  # one compilation cache for the steps' processes: the restart compiles what the killed run did
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   done = subprocess.run([sys.executable, "benchmarks/pod_rehearsal.py", "--quick", "--bucket",
-                         gcs_bucket, "--json", str(report_file)], cwd=REPO, capture_output=True,
-                        text=True, timeout=900, check=False)
+                         gcs_bucket, "--json", str(report_file)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  print(done.stdout)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
   report = json.loads(report_file.read_text())
   lines = _page_lines()
