@@ -139,7 +139,7 @@ class Rehearsal:
           code, stdout, stderr = outputs[failed[0]]
           raise RuntimeError(f"step failed (process {failed[0]}, exit {code}): {command}\n"
                              f"{stdout[-2000:]}\n{stderr[-4000:]}")
-    step = {"command": command, "processes": NUM_PROCESSES if "--process_id=I" in command else 1,
+    step = {"command": command, "label": step_label(command), "processes": NUM_PROCESSES if "--process_id=I" in command else 1,
             "seconds": time.perf_counter() - start}
     step["checked"] = check_step(self, command, outputs)
     step["seconds_with_check"] = time.perf_counter() - start
@@ -451,11 +451,28 @@ def _bucket_url(text: str) -> str:
   return text
 
 
+def step_label(command: str) -> str:
+  """The program a command runs, e.g. `convert_checkpoint.py hf-to-maxnucl`, `maxnucl.train &`."""
+  words = shlex.split(command, comments=True)
+  if words[:1] == ["kill"]:
+    return "kill -9 process 1; process 0 stops"
+  words = words[words.index("python") + 1:]
+  name = words[1] if words[0] == "-m" else pathlib.Path(words[0]).name
+  rest = words[2:] if words[0] == "-m" else words[1:]
+  if rest and not rest[0].startswith("-"):
+    name += " " + rest[0]
+  return name + (" &" if command.endswith("&") else "")
+
+
 def print_table(report: dict) -> None:
-  print(f"\n{'step':<58} {'processes':>9} {'seconds':>8}")
-  for step in report["steps"]:
-    print(f"{_short(step['command'], 58):<58} {step['processes']:>9} {step['seconds']:>8.1f}")
-  print(f"{'total':<58} {'':>9} {report['total_seconds']:>8.1f}")
+  rows = [(step_label(s["command"]), s["processes"], s["seconds"]) for s in report["steps"]]
+  if "uninterrupted" in report:
+    rows.append(("maxnucl.train, never killed", NUM_PROCESSES,
+                 report["uninterrupted"]["seconds"]))
+  rows.append(("total (with the emulator and HF_DIR)", "", report["total_seconds"]))
+  print(f"\n{'step':<40} {'processes':>9} {'seconds':>8}")
+  for label, processes, seconds in rows:
+    print(f"{label:<40} {processes:>9} {seconds:>8.1f}")
 
 
 def main(argv=None) -> dict:
