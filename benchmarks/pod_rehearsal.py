@@ -95,8 +95,9 @@ class Rehearsal:
   """Runs the commands in order against `bucket` from the repository root, keeping what the
   checks need (the background run's processes, the metrics logged before the kill)."""
 
-  def __init__(self, bucket: str, hf_dir: pathlib.Path, environment: dict):
-    self.bucket, self.hf_dir = bucket, hf_dir
+  def __init__(self, bucket: str, hf_dir: pathlib.Path, environment: dict,
+               logs: pathlib.Path):
+    self.bucket, self.hf_dir, self.logs = bucket, hf_dir, logs
     self.environment = dict(environment, PYTHONUNBUFFERED="1", PATH=(
         f"{pathlib.Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"))
     self.background: list[subprocess.Popen] = []
@@ -118,10 +119,17 @@ class Rehearsal:
     port = _free_port()
     texts = ([self.fill(command, port, i) for i in range(NUM_PROCESSES)]
              if "--process_id=I" in command else [self.fill(command)])
-    # each in its own process group, which `kill -9 PID1` and the clean-up kill whole
-    return [subprocess.Popen(["bash", "-c", text.rstrip(" &")], cwd=REPO, env=self.environment,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True) for text in texts]
+    procs = []
+    for i, text in enumerate(texts):
+      # output into files, not pipes: a pipe nobody reads while the run goes would block it
+      name = self.logs / f"step{len(self.steps) + 1}_process{i}"
+      with open(f"{name}.out", "w") as out, open(f"{name}.err", "w") as err:
+        # its own process group, which `kill -9 PID1` and the clean-up kill whole
+        procs.append(subprocess.Popen(["bash", "-c", text.rstrip(" &")], cwd=REPO,
+                                      env=self.environment, stdout=out, stderr=err,
+                                      start_new_session=True))
+      procs[-1].output_name = name
+    return procs
 
   def run(self, command: str) -> None:
     start = time.perf_counter()
@@ -167,7 +175,7 @@ class Rehearsal:
       for i, p in enumerate(self.background):
         if p.poll() is not None:
           raise RuntimeError(f"process {i} ended (exit {p.returncode}) before it could be "
-                             f"killed:\n{p.stderr.read()[-4000:]}")
+                             f"killed:\n{_printed(p)[1][-4000:]}")
       if time.monotonic() > deadline:
         raise RuntimeError(f"no committed {checkpoint} in {STEP_TIMEOUT_S} s")
       time.sleep(0.2)
@@ -183,14 +191,22 @@ class Rehearsal:
 def _wait(procs, command) -> list[tuple[int, str, str]]:
   """(exit status, stdout, stderr) of each process, once all have ended."""
   try:
-    printed = [p.communicate(timeout=STEP_TIMEOUT_S) for p in procs]
-    return [(p.returncode, *out) for p, out in zip(procs, printed)]
+    for p in procs:
+      p.wait(timeout=STEP_TIMEOUT_S)
+    return [(p.returncode, *_printed(p)) for p in procs]
   except subprocess.TimeoutExpired as error:
     raise RuntimeError(f"step ran over {STEP_TIMEOUT_S} s: {command}") from error
   finally:
     for p in procs:
       _kill(p)
       p.wait()
+
+
+def _printed(process: subprocess.Popen) -> tuple[str, str]:
+  """What a process started by `Rehearsal.start` wrote: (stdout, stderr)."""
+  name = process.output_name
+  return (pathlib.Path(f"{name}.out").read_text(errors="replace"),
+          pathlib.Path(f"{name}.err").read_text(errors="replace"))
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -394,12 +410,18 @@ def rehearse(bucket: str, quick: bool, scratch: pathlib.Path) -> dict:
   """The page's commands against `bucket` (the clients already pointed at its server)."""
   commands = page_commands()
   hf_dir, cfg = write_hf_source(scratch)
-  rehearsal = Rehearsal(bucket, hf_dir, dict(os.environ))
+  (scratch / "logs").mkdir()
+  rehearsal = Rehearsal(bucket, hf_dir, dict(os.environ), scratch / "logs")
   rehearsal.source_cfg = cfg
   rehearsal.train_command = next(c for c in commands if "maxnucl.train" in c)
   rehearsal.num_steps = _num_steps(rehearsal.train_command)
-  for command in commands:
-    rehearsal.run(command)
+  try:
+    for command in commands:
+      rehearsal.run(command)
+  finally:  # a step that failed while a `&` run was going: no process left behind
+    for process in rehearsal.background:
+      _kill(process)
+      process.wait()
   report = {"bucket": bucket, "steps": rehearsal.steps, "facts": rehearsal.facts}
   if not quick:
     report["uninterrupted"] = _uninterrupted(rehearsal)
