@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -147,7 +148,8 @@ class Rehearsal:
           code, stdout, stderr = outputs[failed[0]]
           raise RuntimeError(f"step failed (process {failed[0]}, exit {code}): {command}\n"
                              f"{stdout[-2000:]}\n{stderr[-4000:]}")
-    step = {"command": command, "label": step_label(command), "processes": NUM_PROCESSES if "--process_id=I" in command else 1,
+    step = {"command": command, "label": step_label(command),
+            "processes": NUM_PROCESSES if "--process_id=I" in command else 1,
             "seconds": time.perf_counter() - start}
     step["checked"] = check_step(self, command, outputs)
     step["seconds_with_check"] = time.perf_counter() - start
@@ -169,9 +171,12 @@ class Rehearsal:
     checkpoint = paths.as_path(self.fill(match.group(1)))
     workdir = checkpoint.parent.parent
     after = int(match.group(2))
+    def ready() -> bool:
+      fresh_listings()
+      return outputs.is_committed(checkpoint) and max(_logged_steps(workdir), default=0) > after
+
     deadline = time.monotonic() + STEP_TIMEOUT_S
-    while fresh_listings() or not (outputs.is_committed(checkpoint) and _logged_steps(workdir)
-               and max(_logged_steps(workdir)) > after):
+    while not ready():
       for i, p in enumerate(self.background):
         if p.poll() is not None:
           raise RuntimeError(f"process {i} ended (exit {p.returncode}) before it could be "
@@ -264,79 +269,116 @@ def _committed_steps(workdir) -> list[int]:
                 if p.name.isdigit() and outputs.is_committed(p)) if folder.exists() else []
 
 
+def step_kind(command: str) -> str:
+  """Which of the rehearsal's steps a command of the page is (ValueError if none)."""
+  words = shlex.split(command, comments=True)
+  if words[:1] == ["kill"]:
+    return "kill"
+  for kind, word in (("convert", "hf-to-maxnucl"), ("inspect", "inspect"),
+                     ("train", "maxnucl.train"), ("prune", "tools/prune_checkpoint.py"),
+                     ("evaluate", "maxnucl.evaluate"), ("export", "maxnucl-to-hf")):
+    if word in words:
+      return "start" if kind == "train" and command.endswith("&") else kind
+  _fail(command, "no check for this command (benchmarks/pod_rehearsal.py step_kind)")
+
+
 def check_step(rehearsal: Rehearsal, command: str, outputs: list) -> str:
   """Checks what `command` left in the bucket; a one-line summary of it."""
-  from maxnucl import checkpoints, paths  # pylint: disable=import-outside-toplevel
   fresh_listings()
+  return CHECKS[step_kind(command)](rehearsal, command, outputs)
+
+
+def _check_converted(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  """The converted checkpoint is committed in the bucket, with the source's layers."""
+  from maxnucl import checkpoints  # pylint: disable=import-outside-toplevel
+  del outputs
+  url = rehearsal.fill(_option(command, "--output"))
+  _committed(command, url)
+  cfg, source = checkpoints.load_config(url), rehearsal.source_cfg
+  if (cfg.num_layers, cfg.ffn_dim) != (source.num_layers, source.ffn_dim):
+    _fail(command, f"{url} holds {cfg.num_layers} layers of width {cfg.ffn_dim}; expected "
+                   f"the source's {source.num_layers} of {source.ffn_dim}")
+  rehearsal.facts["converted"] = url
+  return f"{url}: committed, {cfg.num_layers} layers, FFN width {cfg.ffn_dim}"
+
+
+def _check_inspected(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  del rehearsal
+  printed = outputs[0][1]
+  if "ffn" not in printed.lower():
+    _fail(command, f"printed no FFN widths:\n{printed[-2000:]}")
+  return f"printed {len(printed.splitlines())} lines"
+
+
+def _check_started(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  del command, outputs
+  return f"started on {len(rehearsal.background)} processes"
+
+
+def _check_killed(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  """Process 1 died of the SIGKILL; process 0 stopped with an error that says so; at least one
+  checkpoint was committed before."""
+  from maxnucl import paths  # pylint: disable=import-outside-toplevel
   facts = rehearsal.facts
-  words = shlex.split(command, comments=True)
-  if "hf-to-maxnucl" in words:
-    url = rehearsal.fill(_option(command, "--output"))
-    _committed(command, url)
-    cfg = checkpoints.load_config(url)
-    if (cfg.num_layers, cfg.ffn_dim) != (rehearsal.source_cfg.num_layers,
-                                          rehearsal.source_cfg.ffn_dim):
-      _fail(command, f"{url} holds {cfg.num_layers} layers of width {cfg.ffn_dim}; expected "
-                     f"the source's {rehearsal.source_cfg.num_layers} of "
-                     f"{rehearsal.source_cfg.ffn_dim}")
-    facts["converted"] = url
-    return f"{url}: committed, {cfg.num_layers} layers, FFN width {cfg.ffn_dim}"
-  if "inspect" in words:
-    printed = outputs[0][1]
-    if "ffn" not in printed.lower():
-      _fail(command, f"printed no FFN widths:\n{printed[-2000:]}")
-    return f"printed {len(printed.splitlines())} lines"
-  if "maxnucl.train" in words and command.endswith("&"):
-    return f"started on {len(rehearsal.background)} processes"
-  if words[:1] == ["kill"]:
-    (code0, _, err0), (code1, _, _) = outputs
-    facts["exits_at_kill"] = [code0, code1]
-    if code1 != -signal.SIGKILL or code0 == 0:
-      _fail(command, f"expected process 1 killed (-9) and process 0 failed; exits {code1}, "
-                     f"{code0}")
-    if not re.search(r"another task died|tasks are unhealthy|stopped sending heartbeats", err0):
-      _fail(command, f"process 0 did not report its partner's death:\n{err0[-2000:]}")
-    workdir = paths.as_path(rehearsal.fill(_option(rehearsal.train_command, "--workdir")))
-    facts["committed_at_kill"] = _committed_steps(workdir)
-    if not facts["committed_at_kill"]:
-      _fail(command, f"no committed checkpoint in {workdir}")
-    logged = [row["step"] for row in facts["logged_before_kill"]]
-    return (f"process 1 killed after step {max(logged)} was logged (checkpoints "
-            f"{facts['committed_at_kill']} committed); process 0 exited {code0} "
-            f"{facts['survivor_stopped_s']:.1f} s later")
-  if "maxnucl.train" in words:
-    return _check_resumed(rehearsal, command, outputs)
-  if "tools/prune_checkpoint.py" in words:
-    url = rehearsal.fill(_option(command, "--output"))
-    _committed(command, url)
-    ratio = float(_option(command, "--ratio"))
-    source = checkpoints.load_config(rehearsal.fill(_option(command, "--input")))
-    widths = list(checkpoints.load_config(url).layer_ffn_widths)
-    expected = [round(w * (1 - ratio)) for w in source.layer_ffn_widths]
-    if widths != expected:
-      _fail(command, f"{url}: FFN widths {widths}; expected {expected} ({ratio:.0%} of "
-                     f"{list(source.layer_ffn_widths)} removed)")
-    facts["pruned_widths"] = widths
-    return f"{url}: committed, FFN widths {source.layer_ffn_widths[0]} -> {widths}"
-  if "maxnucl.evaluate" in words:
-    url = rehearsal.fill(_option(command, "--output"))
-    results = json.loads((_committed(command, url) / "results.json").read_text())
-    nll = results["metrics"].get("nll")
-    if not (results["num_examples"] > 0 and nll is not None and nll == nll and nll > 0):
-      _fail(command, f"{url}/results.json: {results['num_examples']} examples, nll {nll}")
-    facts["pruned_nll"] = nll
-    return f"{url}/results.json: nll {nll:.4f} over {results['num_examples']} rows"
-  if "maxnucl-to-hf" in words:
-    url = rehearsal.fill(_option(command, "--output"))
-    path = _committed(command, url)
-    config = json.loads((path / "config.json").read_text())
-    weights = sorted(p.name for p in path.iterdir() if p.name.endswith(".safetensors"))
-    if config.get("intermediate_size") != facts["pruned_widths"][0] or not weights:
-      _fail(command, f"{url}: intermediate_size {config.get('intermediate_size')} (expected "
-                     f"{facts['pruned_widths'][0]}), weights {weights}")
-    return (f"{url}: config.json {config['architectures'][0]}, intermediate_size "
-            f"{config['intermediate_size']}, {', '.join(weights)}")
-  _fail(command, "no check for this command (benchmarks/pod_rehearsal.py check_step)")
+  (code0, _, err0), (code1, _, _) = outputs
+  facts["exits_at_kill"] = [code0, code1]
+  if code1 != -signal.SIGKILL or code0 == 0:
+    _fail(command, f"expected process 1 killed (-9) and process 0 failed; exits {code1}, "
+                   f"{code0}")
+  if not re.search(r"another task died|tasks are unhealthy|stopped sending heartbeats", err0):
+    _fail(command, f"process 0 did not report its partner's death:\n{err0[-2000:]}")
+  workdir = paths.as_path(rehearsal.fill(_option(rehearsal.train_command, "--workdir")))
+  facts["committed_at_kill"] = _committed_steps(workdir)
+  if not facts["committed_at_kill"]:
+    _fail(command, f"no committed checkpoint in {workdir}")
+  logged = [row["step"] for row in facts["logged_before_kill"]]
+  return (f"process 1 killed after step {max(logged)} was logged (checkpoints "
+          f"{facts['committed_at_kill']} committed); process 0 exited {code0} "
+          f"{facts['survivor_stopped_s']:.1f} s later")
+
+
+def _check_pruned(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  """The pruned checkpoint is committed, each layer `--ratio` narrower than the input's."""
+  from maxnucl import checkpoints  # pylint: disable=import-outside-toplevel
+  del outputs
+  url = rehearsal.fill(_option(command, "--output"))
+  _committed(command, url)
+  ratio = float(_option(command, "--ratio"))
+  source = checkpoints.load_config(rehearsal.fill(_option(command, "--input")))
+  widths = list(checkpoints.load_config(url).layer_ffn_widths)
+  expected = [round(w * (1 - ratio)) for w in source.layer_ffn_widths]
+  if widths != expected:
+    _fail(command, f"{url}: FFN widths {widths}; expected {expected} ({ratio:.0%} of "
+                   f"{list(source.layer_ffn_widths)} removed)")
+  rehearsal.facts["pruned_widths"] = widths
+  return f"{url}: committed, FFN widths {source.layer_ffn_widths[0]} -> {widths}"
+
+
+def _check_evaluated(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  """results.json is committed in the bucket with a finite NLL over some rows."""
+  del outputs
+  url = rehearsal.fill(_option(command, "--output"))
+  results = json.loads((_committed(command, url) / "results.json").read_text())
+  nll = results["metrics"].get("nll")
+  if not (results["num_examples"] > 0 and nll is not None and math.isfinite(nll) and nll > 0):
+    _fail(command, f"{url}/results.json: {results['num_examples']} examples, nll {nll}")
+  rehearsal.facts["pruned_nll"] = nll
+  return f"{url}/results.json: nll {nll:.4f} over {results['num_examples']} rows"
+
+
+def _check_exported(rehearsal: Rehearsal, command: str, outputs: list) -> str:
+  """The Hugging Face export is committed, with the pruned width and its safetensors."""
+  del outputs
+  url = rehearsal.fill(_option(command, "--output"))
+  path = _committed(command, url)
+  config = json.loads((path / "config.json").read_text())
+  weights = sorted(p.name for p in path.iterdir() if p.name.endswith(".safetensors"))
+  width = rehearsal.facts["pruned_widths"][0]
+  if config.get("intermediate_size") != width or not weights:
+    _fail(command, f"{url}: intermediate_size {config.get('intermediate_size')} (expected "
+                   f"{width}), weights {weights}")
+  return (f"{url}: config.json {config['architectures'][0]}, intermediate_size "
+          f"{config['intermediate_size']}, {', '.join(weights)}")
 
 
 def _check_resumed(rehearsal: Rehearsal, command: str, outputs: list) -> str:
@@ -377,6 +419,11 @@ def _check_resumed(rehearsal: Rehearsal, command: str, outputs: list) -> str:
   return (f"resumed from step {resumed}; steps 1..{num_steps} logged once; steps {repeated} "
           f"equal the killed run's losses; in-loop eval at step {num_steps}: perplexity nll "
           f"{last['perplexity/nll']:.4f}")
+
+
+CHECKS = {"convert": _check_converted, "inspect": _check_inspected, "start": _check_started,
+          "kill": _check_killed, "train": _check_resumed, "prune": _check_pruned,
+          "evaluate": _check_evaluated, "export": _check_exported}
 
 
 def _num_steps(train_command: str) -> int:
