@@ -31,8 +31,10 @@ def _in(bucket: str, command: str, flag: str) -> str:
 def test_the_pages_pod_commands_run_in_order_and_leave_their_effects_in_the_bucket(
     gcs_server, gcs_bucket, tmp_path):
   report_file = tmp_path / "rehearsal.json"
-  # one compilation cache for the steps' processes: the restart compiles what the killed run did
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  # one compilation cache for the steps' processes, every program kept (not only those that took
+  # over a second): the restart and the evaluator load what the killed run compiled
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   done = subprocess.run([sys.executable, "benchmarks/pod_rehearsal.py", "--quick", "--bucket",
                          gcs_bucket, "--json", str(report_file)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900, check=False)
