@@ -51,6 +51,7 @@ BAD_ARGUMENTS = {
     "real_model_quickstart.py": (["--json", "/nonexistent/dir/x.json"], "--json"),
     "humaneval_sandbox.py": (["--workers", "0"], "--workers"),
     "checkpoint_checksum.py": (["--repeats", "0"], "--repeats"),
+    "pod_rehearsal.py": (["--bucket", "gs://b/run"], "--bucket"),  # a bucket, not a path in one
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 

