@@ -277,12 +277,9 @@ def test_resume_with_a_teacher_from_a_pruned_init_checkpoint_is_bit_identical(
   assert recorded == str(teacher / "checkpoints" / "30")
 
 
-def test_a_mesh_of_8_devices_gives_the_losses_of_one_device(teacher_and_student, tmp_path,
-                                                          monkeypatch):
-  teacher, student = teacher_and_student
-  steps = distilling(teacher, student, "total_loss.terms = {'distill_kl': 1.0}",
-                     "total_loss.nll_weight = 0.5", "train_loop.num_steps = 3")
-  one = run(tmp_path / "one", *steps)
+@pytest.fixture
+def loaded_teachers(monkeypatch):
+  """The trainer's `_Teacher`s, each appended once it has loaded its params."""
   loaded = []
   original = train._Teacher.load
 
@@ -290,9 +287,19 @@ def test_a_mesh_of_8_devices_gives_the_losses_of_one_device(teacher_and_student,
     original(self, *args)
     loaded.append(self)
   monkeypatch.setattr(train._Teacher, "load", spy)
+  return loaded
+
+
+def test_a_mesh_of_8_devices_gives_the_losses_of_one_device(teacher_and_student, tmp_path,
+                                                          loaded_teachers):
+  teacher, student = teacher_and_student
+  steps = distilling(teacher, student, "total_loss.terms = {'distill_kl': 1.0}",
+                     "total_loss.nll_weight = 0.5", "train_loop.num_steps = 3")
+  one = run(tmp_path / "one", *steps)
   many = run(tmp_path / "many", *steps, mesh=sharding.create_mesh((2, 2, 2)))
   # the teacher lives on the student's mesh, sharded by the same rules
-  leaves = jax.tree.leaves(loaded[0].params)
+  _, on_mesh = loaded_teachers
+  leaves = jax.tree.leaves(on_mesh.params)
   assert any(not x.sharding.is_fully_replicated for x in leaves)
   assert all(x.sharding.mesh.devices.size == 8 for x in leaves)
   # a loss's roundings (a logit's path, the log-softmaxes over the vocabulary, the means over
@@ -307,20 +314,13 @@ def test_a_mesh_of_8_devices_gives_the_losses_of_one_device(teacher_and_student,
 
 
 def test_a_bfloat16_teacher_is_held_in_bfloat16_and_gives_its_logits_to_bf16_rounding(
-    teacher_and_student, tmp_path, monkeypatch):
+    teacher_and_student, tmp_path, loaded_teachers):
   teacher, student = teacher_and_student
-  loaded = []
-  original = train._Teacher.load
-
-  def spy(self, *args):
-    original(self, *args)
-    loaded.append(self)
-  monkeypatch.setattr(train._Teacher, "load", spy)
   result = run(tmp_path / "bf16", *distilling(teacher, student, "train_loop.num_steps = 1",
                                               "total_loss.terms = {'distill_kl': 1.0}",
                                               "distill.teacher_dtype = 'bfloat16'"))
   assert np.isfinite(result["history"][0]["distill_kl"])
-  (half,) = loaded
+  (half,) = loaded_teachers
   assert {x.dtype for x in jax.tree.leaves(half.params)} == {jnp.dtype("bfloat16")}
   assert half.cfg.dtype == half.cfg.param_dtype == "bfloat16"
   # its logits are the float32 teacher's up to bfloat16 rounding: every operation's output and
