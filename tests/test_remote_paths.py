@@ -534,6 +534,7 @@ def _names(directory) -> list[str]:
   return sorted(p.name for p in paths.as_path(directory).iterdir())
 
 
+@pytest.mark.own_process  # Orbax leaves reads of the corrupted step running
 def test_a_corrupted_step_in_a_url_workdir_is_copied_aside_marked_then_deleted(store, caplog):
   """A bucket has no rename: the corrupted step is copied to corrupted_step_4, the copy gets its
   commit marker, and only then is step 4 deleted; the run resumes from step 2."""
@@ -550,6 +551,7 @@ def test_a_corrupted_step_in_a_url_workdir_is_copied_aside_marked_then_deleted(s
   assert f"moved it to {aside} and resuming from the previous checkpoint, step 2" in caplog.text
 
 
+@pytest.mark.own_process  # Orbax leaves reads of the corrupted step running
 def test_a_second_corrupted_step_of_the_same_number_goes_to_the_next_free_name(store):
   workdir, steps = store.url("run"), store.path("run") / "checkpoints"
   _train(workdir, 4)
@@ -566,6 +568,7 @@ def test_a_second_corrupted_step_of_the_same_number_goes_to_the_next_free_name(s
   assert first != second
 
 
+@pytest.mark.own_process  # Orbax leaves reads of the corrupted step running
 def test_a_failure_while_copying_a_corrupted_step_aside_leaves_the_step_in_place(store,
                                                                               monkeypatch):
   """The copy fails after some files: the original step stays whole (marker included), the
