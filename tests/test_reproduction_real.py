@@ -150,6 +150,50 @@ def test_pruning_order_verdicts_follow_the_constructed_shifts():
       "verdict"] == report.UNSURE
 
 
+def _recover_results(shifts: dict, tokens_per_step: int = 1000) -> dict:
+  """A recover stage whose runs' curves are the unpruned rows shifted by known nats per token:
+  shifts[(method, mode)] = (after pruning, after recovery) at 50 %."""
+  def shifted(nats):
+    return _evaluation({"code": ROWS + 10 * nats, "prose": ROWS[::-1] + 10 * nats})
+  runs = [{"name": f"{m}_{mode}", "method": m, "ratio": 0.5, "mode": mode, "model": "base",
+           "train_seconds": 1.0,
+           "curve": [{"step": 0, "tokens": 0, **shifted(pruned)},
+                     {"step": 4, "tokens": 4 * tokens_per_step, **shifted(recovered)}]}
+          for (m, mode), (pruned, recovered) in shifts.items()]
+  return {"recover": {"unpruned": shifted(0.0), "runs": runs, "tokens_per_step": tokens_per_step,
+                      "steps": 4, "corpus": {}}}
+
+
+def test_recovered_fraction_and_the_recovery_verdicts_follow_the_constructed_shifts():
+  """Entropy loses 2.0 nats to pruning and wins back 1.5 by distillation, 1.0 by NLL:
+  fractions 75 % and 50 % (per 100k tokens of a 4k-token run: x 25); distillation beats NLL.
+  Activation loses 1.0 and, recovered by distillation, ends 0.2 below entropy's 0.5: the
+  ranking after pruning (activation < entropy) survives.  Equal recoveries: inconclusive."""
+  table = real_report.recover_table(_recover_results({
+      ("entropy", "distill"): (2.0, 0.5), ("entropy", "nll"): (2.0, 1.0),
+      ("activation", "distill"): (1.0, 0.3), ("activation", "nll"): (1.0, 0.3)}))
+  rows = {(r["method"], r["mode"]): r for r in table["rows"]}
+  for domain in ("code", "prose"):
+    assert rows[("entropy", "distill")][domain]["fraction"] == pytest.approx(0.75)
+    assert rows[("entropy", "nll")][domain]["fraction"] == pytest.approx(0.5)
+    assert rows[("entropy", "distill")][domain]["fraction_per_100k_tokens"] == pytest.approx(
+        0.75 * 25)
+    assert [p["fraction"] for p in rows[("activation", "nll")][domain]["curve"]] == \
+        pytest.approx([0.0, 0.7])
+  distill = table["comparisons"]["entropy@0.5"]
+  assert distill["diffs"]["code"]["difference"] == pytest.approx(0.5 - 1.0)
+  assert distill["verdict"] == report.HOLDS
+  assert table["comparisons"]["activation@0.5"]["verdict"] == report.UNSURE  # equal: ci (0, 0)
+  ranking = table["ranking"]["0.5"]
+  assert ranking["before"] == ["activation", "entropy"] and ranking["verdict"] == report.HOLDS
+  assert ranking["spread_after"]["prose"]["difference"] == pytest.approx(0.5 - 0.3)
+  # recovery reverses the order: entropy ends below activation
+  reversed_ = real_report.recover_table(_recover_results({
+      ("entropy", "distill"): (2.0, 0.1), ("activation", "distill"): (1.0, 0.3)}))
+  assert reversed_["ranking"]["0.5"]["verdict"] == report.FAILS
+  assert reversed_["verdicts"]["distill_vs_nll"] == {}  # no NLL runs to compare with
+
+
 def test_premise_gates_the_entropy_verdict():
   results = _prune_results(0.5)
   results["prune"]["premise"]["mean"] = 0.05
@@ -245,16 +289,73 @@ def test_the_study_runs_end_to_end_from_hugging_face_files_and_resumes(tiny_llam
   text = (out / "report.md").read_text()
   for heading in ("## Verdicts", "## The unpruned model", "## Table 4", "### 25% removed",
                   "### 50% removed", "## Table 5 and Fig. 4", "## SCAR: supernodes",
-                  "## NUCL fine-tuning", "## NUCL, then prune", "## Figures"):
+                  "## NUCL fine-tuning", "## NUCL, then prune", "## Prune, then recover",
+                  "## NUCL, then prune, then recover", "## Figures"):
     assert heading in text, heading
   figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-  assert figures == ["finetune.png", "layer_pairs.png", "lp_concentration.png", "pruning.png"]
+  assert figures == ["finetune.png", "layer_pairs.png", "lp_concentration.png", "pruning.png",
+                     "recovery.png"]
+  _check_recovery(results["stages"], cfg, out)
+  nucl = results["stages"]["nucl_recover"]["rows"]
+  assert [r["variant"] for r in nucl] == ["standard", "mstd"]
+  model = results["stages"]["model"]["checkpoint"]
+  assert all(r["mode"] == "distill" and r["teacher"] != model for r in nucl)  # its own teacher
   rows = results["stages"]["prune"]["rows"]
   assert {r["method"] for r in rows} == set(real_model.RealSettings().prune_methods)
   assert len([r for r in rows if r["method"] == "random" and r["ratio"] == 0.25]) == 2
   second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
                           check=False)
   assert second.returncode == 0 and ": running" not in second.stdout + second.stderr
+
+
+def _check_recovery(stages_: dict, cfg, out: pathlib.Path) -> None:
+  """Every quick recovery run: a physically pruned student (floor(ratio x width) neurons fewer
+  per layer) trained by its mode from step 0 (the pruned model) to the last step, evaluated at
+  each checkpoint; only the recovered (last) checkpoint is kept, with the student's widths; the
+  distillation runs logged a KL at every step, the NLL runs none."""
+  recorded = json.loads((out / "settings.json").read_text())
+  steps, points = recorded["recover_steps"], recorded["recover_curve_points"]
+  runs = stages_["recover"]["runs"]
+  assert {(r["method"], r["mode"]) for r in runs} == {
+      (m, mode) for m in recorded["recover_methods"] for mode in real_model.RECOVERY_MODES}
+  for run in runs:
+    widths = [w - int(run["ratio"] * w) for w in cfg.layer_ffn_widths]
+    assert [p["step"] for p in run["curve"]] == [0, *range(steps // points, steps + 1,
+                                                           steps // points)]
+    assert all(np.isfinite(p[f"{d}_nll"]) for p in run["curve"] for d in ("code", "prose"))
+    kept = sorted(p.name for p in (out / "runs" / run["name"] / "checkpoints").iterdir()
+                  if p.name.isdigit())
+    assert kept == [str(steps)]
+    assert list(checkpoints.load_config(run["checkpoint"]).layer_ffn_widths) == widths
+    logged = [m for m in run["train_metrics"] if "loss" in m]
+    assert [m["step"] for m in logged] == list(range(1, steps + 1))
+    assert all(("distill_kl" in m) == (run["mode"] == "distill") for m in logged)
+
+
+def test_the_recover_stage_runs_alone_through_its_accelerator_script(tiny_llama, tmp_path):
+  """tools/recover_accelerator.sh in its CPU smoke mode on a tiny Llama checkpoint: only the
+  model, data and recover stages run, and the report holds the recovery section and figure."""
+  path, cfg, _, _, _ = tiny_llama
+  out = tmp_path / "study"
+  env = dict(os.environ, MAXNUCL_ACCELERATOR_SMOKE="1")
+  command = ["bash", "tools/recover_accelerator.sh", str(path), str(out)]
+  command += [f"--gin_param={b}" for b in SMOKE_BINDINGS]
+  command += ["--gin_param=reproduce_real.recover_methods = ('entropy',)"]  # 2 runs, not 4
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert set(results["stages"]) == {"model", "data", "recover"}
+  assert "## Prune, then recover" in (out / "report.md").read_text()
+  assert (out / "figures" / "recovery.png").is_file()
+  _check_recovery(results["stages"], cfg, out)
+
+
+def test_the_recover_script_refuses_a_missing_model(tmp_path):
+  done = subprocess.run(["bash", "tools/recover_accelerator.sh", str(tmp_path / "none.gguf"),
+                         str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 2 and "none.gguf does not exist" in done.stderr
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.real_model

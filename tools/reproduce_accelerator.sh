@@ -33,27 +33,5 @@ if [ ! -f "$model_dir/config.json" ]; then
   echo "error: $model_dir: no config.json (expected a Hugging Face model directory)" >&2
   exit 2
 fi
-cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/reproduce_accelerator_site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/reproduce_accelerator_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-settings=gin/reproduce/accelerator.gin
-if [ "${MAXNUCL_ACCELERATOR_SMOKE:-0}" = 1 ]; then
-  settings=gin/reproduce/smollm2_135m_quick.gin
-fi
-report=()
-python3 -c "import matplotlib" 2> /dev/null || report=(--no_report)
-python3 -c "import jax; print('devices:', jax.devices())"
-timeout --signal=TERM "${MAXNUCL_RUN_LIMIT_S:-570}" python3 tools/reproduce.py \
-  --model smollm2_accelerator --model_path "$model_dir" --output "$output" \
-  --gin_file "$settings" ${report[@]+"${report[@]}"} "$@"
-rc=$?
-if [ $rc = 124 ]; then
-  echo "not finished within ${MAXNUCL_RUN_LIMIT_S:-570} s: run the same command again to" \
-       "continue (finished stages and evaluated models are kept in $output)" >&2
-  exit 75
-fi
-exit $rc
+. "$(dirname "$0")/accelerator_study.sh"
+accelerator_study gin/reproduce/accelerator.gin "$model_dir" "$output" "$@"

@@ -24,6 +24,13 @@ OUTPUT/stages/<stage>.json like the small-scale study (maxnucl.reproduction.stag
   supernodes     SCAR: LP concentration, overlap with activation outliers, removal vs random
   finetune       standard vs NUCL (mstd; ent, gini) fine-tuning on synthetic arithmetic
   nucl_prune     entropy pruning of the fine-tuned models (NUCL-then-prune)
+  recover        prune -> recover (docs/recovery.md): entropy (data-free), activation and
+                 Wanda-channel (data-aware) pruning at 50 % and 25 % into smaller checkpoints,
+                 each recovered by distillation from the unpruned model and, on the same tokens,
+                 by plain NLL fine-tuning (train splits of both domains); held-out NLL along
+                 the way
+  nucl_recover   the standard and the NUCL-mstd fine-tuned models, entropy-pruned and recovered
+                 by distillation from their own unpruned selves
 
 Pruning uses the pruner's own scoring and selection (`maxnucl.pruning.analysis.removal_sets`, the
 code behind tools/prune_checkpoint.py, per-layer budget floor(ratio * m)) with one calibration
@@ -44,6 +51,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from typing import Optional, Sequence
 
@@ -73,10 +81,14 @@ MODEL_GIN = {"smollm2_135m": ("gin/reproduce/smollm2_135m.gin",
              "smollm2_accelerator": ("gin/reproduce/accelerator.gin",
                                      "gin/reproduce/smollm2_135m_quick.gin")}
 STAGES = ("model", "data", "baseline", "prune", "layer_subsets", "supernodes", "finetune",
-          "nucl_prune")
+          "nucl_prune", "recover", "nucl_recover")
 REQUIRES = {"model": (), "data": ("model",), "baseline": ("data",), "prune": ("baseline",),
             "layer_subsets": ("baseline",), "supernodes": ("baseline",),
-            "finetune": ("baseline",), "nucl_prune": ("finetune",)}
+            "finetune": ("baseline",), "nucl_prune": ("finetune",), "recover": ("data",),
+            "nucl_recover": ("finetune", "recover")}
+# How a pruned model is recovered (docs/recovery.md): logit distillation from the unpruned model
+# (Minitron), or plain NLL fine-tuning on the same tokens.
+RECOVERY_MODES = ("distill", "nll")
 DOMAINS = ("code", "prose")
 # Scored where asked (`quality(..., extra=True)`): HumanEval's canonical solutions given their
 # prompts, and the answers of held-out synthetic arithmetic (the fine-tuning task).
@@ -121,6 +133,25 @@ class RealSettings:
   # first seed.
   nucl_gradient_ratios: dict = dataclasses.field(
       default_factory=lambda: {"mstd": 1.0, "ent": 1.0, "gini": 1.0})
+  # prune -> recover (stages recover, nucl_recover): each method at each ratio written as a
+  # physically smaller checkpoint (the pruner's own code), then recovered from it for
+  # `recover_steps` steps of recover_batch_size x recover_seq_len tokens of the train splits of
+  # both domains, by distillation from the unpruned model and by NLL; held-out NLL at
+  # `recover_curve_points` checkpoints along the way.
+  recover_methods: tuple = ("entropy", "activation", "wanda_channel")
+  recover_ratios: tuple = (0.5, 0.25)
+  recover_steps: int = 60
+  recover_batch_size: int = 4
+  recover_seq_len: int = 256
+  recover_learning_rate: float = 3e-4
+  recover_curve_points: int = 4
+  recover_temperature: float = 1.0
+  recover_dtype: str = "float32"        # the student's compute dtype (bfloat16 on accelerators)
+  recover_teacher_dtype: str = "float32"
+  recover_corpus_bytes: int = 2_000_000  # train text: every prose train topic, code files to fill
+  # nucl_recover: these fine-tuned models (first fine-tuning seed), entropy-pruned at
+  # recover_ratios[0], recovered by distillation from their own unpruned selves
+  recover_finetuned: tuple = ("standard", "mstd")
 
 
 @gin.configurable
@@ -460,6 +491,200 @@ class RealModelStudy(stages.Reproduction):
     return {"rows": rows, "premise": premise}
 
 
+  # ---- prune -> recover -------------------------------------------------------------------------
+
+  @property
+  def recover_dir(self) -> pathlib.Path:
+    return self.out / "recover"
+
+  @property
+  def corpus_dir(self) -> pathlib.Path:
+    """The recovery runs' training text (a prepared text corpus: maxnucl.data.corpus)."""
+    return self.recover_dir / "corpus"
+
+  @property
+  def recover_cache_dir(self) -> pathlib.Path:
+    return self.recover_dir / "cache"
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.config.recover_batch_size * self.config.recover_seq_len
+
+  def recovery_corpus(self) -> dict:
+    """Writes the recovery text, OUTPUT/recover/corpus/train.jsonl, once: every prose topic of
+    the train split, then code files of the train split (whose files also calibrate; the
+    held-out rows' test documents never appear) in the corpus's order, up to
+    `recover_corpus_bytes`; cut into pieces of at most 5 characters per token of a row: most
+    pieces fill a row (their tail is not trained on), so rows carry few padding tokens.  Its
+    packed rows are cached (OUTPUT/recover/cache) for every run.  Returns what it holds."""
+    c = self.config
+    manifest_path = self.corpus_dir / "manifest.json"
+    if not manifest_path.exists():
+      documents = [dict(d, domain="prose") for d in prose_documents() if d["split"] == "train"]
+      documents += [dict(f, domain="code") for f in code_files(c.code_max_file_bytes)
+                    if f["split"] == "train"]
+      chosen, size = [], 0
+      for doc in documents:
+        nbytes = len(doc["text"].encode())
+        if size + nbytes <= c.recover_corpus_bytes:
+          chosen.append(doc)
+          size += nbytes
+      if not chosen:
+        raise stages.ReproductionError(f"reproduce_real.recover_corpus_bytes = "
+                                       f"{c.recover_corpus_bytes}: no train document fits")
+      chunk_chars = 5 * c.recover_seq_len
+      pieces = [p for doc in chosen for p in corpus.chunk_text(doc["text"], chunk_chars)]
+      manifest = {"documents": [{"id": d["id"], "domain": d["domain"], "sha256": d["sha256"]}
+                                for d in chosen],
+                  "bytes": {domain: sum(len(d["text"].encode()) for d in chosen
+                                        if d["domain"] == domain) for domain in DOMAINS},
+                  "pieces": len(pieces), "chunk_chars": chunk_chars}
+      with outputs.TemporaryOutput(self.corpus_dir, overwrite=True) as staging:
+        with open(staging / "train.jsonl", "w") as f:
+          for piece in pieces:
+            f.write(json.dumps({"text": piece}) + "\n")
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    manifest = json.loads(manifest_path.read_text())
+    self._environment()  # the text_corpus task reads self.corpus_dir
+    index = pipeline.cache_task("text_corpus", "train", self.recover_cache_dir,
+                                seq_len=c.recover_seq_len, vocab=self.vocab)
+    rows = json.loads(pathlib.Path(index).read_text())["num_rows"]
+    return {"documents": {d: sum(x["domain"] == d for x in manifest["documents"])
+                          for d in DOMAINS},
+            "bytes": manifest["bytes"], "pieces": manifest["pieces"], "rows": rows,
+            "tokens": rows * c.recover_seq_len}
+
+  def pruned_student(self, key: str, checkpoint: str, *, method: str, ratio: float) -> dict:
+    """`checkpoint` (model `key`) pruned by `method` at `ratio` into a physically smaller
+    checkpoint (the pruner's library function, tools/prune_checkpoint.py's code; calibration on
+    the study's calibration rows), and its held-out quality; cached."""
+    c = self.config
+    directory = self.recover_dir / "pruned" / key / f"{method}_r{stages._stable_name(ratio)}"
+    cached = directory / "evaluation.json"
+    if cached.exists():
+      return json.loads(cached.read_text())
+    output = directory / "checkpoint"
+    pruned = prune.prune_ffn_neurons(checkpoint, output, method=method, ratio=ratio,
+                                     calibration=self.calibration_file,
+                                     calibration_examples=c.calibration_rows,
+                                     batch_size=c.batch_size, seq_len=c.seq_len, overwrite=True)
+    cfg, params = checkpoints.load(output)
+    result = {"method": method, "ratio": ratio, "model": key, "checkpoint": str(output),
+              "ffn_widths": list(cfg.layer_ffn_widths),
+              "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+              "prune_seconds": pruned.get("seconds"), **self.evaluator.quality(cfg, params)}
+    stages._write_json(cached, result)
+    return result
+
+  def _recover_gin(self, *, student: str, teacher: str, mode: str) -> str:
+    c = self.config
+    steps = c.recover_steps
+    lines = [
+        "include 'gin/base.gin'", "include 'gin/models/smollm2_135m.gin'",
+        "include 'gin/data/text_corpus.gin'", "include 'gin/optimizers/adamw.gin'",
+        "include 'gin/schedules/cosine.gin'", "include 'gin/sharding/single_device.gin'",
+        f"TEXT_CORPUS_DIR = {str(self.corpus_dir)!r}",
+        f"DATA_SEQ_LEN = {c.recover_seq_len}", f"DATA_BATCH_SIZE = {c.recover_batch_size}",
+        f"DATA_VOCAB = {self.vocab!r}", f"DATA_CACHE_DIR = {str(self.recover_cache_dir)!r}",
+        f"model_config.dtype = {c.recover_dtype!r}", "model_config.param_dtype = 'float32'",
+        "model_config.dropout_rate = 0.0",
+        "model_config.scan_layers = False  # unrolled is faster on CPU (docs/benchmarks.md)",
+        "# the student's architecture (its per-layer FFN widths) is this checkpoint's",
+        f"train_loop.init_checkpoint = {student!r}",
+    ]
+    if mode == "distill":
+      lines += [f"distill.teacher = {teacher!r}",
+                f"distill.temperature = {c.recover_temperature!r}",
+                f"distill.teacher_dtype = {c.recover_teacher_dtype!r}",
+                "total_loss.terms = {'distill_kl': 1.0}", "total_loss.nll_weight = 0.0"]
+    elif mode != "nll":
+      raise ValueError(f"recovery mode {mode!r}: expected one of {RECOVERY_MODES}")
+    lines += [
+        f"learning_rate_schedule.peak_learning_rate = {c.recover_learning_rate!r}",
+        f"learning_rate_schedule.warmup_steps = {max(1, steps // 10)}",
+        f"train_loop.num_steps = {steps}", "train_loop.seed = 0",
+        f"train_loop.log_every = {max(1, steps // 20)}", "train_loop.eval_every = 0",
+        f"train_loop.checkpoint_every = {max(1, steps // max(1, c.recover_curve_points))}",
+        "train_loop.keep_checkpoints = 1000", "train_loop.async_checkpointing = False",
+        "train_loop.progress_bar = False  # the log is a file; the runner reports each run",
+    ]
+    return "\n".join(lines) + "\n"
+
+  def recover_run(self, name: str, start: dict, teacher: str, mode: str) -> dict:
+    """The pruned model `start` (a pruned_student) recovered by `mode` (teacher: the unpruned
+    model it was pruned from), evaluated at each checkpoint; the curve starts at the pruned
+    model (step 0).  Cached in the run's evaluation.json; the evaluated checkpoints but the last
+    (the recovered model) are then removed."""
+    workdir = self.out / "runs" / name
+    cached = workdir / "evaluation.json"
+    if not cached.exists():
+      began = time.perf_counter()
+      self.run_training(name, self._recover_gin(student=start["checkpoint"], teacher=teacher,
+                                                mode=mode))
+      seconds = time.perf_counter() - began
+      steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir()
+                     if d.name.isdigit())
+      if not steps or steps[-1] != self.config.recover_steps:
+        raise stages.ReproductionError(f"run {name}: checkpoints {steps}, expected the last at "
+                                       f"step {self.config.recover_steps}")
+      curve = [{"step": 0, "tokens": 0,
+                **{k: v for k, v in start.items() if k.endswith("_nll") or
+                   k.endswith("_nll_rows") or k == "entropy"}}]
+      for step in steps:
+        cfg, params = checkpoints.load(workdir / "checkpoints" / str(step))
+        quality = self.evaluator.quality(cfg, params)
+        curve.append({"step": step, "tokens": step * self.tokens_per_step,
+                      **{k: v for k, v in quality.items() if k != "entropy_per_layer"}})
+      result = {"name": name, "mode": mode, "method": start["method"], "ratio": start["ratio"],
+                "model": start["model"], "teacher": teacher, "train_seconds": seconds,
+                "tokens_per_step": self.tokens_per_step, "curve": curve,
+                "train_metrics": _recover_metrics(workdir / "metrics.jsonl"),
+                "checkpoint": str(workdir / "checkpoints" / str(steps[-1]))}
+      stages._write_json(cached, result)
+      for step in steps[:-1]:  # evaluated; the last is the recovered model
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    return json.loads(cached.read_text())
+
+  def stage_recover(self) -> dict:
+    c = self.config
+    corpus_record = self.recovery_corpus()
+    cfg, params = self.base_model()
+    unpruned = {k: v for k, v in self.evaluator.quality(cfg, params).items()
+                if k != "entropy_per_layer"}
+    jobs = [(method, ratio) for ratio in c.recover_ratios for method in c.recover_methods]
+    runs = []
+    for method, ratio in self._bar(jobs, "recover"):
+      start = self.pruned_student("base", self.checkpoint, method=method, ratio=ratio)
+      for mode in RECOVERY_MODES:
+        runs.append(self.recover_run(f"rec_{method}_r{stages._stable_name(ratio)}_{mode}",
+                                     start, self.checkpoint, mode))
+    return {"unpruned": unpruned, "corpus": corpus_record, "tokens_per_step": self.tokens_per_step,
+            "steps": c.recover_steps, "runs": runs}
+
+  def stage_nucl_recover(self) -> dict:
+    c = self.config
+    seed = str(c.finetune_seeds[0])
+    ratio = c.recover_ratios[0]
+    runs = self.result("finetune")["runs"]
+    rows = []
+    for key in c.recover_finetuned:
+      if seed not in runs.get(key, {}):
+        raise stages.ReproductionError(
+            f"reproduce_real.recover_finetuned: no fine-tuned model {key!r} of seed {seed} "
+            f"(the finetune stage has {sorted(runs)})")
+      run = runs[key][seed]
+      checkpoint = str(checkpoints.resolve(self.out / "runs" / run["name"]))
+      start = self.pruned_student(f"ft_{key}_s{seed}", checkpoint, method="entropy",
+                                  ratio=ratio)
+      recovered = self.recover_run(
+          f"rec_ft_{key}_s{seed}_entropy_r{stages._stable_name(ratio)}_distill", start,
+          checkpoint, "distill")
+      unpruned = {k: v for k, v in run["final"].items() if k.endswith("_nll") or
+                  k.endswith("_nll_rows") or k == "entropy"}
+      rows.append({"variant": key, "seed": int(seed), "unpruned": unpruned, **recovered})
+    return {"ratio": ratio, "rows": rows}
+
+
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
@@ -578,6 +803,19 @@ def _outgoing_entropy(params, cfg, removed: Optional[dict]) -> np.ndarray:
       keep[np.asarray(removed[name], np.int64)] = False
     out.append(float(h[keep].sum()))
   return np.asarray(out)
+
+
+def _recover_metrics(path: pathlib.Path) -> list[dict]:
+  """The training metrics of a recovery run (metrics.jsonl): step, loss, NLL, distillation KL,
+  and the tokens the loss counted (the row positions that are not padding)."""
+  keep = ("step", "loss", "nll", "distill_kl", "loss_tokens")
+  records = []
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      if "loss" in record:
+        records.append({k: record[k] for k in keep if k in record})
+  return records
 
 
 # ---- data ----------------------------------------------------------------------------------------

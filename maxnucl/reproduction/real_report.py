@@ -44,6 +44,9 @@ SOURCES = {
     "scar_vs_wanda": "SCAR paper (50 % FFN sparsity)",
     "nucl_finetune": "NUCL paper (Fig. 2-3, Table 1)",
     "nucl_then_prune": "new in this study (not claimed by the papers)",
+    "distill_vs_nll": "Minitron (arXiv 2407.14679: distillation beats NLL recovery)",
+    "ranking_after_recovery": "new in this study (not claimed by the papers)",
+    "nucl_then_recover": "new in this study (not claimed by the papers)",
 }
 
 VERDICT_RULES = {
@@ -74,6 +77,20 @@ VERDICT_RULES = {
                      "seed or an NLL rises by more than 3 x its tolerance.",
     "nucl_then_prune": "The NLL increase from 25 % entropy pruning is smaller for the NUCL model "
                        "than for the standard model of the same seed, in every seed and domain.",
+    "distill_vs_nll": "Per pruned model (method @ ratio): after the same number of tokens, the "
+                      "model recovered by distillation has lower held-out NLL than the one "
+                      "recovered by NLL fine-tuning, on code and prose, paired interval "
+                      "excluding 0.",
+    "ranking_after_recovery": "Per ratio: the pruning criteria best and worst right after "
+                              "pruning (mean NLL of the two domains) keep that order after "
+                              "distillation, the interval of worst minus best above 0 on every "
+                              "domain (holds: the ranking survives); below 0 on every domain "
+                              "(does not hold: reversed); otherwise inconclusive (recovery "
+                              "erased the difference, or the domains disagree).",
+    "nucl_then_recover": "Entropy-pruned and recovered by distillation from its own unpruned "
+                         "self, the NUCL fine-tuned model ends with lower held-out NLL than "
+                         "the standard fine-tuned one, on code and prose, paired interval "
+                         "excluding 0 (one seed).",
 }
 
 
@@ -280,6 +297,99 @@ def nucl_prune_table(results: dict) -> dict:
   return {"increase": increase, "verdicts": verdicts, "premise": stage["premise"]}
 
 
+def _final(run: dict) -> dict:
+  return run["curve"][-1]
+
+
+def recovered_fraction(unpruned: dict, start: dict, point: dict, domain: str) -> Optional[float]:
+  """The fraction of the NLL that pruning lost which recovery has won back at `point`: (pruned -
+  now) / (pruned - unpruned); None where pruning lost nothing."""
+  key = f"{domain}_nll"
+  lost = start[key] - unpruned[key]
+  return (start[key] - point[key]) / lost if lost > 0 else None
+
+
+def _recovery_row(run: dict, unpruned: dict) -> dict:
+  start, final = run["curve"][0], _final(run)
+  row = {k: run[k] for k in ("name", "method", "ratio", "mode", "model")}
+  row["tokens"] = final["tokens"]
+  row["train_seconds"] = run.get("train_seconds")
+  for d in DOMAINS:
+    key = f"{d}_nll"
+    fraction = recovered_fraction(unpruned, start, final, d)
+    row[d] = {"unpruned": unpruned[key], "pruned": start[key], "recovered": final[key],
+              "recovered_ci": report.bootstrap_interval([final], key),
+              "fraction": fraction,
+              # per 100k tokens, the rate of the whole run (the curves show it is not linear)
+              "fraction_per_100k_tokens": None if fraction is None or not final["tokens"] else
+              fraction / (final["tokens"] / 1e5),
+              "curve": [{"tokens": p["tokens"], "nll": p[key],
+                         "fraction": recovered_fraction(unpruned, start, p, d)}
+                        for p in run["curve"]]}
+  return row
+
+
+def recover_table(results: dict) -> dict:
+  """Per recovery run: held-out NLL unpruned -> pruned -> recovered and the fraction of the
+  pruning loss recovered; distillation vs NLL per pruned model; the criteria's ranking before
+  and after recovery, per ratio."""
+  stage = results["recover"]
+  unpruned = stage["unpruned"]
+  runs = {(r["method"], r["ratio"], r["mode"]): r for r in stage["runs"]}
+  rows = [_recovery_row(r, unpruned) for r in stage["runs"]]
+  comparisons, verdicts = {}, {}
+  for (method, ratio, mode), run in runs.items():
+    other = runs.get((method, ratio, "nll"))
+    if mode != "distill" or other is None:
+      continue
+    name = f"{method}@{ratio:g}"
+    diffs = {d: difference([_final(run)], [_final(other)], d) for d in DOMAINS}
+    comparisons[name] = {"diffs": diffs, "verdict": directed(diffs, "less")}
+  ranking, ranking_verdicts = {}, {}
+  for ratio in sorted({r["ratio"] for r in stage["runs"]}, reverse=True):
+    distilled = {m: r for (m, x, mode), r in runs.items() if x == ratio and mode == "distill"}
+    if len(distilled) < 2:
+      continue
+    def mean(point):
+      return float(np.mean([point[f"{d}_nll"] for d in DOMAINS]))
+    before = sorted(distilled, key=lambda m: mean(distilled[m]["curve"][0]))
+    after = {mode: sorted((m for (m, x, md) in runs if x == ratio and md == mode),
+                          key=lambda m, mode=mode: mean(_final(runs[(m, ratio, mode)])))
+             for mode in ("distill", "nll")}
+    best, worst = before[0], before[-1]
+    spread_before = {d: difference([distilled[worst]["curve"][0]],
+                                   [distilled[best]["curve"][0]], d) for d in DOMAINS}
+    spread_after = {d: difference([_final(distilled[worst])], [_final(distilled[best])], d)
+                    for d in DOMAINS}
+    verdict = directed(spread_after, "greater")
+    ranking[f"{ratio:g}"] = {"before": before, "after": after, "best": best, "worst": worst,
+                             "spread_before": spread_before, "spread_after": spread_after,
+                             "verdict": verdict}
+    ranking_verdicts[f"{ratio:.0%}"] = verdict
+  verdicts["distill_vs_nll"] = {k: v["verdict"] for k, v in comparisons.items()}
+  if ranking_verdicts:
+    verdicts["ranking_after_recovery"] = ranking_verdicts
+  return {"unpruned": unpruned, "rows": rows, "comparisons": comparisons, "ranking": ranking,
+          "verdicts": verdicts, "tokens_per_step": stage["tokens_per_step"],
+          "steps": stage["steps"], "corpus": stage["corpus"]}
+
+
+def nucl_recover_table(results: dict) -> dict:
+  """The fine-tuned models, entropy-pruned and recovered by distillation: each against the
+  standard one."""
+  stage = results["nucl_recover"]
+  rows = {r["variant"]: r for r in stage["rows"]}
+  table = [dict(_recovery_row(r, r["unpruned"]), variant=key) for key, r in rows.items()]
+  verdicts, diffs = {}, {}
+  if "standard" in rows:
+    for key, r in rows.items():
+      if key == "standard":
+        continue
+      diffs[key] = {d: difference([_final(r)], [_final(rows["standard"])], d) for d in DOMAINS}
+      verdicts[key] = directed(diffs[key], "less")
+  return {"ratio": stage["ratio"], "rows": table, "diffs": diffs, "verdicts": verdicts}
+
+
 def summarize(results: dict, ratio: float) -> dict:
   out: dict = {}
   premise = results.get("prune", {}).get("premise", {}).get("mean")
@@ -306,6 +416,12 @@ def summarize(results: dict, ratio: float) -> dict:
   if "nucl_prune" in results:
     out["nucl_prune"] = nucl_prune_table(results)
     out["verdicts"]["nucl_then_prune"] = out["nucl_prune"]["verdicts"]
+  if "recover" in results:
+    out["recover"] = recover_table(results)
+    out["verdicts"].update(out["recover"]["verdicts"])
+  if "nucl_recover" in results:
+    out["nucl_recover"] = nucl_recover_table(results)
+    out["verdicts"]["nucl_then_recover"] = out["nucl_recover"]["verdicts"]
   out["premise_rho"] = premise
   return out
 
@@ -356,7 +472,8 @@ def markdown(results: dict, summary: dict, config, figures: dict, *,
                  f"{VERDICT_RULES[name]} |")
   lines.append("")
   for section in (_agreement_lines, _baseline_lines, _prune_lines, _subsets_lines,
-                  _supernode_lines, _finetune_lines, _nucl_prune_lines, _difference_lines):
+                  _supernode_lines, _finetune_lines, _nucl_prune_lines, _recover_lines,
+                  _nucl_recover_lines, _difference_lines):
     lines += section(results, summary, config)
   return "\n".join(lines + report.figure_lines(figures, relative_to))
 
@@ -399,6 +516,8 @@ def _agreement_lines(results: dict, summary: dict, config) -> list[str]:
     claims = {"entropy": "entropy beats random", "magnitude": "random beats magnitude",
               "srinivas_babu": "random beats Srinivas-Babu",
               "stahlberg_byrne": "random beats Stahlberg-Byrne"} if name == "pruning_order" \
+        else {k: f"after {k}" for k in parts} if name == "distill_vs_nll" \
+        else {k: f"at {k} removed" for k in parts} if name == "ranking_after_recovery" \
         else {k: f"NUCL-{k}" for k in parts if k}
     if SOURCES[name].startswith("new"):  # a question of this study: no paper to agree with
       words = {HOLDS: "yes", FAILS: "no", UNSURE: "unclear", NOT_TESTABLE: "not testable"}
@@ -586,6 +705,78 @@ def _nucl_prune_lines(results: dict, summary: dict, config) -> list[str]:
   return lines + [""]
 
 
+def _recovery_cells(row: dict) -> list[str]:
+  cells = []
+  for d in DOMAINS:
+    x = row[d]
+    cells.append(f"{x['pruned']:.3f} → {x['recovered']:.3f}{fmt_ci(x['recovered_ci'])}")
+    cells.append("–" if x["fraction"] is None else
+                 f"{x['fraction']:.0%} ({x['fraction_per_100k_tokens']:.0%})")
+  return cells
+
+
+RECOVERY_HEADER = ["| code NLL: pruned → recovered | code recovered (per 100k tokens) | "
+                   "prose NLL: pruned → recovered | prose recovered (per 100k tokens) |",
+                   "---|---|---|---|"]
+
+
+def _recover_lines(results: dict, summary: dict, config) -> list[str]:
+  if "recover" not in summary:
+    return []
+  t = summary["recover"]
+  u = t["unpruned"]
+  c = t["corpus"]
+  lines = ["## Prune, then recover", "",
+           f"Each criterion's pruned model, written as a smaller checkpoint, recovered for "
+           f"{t['steps']} steps of {t['tokens_per_step']:,} tokens (Adam, learning rate "
+           f"{config.recover_learning_rate:g}, cosine) on the train splits of both domains "
+           f"({c['documents']['prose']} prose topics, {c['bytes']['prose']:,} bytes; "
+           f"{c['documents']['code']} code files, {c['bytes']['code']:,} bytes): by "
+           f"distillation (forward KL to the unpruned model's next-token distribution, "
+           f"temperature {config.recover_temperature:g}) or by NLL on the same tokens. The "
+           f"unpruned model: code NLL {u['code_nll']:.3f}, prose NLL {u['prose_nll']:.3f}. "
+           "\"Recovered\": the fraction of the NLL that pruning lost which recovery won back, "
+           "and that fraction per 100k training tokens.", "",
+           "| pruned | recovery " + RECOVERY_HEADER[0], "|---|---|" + RECOVERY_HEADER[1]]
+  for r in t["rows"]:
+    lines.append(f"| {r['method']} {r['ratio']:.0%} | {r['mode']} | "
+                 + " | ".join(_recovery_cells(r)) + " |")
+  lines.append("")
+  if t["comparisons"]:
+    lines.append("Distillation minus NLL recovery, after the same tokens: " + "; ".join(
+        f"{name}: code {_interval(c['diffs']['code'])}, prose {_interval(c['diffs']['prose'])}"
+        f" → {c['verdict']}" for name, c in t["comparisons"].items()) + ".")
+    lines.append("")
+  for ratio, r in t["ranking"].items():
+    lines.append(
+        f"At {float(ratio):.0%} removed, by mean NLL: right after pruning "
+        f"{' < '.join(r['before'])}; after distillation {' < '.join(r['after']['distill'])}; "
+        f"after NLL recovery {' < '.join(r['after']['nll'])}. Worst minus best "
+        f"({r['worst']} − {r['best']}) before recovery: " + ", ".join(
+            f"{d} {_interval(x)}" for d, x in r["spread_before"].items())
+        + "; after distillation: " + ", ".join(f"{d} {_interval(x)}"
+                                               for d, x in r["spread_after"].items())
+        + f" → {r['verdict']}.")
+  return lines + [""]
+
+
+def _nucl_recover_lines(results: dict, summary: dict, config) -> list[str]:
+  if "nucl_recover" not in summary:
+    return []
+  t = summary["nucl_recover"]
+  lines = ["## NUCL, then prune, then recover", "",
+           f"Each fine-tuned model (first seed) entropy-pruned at {t['ratio']:.0%} and recovered "
+           "by distillation from its own unpruned self, on the recovery budget above.", "",
+           "| fine-tuned | recovery " + RECOVERY_HEADER[0], "|---|---|" + RECOVERY_HEADER[1]]
+  for r in t["rows"]:
+    lines.append(f"| {r['variant']} | {r['mode']} | " + " | ".join(_recovery_cells(r)) + " |")
+  lines.append("")
+  for key, diffs in t["diffs"].items():
+    lines.append(f"{key} minus standard, recovered: " + ", ".join(
+        f"{d} {_interval(x)}" for d, x in diffs.items()) + f" → {t['verdicts'][key]}.")
+  return lines + [""]
+
+
 # ---- figures -------------------------------------------------------------------------------------
 
 def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
@@ -649,7 +840,36 @@ def plot_figures(results: dict, summary: dict, directory: pathlib.Path) -> dict:
       ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     written["NUCL fine-tuning"] = report._save(fig, directory / "finetune.png")
+  if "recover" in summary:
+    written["prune, then recover"] = _plot_recovery(plt, summary["recover"],
+                                                    directory / "recovery.png")
   return written
+
+
+def _plot_recovery(plt, table: dict, path: pathlib.Path) -> pathlib.Path:
+  """Held-out NLL along recovery: a row of panels per ratio, one per domain; a colour per
+  criterion, solid for distillation, dashed for NLL; the unpruned model dotted."""
+  ratios = sorted({r["ratio"] for r in table["rows"]}, reverse=True)
+  methods = list(dict.fromkeys(r["method"] for r in table["rows"]))
+  colours = {m: f"C{i}" for i, m in enumerate(methods)}
+  fig, axes = plt.subplots(len(ratios), 2, figsize=(10, 3.4 * len(ratios)), squeeze=False)
+  for row_axes, ratio in zip(axes, ratios):
+    for ax, domain in zip(row_axes, DOMAINS):
+      for r in table["rows"]:
+        if r["ratio"] != ratio:
+          continue
+        curve = r[domain]["curve"]
+        ax.plot([p["tokens"] / 1e3 for p in curve], [p["nll"] for p in curve], marker="o",
+                markersize=3, color=colours[r["method"]],
+                linestyle="-" if r["mode"] == "distill" else "--",
+                label=f"{r['method']} ({r['mode']})")
+      ax.axhline(table["unpruned"][f"{domain}_nll"], color="black", linestyle=":",
+                 label="unpruned")
+      ax.set_title(f"{ratio:.0%} of FFN neurons removed: {domain}", fontsize=9)
+      ax.set_xlabel("recovery tokens (thousands)")
+      ax.set_ylabel(f"held-out {domain} NLL")
+  axes[0][0].legend(fontsize=7)
+  return report._save(fig, path)
 
 
 def publish(out: pathlib.Path, docs_dir: pathlib.Path, *, command: str) -> pathlib.Path:

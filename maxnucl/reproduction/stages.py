@@ -327,14 +327,19 @@ class Reproduction:
             ffn_widths: Optional[Sequence[int]] = None, eval_source: str = "text_corpus"
             ) -> pathlib.Path:
     """`python -m maxnucl.train` for run `name` (resumed if interrupted); its workdir."""
-    workdir = self.out / "runs" / name
-    workdir.mkdir(parents=True, exist_ok=True)
     points = max(1, self.config.curve_points)
-    gin_file = workdir / "run.gin"
-    outputs.write_file_atomically(gin_file, self._gin(
+    return self.run_training(name, self._gin(
         source=source, eval_source=eval_source, steps=steps, learning_rate=learning_rate,
         seed=seed, init_checkpoint=init_checkpoint, terms=terms, ffn_widths=ffn_widths,
         checkpoint_every=max(1, steps // points)))
+
+  def run_training(self, name: str, gin_text: str) -> pathlib.Path:
+    """`python -m maxnucl.train` with the settings `gin_text` (written to the run's run.gin) in
+    OUTPUT/runs/`name` (resumed if interrupted); its workdir."""
+    workdir = self.out / "runs" / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    gin_file = workdir / "run.gin"
+    outputs.write_file_atomically(gin_file, gin_text)
     env = dict(os.environ, MAXNUCL_TEXT_CORPUS=str(self.corpus_dir),
                JAX_COMPILATION_CACHE_DIR=str(self.out / ".jax_cache"))
     command = [sys.executable, "-m", "maxnucl.train", f"--gin_file={gin_file}",
