@@ -52,6 +52,7 @@ BAD_ARGUMENTS = {
     "humaneval_sandbox.py": (["--workers", "0"], "--workers"),
     "checkpoint_checksum.py": (["--repeats", "0"], "--repeats"),
     "pod_rehearsal.py": (["--bucket", "gs://b/run"], "--bucket"),  # a bucket, not a path in one
+    "recover_step.py": (["--study", "no_such_study"], "no_such_study"),
 }
 HELPERS = {"workdirs.py", "arguments.py"}  # imported by the scripts, not run
 
