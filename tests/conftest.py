@@ -87,6 +87,18 @@ def _root_logger_as_found():
   root.setLevel(level)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_freed_after_each_module():
+  """Each test module's compiled XLA programs are dropped when it ends (jax.clear_caches): the
+  suite runs ~1,500 tests in one process, and late in it XLA's compiler has crashed (a
+  segmentation fault inside backend_compile_and_load, in CI and here, in different tests)."""
+  yield
+  import gc  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
   """Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetched once per cache (tests/real_model.py)."""
