@@ -628,13 +628,12 @@ class RealModelStudy(stages.Reproduction):
         raise stages.ReproductionError(f"run {name}: checkpoints {steps}, expected the last at "
                                        f"step {self.config.recover_steps}")
       curve = [{"step": 0, "tokens": 0,
-                **{k: v for k, v in start.items() if k.endswith("_nll") or
-                   k.endswith("_nll_rows") or k == "entropy"}}]
+                **_scores(start)}]
       for step in steps:
         cfg, params = checkpoints.load(workdir / "checkpoints" / str(step))
         quality = self.evaluator.quality(cfg, params)
         curve.append({"step": step, "tokens": step * self.tokens_per_step,
-                      **{k: v for k, v in quality.items() if k != "entropy_per_layer"}})
+                      **_scores(quality)})
       result = {"name": name, "mode": mode, "method": start["method"], "ratio": start["ratio"],
                 "model": start["model"], "teacher": teacher, "train_seconds": seconds,
                 "tokens_per_step": self.tokens_per_step, "curve": curve,
@@ -649,8 +648,7 @@ class RealModelStudy(stages.Reproduction):
     c = self.config
     corpus_record = self.recovery_corpus()
     cfg, params = self.base_model()
-    unpruned = {k: v for k, v in self.evaluator.quality(cfg, params).items()
-                if k != "entropy_per_layer"}
+    unpruned = _scores(self.evaluator.quality(cfg, params))
     jobs = [(method, ratio) for ratio in c.recover_ratios for method in c.recover_methods]
     runs = []
     for method, ratio in self._bar(jobs, "recover"):
@@ -679,8 +677,7 @@ class RealModelStudy(stages.Reproduction):
       recovered = self.recover_run(
           f"rec_ft_{key}_s{seed}_entropy_r{stages._stable_name(ratio)}_distill", start,
           checkpoint, "distill")
-      unpruned = {k: v for k, v in run["final"].items() if k.endswith("_nll") or
-                  k.endswith("_nll_rows") or k == "entropy"}
+      unpruned = _scores(run["final"])
       rows.append({"variant": key, "seed": int(seed), "unpruned": unpruned, **recovered})
     return {"ratio": ratio, "rows": rows}
 
@@ -803,6 +800,13 @@ def _outgoing_entropy(params, cfg, removed: Optional[dict]) -> np.ndarray:
       keep[np.asarray(removed[name], np.int64)] = False
     out.append(float(h[keep].sum()))
   return np.asarray(out)
+
+
+def _scores(evaluation: dict) -> dict:
+  """The held-out NLLs of an evaluation (`RealEvaluator.quality`, perhaps with more fields),
+  their per-row sums, and the summed outgoing entropy: what a recovery curve's point keeps."""
+  return {k: v for k, v in evaluation.items()
+          if k.endswith("_nll") or k.endswith("_nll_rows") or k == "entropy"}
 
 
 def _recover_metrics(path: pathlib.Path) -> list[dict]:
