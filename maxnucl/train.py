@@ -951,7 +951,7 @@ def _summary_writer_class():
 
 class _MetricsLog:
   """DIR/metrics.jsonl and TensorBoard; on resume, lines after the restored step are dropped (they
-  will be written again by the resumed run)."""
+  will be written again by the resumed run), and TensorBoard is made to hold the kept lines."""
 
   def __init__(self, workdir: paths.Path, resume_step: int):
     SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
@@ -962,9 +962,21 @@ class _MetricsLog:
       self.path.write_text("".join(line + "\n" for line in self.lines))
     # A bucket object cannot be appended to: in a URL workdir the file is rewritten whole.
     self.file = None if paths.is_url(self.path) else self.path.open("a")
-    # purge_step: TensorBoard drops the events a previous run logged after the restored step.
+    # The events a killed run left are not those of metrics.jsonl: tensorboardX writes them from a
+    # queue in a thread of its own, so `flush` does not wait for the last steps' (and a bucket's
+    # event file is uploaded once per flush_secs). On resume TensorBoard is made to drop every
+    # event from the first kept line's step on (purge_step), and the kept lines are logged again.
+    kept = [json.loads(line) for line in self.lines]
+    purge_step = kept[0]["step"] if kept else resume_step + 1
     self.writer = SummaryWriter(paths.tensorboard_logdir(workdir / "tensorboard"),
-                                purge_step=resume_step + 1 if resume_step else None)
+                                purge_step=purge_step if resume_step else None)
+    for record in kept:
+      self._add_scalars(record)
+
+  def _add_scalars(self, record: dict) -> None:
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self.writer.add_scalar(key, value, record["step"])
 
   def write(self, record: dict) -> None:
     if self.file is None:
@@ -973,9 +985,7 @@ class _MetricsLog:
     else:
       self.file.write(json.dumps(record) + "\n")
       self.file.flush()
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
-        self.writer.add_scalar(key, value, record["step"])
+    self._add_scalars(record)
     self.writer.flush()
 
   def close(self) -> None:

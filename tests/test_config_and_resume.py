@@ -185,6 +185,33 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, c
   np.testing.assert_array_equal(losses, [r["loss"] for r in _metrics(interrupted)])
 
 
+def test_on_resume_tensorboard_holds_exactly_the_kept_metrics_lines(tmp_path):
+  """A killed run's event files need not hold what its metrics.jsonl holds: tensorboardX writes
+  events from a queue in its own thread, so the last steps' can be lost (step 4 was, once, in
+  CI), and steps after the restored one can be there. Constructed: metrics.jsonl has steps 1-4,
+  the events steps 1, 2 (with other values) and 6; resumed at step 4 and logging step 5,
+  TensorBoard must read steps 1-5 with metrics.jsonl's values."""
+  lines = [{"step": s, "loss": 2.0 - s / 8, "learning_rate": s / 64} for s in range(1, 5)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  stale = train._summary_writer_class()(str(tmp_path / "tensorboard"))
+  for step, loss in [(1, 9.0), (2, 9.0), (6, 9.0)]:
+    stale.add_scalar("loss", loss, step)
+  stale.close()
+  # as a previous run's file: earlier in name (the time it was made) than the resumed run's
+  [made] = (tmp_path / "tensorboard").iterdir()
+  made.rename(made.with_name("events.out.tfevents.0000000001.killed-run"))
+  log = train._MetricsLog(tmp_path, resume_step=4)
+  log.write({"step": 5, "loss": 1.25, "learning_rate": 5 / 64})
+  log.close()
+  accumulator = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  accumulator.Reload()
+  expected = lines + [{"step": 5, "loss": 1.25, "learning_rate": 5 / 64}]
+  for tag in ("loss", "learning_rate"):
+    # float32 in TensorBoard: these values (multiples of 1/64 below 2) are exact in it
+    assert [(e.step, e.value) for e in accumulator.Scalars(tag)] == [
+        (r["step"], r[tag]) for r in expected], tag
+
+
 @pytest.mark.own_process  # Orbax leaves reads of the corrupted step running
 def test_corrupted_only_checkpoint_is_named_in_a_clear_error(tmp_path):
   _train(tmp_path, 2)
