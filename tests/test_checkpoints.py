@@ -303,8 +303,6 @@ def test_evaluator_analysis_and_data_tools_refuse_an_output_inside_their_input(
 
 # ---- untrusted checkpoints: every reader refuses what it cannot trust (issue 28) ---------------
 
-import shutil  # noqa: E402
-
 import google_crc32c  # noqa: E402
 
 from maxnucl import generate  # noqa: E402

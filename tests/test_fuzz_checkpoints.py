@@ -10,7 +10,6 @@ one line naming the file; never a traceback, a hang, a modified input or a parti
 """
 
 import json
-import pathlib
 import shutil
 
 import jax

@@ -6,7 +6,6 @@ import fractions
 import gzip
 import json
 import math
-import pathlib
 
 import gin
 import jax

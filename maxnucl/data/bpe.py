@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+if TYPE_CHECKING:  # the reader type in annotations; gguf is imported where a file is read
+  import gguf
 
 # llama.cpp's token types (gguf.TokenType): which tokens are matched whole in the text.
 _CONTROL = 3        # <|endoftext|>, <|im_start|>: special, dropped by decode(skip_special_tokens)
