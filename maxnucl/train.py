@@ -956,8 +956,10 @@ class _MetricsLog:
   def __init__(self, workdir: paths.Path, resume_step: int):
     SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
     self.path = workdir / "metrics.jsonl"
-    self.lines = [line for line in _logged_lines(self.path)
-                  if json.loads(line)["step"] <= resume_step] if self.path.exists() else []
+    logged = ([(line, json.loads(line)) for line in _logged_lines(self.path)]
+              if self.path.exists() else [])
+    kept = [(line, record) for line, record in logged if record["step"] <= resume_step]
+    self.lines = [line for line, _ in kept]
     if self.path.exists():
       self.path.write_text("".join(line + "\n" for line in self.lines))
     # A bucket object cannot be appended to: in a URL workdir the file is rewritten whole.
@@ -966,11 +968,10 @@ class _MetricsLog:
     # queue in a thread of its own, so `flush` does not wait for the last steps' (and a bucket's
     # event file is uploaded once per flush_secs). On resume TensorBoard is made to drop every
     # event from the first kept line's step on (purge_step), and the kept lines are logged again.
-    kept = [json.loads(line) for line in self.lines]
-    purge_step = kept[0]["step"] if kept else resume_step + 1
+    purge_step = kept[0][1]["step"] if kept else resume_step + 1
     self.writer = SummaryWriter(paths.tensorboard_logdir(workdir / "tensorboard"),
                                 purge_step=purge_step if resume_step else None)
-    for record in kept:
+    for _, record in kept:
       self._add_scalars(record)
 
   def _add_scalars(self, record: dict) -> None:
